@@ -1,0 +1,85 @@
+"""The `adaptlab` command line: thin commands that parse, call one library function and print.
+
+Each command lives in its own module under adaptlab/cli/ and imports heavy libraries inside the
+command, so `adaptlab --help` stays fast. UserError becomes one line on stderr and exit code 2.
+
+    adaptlab --help
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from adaptlab.errors import UserError
+
+# command name -> module under adaptlab.cli that defines a click command called `command`
+COMMANDS = {
+    "train": "train",
+    "eval": "eval",
+    "model": "model",
+    "analyze": "analyze",
+    "plan": "plan",
+    "merge": "adapters",
+    "combine": "adapters",
+    "generate": "serve",
+    "serve": "serve",
+    "compare": "compare",
+    "demo": "compare",
+}
+
+
+class LazyGroup(click.Group):
+    """Loads a command's module only when that command runs (or help lists it)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(name for name in COMMANDS if self._load(name) is not None)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return self._load(name)
+
+    @staticmethod
+    def _load(name: str) -> click.Command | None:
+        module_name = COMMANDS.get(name)
+        if module_name is None:
+            return None
+        try:
+            module = importlib.import_module(f"adaptlab.cli.{module_name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"adaptlab.cli.{module_name}":
+                return None  # command not built yet
+            raise
+        return getattr(module, f"{name}_command", None)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="adaptlab")
+def cli() -> None:
+    """LoRA or full fine-tuning for my model, my data and my hardware?"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI and turn UserError into one line and exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="adaptlab", standalone_mode=False)
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    except click.exceptions.Exit as err:
+        return err.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

