@@ -1,0 +1,218 @@
+"""Where documents come from: files, directories, globs, `datasets` dirs, hub datasets, embedded corpora.
+
+A source string is one of:
+  - `python-stdlib`: the running interpreter's standard library source, one document per module
+    (tests, site-packages and idle/turtle demos excluded);
+  - a file: .txt / .md / .py (one document per file) or .jsonl (one document per line: field
+    `text` or `text_field`; or instruction records with `prompt`/`response` or `messages`);
+  - a directory: a `datasets.save_to_disk` directory, or every .txt/.md/.py/.jsonl file below it;
+  - a glob (`docs/**/*.md`);
+  - a hub dataset name (needs a network).
+
+    python -c "from adaptlab.data.sources import load_documents as l; print(len(l('python-stdlib')))"
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adaptlab.errors import UserError
+
+EMBEDDED_CORPORA = ("python-stdlib",)
+TEXT_SUFFIXES = (".txt", ".md", ".py")
+SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")
+# Parts of the standard library that are tests, demos or vendored third-party code.
+_STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: plain text, or an instruction record (`messages`) rendered later by a chat template."""
+
+    id: str
+    text: str = ""
+    messages: tuple[dict[str, str], ...] = field(default=())
+
+    @property
+    def is_chat(self) -> bool:
+        return bool(self.messages)
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _stdlib_documents() -> list[Document]:
+    root = stdlib_root()
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(part in _STDLIB_SKIP or part.startswith("test_") for part in rel.parts):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            docs.append(Document(id=f"stdlib/{rel.as_posix()}", text=text))
+    return docs
+
+
+def _record_to_document(record: Any, where: str, text_field: str, default_id: str) -> Document:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    doc_id = str(record.get("id", default_id))
+    if "messages" in record and text_field not in record:
+        messages = record["messages"]
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        ):
+            raise UserError(f"{where}: `messages` must be a non-empty list of {{role, content}} strings")
+        if messages[-1]["role"] != "assistant":
+            raise UserError(f"{where}: the last message must be the assistant's response")
+        return Document(
+            id=doc_id, messages=tuple({"role": m["role"], "content": m["content"]} for m in messages)
+        )
+    if "prompt" in record and "response" in record and text_field not in record:
+        prompt, response = record["prompt"], record["response"]
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            raise UserError(f"{where}: `prompt` and `response` must be strings")
+        messages = ({"role": "user", "content": prompt}, {"role": "assistant", "content": response})
+        return Document(id=doc_id, messages=messages)
+    if text_field not in record:
+        keys = ", ".join(sorted(record)) or "none"
+        raise UserError(
+            f"{where}: no field {text_field!r} (fields: {keys}); pass --text-field, or give prompt/response or messages"
+        )
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise UserError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
+    return Document(id=doc_id, text=text)
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, parsed object) for each non-blank line; malformed JSON names file:line."""
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+
+
+def _file_documents(path: Path, text_field: str) -> list[Document]:
+    if path.suffix == ".jsonl":
+        return [
+            _record_to_document(rec, f"{path}:{lineno}", text_field, default_id=f"{path}:{lineno}")
+            for lineno, rec in read_jsonl(path)
+        ]
+    if path.suffix in TEXT_SUFFIXES:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        return [Document(id=str(path), text=text)] if text.strip() else []
+    raise UserError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
+
+
+def _datasets_dir_documents(path: Path, text_field: str) -> list[Document]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise UserError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(ds)})")
+        ds = ds["train"]
+    return [
+        _record_to_document(rec, f"{path}[{i}]", text_field, default_id=f"{path.name}:{i}")
+        for i, rec in enumerate(ds)
+    ]
+
+
+def _hub_documents(name: str, text_field: str) -> list[Document]:
+    import datasets
+
+    offline = os.environ.get("HF_DATASETS_OFFLINE", "") == "1" or os.environ.get("HF_HUB_OFFLINE", "") == "1"
+    try:
+        if offline:
+            raise ConnectionError("offline mode is set")
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as err:  # noqa: BLE001 - any hub failure becomes one line for the user
+        raise UserError(
+            f"data {name!r}: not a local file, directory, glob or embedded corpus "
+            f"({', '.join(EMBEDDED_CORPORA)}), and loading it from the hub failed ({type(err).__name__}; offline?)"
+        ) from err
+    return [
+        _record_to_document(rec, f"{name}[{i}]", text_field, default_id=f"{name}:{i}")
+        for i, rec in enumerate(ds)
+    ]
+
+
+def _expand(source: str) -> list[Path] | None:
+    """Local files a source names, or None when it is not local (a hub name)."""
+    path = Path(source).expanduser()
+    if any(ch in source for ch in "*?["):
+        matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
+        files = [p for p in matches if p.is_file() and p.suffix in SUFFIXES]
+        if not files:
+            raise UserError(f"data {source!r}: the pattern matches no {', '.join(SUFFIXES)} file")
+        return files
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+        if not files:
+            raise UserError(f"data {source!r}: the directory holds no {', '.join(SUFFIXES)} file")
+        return files
+    if path.exists():
+        raise UserError(f"data {source!r}: not a regular file or directory")
+    looks_like_path = (
+        source.startswith((".", "/", "~")) or Path(source).suffix in SUFFIXES or source.count("/") > 1
+    )
+    if looks_like_path:
+        raise UserError(f"data {source!r}: no such file or directory")
+    return None
+
+
+def load_documents(sources: str | list[str], text_field: str = "text") -> list[Document]:
+    """All documents of one or more sources, in a stable order; raises UserError when there are none."""
+    if isinstance(sources, str):
+        sources = [sources]
+    if not sources:
+        raise UserError("no data given: pass --data (a file, directory, glob, or python-stdlib)")
+    docs: list[Document] = []
+    for source in sources:
+        if source == "python-stdlib":
+            found = _stdlib_documents()
+        else:
+            path = Path(source).expanduser()
+            if path.is_dir() and (
+                (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+            ):
+                found = _datasets_dir_documents(path, text_field)
+            else:
+                files = _expand(source)
+                if files is None:
+                    found = _hub_documents(source, text_field)
+                else:
+                    found = [doc for f in files for doc in _file_documents(f, text_field)]
+        found = [d for d in found if d.is_chat or d.text.strip()]
+        if not found:
+            raise UserError(f"data {source!r}: no non-empty documents")
+        docs.extend(found)
+    return docs
+
+
+def describe_source(sources: str | list[str]) -> str:
+    return ", ".join([sources] if isinstance(sources, str) else sources)
