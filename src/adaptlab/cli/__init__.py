@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import click
 
@@ -62,6 +63,8 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn UserError into one line and exit code 2."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*kernels.*")
     try:
         cli.main(args=argv, prog_name="adaptlab", standalone_mode=False)
     except UserError as err:

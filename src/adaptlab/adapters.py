@@ -1,0 +1,503 @@
+"""Adapters in production: merge one into its base, combine several into one, check they fit a base.
+
+- `merge_adapter`: base + LoRA-family adapter -> a plain HF model directory (safetensors), verified by
+  comparing the logits of the written model with the unmerged base+adapter on sample batches.
+- `combine_adapters`: several adapters on one base -> one adapter (peft's `add_weighted_adapter`:
+  linear, cat or ties), then the NLL per token of base, each source adapter and the combination on
+  each domain's held-out text and on a general probe, so the interference is measured, not guessed.
+- `check_adapter_fits`: compares the adapter's LoRA shapes with the base's modules before loading.
+
+    adaptlab merge --base tiny-random --adapter RUN --out merged/
+    adaptlab combine --base tiny-random --adapter A --adapter B --how cat --data a.jsonl --data b.jsonl --out ab/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from adaptlab.errors import UserError
+from adaptlab.models import EMBEDDED_MODELS, LoadedModel, TunedRef, load_model, resolve_tuned
+
+MergeTarget = Literal["full", "dequantized"]
+Combination = Literal["linear", "cat", "ties"]
+COMBINATIONS: tuple[str, ...] = ("linear", "cat", "ties")
+DEFAULT_TIES_DENSITY = 0.2  # the TIES paper keeps the top 20% of each task vector
+
+# Short, varied texts for the merge check: prose, code, a chat turn, digits. Two batches of unequal
+# lengths so padding is exercised.
+CHECK_TEXTS: tuple[tuple[str, ...], ...] = (
+    (
+        "The committee met on Tuesday to review the budget for the coming year.",
+        "def add(a, b):\n    return a + b\n",
+        "<|im_start|>user\nWhat is a lighthouse?<|im_end|>\n<|im_start|>assistant\nA tower with a light",
+    ),
+    (
+        "Permission is hereby granted, free of charge, to any person obtaining a copy of this software.",
+        "3.14159 2.71828 1.41421",
+    ),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# adapter facts
+
+
+def adapter_method(ref: TunedRef) -> str | None:
+    """The training method recorded for an adapter ('lora', 'qlora', ...), from the run dir or adapter dir."""
+    places = [ref.run_dir, ref.path] if ref.run_dir else [ref.path]
+    for place in places:
+        summary = place / "summary.json"
+        if summary.exists():
+            try:
+                method = json.loads(summary.read_text()).get("method")
+            except (OSError, json.JSONDecodeError):
+                method = None
+            if method:
+                return _method_name(method)
+        cfg = place / "config.yaml"
+        if cfg.exists():
+            try:
+                method = (yaml.safe_load(cfg.read_text()) or {}).get("method")
+            except (OSError, yaml.YAMLError):
+                method = None
+            if method:
+                return _method_name(method)
+    try:
+        config = json.loads((ref.path / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    # peft records no quantization; a trainer may add its own marker
+    return _method_name(config.get("adaptlab_method")) if config.get("adaptlab_method") else None
+
+
+def _method_name(method: Any) -> str | None:
+    if isinstance(method, str):
+        return method.lower()
+    if isinstance(method, dict):
+        for key in ("name", "kind", "type", "method"):
+            if isinstance(method.get(key), str):
+                return method[key].lower()
+    return None
+
+
+def _adapter_ref(adapter: str | Path) -> TunedRef:
+    ref = resolve_tuned(adapter)
+    if ref.kind != "adapter":
+        raise UserError(
+            f"{adapter} is a full model ({ref.describe()}), not an adapter: it has nothing to merge or combine; "
+            "use it directly with --model"
+        )
+    return ref
+
+
+def _lora_shapes(adapter_dir: Path) -> dict[str, tuple[int, int]]:
+    """module name in the base -> (in_features, out_features) the adapter's LoRA matrices expect."""
+    from safetensors import safe_open
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.exists():
+        if (adapter_dir / "adapter_model.bin").exists():
+            raise UserError(
+                f"{adapter_dir} holds adapter_model.bin (pickle); adaptlab loads safetensors only: "
+                "re-save it with save_pretrained(..., safe_serialization=True)"
+            )
+        raise UserError(f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors")
+    a_in: dict[str, int] = {}
+    b_out: dict[str, int] = {}
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            match = re.match(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+            if not match:
+                continue
+            module, which = match.groups()
+            shape = f.get_slice(key).get_shape()
+            if which == "A":
+                a_in[module] = int(shape[1])  # (r, in_features)
+            else:
+                b_out[module] = int(shape[0])  # (out_features, r)
+    return {m: (a_in[m], b_out[m]) for m in a_in if m in b_out}
+
+
+def check_adapter_fits(base: Any, adapter_dir: Path, base_spec: str) -> None:
+    """Raise UserError when the adapter was made for another base (wrong modules or shapes).
+
+    `base` is a transformers model or a PeftModel around one; nothing is loaded or modified.
+    """
+    recorded = _recorded_base(adapter_dir)
+    if recorded in EMBEDDED_MODELS and base_spec in EMBEDDED_MODELS and recorded != base_spec:
+        raise UserError(f"adapter {adapter_dir} was trained on {recorded!r}, not on {base_spec!r}")
+    inner = base.get_base_model() if hasattr(base, "get_base_model") else base
+    modules = dict(inner.named_modules())
+    for name, (fan_in, fan_out) in sorted(_lora_shapes(adapter_dir).items()):
+        module = modules.get(name)
+        if module is None:
+            raise UserError(
+                f"adapter {adapter_dir} (trained on {recorded or 'an unrecorded base'}) does not fit base "
+                f"{base_spec!r}: the base has no module {name}"
+            )
+        have = (getattr(module, "in_features", None), getattr(module, "out_features", None))
+        if have != (fan_in, fan_out):
+            raise UserError(
+                f"adapter {adapter_dir} (trained on {recorded or 'an unrecorded base'}) does not fit base "
+                f"{base_spec!r}: {name} is {have[0]}->{have[1]} in the base, the adapter expects {fan_in}->{fan_out}"
+            )
+
+
+def _recorded_base(adapter_dir: Path) -> str | None:
+    try:
+        return json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _base_spec(base: str | None, refs: Sequence[TunedRef]) -> str:
+    if base:
+        return base
+    recorded = {r.base_model for r in refs if r.base_model}
+    if len(recorded) == 1:
+        return recorded.pop()
+    if len(recorded) > 1:
+        raise UserError(f"the adapters record different bases ({', '.join(sorted(recorded))}): pass --base")
+    raise UserError("the adapter does not record its base model: pass --base")
+
+
+def _attach(base: LoadedModel, ref: TunedRef, name: str, peft_model: Any | None) -> Any:
+    """Attach one adapter under `name`, wrapping the base in a PeftModel on the first call."""
+    check_adapter_fits(peft_model if peft_model is not None else base.model, ref.path, base.spec)
+    try:
+        if peft_model is None:
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(base.model, str(ref.path), adapter_name=name)
+        peft_model.load_adapter(str(ref.path), adapter_name=name)
+        return peft_model
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"adapter {ref.path} could not be loaded onto {base.spec!r}: {first[:200]}") from err
+
+
+def _fresh_dir(out: Path) -> Path:
+    """A temp dir beside `out`, renamed onto it when the result is verified (no half-written output)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not empty: choose a new --out directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    if out.exists():
+        out.rmdir()  # empty, checked by _fresh_dir
+    os.replace(tmp, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# merge
+
+
+@dataclass
+class MergeReport:
+    """What `merge_adapter` wrote and how closely the written model reproduces base + adapter."""
+
+    out: str
+    base: str
+    adapter: str
+    method: str | None
+    into: str
+    dtype: str
+    max_abs_diff: float  # max |logits(written model) - logits(base + adapter)| over CHECK_TEXTS tokens
+    tolerance: float
+    tokens_checked: int
+
+
+def _batch_logits(model: Any, tokenizer: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits  # (B, T, V)
+    return logits.float(), enc["attention_mask"].bool()
+
+
+def _dequantize_base_like_qlora(model: Any) -> None:
+    """Replace the base weights by their 4-bit round trip, as the QLoRA adapter saw them in training."""
+    raise UserError(
+        "--into dequantized is not available yet (it needs the QLoRA quantization settings of the run); "
+        "use --into full to merge into the full-precision base"
+    )
+
+
+def merge_adapter(
+    adapter: str | Path,
+    out: str | Path,
+    base: str | None = None,
+    *,
+    into: MergeTarget | None = None,
+    tolerance: float = 1e-4,
+    check_texts: Sequence[Sequence[str]] = CHECK_TEXTS,
+) -> MergeReport:
+    """Merge a LoRA-family adapter into its base and write a plain HF model directory to `out`.
+
+    The written directory is reloaded with AutoModelForCausalLM and its logits compared with the
+    unmerged base + adapter on `check_texts`; a max abs difference >= `tolerance` fails the merge
+    and leaves nothing at `out`. `into` matters only for QLoRA adapters (trained against a 4-bit
+    base): 'full' merges into the full-precision base, 'dequantized' into the 4-bit base turned back
+    into floats (what the adapter saw in training).
+    """
+    from transformers import AutoModelForCausalLM
+
+    ref = _adapter_ref(adapter)
+    method = adapter_method(ref)
+    if method == "qlora" and into is None:
+        raise UserError(
+            f"{adapter} is a QLoRA adapter (trained on a 4-bit base): choose --into full (merge into the "
+            "full-precision base; outputs shift slightly from the 4-bit model it was trained with) or "
+            "--into dequantized (merge into the dequantized 4-bit base)"
+        )
+    if into == "dequantized" and method != "qlora":
+        raise UserError(f"--into dequantized is for QLoRA adapters; {adapter} is {method or 'a LoRA adapter'}")
+    spec = _base_spec(base, [ref])
+    out = Path(out)
+    tmp = _fresh_dir(out)
+    try:
+        loaded = load_model(spec, dtype=torch.float32)
+        if into == "dequantized":
+            _dequantize_base_like_qlora(loaded.model)
+        model = _attach(loaded, ref, "default", None)
+        model.eval()
+        tokenizer = loaded.tokenizer
+        unmerged = [_batch_logits(model, tokenizer, texts)[0] for texts in check_texts]
+        merged = model.merge_and_unload()
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        del merged, model
+        written = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        worst, tokens = 0.0, 0
+        for texts, ref_logits in zip(check_texts, unmerged):
+            logits, mask = _batch_logits(written, tokenizer, texts)
+            worst = max(worst, (logits - ref_logits).abs()[mask].max().item())
+            tokens += int(mask.sum())
+        if not worst < tolerance:
+            raise UserError(
+                f"merged model differs from base + adapter by {worst:.3g} max abs logit (tolerance {tolerance:g}): "
+                "nothing written"
+            )
+        report = MergeReport(
+            out=str(out),
+            base=spec,
+            adapter=str(ref.path),
+            method=method,
+            into=into or "full",
+            dtype="float32",
+            max_abs_diff=worst,
+            tolerance=tolerance,
+            tokens_checked=tokens,
+        )
+        (tmp / "adaptlab_merge.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+        _publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# held-out text and NLL
+
+
+def read_texts(path: str | Path, limit: int | None = None) -> list[str]:
+    """Texts from a JSONL file (`text` field) or a .txt file (paragraphs split on blank lines)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{p}: no such file (expected a .jsonl file with a `text` field or a .txt file)")
+    texts: list[str] = []
+    if p.suffix == ".jsonl":
+        with p.open() as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{p}:{lineno}: not valid JSON ({err.msg})") from err
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                    raise UserError(f"{p}:{lineno}: no string `text` field (found: {fields})")
+                if record["text"].strip():
+                    texts.append(record["text"])
+                if limit is not None and len(texts) >= limit:
+                    break
+    elif p.suffix == ".txt":
+        texts = [t.strip() for t in re.split(r"\n\s*\n", p.read_text()) if t.strip()]
+        texts = texts[:limit] if limit is not None else texts
+    else:
+        raise UserError(f"{p}: expected a .jsonl file (with a `text` field) or a .txt file")
+    if not texts:
+        raise UserError(f"{p}: no non-empty texts")
+    return texts
+
+
+def mean_nll(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8, max_length: int = 256) -> float:
+    """Mean negative log-likelihood per predicted token (nats) over `texts`, each cut to max_length tokens."""
+    total, count = 0.0, 0
+    model.eval()
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            list(texts[start : start + batch_size]),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+        )
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
+        targets = ids[:, 1:]
+        # pad == eos for some tokenizers, so the mask (not the token id) says what is padding
+        keep = mask[:, 1:].bool() & mask[:, :-1].bool()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1)
+        total += nll[keep].sum().item()
+        count += int(keep.sum())
+    if count == 0:
+        raise UserError("the texts are too short to score (each needs at least two tokens)")
+    return total / count
+
+
+# ----------------------------------------------------------------------------------------------
+# combine
+
+
+@dataclass
+class CombineReport:
+    """The combined adapter and the NLL per token of each model on each evaluation text set."""
+
+    out: str
+    base: str
+    how: str
+    weights: list[float]
+    density: float | None
+    adapters: dict[str, str]  # name -> adapter dir
+    datasets: list[str]  # evaluation set names, in column order
+    nll: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> dataset -> NLL per token
+    domain_of: dict[str, str] = field(default_factory=dict)  # adapter name -> its own domain's dataset
+
+    def interference(self) -> dict[str, float]:
+        """Per domain: combined NLL minus its own adapter's NLL (positive = the combination lost ground)."""
+        return {
+            ds: self.nll["combined"][ds] - self.nll[name][ds]
+            for name, ds in self.domain_of.items()
+            if "combined" in self.nll
+        }
+
+
+def _adapter_names(refs: Sequence[TunedRef]) -> list[str]:
+    names: list[str] = []
+    for ref in refs:
+        stem = (ref.run_dir or ref.path).name
+        name = re.sub(r"[^A-Za-z0-9_-]+", "_", stem) or "adapter"
+        if name in ("base", "combined", "default"):
+            name = f"{name}_adapter"
+        candidate, i = name, 2
+        while candidate in names:
+            candidate, i = f"{name}_{i}", i + 1
+        names.append(candidate)
+    return names
+
+
+def combine_adapters(
+    adapters: Sequence[str | Path],
+    out: str | Path,
+    base: str | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    how: Combination = "linear",
+    density: float | None = None,
+    data: Sequence[str | Path] = (),
+    general: str | Path | None = None,
+    max_texts: int = 64,
+    max_length: int = 256,
+    batch_size: int = 8,
+) -> CombineReport:
+    """Combine adapters with peft's add_weighted_adapter, save the result to `out`, and measure it.
+
+    weights default to 1/n each. `data[i]` is read as the held-out text of `adapters[i]`'s domain
+    when as many files as adapters are given; `general` is the general probe. Every model (base,
+    each adapter, the combination) is scored on every text set.
+    """
+    if len(adapters) < 2:
+        raise UserError("combine needs at least two --adapter values")
+    if how not in COMBINATIONS:
+        raise UserError(f"--how {how!r}: choose one of {', '.join(COMBINATIONS)}")
+    weights = list(weights) if weights is not None else [1.0 / len(adapters)] * len(adapters)
+    if len(weights) != len(adapters):
+        raise UserError(f"--weights has {len(weights)} values for {len(adapters)} adapters: give one per adapter")
+    if density is not None and how != "ties":
+        raise UserError("--density applies to --how ties only")
+    if how == "ties":
+        density = DEFAULT_TIES_DENSITY if density is None else density
+        if not 0.0 < density <= 1.0:
+            raise UserError(f"--density {density}: must be in (0, 1]")
+    refs = [_adapter_ref(a) for a in adapters]
+    spec = _base_spec(base, refs)
+    datasets = {Path(p).stem: read_texts(p, max_texts) for p in data}
+    if len(datasets) != len(data):
+        raise UserError("--data files need distinct names (they label the result columns)")
+    if general is not None:
+        datasets["general"] = read_texts(general, max_texts)
+    out = Path(out)
+    tmp = _fresh_dir(out)
+    try:
+        loaded = load_model(spec, dtype=torch.float32)
+        names = _adapter_names(refs)
+        model: Any = None
+        for name, ref in zip(names, refs):
+            model = _attach(loaded, ref, name, model)
+        try:
+            model.add_weighted_adapter(
+                adapters=names, weights=weights, adapter_name="combined", combination_type=how, density=density
+            )
+        except ValueError as err:
+            raise UserError(f"peft cannot combine these adapters with --how {how}: {err}") from err
+        model.eval()
+        model.save_pretrained(tmp, selected_adapters=["combined"], safe_serialization=True)
+        # peft writes a non-default adapter into a subfolder named after it; the output is the adapter itself
+        for item in (tmp / "combined").iterdir():
+            os.replace(item, tmp / item.name)
+        (tmp / "combined").rmdir()
+        config_path = tmp / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = spec
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+        report = CombineReport(
+            out=str(out),
+            base=spec,
+            how=how,
+            weights=weights,
+            density=density,
+            adapters={n: str(r.path) for n, r in zip(names, refs)},
+            datasets=list(datasets),
+        )
+        if len(data) == len(refs):
+            report.domain_of = {n: Path(p).stem for n, p in zip(names, data)}
+        if datasets:
+            tok = loaded.tokenizer
+            with model.disable_adapter():
+                report.nll["base"] = {ds: mean_nll(model, tok, t, batch_size, max_length) for ds, t in datasets.items()}
+            for name in [*names, "combined"]:
+                model.set_adapter(name)
+                report.nll[name] = {ds: mean_nll(model, tok, t, batch_size, max_length) for ds, t in datasets.items()}
+        (tmp / "adaptlab_combine.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+        _publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return report

@@ -1,0 +1,140 @@
+"""`adaptlab train`: train one method on one data set and write a run directory.
+
+    adaptlab train --model tiny-random --method lora --data python-stdlib --steps 20 --out runs/lora
+    adaptlab train --config run.yaml            # the same fields as RUN/config.yaml
+    adaptlab train --resume runs/lora           # continue from the latest checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from adaptlab.config import METHODS, PRECISIONS
+
+
+def _overrides(**flags: Any) -> dict[str, Any]:
+    """Nested config overrides from the flags the user actually gave."""
+    sections = {
+        "model": {"name": flags["model"]},
+        "method": {
+            "method": flags["method"],
+            "rank": flags["rank"],
+            "alpha": flags["alpha"],
+            "dropout": flags["dropout"],
+            "rslora": flags["rslora"],
+            "targets": flags["targets"],
+        },
+        "data": {"train": list(flags["data"]) or None, "text_field": flags["text_field"]},
+        "train": {
+            k: flags[k]
+            for k in (
+                "steps", "tokens", "batch", "grad_accum", "seq_len", "lr", "warmup", "weight_decay",
+                "max_grad_norm", "save_every", "eval_every", "seed", "precision", "grad_checkpointing",
+            )
+        },
+    }
+    out: dict[str, Any] = {k: {f: v for f, v in sec.items() if v is not None} for k, sec in sections.items()}
+    out = {k: v for k, v in out.items() if v}
+    if flags["out"] is not None:
+        out["out"] = flags["out"]
+    return out
+
+
+@click.command("train")
+@click.option("--config", "config_path", type=click.Path(), help="YAML with model/method/data/train sections.")
+@click.option("--model", help="Base model: smollm2-135m, tiny-random, a local HF dir or a hub id.")
+@click.option("--method", type=click.Choice(METHODS), help="full | lora | dora | qlora.")
+@click.option("--rank", type=int, help="LoRA rank r (default 16).")
+@click.option("--alpha", type=float, help="LoRA alpha (default 2 x rank).")
+@click.option("--dropout", type=float, help="LoRA dropout (default 0).")
+@click.option("--rslora/--no-rslora", default=None, help="Rank-stabilised scaling alpha/sqrt(r).")
+@click.option("--targets", help="attention | mlp | all-linear | comma list of module names.")
+@click.option("--data", multiple=True, help="Training data: file, dir, glob, datasets dir, hub name, python-stdlib.")
+@click.option("--text-field", help="JSONL field holding the text (default `text`).")
+@click.option("--steps", type=int, help="Optimizer steps (or give --tokens).")
+@click.option("--tokens", type=int, help="Token budget; steps = tokens / (batch x grad-accum x seq-len).")
+@click.option("--batch", type=int, help="Sequences per micro-batch (default 4).")
+@click.option("--grad-accum", type=int, help="Micro-batches per step (default 1).")
+@click.option("--seq-len", type=int, help="Tokens per sequence (default 256).")
+@click.option("--lr", type=float, help="Peak LR (default 2e-5 full, 2e-4 LoRA family).")
+@click.option("--warmup", type=float, help="Warmup fraction of steps (default 0.05).")
+@click.option("--weight-decay", type=float)
+@click.option("--max-grad-norm", type=float, help="Gradient clipping norm (default 1.0).")
+@click.option("--save-every", type=int, help="Checkpoint every N steps.")
+@click.option("--eval-every", type=int, help="Validation loss every N steps.")
+@click.option("--seed", type=int)
+@click.option("--precision", type=click.Choice(PRECISIONS), help="auto | fp32 | bf16 (default auto).")
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=None)
+@click.option("--out", type=click.Path(), help="Run directory to write.")
+@click.option("--resume", type=click.Path(), help="Continue the run in this directory from its latest checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_command(config_path: str | None, resume: str | None, quiet: bool, **flags: Any) -> None:
+    """Train full fine-tuning or a LoRA-family adapter and write a run directory."""
+    from adaptlab.config import build_config, load_config, merge
+    from adaptlab.errors import UserError
+    from adaptlab.train import resume_run, train
+
+    progress = _Progress(quiet)
+    if resume:
+        given = {k: v for k, v in flags.items() if v not in (None, ())}
+        if given or config_path:
+            raise UserError("--resume takes the run's own config: drop the other flags (" + ", ".join(given) + ")")
+        summary = progress.run(lambda s, l: resume_run(resume, on_start=s, on_log=l))
+    else:
+        base = load_config(config_path) if config_path else {}
+        config = build_config(merge(base, _overrides(**flags)))
+        if config.out is None:
+            raise UserError("no run directory: pass --out RUN (or `out:` in the config)")
+        summary = progress.run(lambda s, l: train(config, on_start=s, on_log=l))
+    click.echo(json.dumps(summary, indent=2))
+
+
+class _Progress:
+    """A rich progress bar on stderr: step, loss, tokens/s, ETA."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: Any = None
+        self.task: Any = None
+
+    def on_start(self, setup: Any) -> None:
+        c = setup.config
+        click.echo(
+            f"{c.method.method} on {c.model.name}: {setup.report}; {len(setup.train_examples)} train examples, "
+            f"{setup.total_steps} steps of {c.train.batch}x{c.train.grad_accum}x{c.train.seq_len} tokens, "
+            f"lr {c.resolved_lr():g}, {setup.precision} on {setup.device}",
+            err=True,
+        )
+        if not self.quiet:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=setup.total_steps, info="")
+
+    def on_log(self, row: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        if "val_loss" in row:
+            self.bar.console.print(f"step {row['step']}: val loss {row['val_loss']:.4f}")
+            return
+        info = f"loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s"
+        self.bar.update(self.task, completed=row["step"], info=info)
+
+    def run(self, fn: Any) -> Any:
+        try:
+            return fn(self.on_start, self.on_log)
+        finally:
+            if self.bar is not None:
+                self.bar.stop()

@@ -1,0 +1,175 @@
+"""Drift: mean per-token KL(base || tuned) between full next-token distributions.
+
+KL is taken at every scored position, from fp32 log_softmax of both models' logits, over
+  - general text G (the same documents, windows and scored positions as perplexity.py), or
+  - without G, text sampled from the base model: each shipped general prompt (prompts.py),
+    rendered through the chat template when the tokenizer has one, continued by `new_tokens`
+    tokens drawn from the base's own distribution (temperature 1, no top-k/top-p) with a fixed
+    seed in batches of SAMPLE_BATCH; KL is taken on the sampled tokens only.
+
+Figure: kl = sum of per-position KL / positions (nats per token). Per-position values are
+clamped at 0 to drop float rounding below zero; identical logits give exactly 0. When the tuned
+model is a PeftModel and no separate base is given, each batch runs once with the adapters and
+once inside `disable_adapter()`: one model in memory, base and tuned logits of the same batch.
+
+    python -c "from adaptlab.evaluate.drift import *; help(drift_scores)"
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adaptlab.evaluate.perplexity import (
+    Progress,
+    batches,
+    collate_windows,
+    logits_of,
+    make_windows,
+    model_device,
+    start_token,
+)
+
+SAMPLE_BATCH = 16  # fixed, so the sampled text does not depend on --batch
+NEW_TOKENS = 64
+
+
+@dataclass
+class DriftScores:
+    """Per-document (or per-prompt) summed KL in nats and the number of positions."""
+
+    kl: np.ndarray  # (N,)
+    tokens: np.ndarray  # (N,)
+
+
+def is_peft(model: Any) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def as_base(model: Any) -> Iterator[Any]:
+    """The model itself with its adapters disabled when it is a PeftModel, else the model unchanged."""
+    if is_peft(model):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def render_prompt(prompt: str, tokenizer: Any) -> list[int]:
+    """A general prompt as token ids: the chat template with a generation prompt, or the start token + text."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return [start_token(tokenizer), *tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]]
+
+
+def sample_from_base(
+    model: Any, tokenizer: Any, prompts: Sequence[str], new_tokens: int = NEW_TOKENS, seed: int = 0
+) -> tuple[list[list[int]], list[list[bool]]]:
+    """Prompt + sampled continuation per prompt, with a mask that scores only the sampled tokens.
+
+    A continuation stops after the first EOS (kept and scored). `model` may be a PeftModel: the
+    base (adapters disabled) is sampled.
+    """
+    from transformers import GenerationConfig
+
+    device = model_device(model)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=new_tokens,
+        min_new_tokens=1,
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )
+    encoded = [render_prompt(p, tokenizer) for p in prompts]
+    seqs: list[list[int]] = []
+    masks: list[list[bool]] = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for lo in range(0, len(encoded), SAMPLE_BATCH):
+            chunk = encoded[lo : lo + SAMPLE_BATCH]
+            width = max(len(c) for c in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attn = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, c in enumerate(chunk):  # left padding: every prompt ends where generation starts
+                ids[r, width - len(c) :] = torch.tensor(c)
+                attn[r, width - len(c) :] = 1
+            with torch.inference_mode(), as_base(model):
+                out = model.generate(
+                    input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=config
+                )
+            for r, c in enumerate(chunk):
+                gen = out[r, width:].tolist()
+                if eos is not None and eos in gen:
+                    gen = gen[: gen.index(eos) + 1]
+                seq = c + gen
+                seqs.append(seq)
+                masks.append([t + 1 >= len(c) for t in range(len(seq) - 1)])
+    return seqs, masks
+
+
+def kl_per_position(base_logits: torch.Tensor, tuned_logits: torch.Tensor) -> torch.Tensor:
+    """(N, V), (N, V) -> (N,) KL(base || tuned) in fp32, clamped at 0."""
+    lp_b = F.log_softmax(base_logits.float(), dim=-1)
+    lp_t = F.log_softmax(tuned_logits.float(), dim=-1)
+    return (lp_b.exp() * (lp_b - lp_t)).sum(dim=-1).clamp_min(0.0)
+
+
+def drift_scores(
+    tuned: Any,
+    tokenizer: Any,
+    seqs: Sequence[list[int]],
+    masks: Sequence[list[bool] | None],
+    base: Any | None = None,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    stride: int | None = None,
+    progress: Progress | None = None,
+) -> DriftScores:
+    """Summed KL(base || tuned) and positions per sequence; base=None uses the tuned PeftModel's base."""
+    if base is None and not is_peft(tuned):
+        raise ValueError("drift needs a base model, or a PeftModel whose adapters can be disabled")
+    windows = make_windows(seqs, masks, seq_len, stride)
+    kl = np.zeros(len(seqs), dtype=np.float64)
+    tokens = np.zeros(len(seqs), dtype=np.int64)
+    device = model_device(tuned)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_token(tokenizer)
+    models = [m for m in (tuned, base) if m is not None]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        with torch.inference_mode():
+            for batch in batches(windows, batch_size):
+                t = collate_windows(batch, pad, device)
+                tuned_logits = logits_of(tuned, t)  # (B, T, V)
+                if base is None:
+                    with as_base(tuned):
+                        base_logits = logits_of(tuned, t)
+                else:
+                    bt = {k: v.to(model_device(base)) for k, v in t.items()}
+                    base_logits = logits_of(base, bt).to(device)
+                for r, w in enumerate(batch):
+                    pos = t["scored"][r]  # (T,) only the scored positions get a KL
+                    kl[w.doc] += float(kl_per_position(base_logits[r][pos], tuned_logits[r][pos]).double().sum())
+                    tokens[w.doc] += int(pos.sum())
+                if progress:
+                    progress(int(t["attention_mask"].sum()))
+    finally:
+        for m, mode in zip(models, modes, strict=True):
+            m.train(mode)
+    return DriftScores(kl=kl, tokens=tokens)

@@ -1,0 +1,233 @@
+"""Per-document negative log-likelihood of held-out text: NLL per token, perplexity, bits per byte.
+
+Token conventions (what is scored, and on what context):
+  - A plain-text document is tokenized without special tokens and scored as its own sequence,
+    preceded by one start token: the tokenizer's BOS when it adds one by default (Llama-2 style),
+    else EOS, the separator training packs between documents (SmolLM2 style). Every token of the
+    document is scored, the start token is not, no EOS is appended.
+  - An instruction record (prompt/response or messages) is rendered with the chat template as in
+    training (data/instruct.py); only the response tokens are scored, and its bytes are the
+    UTF-8 bytes of the response.
+  - A long document is cut into windows of seq_len scored tokens; stride = seq_len (the default)
+    means no overlap: each window starts fresh, conditioned on the token just before it. With a
+    smaller stride each window scores `stride` new tokens with up to seq_len tokens of context.
+
+Figures: nll = total NLL / scored tokens (nats), ppl = exp(nll), bpb = total NLL / ln 2 / UTF-8
+bytes. Windows are sorted by length and batched with right padding (causal attention means real
+tokens never see the pad), under torch.inference_mode.
+
+    python -c "from adaptlab.evaluate.perplexity import *; from adaptlab.models import load_model as l; \\
+m = l('tiny-random'); print(summarize(score_documents(m.model, m.tokenizer, ['Hello world.'])))"
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adaptlab.data.instruct import encode_chat
+from adaptlab.data.sources import Document
+from adaptlab.errors import UserError
+
+Progress = Callable[[int], None]  # called with the number of tokens just processed
+
+
+@dataclass
+class Window:
+    """One model input: ids (T,), and the positions whose next-token prediction is scored."""
+
+    doc: int  # index of the document it came from
+    ids: list[int]
+    first: int  # positions first .. len(ids)-2 predict ids[first+1 ..]
+    mask: list[bool] | None = None  # per scored position (len(ids)-1-first), None = all scored
+
+    @property
+    def n_scored(self) -> int:
+        n = len(self.ids) - 1 - self.first
+        return n if self.mask is None else sum(self.mask)
+
+
+@dataclass
+class DocScores:
+    """Per-document sums, aligned with the documents given (float64 NLL sums in nats)."""
+
+    nll: np.ndarray  # (N,) summed NLL of scored tokens
+    tokens: np.ndarray  # (N,) scored tokens
+    bytes: np.ndarray  # (N,) UTF-8 bytes of the scored text
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {"nll": self.nll.tolist(), "tokens": self.tokens.tolist(), "bytes": self.bytes.tolist()}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, list[float]]) -> DocScores:
+        return cls(
+            np.asarray(obj["nll"], dtype=np.float64),
+            np.asarray(obj["tokens"], dtype=np.int64),
+            np.asarray(obj["bytes"], dtype=np.int64),
+        )
+
+
+def start_token(tokenizer: Any) -> int:
+    """BOS when the tokenizer adds it by default, else EOS (the document separator in packed training)."""
+    bos = tokenizer.bos_token_id
+    if bos is not None:
+        probe = tokenizer("a")["input_ids"]
+        if probe and probe[0] == bos:
+            return int(bos)
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has neither a BOS nor an EOS token: cannot mark where a document starts")
+    return int(tokenizer.eos_token_id)
+
+
+def as_documents(texts: Sequence[str | Document]) -> list[Document]:
+    return [t if isinstance(t, Document) else Document(id=str(i), text=t) for i, t in enumerate(texts)]
+
+
+def encode_documents(
+    docs: Sequence[str | Document], tokenizer: Any, seq_len: int
+) -> tuple[list[list[int]], list[list[bool] | None], list[int]]:
+    """(token sequence incl. start token, scored mask over positions 1.. or None = all, bytes) per document."""
+    docs = as_documents(docs)
+    start = start_token(tokenizer)
+    seqs: list[list[int]] = [[] for _ in docs]
+    masks: list[list[bool] | None] = [None for _ in docs]
+    nbytes = [0 for _ in docs]
+    plain = [i for i, d in enumerate(docs) if not d.is_chat]
+    for lo in range(0, len(plain), 256):
+        chunk = plain[lo : lo + 256]
+        enc = tokenizer([docs[i].text for i in chunk], add_special_tokens=False)["input_ids"]
+        for i, ids in zip(chunk, enc, strict=True):
+            seqs[i] = [start, *ids]
+            nbytes[i] = len(docs[i].text.encode("utf-8"))
+    for i, d in enumerate(docs):
+        if d.is_chat:
+            ex = encode_chat(d, tokenizer, seq_len=1 << 30)
+            seqs[i] = ex.input_ids
+            masks[i] = [lab >= 0 for lab in ex.labels[1:]]
+            nbytes[i] = len(d.messages[-1]["content"].encode("utf-8"))
+    return seqs, masks, nbytes
+
+
+def make_windows(
+    seqs: Sequence[list[int]], masks: Sequence[list[bool] | None], seq_len: int, stride: int | None = None
+) -> list[Window]:
+    """Cut each sequence into windows that score every position once (see the module docstring)."""
+    stride = stride or seq_len
+    if seq_len < 2 or not 1 <= stride <= seq_len:
+        raise UserError(f"need --seq-len >= 2 and 1 <= --stride <= --seq-len (got {seq_len}, {stride})")
+    windows: list[Window] = []
+    for d, (seq, mask) in enumerate(zip(seqs, masks, strict=True)):
+        n_targets = len(seq) - 1  # target t predicts seq[t+1] from seq[: t+1]
+        for a in range(0, n_targets, stride):
+            b = min(a + stride, n_targets)
+            lo = max(0, b - seq_len)  # input positions lo .. b-1, the last b-a are scored
+            ids = seq[lo : b + 1]  # includes the last target; dropped from the input below
+            sub = None if mask is None else mask[a:b]
+            if sub is not None and not any(sub):
+                continue
+            windows.append(Window(doc=d, ids=ids, first=a - lo, mask=sub))
+    return windows
+
+
+def batches(windows: list[Window], batch_size: int) -> Iterator[list[Window]]:
+    """Longest first (a too-large batch fails at once, not at the end); similar lengths share a batch."""
+    order = sorted(windows, key=lambda w: -len(w.ids))
+    for i in range(0, len(order), batch_size):
+        yield order[i : i + batch_size]
+
+
+def collate_windows(batch: list[Window], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded inputs (B, T) and targets/scored mask (B, T) for the next-token predictions."""
+    width = max(len(w.ids) for w in batch) - 1
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(batch), width), dtype=torch.long)
+    targets = torch.zeros((len(batch), width), dtype=torch.long)
+    scored = torch.zeros((len(batch), width), dtype=torch.bool)
+    for r, w in enumerate(batch):
+        n = len(w.ids) - 1
+        ids[r, :n] = torch.tensor(w.ids[:-1])
+        attn[r, :n] = 1
+        targets[r, :n] = torch.tensor(w.ids[1:])
+        if w.mask is None:
+            scored[r, w.first : n] = True
+        else:
+            scored[r, w.first : n] = torch.tensor(w.mask)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": attn.to(device),
+        "targets": targets.to(device),
+        "scored": scored.to(device),
+    }
+
+
+def model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - a model without parameters
+        return torch.device("cpu")
+
+
+def logits_of(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits, (B, T) targets -> (B, T) NLL in fp32, row by row to bound the fp32 copy."""
+    rows = [F.cross_entropy(logits[r].float(), targets[r], reduction="none") for r in range(logits.shape[0])]
+    return torch.stack(rows)
+
+
+def score_documents(
+    model: Any,
+    tokenizer: Any,
+    docs: Sequence[str | Document],
+    seq_len: int = 512,
+    batch_size: int = 8,
+    stride: int | None = None,
+    progress: Progress | None = None,
+) -> DocScores:
+    """Summed NLL, scored tokens and bytes per document (see the module docstring for conventions)."""
+    seqs, masks, nbytes = encode_documents(docs, tokenizer, seq_len)
+    windows = make_windows(seqs, masks, seq_len, stride)
+    nll = np.zeros(len(seqs), dtype=np.float64)
+    tokens = np.zeros(len(seqs), dtype=np.int64)
+    device = model_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_token(tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in batches(windows, batch_size):
+                t = collate_windows(batch, pad, device)
+                per_tok = token_nll(logits_of(model, t), t["targets"]) * t["scored"]  # (B, T)
+                sums = per_tok.double().sum(dim=1).cpu().numpy()
+                counts = t["scored"].sum(dim=1).cpu().numpy()
+                for r, w in enumerate(batch):
+                    nll[w.doc] += sums[r]
+                    tokens[w.doc] += counts[r]
+                if progress:
+                    progress(int(t["attention_mask"].sum()))
+    finally:
+        model.train(was_training)
+    return DocScores(nll=nll, tokens=tokens, bytes=np.asarray(nbytes, dtype=np.int64))
+
+
+def summarize(scores: DocScores) -> dict[str, float | int]:
+    """{"nll", "ppl", "bpb", "tokens", "docs"} from per-document sums."""
+    total, tokens, nbytes = float(scores.nll.sum()), int(scores.tokens.sum()), int(scores.bytes.sum())
+    if tokens == 0:
+        raise UserError("no token to score: the documents are empty after tokenization")
+    nll = total / tokens
+    return {
+        "nll": nll,
+        "ppl": math.exp(min(nll, 700.0)),
+        "bpb": total / math.log(2) / nbytes if nbytes else float("nan"),
+        "tokens": tokens,
+        "docs": len(scores.nll),
+    }
