@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -263,7 +264,9 @@ def merge_adapter(
             "--into dequantized (merge into the dequantized 4-bit base)"
         )
     if into == "dequantized" and method != "qlora":
-        raise UserError(f"--into dequantized is for QLoRA adapters; {adapter} is {method or 'a LoRA adapter'}")
+        raise UserError(
+            f"--into dequantized is for QLoRA adapters; {adapter} is {method or 'a LoRA adapter'}"
+        )
     spec = _base_spec(base, [ref])
     out = Path(out)
     tmp = _fresh_dir(out)
@@ -281,7 +284,7 @@ def merge_adapter(
         del merged, model
         written = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         worst, tokens = 0.0, 0
-        for texts, ref_logits in zip(check_texts, unmerged):
+        for texts, ref_logits in zip(check_texts, unmerged, strict=True):
             logits, mask = _batch_logits(written, tokenizer, texts)
             worst = max(worst, (logits - ref_logits).abs()[mask].max().item())
             tokens += int(mask.sum())
@@ -345,7 +348,9 @@ def read_texts(path: str | Path, limit: int | None = None) -> list[str]:
     return texts
 
 
-def mean_nll(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8, max_length: int = 256) -> float:
+def mean_nll(
+    model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8, max_length: int = 256
+) -> float:
     """Mean negative log-likelihood per predicted token (nats) over `texts`, each cut to max_length tokens."""
     total, count = 0.0, 0
     model.eval()
@@ -412,6 +417,25 @@ def _adapter_names(refs: Sequence[TunedRef]) -> list[str]:
     return names
 
 
+def _fix_combined_scaling(model: Any, name: str) -> None:
+    """Give the combined adapter scaling 1, as add_weighted_adapter intends.
+
+    add_weighted_adapter folds each source's scaling into the new A/B matrices and sets
+    lora_alpha = r so the new scaling is 1, but it copies `use_rslora` from the first source; for
+    rsLoRA sources the new scaling would then be alpha / sqrt(r) = sqrt(r), not 1.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    config = model.peft_config[name]
+    if not getattr(config, "use_rslora", False):
+        return
+    config.use_rslora = False
+    config.lora_alpha = config.r
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and name in module.scaling:
+            module.scaling[name] = 1.0
+
+
 def combine_adapters(
     adapters: Sequence[str | Path],
     out: str | Path,
@@ -438,7 +462,9 @@ def combine_adapters(
         raise UserError(f"--how {how!r}: choose one of {', '.join(COMBINATIONS)}")
     weights = list(weights) if weights is not None else [1.0 / len(adapters)] * len(adapters)
     if len(weights) != len(adapters):
-        raise UserError(f"--weights has {len(weights)} values for {len(adapters)} adapters: give one per adapter")
+        raise UserError(
+            f"--weights has {len(weights)} values for {len(adapters)} adapters: give one per adapter"
+        )
     if density is not None and how != "ties":
         raise UserError("--density applies to --how ties only")
     if how == "ties":
@@ -458,16 +484,27 @@ def combine_adapters(
         loaded = load_model(spec, dtype=torch.float32)
         names = _adapter_names(refs)
         model: Any = None
-        for name, ref in zip(names, refs):
+        for name, ref in zip(names, refs, strict=True):
             model = _attach(loaded, ref, name, model)
+            if getattr(model.peft_config[name], "use_dora", False):
+                raise UserError(
+                    f"{ref.path} is a DoRA adapter: combine takes LoRA adapters (peft cannot combine DoRA)"
+                )
         try:
             model.add_weighted_adapter(
-                adapters=names, weights=weights, adapter_name="combined", combination_type=how, density=density
+                adapters=names,
+                weights=weights,
+                adapter_name="combined",
+                combination_type=how,
+                density=density,
             )
         except ValueError as err:
             raise UserError(f"peft cannot combine these adapters with --how {how}: {err}") from err
+        _fix_combined_scaling(model, "combined")
         model.eval()
-        model.save_pretrained(tmp, selected_adapters=["combined"], safe_serialization=True)
+        with warnings.catch_warnings():  # peft looks for the base's config under the embedded name
+            warnings.filterwarnings("ignore", message="Could not find a config file")
+            model.save_pretrained(tmp, selected_adapters=["combined"], safe_serialization=True)
         # peft writes a non-default adapter into a subfolder named after it; the output is the adapter itself
         for item in (tmp / "combined").iterdir():
             os.replace(item, tmp / item.name)
@@ -483,18 +520,22 @@ def combine_adapters(
             how=how,
             weights=weights,
             density=density,
-            adapters={n: str(r.path) for n, r in zip(names, refs)},
+            adapters={n: str(r.path) for n, r in zip(names, refs, strict=True)},
             datasets=list(datasets),
         )
         if len(data) == len(refs):
-            report.domain_of = {n: Path(p).stem for n, p in zip(names, data)}
+            report.domain_of = {n: Path(p).stem for n, p in zip(names, data, strict=True)}
         if datasets:
             tok = loaded.tokenizer
             with model.disable_adapter():
-                report.nll["base"] = {ds: mean_nll(model, tok, t, batch_size, max_length) for ds, t in datasets.items()}
+                report.nll["base"] = {
+                    ds: mean_nll(model, tok, t, batch_size, max_length) for ds, t in datasets.items()
+                }
             for name in [*names, "combined"]:
                 model.set_adapter(name)
-                report.nll[name] = {ds: mean_nll(model, tok, t, batch_size, max_length) for ds, t in datasets.items()}
+                report.nll[name] = {
+                    ds: mean_nll(model, tok, t, batch_size, max_length) for ds, t in datasets.items()
+                }
         (tmp / "adaptlab_combine.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
         _publish(tmp, out)
     finally:
