@@ -15,6 +15,7 @@ batch 4 x accum 1 and batch 1 x accum 4 take the same step.
 from __future__ import annotations
 
 import math
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -251,6 +253,8 @@ def _loop(setup: Setup, resume: bool, on_log: LogFn | None = None) -> dict[str, 
         last_ckpt = ckpt
     if resume:
         run.truncate_metrics(start_step)
+    if last_ckpt is None:
+        seed_everything(t.seed)  # dropout and any other sampling start from the run's seed
     reset_peak(device)
     global_batch = t.batch * t.grad_accum
     pad = setup.tokenizer.pad_token_id
@@ -285,7 +289,7 @@ def _loop(setup: Setup, resume: bool, on_log: LogFn | None = None) -> dict[str, 
                 f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
             )
             raise TrainingDiverged(
-                f"loss became {loss_value} (grad norm {grad_norm}) at step {step + 1}: training stopped; {where}. "
+                f"training diverged at step {step + 1} (loss {loss_value:.4g}, grad norm {grad_norm:.4g}): stopped; {where}. "
                 "Lower --lr or use --precision fp32, then resume with `adaptlab train --resume`"
             )
         lr = scheduler.get_last_lr()[0]
@@ -364,6 +368,12 @@ def _loop(setup: Setup, resume: bool, on_log: LogFn | None = None) -> dict[str, 
     if run.checkpoints.exists():
         shutil.rmtree(run.checkpoints)  # the finished artifact supersedes the resumable state
     return summary
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _last_train_loss(run: RunDir) -> float | None:

@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
-    except click.ClickException as err:
-        err.show()
+    except click.ClickException as err:  # usage errors: one line, exit 2, no usage dump
+        click.echo(f"error: {err.format_message()}", err=True)
         return err.exit_code
     except click.exceptions.Exit as err:
         return err.exit_code

@@ -1,8 +1,8 @@
 """`adaptlab train`: train one method on one data set and write a run directory.
 
-    adaptlab train --model tiny-random --method lora --data python-stdlib --steps 20 --out runs/lora
-    adaptlab train --config run.yaml            # the same fields as RUN/config.yaml
-    adaptlab train --resume runs/lora           # continue from the latest checkpoint
+adaptlab train --model tiny-random --method lora --data python-stdlib --steps 20 --out runs/lora
+adaptlab train --config run.yaml            # the same fields as RUN/config.yaml
+adaptlab train --resume runs/lora           # continue from the latest checkpoint
 """
 
 from __future__ import annotations
@@ -31,8 +31,20 @@ def _overrides(**flags: Any) -> dict[str, Any]:
         "train": {
             k: flags[k]
             for k in (
-                "steps", "tokens", "batch", "grad_accum", "seq_len", "lr", "warmup", "weight_decay",
-                "max_grad_norm", "save_every", "eval_every", "seed", "precision", "grad_checkpointing",
+                "steps",
+                "tokens",
+                "batch",
+                "grad_accum",
+                "seq_len",
+                "lr",
+                "warmup",
+                "weight_decay",
+                "max_grad_norm",
+                "save_every",
+                "eval_every",
+                "seed",
+                "precision",
+                "grad_checkpointing",
             )
         },
     }
@@ -44,7 +56,9 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 
 
 @click.command("train")
-@click.option("--config", "config_path", type=click.Path(), help="YAML with model/method/data/train sections.")
+@click.option(
+    "--config", "config_path", type=click.Path(), help="YAML with model/method/data/train sections."
+)
 @click.option("--model", help="Base model: smollm2-135m, tiny-random, a local HF dir or a hub id.")
 @click.option("--method", type=click.Choice(METHODS), help="full | lora | dora | qlora.")
 @click.option("--rank", type=int, help="LoRA rank r (default 16).")
@@ -52,7 +66,9 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option("--dropout", type=float, help="LoRA dropout (default 0).")
 @click.option("--rslora/--no-rslora", default=None, help="Rank-stabilised scaling alpha/sqrt(r).")
 @click.option("--targets", help="attention | mlp | all-linear | comma list of module names.")
-@click.option("--data", multiple=True, help="Training data: file, dir, glob, datasets dir, hub name, python-stdlib.")
+@click.option(
+    "--data", multiple=True, help="Training data: file, dir, glob, datasets dir, hub name, python-stdlib."
+)
 @click.option("--text-field", help="JSONL field holding the text (default `text`).")
 @click.option("--steps", type=int, help="Optimizer steps (or give --tokens).")
 @click.option("--tokens", type=int, help="Token budget; steps = tokens / (batch x grad-accum x seq-len).")
@@ -69,7 +85,9 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option("--precision", type=click.Choice(PRECISIONS), help="auto | fp32 | bf16 (default auto).")
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=None)
 @click.option("--out", type=click.Path(), help="Run directory to write.")
-@click.option("--resume", type=click.Path(), help="Continue the run in this directory from its latest checkpoint.")
+@click.option(
+    "--resume", type=click.Path(), help="Continue the run in this directory from its latest checkpoint."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_command(config_path: str | None, resume: str | None, quiet: bool, **flags: Any) -> None:
     """Train full fine-tuning or a LoRA-family adapter and write a run directory."""
@@ -81,14 +99,16 @@ def train_command(config_path: str | None, resume: str | None, quiet: bool, **fl
     if resume:
         given = {k: v for k, v in flags.items() if v not in (None, ())}
         if given or config_path:
-            raise UserError("--resume takes the run's own config: drop the other flags (" + ", ".join(given) + ")")
-        summary = progress.run(lambda s, l: resume_run(resume, on_start=s, on_log=l))
+            raise UserError(
+                "--resume takes the run's own config: drop the other flags (" + ", ".join(given) + ")"
+            )
+        summary = progress.run(lambda start, log: resume_run(resume, on_start=start, on_log=log))
     else:
         base = load_config(config_path) if config_path else {}
         config = build_config(merge(base, _overrides(**flags)))
         if config.out is None:
             raise UserError("no run directory: pass --out RUN (or `out:` in the config)")
-        summary = progress.run(lambda s, l: train(config, on_start=s, on_log=l))
+        summary = progress.run(lambda start, log: train(config, on_start=start, on_log=log))
     click.echo(json.dumps(summary, indent=2))
 
 
