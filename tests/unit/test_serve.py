@@ -1,0 +1,385 @@
+"""Generation engine and the OpenAI-compatible server on tiny-random, with real HTTP clients on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from adaptlab.serve import BASE, Engine, Job, Sampling
+
+PROMPTS = [
+    "Hello there",
+    "The quick brown fox jumps over",
+    "def f(x):",
+    "Once upon a time in a land far away",
+]
+
+
+def make_adapter(out: Path, seed: int, targets: list[str] | None = None, r: int = 8) -> Path:
+    """Save a peft LoRA adapter for tiny-random with random A and B; its config names the base 'tiny-random'."""
+    from peft import LoraConfig, get_peft_model
+
+    from adaptlab.models import load_model
+
+    base = load_model("tiny-random").model
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=r, target_modules=targets or ["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )
+    get_peft_model(base, config).save_pretrained(out)
+    path = out / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["base_model_name_or_path"] = "tiny-random"
+    path.write_text(json.dumps(cfg))
+    return out
+
+
+def make_foreign_adapter(out: Path) -> Path:
+    """An adapter for another base (a Llama with hidden size 32)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    other = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        )
+    )
+    get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    allowed = root / "allowed"
+    return {
+        "a": make_adapter(allowed / "a", seed=1),
+        "b": make_adapter(allowed / "b", seed=2, targets=["k_proj", "o_proj", "up_proj"], r=4),
+        "c": make_adapter(allowed / "c", seed=3),
+        "foreign": make_foreign_adapter(allowed / "foreign"),
+        "outside": make_adapter(root / "outside", seed=4),
+        "allowed": allowed,
+    }
+
+
+@pytest.fixture(scope="module")
+def engine(adapters) -> Engine:
+    return Engine.load("tiny-random", {"a": adapters["a"], "b": adapters["b"]})
+
+
+def single(engine: Engine, prompt_ids: list[int], adapter: str, max_new_tokens: int, **kw: object) -> Job:
+    job = Job(list(prompt_ids), adapter=adapter, sampling=Sampling(max_new_tokens=max_new_tokens, **kw))
+    engine.generate([job])
+    return job
+
+
+# -- engine --------------------------------------------------------------------------------------
+
+
+def test_mixed_adapter_batch_equals_one_at_a_time(engine):
+    rows = [(PROMPTS[i % 4], name, 4 + 3 * i) for i, name in enumerate([BASE, "a", "b", "a", BASE, "b"])]
+    jobs = [Job(engine.encode(p), adapter=n, sampling=Sampling(max_new_tokens=m)) for p, n, m in rows]
+    engine.generate(jobs)
+    for job in jobs:
+        alone = single(engine, job.prompt_ids, job.adapter, job.sampling.max_new_tokens)
+        assert job.token_ids == alone.token_ids and job.text == alone.text
+        assert job.finish_reason == "length" and len(job.token_ids) == job.sampling.max_new_tokens
+    # each adapter really changes the output, so equality above is not base == base
+    ids = engine.encode(PROMPTS[0])
+    outs = {n: tuple(single(engine, ids, n, 6).token_ids) for n in (BASE, "a", "b")}
+    assert len(set(outs.values())) == 3
+
+
+def test_streamed_text_and_stop_strings(engine):
+    ids = engine.encode(PROMPTS[1])
+    pieces: list[str] = []
+    job = Job(ids, adapter="a", sampling=Sampling(max_new_tokens=12), on_text=pieces.append)
+    engine.generate([job])
+    assert "".join(pieces) == job.text and len(pieces) > 1
+    stop = job.text[len(job.text) // 2 : len(job.text) // 2 + 3]
+    pieces = []
+    stopped = Job(ids, adapter="a", sampling=Sampling(max_new_tokens=12, stop=(stop,)), on_text=pieces.append)
+    engine.generate([stopped])
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == job.text[: job.text.find(stop)] == "".join(pieces)
+
+
+def test_sampling_is_reproducible_with_a_seed_in_any_batch(engine):
+    ids = engine.encode(PROMPTS[2])
+    s = Sampling(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=123)
+    alone = Job(ids, adapter="b", sampling=s)
+    engine.generate([alone])
+    batch = [Job(ids, adapter="b", sampling=s), Job(engine.encode(PROMPTS[0]), adapter="a", sampling=s)]
+    engine.generate(batch)
+    assert batch[0].token_ids == alone.token_ids
+    other = Job(ids, adapter="b", sampling=Sampling(max_new_tokens=8, temperature=1.0, seed=7))
+    engine.generate([other])
+    assert other.token_ids != alone.token_ids
+
+
+# -- the running server --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(app) -> Iterator[str]:
+    """Run the app with uvicorn on a free loopback port in a background thread; yields the /v1 base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):  # up to 20 s
+        if server.started:
+            break
+        time.sleep(0.1)
+    assert server.started, "server did not start"
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(engine, adapters) -> Iterator[tuple[str, object]]:
+    from adaptlab.serve.server import ServerLimits, create_app
+
+    limits = ServerLimits(max_prompt_tokens=64, max_new_tokens=32, max_body_bytes=20_000)
+    app = create_app(engine, "tiny-random", adapters["allowed"], limits, max_batch_size=8, batch_wait_ms=100)
+    with running(app) as url:
+        yield url, app
+
+
+def openai_client(url: str):
+    import openai
+
+    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_and_completions_with_openai_client(server, engine):
+    url, _ = server
+    client = openai_client(url)
+    assert [m.id for m in client.models.list().data] == ["tiny-random", "a", "b"]
+    for name, adapter in (("tiny-random", BASE), ("a", "a"), ("b", "b")):
+        got = client.completions.create(model=name, prompt=PROMPTS[1], max_tokens=7, temperature=0)
+        want = single(engine, engine.encode(PROMPTS[1]), adapter, 7)
+        assert got.choices[0].text == want.text and got.choices[0].finish_reason == "length"
+        assert got.usage.completion_tokens == 7 and got.usage.prompt_tokens == len(want.prompt_ids)
+
+
+def test_chat_streaming_matches_non_streaming(server, engine):
+    url, _ = server
+    client = openai_client(url)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    whole = client.chat.completions.create(model="a", messages=messages, max_tokens=10, temperature=0)
+    want = single(engine, engine.encode_chat(messages), "a", 10)
+    assert whole.choices[0].message.content == want.text and whole.object == "chat.completion"
+    pieces = []
+    finish = None
+    for chunk in client.chat.completions.create(
+        model="a", messages=messages, max_tokens=10, temperature=0, stream=True
+    ):
+        assert chunk.object == "chat.completion.chunk"
+        pieces.append(chunk.choices[0].delta.content or "")
+        finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces) == want.text and finish == "length"
+
+
+def test_raw_sse_framing(server):
+    url, _ = server
+    body = {"model": "b", "prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    with httpx.stream("POST", f"{url}/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert payloads[-1]["usage"]["completion_tokens"] == 5 and payloads[-1]["choices"] == []
+    assert payloads[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_concurrent_requests_for_different_adapters_batch_and_match_single(server, engine):
+    url, app = server
+    names = {"tiny-random": BASE, "a": "a", "b": "b"}
+    requests = [
+        (PROMPTS[i % 4], model, 5 + i)
+        for i, model in enumerate(["a", "b", "tiny-random", "b", "a", "tiny-random"])
+    ]
+    want = [single(engine, engine.encode(p), names[m], n).text for p, m, n in requests]
+    app.state.batcher.batch_sizes.clear()
+    barrier = threading.Barrier(len(requests))
+
+    def call(req: tuple[str, str, int]) -> str:
+        prompt, model, n = req
+        with httpx.Client(timeout=60) as http:
+            barrier.wait(timeout=30)
+            r = http.post(
+                f"{url}/completions",
+                json={"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0},
+            )
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        got = list(pool.map(call, requests))
+    assert got == want
+    assert max(app.state.batcher.batch_sizes) > 1  # at least some requests shared a forward pass
+
+
+def test_errors_are_openai_json_and_server_keeps_serving(server):
+    url, _ = server
+    ok = {"model": "a", "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+    cases = [
+        ({**ok, "model": "nope"}, 404, "model_not_found", "tiny-random, a, b"),
+        (b'{"model": "a", "prompt": ', 400, "invalid_json", "malformed JSON"),
+        ({**ok, "max_tokens": 999}, 400, "max_tokens_too_large", "limit of 32"),
+        ({**ok, "prompt": "word " * 100}, 400, "context_length_exceeded", "limit of 64"),
+        ({**ok, "prompt": "x" * 30_000}, 413, "request_too_large", "over 20000 bytes"),
+        ({"prompt": "Hi"}, 400, "invalid_value", "model"),
+        ({**ok, "temperature": -1}, 400, "invalid_value", "temperature"),
+    ]
+    with httpx.Client(timeout=60) as http:
+        for body, status, code, words in cases:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = http.post(f"{url}/completions", content=content, headers={"content-type": "application/json"})
+            assert r.status_code == status, (body, r.text)
+            err = r.json()["error"]
+            assert err["code"] == code and words in err["message"], err
+            assert set(err) == {"message", "type", "code", "param"}
+        assert http.get(f"{url}/nowhere").json()["error"]["type"] == "not_found_error"
+        assert http.post(f"{url}/completions", json=ok).status_code == 200
+
+
+def test_openai_client_sees_unknown_model_as_not_found(server):
+    import openai
+
+    url, _ = server
+    with pytest.raises(openai.NotFoundError, match="loaded models"):
+        openai_client(url).completions.create(model="nope", prompt="Hi", max_tokens=2)
+
+
+def test_load_and_unload_adapters_at_run_time(server, adapters, engine):
+    url, _ = server
+    allowed = adapters["allowed"]
+    with httpx.Client(timeout=60) as http:
+        r = http.post(f"{url}/adapters", json={"name": "x", "path": str(adapters["outside"])})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "path_not_allowed"
+        r = http.post(f"{url}/adapters", json={"name": "x", "path": "../outside"})
+        assert r.status_code == 403
+        r = http.post(f"{url}/adapters", json={"name": "x", "path": "foreign"})
+        assert r.status_code == 400 and "does not fit" in r.json()["error"]["message"]
+        r = http.post(f"{url}/adapters", json={"name": "a", "path": "c"})
+        assert r.status_code == 409
+        r = http.post(f"{url}/adapters", json={"name": "x", "path": "missing"})
+        assert r.status_code == 400 and "no such file" in r.json()["error"]["message"]
+        assert "x" not in engine.adapters  # failed loads leave nothing behind
+
+        r = http.post(f"{url}/adapters", json={"name": "c", "path": str(allowed / "c")})
+        assert r.status_code == 201, r.text
+        assert [m["id"] for m in http.get(f"{url}/models").json()["data"]] == ["tiny-random", "a", "b", "c"]
+        body = {"model": "c", "prompt": PROMPTS[3], "max_tokens": 6, "temperature": 0}
+        got = http.post(f"{url}/completions", json=body).json()["choices"][0]["text"]
+        fresh = Engine.load("tiny-random", {"c": allowed / "c"})
+        assert got == single(fresh, fresh.encode(PROMPTS[3]), "c", 6).text
+
+        assert http.delete(f"{url}/adapters/c").json() == {"id": "c", "object": "model", "deleted": True}
+        r = http.post(f"{url}/completions", json=body)
+        assert r.status_code == 404 and "loaded models: tiny-random, a, b" in r.json()["error"]["message"]
+        assert http.delete(f"{url}/adapters/c").status_code == 404
+        assert http.delete(f"{url}/adapters/tiny-random").status_code == 400
+        # the adapters that stayed still give what they gave before
+        body["model"] = "a"
+        assert (
+            http.post(f"{url}/completions", json=body).json()["choices"][0]["text"]
+            == single(engine, engine.encode(PROMPTS[3]), "a", 6).text
+        )
+
+
+def test_runtime_loading_off_without_adapter_dir(engine, adapters):
+    from adaptlab.serve.server import create_app
+
+    with running(create_app(engine, "tiny-random")) as url:
+        r = httpx.post(
+            f"{url}/adapters", json={"name": "c", "path": str(adapters["allowed"] / "c")}, timeout=60
+        )
+        assert r.status_code == 403 and "--adapter-dir" in r.json()["error"]["message"]
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+
+
+def test_generate_cli_streams_base_and_adapters(run_cli, adapters, engine):
+    code, out, err = run_cli(
+        "generate", "--model", "tiny-random", "--adapter", f"a={adapters['a']}", "--use", "base", "--use", "a",
+        "--prompt", PROMPTS[0], "--max-new-tokens", "6", "--no-chat",
+    )  # fmt: skip
+    assert code == 0, err
+    ids = engine.encode(PROMPTS[0])
+    want = f"--- base\n{single(engine, ids, BASE, 6).text}\n--- a\n{single(engine, ids, 'a', 6).text}\n"
+    assert out == want
+    code, out, err = run_cli("generate", "--model", "tiny-random", "--prompt", "Hi", "--max-new-tokens", "4")
+    chat_ids = engine.encode_chat([{"role": "user", "content": "Hi"}])  # chat template by default
+    assert code == 0 and out == single(engine, chat_ids, BASE, 4).text + "\n"
+
+
+def test_cli_bad_input_exit_2_one_line(run_cli, adapters, tmp_path):
+    cases = [
+        (("generate", "--model", "tiny-random", "--prompt", "x", "--use", "zz"), "--use zz"),
+        (("generate", "--model", "tiny-random", "--prompt", "x", "--adapter", "a=/no/such"), "no such file"),
+        (
+            ("generate", "--model", "tiny-random", "--prompt", "x", "--adapter", f"a={adapters['foreign']}"),
+            "does not fit",
+        ),
+        (("generate", "--model", "tiny-random", "--prompt", "x", "--adapter", "b@d=x"), "NAME=DIR"),
+        (("serve", "--model", "tiny-random", "--adapter-dir", tmp_path / "none"), "no such directory"),
+        (("serve", "--model", "nowhere/../x"), "no such directory"),
+    ]
+    for args, words in cases:
+        code, _, err = run_cli(*args)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_serve_command_runs_on_loopback(adapters):
+    port = free_port()
+    cmd = [sys.executable, "-m", "adaptlab", "serve", "--model", "tiny-random", "--adapter", f"a={adapters['a']}",
+           "--port", str(port)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        data = None
+        for _ in range(240):  # up to 120 s on a busy machine
+            if proc.poll() is not None:
+                break
+            try:
+                data = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert data is not None, proc.stdout.read() if proc.poll() is not None else "server did not answer"
+        assert [m["id"] for m in data["data"]] == ["tiny-random", "a"]
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                       json={"model": "a", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})  # fmt: skip
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
