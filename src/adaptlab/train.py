@@ -364,6 +364,10 @@ def _loop(setup: Setup, resume: bool, on_log: LogFn | None = None) -> dict[str, 
         "train_examples": n_examples,
         "versions": versions(),
     }
+    if cfg.method.method == "qlora":
+        from adaptlab.quantize import quantization_info
+
+        summary["quantization"] = quantization_info(model)
     run.write_summary(summary)
     if run.checkpoints.exists():
         shutil.rmtree(run.checkpoints)  # the finished artifact supersedes the resumable state
