@@ -343,6 +343,8 @@ def load_tuned(
 ) -> tuple[LoadedModel, TunedRef]:
     """Load a tuned model: base + adapter for the LoRA family, the HF directory for full fine-tuning.
 
+    An adapter from a QLoRA run goes onto the base quantized to NF4 as in training (quantize.py).
+
     base_spec defaults to the base recorded in the run directory or adapter config.
     """
     ref = resolve_tuned(tuned)
@@ -353,6 +355,21 @@ def load_tuned(
     if not spec:
         raise UserError(f"{ref.path}: the adapter does not record its base model: pass --model")
     base = load_model(spec, dtype=dtype, device=device)
+    if _trained_method(ref) == "qlora":  # the adapter was trained on the NF4 base: quantize it the same way
+        from adaptlab.quantize import quantize_base
+
+        quantize_base(base.model).to(device)
     model = load_adapter(base, ref.path)
     model.eval()
     return LoadedModel(model=model, tokenizer=base.tokenizer, spec=spec, path=base.path), ref
+
+
+def _trained_method(ref: TunedRef) -> str | None:
+    """The method recorded by the run that made an adapter (its run dir, or the dir around RUN/adapter)."""
+    run_dir = ref.run_dir or (ref.path.parent if ref.path.name == "adapter" else None)
+    cfg = run_dir / "config.yaml" if run_dir else None
+    if cfg is None or not cfg.exists():
+        return None
+    data = yaml.safe_load(cfg.read_text()) or {}
+    method = data.get("method") if isinstance(data, dict) else None
+    return method.get("method") if isinstance(method, dict) else None
