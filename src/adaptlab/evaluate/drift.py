@@ -165,7 +165,9 @@ def drift_scores(
                     base_logits = logits_of(base, bt).to(device)
                 for r, w in enumerate(batch):
                     pos = t["scored"][r]  # (T,) only the scored positions get a KL
-                    kl[w.doc] += float(kl_per_position(base_logits[r][pos], tuned_logits[r][pos]).double().sum())
+                    kl[w.doc] += float(
+                        kl_per_position(base_logits[r][pos], tuned_logits[r][pos]).double().sum()
+                    )
                     tokens[w.doc] += int(pos.sum())
                 if progress:
                     progress(int(t["attention_mask"].sum()))

@@ -81,7 +81,9 @@ def start_token(tokenizer: Any) -> int:
         if probe and probe[0] == bos:
             return int(bos)
     if tokenizer.eos_token_id is None:
-        raise UserError("the tokenizer has neither a BOS nor an EOS token: cannot mark where a document starts")
+        raise UserError(
+            "the tokenizer has neither a BOS nor an EOS token: cannot mark where a document starts"
+        )
     return int(tokenizer.eos_token_id)
 
 
@@ -126,7 +128,8 @@ def make_windows(
         n_targets = len(seq) - 1  # target t predicts seq[t+1] from seq[: t+1]
         for a in range(0, n_targets, stride):
             b = min(a + stride, n_targets)
-            lo = max(0, b - seq_len)  # input positions lo .. b-1, the last b-a are scored
+            # input positions lo .. b-1, the last b-a are scored; no overlap unless stride < seq_len
+            lo = a if stride == seq_len else max(0, b - seq_len)
             ids = seq[lo : b + 1]  # includes the last target; dropped from the input below
             sub = None if mask is None else mask[a:b]
             if sub is not None and not any(sub):

@@ -1,0 +1,289 @@
+"""`adaptlab eval`: learning and forgetting of a tuned model against its base, or a base model alone.
+
+    adaptlab eval --model smollm2-135m --adapter RUN --data DOCS --drift --mc ITEMS.jsonl
+
+`--drift` takes an optional value: `--drift` alone measures KL(base || tuned) on text sampled from
+the base from the shipped general prompts; `--drift G` measures it over the documents of G. The
+JSON (`--json`, or `--out FILE`) is adaptlab.evaluate.run's schema plus "model" (the base spec)
+and "tuned" ({"kind", "path", "description"}) when a tuned artifact is given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) >= 1e4 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _delta(value: float, ci: list[float] | None) -> str:
+    text = f"{value:+.4f}"
+    return f"{text} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else text
+
+
+def _rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(figure, base, tuned, delta) rows for the table."""
+    rows: list[tuple[str, str, str, str]] = []
+    for section in ("target", "general"):
+        s = result.get(section)
+        if not s:
+            continue
+        base = s.get("base", {})
+        for key in ("nll", "ppl", "bpb", "tokens", "docs"):
+            delta = _delta(s["delta"]["nll"], s["delta"]["ci95"]) if key == "nll" and "delta" in s else ""
+            rows.append((f"{section} {key}", _fmt(base.get(key)), _fmt(s[key]), delta))
+    if "drift" in result:
+        d = result["drift"]
+        ci = d["ci95"]
+        rows.append((f"drift kl ({d['source']})", "0", _fmt(d["kl"]), f"[{ci[0]:.4f}, {ci[1]:.4f}]"))
+        rows.append(("drift tokens", "", _fmt(d["tokens"]), ""))
+    for stem, s in result.get("mc", {}).items():
+        base, delta = s.get("base", {}), s.get("delta")
+        rows.append(
+            (
+                f"mc {stem} acc",
+                _fmt(base.get("acc")),
+                _fmt(s["acc"]),
+                _delta(delta["acc"], delta["ci95"]) if delta else "",
+            )
+        )
+        rows.append(
+            (
+                f"mc {stem} acc_norm",
+                _fmt(base.get("acc_norm")),
+                _fmt(s["acc_norm"]),
+                _delta(delta["acc_norm"], delta["acc_norm_ci95"]) if delta else "",
+            )
+        )
+        rows.append((f"mc {stem} n", "", _fmt(s["n"]), ""))
+    for task, s in result.get("harness", {}).items():
+        base, delta = s.get("base", {}), s.get("delta", {})
+        for key, value in s.items():
+            if key in ("base", "delta"):
+                continue
+            rows.append(
+                (
+                    f"{task} {key}",
+                    _fmt(base.get(key)),
+                    _fmt(value),
+                    _delta(delta[key], None) if key in delta else "",
+                )
+            )
+    return rows
+
+
+def _print_table(result: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    compared = any(isinstance(s, dict) and "base" in s for s in result.values()) or "drift" in result
+    table = Table(title=title)
+    table.add_column("figure")
+    if compared:
+        table.add_column("base", justify="right")
+        table.add_column("tuned", justify="right")
+        table.add_column("delta [95% CI]", justify="right")
+    else:
+        table.add_column("value", justify="right")
+    for figure, base, tuned, delta in _rows(result):
+        table.add_row(figure, base, tuned, delta) if compared else table.add_row(figure, tuned)
+    Console().print(table)
+
+
+@click.command("eval")
+@click.option(
+    "--model",
+    "model_spec",
+    help="Base model: embedded name, local HF dir or hub id (default: the base the tuned artifact records).",
+)
+@click.option(
+    "--adapter", type=click.Path(), help="Tuned artifact: run dir, PEFT adapter dir or HF model dir."
+)
+@click.option("--tuned", type=click.Path(), help="Same as --adapter (either kind of tuned artifact).")
+@click.option(
+    "--data", multiple=True, help="Held-out target text (file, dir, glob, python-stdlib); repeatable."
+)
+@click.option(
+    "--split",
+    type=click.Choice(["test", "val", "train", "all"]),
+    default="test",
+    show_default=True,
+    help="Which split of --data to score.",
+)
+@click.option("--general", multiple=True, help="General-domain text: same figures as --data, every document.")
+@click.option(
+    "--drift",
+    "drift_data",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    help="Drift KL(base || tuned); alone: over text sampled from the base; --drift G: over the documents of G.",
+)
+@click.option(
+    "--drift-tokens",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Tokens sampled per general prompt for --drift.",
+)
+@click.option(
+    "--mc",
+    multiple=True,
+    type=click.Path(),
+    help="Multiple-choice JSONL {question, choices, answer}; repeatable.",
+)
+@click.option(
+    "--harness", "harness_tasks", help="lm-eval task names, comma-separated (needs adaptlab[harness])."
+)
+@click.option("--harness-include", type=click.Path(), help="Directory of local lm-eval task YAMLs.")
+@click.option("--harness-limit", type=int, help="At most this many examples per lm-eval task.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Window length in tokens.")
+@click.option("--stride", type=int, help="Tokens scored per window (default --seq-len: no overlap).")
+@click.option("--batch", type=int, default=8, show_default=True, help="Windows per forward pass.")
+@click.option(
+    "--max-docs",
+    type=int,
+    help="Use only the first N documents of each text source and N items of each --mc file.",
+)
+@click.option("--text-field", default="text", show_default=True, help="JSONL field holding the text.")
+@click.option("--no-cache", is_flag=True, help="Recompute base figures instead of reading the cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print all figures as JSON.")
+@click.option("--out", type=click.Path(), help="Write all figures as JSON to this file.")
+def eval_command(
+    model_spec: str | None,
+    adapter: str | None,
+    tuned: str | None,
+    data: tuple[str, ...],
+    split: str,
+    general: tuple[str, ...],
+    drift_data: str | None,
+    drift_tokens: int,
+    mc: tuple[str, ...],
+    harness_tasks: str | None,
+    harness_include: str | None,
+    harness_limit: int | None,
+    seq_len: int,
+    stride: int | None,
+    batch: int,
+    max_docs: int | None,
+    text_field: str,
+    no_cache: bool,
+    as_json: bool,
+    out: str | None,
+) -> None:
+    """Perplexity, bits per byte, drift and multiple choice of a model, tuned against its base."""
+    import json
+
+    from rich.console import Console
+
+    from adaptlab.data.corpus import split_documents
+    from adaptlab.data.sources import load_documents
+    from adaptlab.errors import UserError
+    from adaptlab.evaluate import evaluate
+    from adaptlab.evaluate.cache import BaseCache, model_identity
+    from adaptlab.models import load_adapter, load_model, resolve_tuned
+
+    if adapter and tuned:
+        raise UserError(
+            "Can't provide both --adapter and --tuned. Choose one (both accept any tuned artifact)."
+        )
+    tasks = [t.strip() for t in harness_tasks.split(",") if t.strip()] if harness_tasks else []
+    if not (data or general or drift_data is not None or mc or tasks):
+        raise UserError("nothing to evaluate: pass --data, --general, --drift, --mc or --harness")
+    if max_docs is not None and max_docs < 1:
+        raise UserError(f"--max-docs must be at least 1 (got {max_docs})")
+    err = Console(stderr=True)
+    ref = resolve_tuned(adapter or tuned) if (adapter or tuned) else None
+    spec = model_spec or (ref.base_model if ref else None)
+    if not spec:
+        raise UserError("pass --model (the base model; the tuned artifact does not record one)")
+    if ref:
+        err.print(f"tuned: {ref.describe()}; base: {spec}")
+
+    def first(docs: list[Any]) -> list[Any]:
+        return docs[:max_docs] if max_docs else docs
+
+    target_docs = None
+    if data:
+        target_docs = first(split_documents(load_documents(list(data), text_field), split))  # type: ignore[arg-type]
+        if not target_docs:
+            raise UserError(f"the {split} split of --data is empty: add documents or pass --split all")
+    general_docs = first(load_documents(list(general), text_field)) if general else None
+    drift_docs = first(load_documents(drift_data, text_field)) if drift_data else None
+
+    with err.status(f"loading {spec}"):
+        base = load_model(spec)
+    base_id = model_identity(spec, base.path, base.model)
+    kwargs: dict[str, Any] = {}
+    if ref is None:
+        model, tokenizer, kwargs["model_identity"] = base.model, base.tokenizer, base_id
+    elif ref.kind == "adapter":
+        model, tokenizer = load_adapter(base, ref.path), base.tokenizer
+        kwargs["model_identity"] = base_id + "|adapter=" + model_identity(str(ref.path), ref.path)
+        kwargs["base_identity"] = base_id
+    else:
+        with err.status(f"loading {ref.path}"):
+            tuned_model = load_model(str(ref.path))
+        model, tokenizer = tuned_model.model, tuned_model.tokenizer
+        kwargs.update(
+            base_model=base.model,
+            base_tokenizer=base.tokenizer,
+            base_identity=base_id,
+            model_identity=model_identity(str(ref.path), ref.path, tuned_model.model),
+        )
+    if no_cache:
+        kwargs.pop("base_identity", None)
+        kwargs.pop("model_identity", None)
+
+    status = err.status("evaluating")
+    seen = {"stage": "", "tokens": 0}
+
+    def progress(stage: str, n: int) -> None:
+        if stage != seen["stage"]:
+            seen.update(stage=stage, tokens=0)
+        seen["tokens"] += n
+        status.update(f"{stage}: {seen['tokens']:,} tokens")
+
+    with status:
+        result = evaluate(
+            model,
+            tokenizer,
+            target_docs=target_docs,
+            general_docs=general_docs,
+            drift_kl=drift_data is not None,
+            drift_docs=drift_docs,
+            drift_new_tokens=drift_tokens,
+            mc_files=list(mc) or None,
+            mc_limit=max_docs,
+            harness_tasks=tasks or None,
+            harness_include=harness_include,
+            harness_limit=harness_limit,
+            seq_len=seq_len,
+            batch_size=batch,
+            stride=stride,
+            cache=BaseCache(),
+            progress=progress,
+            **kwargs,
+        )
+    result = {"model": spec, **result}
+    if ref:
+        result["tuned"] = {"kind": ref.kind, "path": str(ref.path), "description": ref.describe()}
+    text = json.dumps(result, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+        err.print(f"wrote {out}")
+    if as_json and not out:
+        click.echo(text)
+    elif not as_json:
+        _print_table(result, f"{spec} + {ref.path}" if ref else spec)
