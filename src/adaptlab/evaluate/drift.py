@@ -164,11 +164,12 @@ def drift_scores(
                     bt = {k: v.to(model_device(base)) for k, v in t.items()}
                     base_logits = logits_of(base, bt).to(device)
                 for r, w in enumerate(batch):
-                    pos = t["scored"][r]  # (T,) only the scored positions get a KL
-                    kl[w.doc] += float(
-                        kl_per_position(base_logits[r][pos], tuned_logits[r][pos]).double().sum()
-                    )
-                    tokens[w.doc] += int(pos.sum())
+                    end = len(w.ids) - 1  # slices are views: no copy, no work on pad or context positions
+                    row_kl = kl_per_position(base_logits[r, w.first : end], tuned_logits[r, w.first : end])
+                    if w.mask is not None:
+                        row_kl = row_kl * torch.tensor(w.mask, device=row_kl.device)
+                    kl[w.doc] += float(row_kl.double().sum())
+                    tokens[w.doc] += w.n_scored
                 if progress:
                     progress(int(t["attention_mask"].sum()))
     finally:

@@ -146,26 +146,20 @@ def batches(windows: list[Window], batch_size: int) -> Iterator[list[Window]]:
 
 
 def collate_windows(batch: list[Window], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded inputs (B, T) and targets/scored mask (B, T) for the next-token predictions."""
+    """Right-padded inputs (B, T) and next-token targets (B, T); Window says which positions are scored."""
     width = max(len(w.ids) for w in batch) - 1
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(batch), width), dtype=torch.long)
     targets = torch.zeros((len(batch), width), dtype=torch.long)
-    scored = torch.zeros((len(batch), width), dtype=torch.bool)
     for r, w in enumerate(batch):
         n = len(w.ids) - 1
         ids[r, :n] = torch.tensor(w.ids[:-1])
         attn[r, :n] = 1
         targets[r, :n] = torch.tensor(w.ids[1:])
-        if w.mask is None:
-            scored[r, w.first : n] = True
-        else:
-            scored[r, w.first : n] = torch.tensor(w.mask)
     return {
         "input_ids": ids.to(device),
         "attention_mask": attn.to(device),
         "targets": targets.to(device),
-        "scored": scored.to(device),
     }
 
 
@@ -180,10 +174,16 @@ def logits_of(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
 
 
-def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits, (B, T) targets -> (B, T) NLL in fp32, row by row to bound the fp32 copy."""
-    rows = [F.cross_entropy(logits[r].float(), targets[r], reduction="none") for r in range(logits.shape[0])]
-    return torch.stack(rows)
+def window_nll(logits: torch.Tensor, targets: torch.Tensor, window: Window) -> torch.Tensor:
+    """(T, V) logits and (T,) targets of one row -> summed fp32 NLL of the window's scored positions.
+
+    Only the scored slice is read (a view: no copy, no work on pad or context-only positions).
+    """
+    end = len(window.ids) - 1
+    nll = F.cross_entropy(logits[window.first : end].float(), targets[window.first : end], reduction="none")
+    if window.mask is not None:
+        nll = nll * torch.tensor(window.mask, device=nll.device)
+    return nll.double().sum()
 
 
 def score_documents(
@@ -208,12 +208,10 @@ def score_documents(
         with torch.inference_mode():
             for batch in batches(windows, batch_size):
                 t = collate_windows(batch, pad, device)
-                per_tok = token_nll(logits_of(model, t), t["targets"]) * t["scored"]  # (B, T)
-                sums = per_tok.double().sum(dim=1).cpu().numpy()
-                counts = t["scored"].sum(dim=1).cpu().numpy()
+                logits = logits_of(model, t)  # (B, T, V)
                 for r, w in enumerate(batch):
-                    nll[w.doc] += sums[r]
-                    tokens[w.doc] += counts[r]
+                    nll[w.doc] += float(window_nll(logits[r], t["targets"][r], w))
+                    tokens[w.doc] += w.n_scored
                 if progress:
                     progress(int(t["attention_mask"].sum()))
     finally:
