@@ -1,0 +1,150 @@
+"""How close `adaptlab plan` comes to real training: peak memory and step time, full and LoRA.
+
+Each arm trains a few steps through adaptlab.train.train in its own subprocess (so peak RSS is that
+run's alone) on the shared legal corpus; the plan is computed for the same model, method and shape
+with a fresh device micro-benchmark taken in the same session, so machine load hits both sides.
+Step time is the median of the per-step deltas in metrics.jsonl, first step excluded. Goal: memory
+within +-15%, time within +-30%.
+
+    python bench/plan_accuracy.py                 # tiny-random and smollm2-135m at 2 x 128 (~10 min idle)
+    python bench/plan_accuracy.py --shapes 2x128,4x256 --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "legal" / "spdx_licenses.jsonl"
+RESULTS = REPO / "bench" / "results" / "plan_accuracy.json"
+
+_CHILD = """
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+from adaptlab.config import RunConfig
+from adaptlab.train import train
+model, method, batch, seq_len, steps, data, out = sys.argv[1:8]
+cfg = RunConfig(model={"name": model}, method={"method": method, "rank": 16},
+                data={"train": [data]}, out=out,
+                train={"steps": int(steps), "batch": int(batch), "seq_len": int(seq_len), "eval_examples": 1})
+summary = train(cfg)
+rows = [json.loads(l) for l in open(out + "/metrics.jsonl") if '"loss"' in l]
+elapsed = [r["elapsed_s"] for r in rows]
+print("RESULT " + json.dumps({"summary": summary, "elapsed": elapsed}))
+"""
+
+
+def run_arm(model: str, method: str, batch: int, seq_len: int, steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "run")
+        cmd = [
+            sys.executable,
+            "-c",
+            _CHILD,
+            model,
+            method,
+            str(batch),
+            str(seq_len),
+            str(steps),
+            str(DATA),
+            out,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{model} {method} failed: {proc.stderr[-2000:]}")
+    got = json.loads(lines[-1][len("RESULT ") :])
+    elapsed = got["elapsed"]
+    deltas = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
+    return {
+        "peak_mem_bytes": got["summary"]["peak_mem_bytes"],
+        "step_s": statistics.median(deltas) if deltas else elapsed[0],
+        "step_deltas_s": [round(d, 3) for d in [elapsed[0], *deltas]],
+        "precision": got["summary"]["precision"],
+        "trainable_params": got["summary"]["trainable_params"],
+        "artifact_bytes": got["summary"]["artifact_bytes"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny-random,smollm2-135m")
+    parser.add_argument("--shapes", default="2x128", help="comma list of BATCHxSEQ_LEN")
+    parser.add_argument("--methods", default="full,lora")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from adaptlab.plan import plan
+
+    rows = []
+    refreshed: set[tuple[str, str]] = set()
+    for model in args.models.split(","):
+        for shape in args.shapes.split(","):
+            batch, seq_len = (int(x) for x in shape.split("x"))
+            for method in args.methods.split(","):
+                t0 = time.perf_counter()
+                measured = run_arm(model, method, batch, seq_len, args.steps)
+                # re-measure the device right after the run, once per model/shape, so load hits both sides
+                key = (model, shape)
+                est = plan(
+                    model,
+                    [str(DATA)],
+                    batch=batch,
+                    seq_len=seq_len,
+                    ranks=[16],
+                    tokens=args.steps * batch * seq_len,
+                    refresh=key not in refreshed,
+                )
+                refreshed.add(key)
+                m = est["methods"]["full" if method == "full" else "lora"]
+                row = {
+                    "model": model,
+                    "method": method,
+                    "batch": batch,
+                    "seq_len": seq_len,
+                    "precision": measured["precision"],
+                    "measured_peak_mem_bytes": measured["peak_mem_bytes"],
+                    "planned_peak_mem_bytes": m["peak_mem_bytes"],
+                    "mem_error": m["peak_mem_bytes"] / measured["peak_mem_bytes"] - 1,
+                    "measured_step_s": measured["step_s"],
+                    "planned_step_s": m["step_s"],
+                    "time_error": m["step_s"] / measured["step_s"] - 1,
+                    "measured_trainable": measured["trainable_params"],
+                    "planned_trainable": m["trainable_params"],
+                    "measured_artifact_bytes": measured["artifact_bytes"],
+                    "planned_artifact_bytes": m["artifact_bytes"],
+                    "step_deltas_s": measured["step_deltas_s"],
+                    "planned_memory": m["memory"],
+                    "planned_time_breakdown_s": m["time_breakdown_s"],
+                    "throughput": est["throughput"],
+                    "wall_s": time.perf_counter() - t0,
+                }
+                rows.append(row)
+                print(
+                    f"{model:13s} {method:5s} {batch}x{seq_len:<4d} mem {row['measured_peak_mem_bytes'] / 2**20:7.0f} MiB"
+                    f" plan {row['planned_peak_mem_bytes'] / 2**20:7.0f} ({100 * row['mem_error']:+5.1f}%)  step "
+                    f"{row['measured_step_s']:7.2f} s plan {row['planned_step_s']:7.2f} ({100 * row['time_error']:+5.1f}%)",
+                    flush=True,
+                )
+    ok_mem = sum(abs(r["mem_error"]) <= 0.15 for r in rows)
+    ok_time = sum(abs(r["time_error"]) <= 0.30 for r in rows)
+    print(f"within +-15% memory: {ok_mem}/{len(rows)}; within +-30% time: {ok_time}/{len(rows)}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps({"rows": rows, "cpu_count": os.cpu_count(), "load_avg": os.getloadavg()}, indent=2)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

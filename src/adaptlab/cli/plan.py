@@ -1,0 +1,140 @@
+"""`adaptlab plan`: will it fit, how long will it take, and which method, before training anything.
+
+adaptlab plan --model smollm2-135m --data python-stdlib --memory 24GiB
+adaptlab plan --model smollm2-135m --data notes.jsonl --task ift --ranks 8,16,64 --json
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from adaptlab.config import PRECISIONS
+
+
+def _ranks(text: str) -> list[int]:
+    from adaptlab.errors import UserError
+
+    try:
+        ranks = [int(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise UserError(f"--ranks {text!r}: expected comma-separated integers like 8,16,64") from None
+    if not ranks or any(r < 1 for r in ranks):
+        raise UserError(f"--ranks {text!r}: expected positive integers like 8,16,64")
+    return ranks
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _duration(s: float) -> str:
+    if s >= 3600:
+        return f"{s / 3600:.1f} h"
+    if s >= 60:
+        return f"{s / 60:.1f} min"
+    return f"{s:.1f} s"
+
+
+def _print(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    d, s = result["data"], result["setup"]
+    tokens = f"{d['tokens']:,}" + (
+        "" if d["exact"] else f" +- {d['tokens_ci95']:,} (95% CI, {d['sampled_documents']} docs sampled)"
+    )
+    console.print(
+        f"[bold]{result['model']}[/bold] on {', '.join(d['sources'])}: {d['documents']:,} documents, {tokens} tokens; "
+        f"{d['tokens_per_epoch']:,} training tokens per epoch at seq len {s['seq_len']} ({result['task']})"
+    )
+    console.print(
+        f"{s['device']} {s['precision']}, batch {s['batch']} x accum {s['grad_accum']} x {s['seq_len']}, "
+        f"{s['steps_per_epoch']:,} steps/epoch, memory limit {_size(s['memory_limit_bytes'])}; "
+        f"throughput: {result['throughput']['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s matmul, "
+        f"{result['throughput']['mem_bytes_per_s'] / 1e9:.1f} GB/s ({result['throughput']['device']})"
+    )
+    table = Table(title="estimates (time is an estimate from FLOPs and a device micro-benchmark)")
+    for col in (
+        "method",
+        "trainable",
+        "peak mem",
+        "fits",
+        "weights",
+        "grads+optim",
+        "activations (ckpt)",
+        "logits",
+        "time/epoch",
+        "artifact",
+        "lr",
+    ):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for key, m in result["methods"].items():
+        mem = m["memory"]
+        name = key + (f" r={m['rank']}" if m["rank"] else "")
+        table.add_row(
+            name,
+            f"{m['trainable_params']:,}",
+            _size(m["peak_mem_bytes"]),
+            "yes" if m["fits"] else "[red]no[/red]",
+            _size(mem["weights"]),
+            _size(mem["gradients"] + mem["optimizer"]),
+            f"{_size(mem['activations_no_checkpointing'])} ({_size(mem['activations_checkpointing'])})",
+            _size(mem["logits"]),
+            _duration(m["time_per_epoch_s"]),
+            _size(m["artifact_bytes"]),
+            f"{m['lr']:g}",
+        )
+    console.print(table)
+    cap = result["capacity"]
+    for w in cap["warnings"]:
+        console.print(f"[yellow]capacity warning:[/yellow] {w}")
+    console.print(f"[dim]{cap['heuristic']}[/dim]")
+    sug = result["suggested"]
+    console.print(f"learning rates: {sug['lr']['note']}; batch: {sug['batch']['note']}")
+    rec = result["recommendation"]
+    console.print(f"\n[bold]recommendation: {rec['method']}[/bold]")
+    for reason in rec["reasons"]:
+        console.print(f"  - {reason}")
+    console.print(f"confirm it on your data:\n  {rec['command']}")
+
+
+@click.command("plan")
+@click.option(
+    "--model", required=True, help="Base model: smollm2-135m, tiny-random, a local HF dir or a hub id."
+)
+@click.option("--data", multiple=True, required=True, help="Training data: file, dir, glob, python-stdlib.")
+@click.option("--task", type=click.Choice(["cpt", "ift", "dpo"]), help="cpt (text), ift (instructions), dpo.")
+@click.option("--text-field", default="text", show_default=True, help="JSONL field holding the text.")
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--batch", type=int, default=4, show_default=True, help="Sequences per micro-batch.")
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--ranks", default="16", show_default=True, help="LoRA ranks to plan, e.g. 8,16,64.")
+@click.option(
+    "--targets", default="all-linear", show_default=True, help="attention | mlp | all-linear | list."
+)
+@click.option("--memory", help="Memory to fit in, e.g. 24GiB, 16GB (default: this device's).")
+@click.option(
+    "--device", type=click.Choice(["cpu", "cuda"]), help="Device to plan for (default: this machine's)."
+)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
+@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--grad-checkpointing", is_flag=True, help="Plan with gradient checkpointing on.")
+@click.option("--no-benchmark", is_flag=True, help="Skip the device micro-benchmark (nominal throughput).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_command(data: tuple[str, ...], ranks: str, no_benchmark: bool, as_json: bool, **flags: Any) -> None:
+    """Estimate memory, time and LoRA capacity for full, LoRA, DoRA and QLoRA, and recommend one."""
+    from adaptlab.plan import parse_memory, plan
+
+    memory = parse_memory(flags.pop("memory")) if flags.get("memory") else flags.pop("memory")
+    result = plan(data=list(data), ranks=_ranks(ranks), memory=memory, benchmark=not no_benchmark, **flags)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        _print(result)

@@ -1,0 +1,157 @@
+"""LoRA capacity, learning rates, batch sizes and the recommendation, each with the reason behind it.
+
+Capacity heuristic (a heuristic, not a law): a language model stores at most ~2 bits of knowledge per
+parameter (Allen-Zhu & Li 2024, "Physics of Language Models 3.3"), and we assume a training token
+carries up to ~1 bit the base model does not already know. So a LoRA's capacity is ~2 x its trainable
+parameters in unique training tokens. "LoRA Without Regret" (Schulman et al., Thinking Machines 2025)
+found LoRA matches full fine-tuning until the data's information exceeds the adapter's capacity, and
+that the optimal LoRA learning rate is ~10x full fine-tuning's and that LoRA pays more than full
+fine-tuning at large batch sizes; "LoRA Learns Less and Forgets Less" (Biderman et al. 2024) found
+LoRA keeps more general ability.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+BITS_PER_PARAM = 2.0
+BITS_PER_TOKEN = 1.0
+HEURISTIC = (
+    "heuristic: LoRA capacity ~ 2 bits per trainable parameter (Allen-Zhu & Li 2024) against an assumed "
+    "<= 1 bit of new information per unique training token; LoRA falls behind full fine-tuning once data "
+    "exceeds adapter capacity (Schulman et al., 'LoRA Without Regret', Thinking Machines 2025)"
+)
+FULL_LR = 2e-5
+LORA_LR_MULTIPLIER = 10.0
+LORA_MAX_GLOBAL_BATCH = 32  # sequences per optimizer step
+SEARCH_RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def capacity_tokens(trainable: int) -> int:
+    return int(BITS_PER_PARAM * trainable / BITS_PER_TOKEN)
+
+
+def capacity(trainable: int, unique_tokens: int) -> dict[str, Any]:
+    cap = capacity_tokens(trainable)
+    return {
+        "capacity_tokens": cap,
+        "data_to_capacity": unique_tokens / cap if cap else float("inf"),
+        "exceeded": unique_tokens > cap,
+    }
+
+
+def suggest_rank(params_at_rank: Any, unique_tokens: int) -> int | None:
+    """Smallest power-of-two rank whose capacity covers the data (None: none up to 512 does)."""
+    for r in SEARCH_RANKS:
+        if capacity_tokens(params_at_rank(r)) >= unique_tokens:
+            return r
+    return None
+
+
+def suggested_lrs() -> dict[str, Any]:
+    return {
+        "full": FULL_LR,
+        "lora": FULL_LR * LORA_LR_MULTIPLIER,
+        "note": "LoRA family ~10x the full fine-tuning LR (Schulman et al. 2025; adaptlab's defaults)",
+    }
+
+
+def suggested_batch(batch: int, grad_accum: int, seq_len: int) -> dict[str, Any]:
+    global_batch = batch * grad_accum
+    lora = min(global_batch, LORA_MAX_GLOBAL_BATCH)
+    return {
+        "full_sequences_per_step": global_batch,
+        "lora_sequences_per_step": lora,
+        "note": (
+            f"LoRA tolerates large batches worse than full fine-tuning (Schulman et al. 2025): keep it at "
+            f"<= {LORA_MAX_GLOBAL_BATCH} sequences ({LORA_MAX_GLOBAL_BATCH * seq_len:,} tokens) per step"
+        ),
+    }
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def recommend(
+    methods: dict[str, dict[str, Any]],
+    default_lora: str,
+    task: str,
+    unique_tokens: int,
+    memory: int | None,
+    command: str,
+) -> dict[str, Any]:
+    """Pick a method and say why in plain words; `methods` holds the per-method plans."""
+    full, lora, qlora = methods["full"], methods[default_lora], methods["qlora"]
+    reasons: list[str] = []
+    lora_keys = [k for k in methods if k.startswith("lora")]
+    fitting_lora = [k for k in lora_keys if methods[k]["fits"]]
+    biggest = max(lora_keys, key=lambda k: methods[k]["trainable_params"])
+    exceeded_all = methods[biggest]["capacity"]["exceeded"]
+    if not full["fits"] and not lora["fits"] and not fitting_lora:
+        method = "qlora"
+        if qlora["fits"]:
+            reasons.append(
+                f"only QLoRA fits in {_gib(memory or 0)}: its 4-bit base needs "
+                f"{_gib(qlora['memory']['weights'])} for weights instead of {_gib(full['memory']['weights'])}"
+            )
+        else:
+            reasons.append(
+                f"nothing fits in {_gib(memory or 0)} at this batch and sequence length; QLoRA comes closest "
+                f"({_gib(qlora['peak_mem_bytes'])}): lower --batch or --seq-len, or enable gradient checkpointing"
+            )
+    elif not full["fits"]:
+        method = "lora"
+        reasons.append(
+            f"full fine-tuning needs ~{_gib(full['peak_mem_bytes'])} and does not fit in {_gib(memory or 0)}; "
+            f"LoRA needs ~{_gib(lora['peak_mem_bytes'])}"
+        )
+        if exceeded_all:
+            reasons.append(
+                "the data likely exceeds every planned LoRA rank's capacity: use the largest rank that fits "
+                "and expect LoRA to trail full fine-tuning (" + HEURISTIC + ")"
+            )
+    elif exceeded_all and task != "dpo":
+        method = "full"
+        reasons.append(
+            f"{unique_tokens:,} unique training tokens exceed the capacity of every planned LoRA rank "
+            f"(largest: {methods[biggest]['capacity']['capacity_tokens']:,} tokens), so full fine-tuning "
+            "should learn more (" + HEURISTIC + ")"
+        )
+        reasons.append("full fine-tuning fits in memory")
+    else:
+        method = "lora"
+        if task == "dpo":
+            reasons.append(
+                "preference / RL-style training carries little information per example; LoRA matched full "
+                "fine-tuning there even at low rank (Schulman et al. 2025)"
+            )
+        else:
+            reasons.append(
+                f"{unique_tokens:,} unique training tokens fit within LoRA's capacity at the planned rank "
+                f"({lora['capacity']['capacity_tokens']:,} tokens; {HEURISTIC})"
+            )
+        if task == "ift":
+            reasons.append(
+                "instruction tuning mostly teaches format and style, which a low-rank update captures"
+            )
+        reasons.append(
+            f"LoRA needs {_gib(lora['peak_mem_bytes'])} vs {_gib(full['peak_mem_bytes'])} for full fine-tuning "
+            f"and runs ~{full['time_per_epoch_s'] / max(lora['time_per_epoch_s'], 1e-9):.1f}x faster per epoch"
+        )
+    if method != "full":
+        reasons.append(
+            "it keeps more of the base model's general ability (LoRA learns less and forgets less; Biderman et "
+            "al. 2024)"
+        )
+        reasons.append(
+            f"one base serves many domains: each adapter is {lora['artifact_bytes'] / 2**20:.1f} MiB on disk vs "
+            f"{full['artifact_bytes'] / 2**20:.0f} MiB for a fully fine-tuned copy"
+        )
+    else:
+        reasons.append(
+            "if keeping general ability matters more than learning the domain, confirm with the compare "
+            "command: full fine-tuning usually forgets more"
+        )
+    reasons.append("these are estimates and heuristics: the compare command below measures it on your data")
+    return {"method": method, "reasons": reasons, "command": command}

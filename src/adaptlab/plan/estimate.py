@@ -1,0 +1,256 @@
+"""Memory, FLOPs, time and artifact size of one training arm, from the architecture alone.
+
+Memory is what `adaptlab train` holds at its peak (fp32 master weights, bf16 autocast where chosen):
+weights, gradients and AdamW states (two fp32 moments) of the trainable parameters, the bf16 weight
+copies autocast keeps for the backward pass, the activations autograd saves (counted tensor by tensor
+for a Llama-style block, see `layer_activation_bytes`), the logits (B, T, vocab) that the loss turns
+into fp32, the data held in Python, and the runtime itself (peak RSS of the imported stack on CPU,
+the CUDA context on GPU). The peak is the larger of the forward/backward peak (activations alive)
+and the optimizer-step peak (gradients alive).
+
+Time is an estimate: training FLOPs (6 N per token for full fine-tuning, 4 N + 6 x adapter for the
+LoRA family, whose frozen weights need no weight gradient; plus attention) over the measured matmul
+rate, plus elementwise traffic (activations, logits, optimizer) over the measured memory bandwidth.
+The two CALIBRATION constants below were fitted once against real runs (bench/plan_accuracy.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adaptlab.plan.arch import ATTN_IN, MLP_IN, Arch
+
+# --- calibration (bench/plan_accuracy.py: measured peak RSS / step time on a 2-core EPYC CPU) -------
+# Fraction of the micro-benchmark's matmul rate a real training step achieves (smaller, odd shapes,
+# autograd and dispatch overhead).
+MATMUL_EFFICIENCY = 0.6
+# Elementwise passes over the saved activations (write, read back, gradient) and over fp32 logits.
+ACTIVATION_PASSES = 3.0
+LOGIT_PASSES = 8.0
+# Allocator slack on CPU: peak RSS over live tensors (fitted: none needed beyond LOAD_RESIDUAL).
+CPU_ALLOCATOR_SLACK = 1.0
+# Tokenizer, model objects, Python structures of the run beyond the imported stack.
+CPU_RUN_OVERHEAD_BYTES = 0
+# Resident memory left by loading the checkpoint (mapped file pages, loading buffers), as a fraction
+# of the fp32 weights. Fitted on smollm2-135m (full and LoRA, 2 x 128, fp32): 0.6.
+CPU_LOAD_RESIDUAL = 0.6
+# Python bytes per token held in training examples (int object + two list slots).
+PY_BYTES_PER_TOKEN = 44
+
+# --- definitions ----------------------------------------------------------------------------------
+NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8  # 4-bit values + double-quantized blockwise absmax constants
+FP32 = 4
+ADAM_BYTES_PER_PARAM = 8  # exp_avg + exp_avg_sq in fp32
+# Bytes the loss holds per logit beyond the model's own output: the saved log-softmax and, in
+# backward, its gradient; under bf16 also the fp32 copy of the bf16 logits.
+LOSS_BYTES_PER_LOGIT = 8
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way to train: the method, LoRA rank and target short names (empty for full)."""
+
+    method: str  # full | lora | dora | qlora
+    rank: int = 0
+    targets: tuple[str, ...] = ()
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method != "full"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The shape of a training step and where it runs."""
+
+    batch: int
+    seq_len: int
+    grad_accum: int = 1
+    precision: str = "bf16"  # fp32 | bf16 (autocast)
+    grad_checkpointing: bool = False
+    device_type: str = "cpu"
+    rows_per_example: int = 1  # 2 for preference pairs (chosen and rejected)
+
+    @property
+    def act_bytes(self) -> int:
+        return 2 if self.precision == "bf16" else 4
+
+    @property
+    def tokens_per_micro(self) -> int:
+        return self.batch * self.seq_len * self.rows_per_example
+
+
+def trainable_params(arch: Arch, arm: Arm) -> int:
+    if arm.method == "full":
+        return arch.total_params
+    return arch.lora_params(arm.rank, list(arm.targets), dora=arm.method == "dora")
+
+
+def layer_activation_bytes(arch: Arch, arm: Arm, precision: str) -> int:
+    """Bytes autograd saves per token in one Llama-style block (counted from the saved tensors).
+
+    Residual stream and RMSNorm math are fp32; under bf16 autocast every Linear casts its fp32 input
+    to its own bf16 copy. Saved: each norm's input (and its output when norm weights train), the
+    attention kernel's q, k, v and output, the MLP's gate, SiLU and up outputs, and the input of every
+    Linear whose weight (or LoRA A) needs a gradient, plus the LoRA A output (r values).
+    """
+    b = 2 if precision == "bf16" else 4
+    h, q, kv, inter = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate
+    full = arm.method == "full"
+    total = 2 * FP32 * h + (2 * FP32 * h if full else 0)  # two norms
+    total += b * (2 * q + 2 * kv)  # sdpa: q, k, v, output (= o_proj input)
+    total += 3 * b * inter  # gate out, SiLU out, up out
+    grads = set(arch.short_names()) if full else set(arm.targets)
+    inputs = {name: (arch.per_layer(name) or (h, h))[0] for name in grads}
+    if b == 2:
+        for name, n_in in inputs.items():
+            if full and name == "o_proj":
+                continue  # the attention output is already bf16 and saved
+            total += b * n_in
+    else:  # fp32: Linear inputs alias the norm outputs (one per norm), the attention output, the MLP product
+        total += FP32 * h * (any(n in ATTN_IN for n in inputs) + any(n in MLP_IN for n in inputs))
+        if "down_proj" in inputs:
+            total += FP32 * inter
+    if arm.is_lora:
+        total += (
+            b
+            * arm.rank
+            * len([n for n in arch.linear_shapes if n.rsplit(".", 1)[-1] in arm.targets])
+            // max(arch.n_layers, 1)
+        )
+    if arm.method == "dora":  # the magnitude rescaling keeps the base output of each target
+        total += b * sum((arch.per_layer(n) or (h, h))[1] for n in arm.targets)
+    return total
+
+
+def memory_breakdown(
+    arch: Arch,
+    arm: Arm,
+    shape: Shape,
+    runtime_bytes: int,
+    data_bytes: int = 0,
+    reference_model: bool = False,
+) -> dict[str, int]:
+    """Peak training memory by component, and the peak itself (bytes)."""
+    tokens = shape.tokens_per_micro
+    b = shape.act_bytes
+    n_train = trainable_params(arch, arm)
+    if arm.method == "qlora":
+        weights = round(arch.linear_params * NF4_BYTES_PER_PARAM) + FP32 * (
+            arch.total_params - arch.linear_params
+        )
+    else:
+        weights = FP32 * arch.total_params
+    if reference_model and arm.method == "full":
+        weights += FP32 * arch.total_params  # a frozen copy of the base scores the reference policy
+    per_layer = layer_activation_bytes(arch, arm, shape.precision)
+    # final norm: its input; with full fine-tuning also its normalised output and the head's input
+    head_in = (FP32 if b == 4 else 2) * arch.hidden
+    edge = (FP32 * arch.hidden + ((FP32 * arch.hidden + head_in) if arm.method == "full" else 0)) * tokens
+    acts_full = per_layer * tokens * arch.n_layers + edge
+    acts_ckpt = FP32 * arch.hidden * tokens * arch.n_layers + per_layer * tokens + edge
+    activations = acts_ckpt if shape.grad_checkpointing else acts_full
+    logits = tokens * arch.vocab * (b + LOSS_BYTES_PER_LOGIT + (FP32 if b == 2 else 0))
+    head = arch.vocab * arch.hidden
+    layer_linear = arch.linear_params // max(arch.n_layers, 1)
+    if b == 2:
+        if arm.method == "qlora" or shape.grad_checkpointing:
+            weight_copies = 2 * (layer_linear + head)  # one block's bf16 weights at a time
+        else:
+            weight_copies = 2 * arch.matmul_params
+    else:
+        weight_copies = 2 * layer_linear if arm.method == "qlora" else 0
+    gradients = FP32 * n_train
+    optimizer = ADAM_BYTES_PER_PARAM * n_train
+    # The head's gradient (vocab x hidden) arrives first in backward, while activations are alive.
+    early_grads = FP32 * head if arm.method == "full" else 0
+    cpu = shape.device_type == "cpu"
+    slack = CPU_ALLOCATOR_SLACK if cpu else 1.0
+    runtime = runtime_bytes + (CPU_RUN_OVERHEAD_BYTES if cpu else 0)
+    loading = round(CPU_LOAD_RESIDUAL * FP32 * arch.total_params) if cpu else 0
+    static = runtime + loading + (data_bytes if cpu else 0) + weights
+    dynamic = round(slack * (weight_copies + activations + logits + early_grads))
+    forward_peak = static + optimizer + dynamic
+    step_peak = (
+        static + gradients + optimizer + FP32 * max(arch.embedding_params, layer_linear) * (not arm.is_lora)
+    )
+    load_peak = (
+        runtime + loading + (data_bytes if cpu else 0) + FP32 * arch.total_params
+    )  # fp32 load before quantizing
+    return {
+        "runtime": runtime,
+        "loading": loading,
+        "data": data_bytes if cpu else 0,
+        "weights": weights,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "weight_copies": weight_copies,
+        "activations": activations,
+        "activations_no_checkpointing": acts_full,
+        "activations_checkpointing": acts_ckpt,
+        "logits": logits,
+        "peak": max(forward_peak, step_peak, load_peak),
+    }
+
+
+def flops_per_token(arch: Arch, arm: Arm, seq_len: int, grad_checkpointing: bool = False) -> float:
+    """Training FLOPs per token: 6N (full) or 4N + 6 x adapter (LoRA family), plus causal attention."""
+    n = arch.matmul_params
+    attn_fwd = 2.0 * seq_len * arch.q_dim * arch.n_layers  # QK^T and AV, causal half: 2 * 2 * T * d / 2
+    if arm.method == "full":
+        f = 6.0 * n + 3 * attn_fwd
+    else:
+        f = 4.0 * n + 3 * attn_fwd + 6.0 * trainable_params(arch, arm)
+    if grad_checkpointing:
+        f += 2.0 * n + attn_fwd
+    return f
+
+
+def step_time_s(
+    arch: Arch,
+    arm: Arm,
+    shape: Shape,
+    matmul_flops_per_s: float,
+    mem_bytes_per_s: float,
+) -> dict[str, float]:
+    """Seconds per optimizer step, split into matmul, elementwise and optimizer time."""
+    tokens = shape.tokens_per_micro * shape.grad_accum
+    matmul = (
+        flops_per_token(arch, arm, shape.seq_len, shape.grad_checkpointing)
+        * tokens
+        / (MATMUL_EFFICIENCY * matmul_flops_per_s)
+    )
+    per_layer = layer_activation_bytes(arch, arm, shape.precision)
+    act_bytes = per_layer * arch.n_layers * tokens
+    logit_bytes = FP32 * arch.vocab * tokens
+    traffic = ACTIVATION_PASSES * act_bytes + LOGIT_PASSES * logit_bytes
+    if arm.method == "qlora":  # dequantize every 4-bit weight in forward and again in backward
+        traffic += 2 * shape.grad_accum * arch.linear_params * (NF4_BYTES_PER_PARAM + 2)
+    if arm.method == "dora":  # W + BA and its column norms, per target and micro-batch
+        traffic += (
+            shape.grad_accum
+            * 3
+            * FP32
+            * sum(i * o for p, (i, o) in arch.linear_shapes.items() if p.rsplit(".", 1)[-1] in arm.targets)
+        )
+    elementwise = traffic / mem_bytes_per_s
+    # AdamW + clipping: read param, grad, two moments; write param and moments
+    optimizer = 28.0 * trainable_params(arch, arm) / mem_bytes_per_s
+    return {
+        "matmul_s": matmul,
+        "elementwise_s": elementwise,
+        "optimizer_s": optimizer,
+        "step_s": matmul + elementwise + optimizer,
+    }
+
+
+def artifact_bytes(arch: Arch, arm: Arm, tokenizer_bytes: int = 0) -> int:
+    """Size on disk of what training writes: the HF model (full) or the PEFT adapter (LoRA family)."""
+    if arm.method == "full":
+        n_tensors = len(arch.linear_shapes) + 2 * arch.n_layers + 2
+        return FP32 * arch.total_params + 100 * n_tensors + tokenizer_bytes + 2_000
+    n_train = trainable_params(arch, arm)
+    n_modules = len([p for p in arch.linear_shapes if p.rsplit(".", 1)[-1] in arm.targets])
+    per_module = 3 if arm.method == "dora" else 2
+    # safetensors: fp32 values + a JSON header (~110 bytes per tensor); adapter_config.json; README.md
+    return FP32 * n_train + 110 * per_module * n_modules + 1_100 + 5_200

@@ -1,0 +1,161 @@
+"""Measurements the estimates stand on, taken once per machine and cached under cache_dir()/plan.
+
+- `runtime_baseline_bytes`: the peak RSS of a fresh Python process that imports what training
+  imports (torch, transformers, peft, adaptlab.train) and runs one tiny autocast backward. On CPU,
+  `adaptlab train` reports peak RSS, so this floor is part of every CPU estimate.
+- `device_throughput`: a few-second micro-benchmark on the actual device at the chosen precision:
+  matmul FLOP/s at the model's MLP shape (tokens x hidden @ hidden x intermediate) and elementwise
+  memory bandwidth (bytes/s of an out-of-place add).
+
+    python -c "from adaptlab.plan.measure import *; print(device_throughput('cpu', 'fp32', 512, 576, 1536))"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptlab.models import cache_dir
+
+# Assumed when no measurement is possible (a GPU that is not this process's device).
+CUDA_CONTEXT_BYTES = 512 * 2**20
+
+_BASELINE_SCRIPT = """
+import json, resource, sys, warnings
+warnings.filterwarnings("ignore")
+import torch, transformers, peft
+import adaptlab.train  # noqa: F401
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+x = torch.randn(64, 64, requires_grad=True)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    y = (x @ x).sum()
+y.backward()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}))
+"""
+
+
+def plan_cache() -> Path:
+    return cache_dir() / "plan"
+
+
+def _versions_key() -> str:
+    import peft
+    import transformers
+
+    return f"py{sys.version_info[0]}.{sys.version_info[1]}-torch{torch.__version__}-tf{transformers.__version__}-peft{peft.__version__}"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+def _read_cache(name: str) -> dict[str, Any] | None:
+    path = plan_cache() / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_cache(name: str, value: dict[str, Any]) -> None:
+    path = plan_cache() / name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(value, indent=2))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs a re-measurement next time
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in text)[:120]
+
+
+def runtime_baseline_bytes(refresh: bool = False) -> int:
+    """Peak RSS of a process that has imported the training stack (measured once, cached)."""
+    name = f"runtime-{_slug(_versions_key())}.json"
+    cached = None if refresh else _read_cache(name)
+    if cached is not None:
+        return int(cached["peak_rss_bytes"])
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _BASELINE_SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"measuring the runtime baseline failed: {proc.stderr.strip()[-300:]}")
+    value = json.loads(lines[-1])
+    _write_cache(name, value)
+    return int(value["peak_rss_bytes"])
+
+
+def _time(fn: Any, seconds: float, sync: Any) -> float:
+    """Median seconds of fn() over repeated calls filling about `seconds` (after one warm-up call)."""
+    fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < seconds and len(times) < 200):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def device_throughput(
+    device: str, precision: str, m: int, k: int, n: int, seconds: float = 3.0, refresh: bool = False
+) -> dict[str, Any]:
+    """Measured matmul FLOP/s at (m x k) @ (k x n) and elementwise bytes/s on `device` (cached).
+
+    The matmul runs under the same autocast a training step uses, so bf16 means bf16 kernels.
+    """
+    m = max(64, min(m, 4096))
+    dev = torch.device(device)
+    key = f"{device_name(device)}|{precision}|{m}x{k}x{n}"
+    name = f"throughput-{_slug(key)}.json"
+    cached = None if refresh else _read_cache(name)
+    if cached is not None:
+        return cached
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(m, k, device=dev, dtype=dtype)
+    b = torch.randn(k, n, device=dev, dtype=dtype)
+    mm_s = _time(lambda: a @ b, seconds * 0.6, sync)
+    numel = 16 * 2**20
+    x = torch.randn(numel, device=dev)
+    y = torch.randn(numel, device=dev)
+    add_s = _time(lambda: x + y, seconds * 0.4, sync)
+    value = {
+        "device": device_name(device),
+        "precision": precision,
+        "shape": [m, k, n],
+        "matmul_flops_per_s": 2.0 * m * k * n / mm_s,
+        "mem_bytes_per_s": 3.0 * 4 * numel / add_s,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    _write_cache(name, value)
+    return value

@@ -1,0 +1,304 @@
+"""adaptlab plan: parameter counts, the memory arithmetic, data counting, and the CLI contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from adaptlab.config import MethodSpec
+from adaptlab.errors import UserError
+from adaptlab.methods import apply_method, param_report
+from adaptlab.models import load_tokenizer
+from adaptlab.plan import parse_memory
+from adaptlab.plan.arch import arch_from_config, load_arch, targets_for
+from adaptlab.plan.datasize import measure_data
+from adaptlab.plan.estimate import Arm, Shape, layer_activation_bytes, memory_breakdown, trainable_params
+
+ALL = ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")
+
+
+def smollm2_config() -> LlamaConfig:
+    """SmolLM2-135M's architecture (DATA.md), without its weights."""
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    )
+
+
+def small_config() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=128,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+
+
+def test_smollm2_trainable_params_pinned():
+    arch = arch_from_config(smollm2_config(), "smollm2-shape")
+    assert arch.total_params == 134_515_008
+    assert trainable_params(arch, Arm("full")) == 134_515_008
+    assert trainable_params(arch, Arm("lora", 8, ALL)) == 2_442_240
+    assert trainable_params(arch, Arm("lora", 8, ("q_proj", "v_proj"))) == 460_800
+    assert trainable_params(arch, Arm("dora", 8, ("q_proj", "v_proj"))) == 460_800 + 30 * (576 + 192)
+    assert (arch.n_layers, arch.hidden, arch.kv_dim, arch.vocab, arch.tied) == (30, 576, 192, 49152, True)
+
+
+@pytest.mark.parametrize(
+    "method,rank,targets", [("lora", 8, "all-linear"), ("dora", 4, "q_proj,v_proj"), ("lora", 16, "mlp")]
+)
+def test_counts_match_peft_on_a_real_model(tiny, method, rank, targets):
+    """The analytic count equals what peft builds on the real tiny-random model."""
+    import copy
+
+    arch = load_arch("tiny-random")
+    names = targets_for(arch, targets)
+    model = apply_method(copy.deepcopy(tiny.model), MethodSpec(method=method, rank=rank, targets=targets))
+    assert trainable_params(arch, Arm(method, rank, tuple(names))) == param_report(model).trainable
+    assert arch.total_params == param_report(tiny.model).total
+
+
+def test_unknown_target_lists_what_exists():
+    arch = arch_from_config(small_config())
+    with pytest.raises(UserError, match="q_proj"):
+        targets_for(arch, ["nope_proj"])
+
+
+def test_memory_breakdown_hand_computed():
+    """1 layer, hidden 8, intermediate 16, 2 heads / 1 KV head, vocab 128, tied; batch 2 x 4 tokens."""
+    arch = arch_from_config(small_config())
+    assert (arch.total_params, arch.linear_params, arch.q_dim, arch.kv_dim) == (1624, 576, 8, 4)
+    gpu_fp32 = Shape(batch=2, seq_len=4, precision="fp32", device_type="cuda")
+    lora = Arm("lora", 2, ("q_proj", "v_proj"))
+    # norms 2*4*8 + sdpa 4*(2*8+2*4) + mlp 3*4*16 + q/v input (aliases the fp32 norm output) 4*8 + A out 4*2*2
+    assert layer_activation_bytes(arch, lora, "fp32") == 64 + 96 + 192 + 32 + 16
+    mem = memory_breakdown(arch, lora, gpu_fp32, runtime_bytes=1000)
+    assert mem["weights"] == 4 * 1624 and mem["gradients"] == 4 * 56 and mem["optimizer"] == 8 * 56
+    assert mem["activations"] == 400 * 8 + 4 * 8 * 8  # + the final norm's input
+    assert mem["logits"] == 8 * 128 * (4 + 8)
+    assert mem["peak"] == 1000 + 6496 + 448 + 3456 + 12288
+    full = memory_breakdown(arch, Arm("full"), gpu_fp32, runtime_bytes=1000)
+    # norms with trainable weights 128 + sdpa 96 + mlp 192 + two norm outputs 64 + down input 64;
+    # final norm input, output and head input 3*4*8; the head's gradient 4*128*8 arrives early
+    assert full["activations"] == 544 * 8 + 96 * 8
+    assert full["peak"] == 1000 + 6496 + 12992 + 5120 + 12288 + 4096
+    bf16 = memory_breakdown(arch, Arm("full"), Shape(2, 4, precision="bf16", device_type="cuda"), 0)
+    assert bf16["weight_copies"] == 2 * (576 + 1024)
+    assert bf16["activations"] == (128 + 48 + 96 + 2 * (5 * 8 + 16)) * 8 + (32 + 32 + 16) * 8
+    ckpt = memory_breakdown(
+        arch, lora, Shape(2, 4, precision="fp32", grad_checkpointing=True, device_type="cuda"), 0
+    )
+    assert ckpt["activations"] == 4 * 8 * 8 + 400 * 8 + 4 * 8 * 8
+    qlora = memory_breakdown(arch, Arm("qlora", 2, ("q_proj", "v_proj")), gpu_fp32, 0)
+    assert qlora["weights"] == round(576 * (0.5 + 0.127 / 8)) + 4 * (1624 - 576)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_activation_formula_matches_autograd(method):
+    """The per-layer count equals the bytes autograd really saves (fp32, sdpa) within 10%."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    arch = arch_from_config(cfg)
+    arm = Arm("full") if method == "full" else Arm("lora", 4, ALL)
+    model = apply_method(model, MethodSpec(method=method, rank=4))
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() >= 2 and t.shape[-1] != cfg.vocab_size:  # logits are counted separately
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, 256, (2, 32))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, use_cache=False).logits.sum()
+    measured = sum(v for k, v in saved.items() if k not in params)
+    planned = memory_breakdown(arch, arm, Shape(2, 32, precision="fp32", device_type="cuda"), 0)[
+        "activations"
+    ]
+    assert planned == pytest.approx(measured, rel=0.10)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("24GiB", 24 * 2**30),
+        ("24G", 24 * 2**30),
+        ("16GB", 16 * 10**9),
+        ("512MiB", 512 * 2**20),
+        ("1.5TiB", int(1.5 * 2**40)),
+        ("4096", 4096),
+    ],
+)
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["24XB", "", "GiB", "-1G", "24 Gibberish"])
+def test_parse_memory_rejects(text):
+    with pytest.raises(UserError, match="--memory"):
+        parse_memory(text)
+
+
+def _write_docs(path, n: int, words: int = 40) -> None:
+    import random
+
+    rng = random.Random(0)
+    vocab = [
+        "alpha",
+        "beta",
+        "gamma",
+        "licence",
+        "shall",
+        "warranty",
+        "(c)",
+        "2024",
+        "Software",
+        "permission",
+    ]
+    with path.open("w") as fh:
+        for i in range(n):
+            k = rng.randint(words // 4, words * 2)
+            fh.write(
+                json.dumps({"id": f"d{i}", "text": " ".join(rng.choice(vocab) for _ in range(k))}) + "\n"
+            )
+
+
+def test_data_exact_count_matches_tokenizer(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    _write_docs(path, 50)
+    tok = load_tokenizer("tiny-random")
+    size = measure_data([str(path)], tok, seq_len=32)
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    assert size.exact and size.documents == 50 and size.tokens_ci95 == 0
+    assert size.tokens == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    assert size.tokens_per_epoch % 32 == 0 and 0 < size.tokens_per_epoch <= size.tokens + 50
+
+
+def test_data_sampled_estimate_covers_exact(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    _write_docs(path, 1200)
+    tok = load_tokenizer("tiny-random")
+    exact = measure_data([str(path)], tok, seq_len=64)
+    est = measure_data([str(path)], tok, seq_len=64, exact_chars=1000, sample_docs=200)
+    assert not est.exact and est.sampled_documents == 200 and est.tokens_ci95 > 0
+    assert abs(est.tokens - exact.tokens) <= 1.5 * est.tokens_ci95
+    assert est.tokens_per_epoch == pytest.approx(exact.tokens_per_epoch, rel=0.1)
+
+
+def test_chat_data_is_ift(tmp_path, run_cli):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"define word{i}", "response": "a thing " * 5}) + "\n" for i in range(20)
+        )
+    )
+    code, out, err = run_cli("plan", "--model", "tiny-random", "--data", path, "--json", "--no-benchmark")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["task"] == "ift" and result["data"]["kind"] == "chat" and result["data"]["documents"] == 20
+
+
+def test_cli_json_contract(tmp_path, run_cli):
+    path = tmp_path / "docs.jsonl"
+    _write_docs(path, 30)
+    code, out, err = run_cli(
+        "plan",
+        "--model",
+        "tiny-random",
+        "--data",
+        path,
+        "--ranks",
+        "8,16,64",
+        "--memory",
+        "24GiB",
+        "--seq-len",
+        "64",
+        "--batch",
+        "2",
+        "--json",
+        "--no-benchmark",
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    assert {"documents", "tokens"} <= set(result["data"])
+    assert set(result["methods"]) == {"full", "lora", "lora_r8", "lora_r64", "dora", "qlora"}
+    for entry in result["methods"].values():
+        assert {
+            "trainable_params",
+            "peak_mem_bytes",
+            "fits",
+            "time_per_epoch_s",
+            "artifact_bytes",
+            "memory",
+        } <= set(entry)
+        assert entry["fits"] is True and entry["time_per_epoch_s"] > 0
+    assert result["methods"]["lora"]["rank"] == 16 and result["methods"]["lora_r8"]["rank"] == 8
+    rec = result["recommendation"]
+    assert rec["method"] in ("full", "lora", "dora", "qlora") and rec["reasons"]
+    assert (
+        rec["command"].startswith("adaptlab compare --model tiny-random --data ")
+        and "--study methods" in rec["command"]
+    )
+
+
+def test_memory_limit_drives_the_recommendation(tmp_path):
+    from adaptlab.plan import plan
+
+    path = tmp_path / "docs.jsonl"
+    _write_docs(path, 30)
+    base = plan("tiny-random", [str(path)], seq_len=64, batch=2, benchmark=False)
+    full, lora = base["methods"]["full"]["peak_mem_bytes"], base["methods"]["lora"]["peak_mem_bytes"]
+    assert lora < full
+    squeezed = plan(
+        "tiny-random", [str(path)], seq_len=64, batch=2, benchmark=False, memory=(full + lora) // 2
+    )
+    assert squeezed["methods"]["full"]["fits"] is False and squeezed["methods"]["lora"]["fits"] is True
+    assert squeezed["recommendation"]["method"] == "lora"
+    assert any("does not fit" in r for r in squeezed["recommendation"]["reasons"])
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--data", "NODATA/missing.jsonl"], "no such file"),
+        (["--data", "DATA", "--memory", "24XB"], "--memory"),
+        (["--data", "DATA", "--ranks", "8,x"], "--ranks"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, run_cli, args, match):
+    path = tmp_path / "docs.jsonl"
+    _write_docs(path, 5)
+    args = [str(path) if a == "DATA" else a.replace("NODATA", str(tmp_path)) for a in args]
+    code, out, err = run_cli("plan", "--model", "tiny-random", *args, "--no-benchmark")
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_unknown_model_exit_2(tmp_path, run_cli):
+    path = tmp_path / "docs.jsonl"
+    _write_docs(path, 5)
+    code, _, err = run_cli("plan", "--model", str(tmp_path / "no-model"), "--data", path, "--no-benchmark")
+    assert code == 2 and "no such directory" in err and len(err.strip().splitlines()) == 1
