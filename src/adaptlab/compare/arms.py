@@ -1,0 +1,312 @@
+"""Arms: preset studies, matched trainable parameters, and the expansion of arms into training runs.
+
+An arm is a method plus hyperparameters; a run is one training of one arm at one LR and one seed
+(one run directory). Every run of a comparison shares the data, the seed of its replicate, the
+sequence length and, unless the study is about batch size, the global batch, so every arm sees
+the same tokens in the same order (train.py's example order is a function of seed and position).
+
+    python -c "from adaptlab.compare.arms import study_arms; print(study_arms('methods', 'tiny-random'))"
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from adaptlab.compare.spec import ArmSpec, CompareSpec
+from adaptlab.errors import UserError
+
+RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DEFAULT_RANK = 16
+
+
+def qlora_available() -> bool:
+    """QLoRA needs adaptlab.quantize (a 4-bit base) and bitsandbytes."""
+    import importlib.util
+
+    return (
+        importlib.util.find_spec("adaptlab.quantize") is not None
+        and importlib.util.find_spec("bitsandbytes") is not None
+    )
+
+
+@cache
+def _meta_model(model: str) -> Any:
+    """The model's module tree on the meta device: Linear shapes without loading weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from adaptlab.models import local_dir
+
+    path = local_dir(model)
+    config = AutoConfig.from_pretrained(str(path) if path else model)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def linear_shapes(model: str) -> dict[str, tuple[int, int]]:
+    """(out, in) of every Linear a LoRA can target, by full module path."""
+    from adaptlab.methods import linear_modules
+
+    return {n: (m.out_features, m.in_features) for n, m in linear_modules(_meta_model(model)).items()}
+
+
+def lora_params(model: str, targets: str | list[str], rank: int, dora: bool = False) -> int:
+    """Trainable parameters of a LoRA on these targets: r * (in + out) per module (+ out for DoRA)."""
+    from adaptlab.methods import resolve_targets
+
+    names = set(resolve_targets(_meta_model(model), targets))
+    shapes = [s for n, s in linear_shapes(model).items() if n.rsplit(".", 1)[-1] in names]
+    return sum(rank * (o + i) + (o if dora else 0) for o, i in shapes)
+
+
+def matched_rank(model: str, targets: str | list[str], params: int, dora: bool = False) -> int:
+    """The rank whose trainable parameters on `targets` come closest to `params`."""
+    per_rank = lora_params(model, targets, 1) - lora_params(model, targets, 0)
+    extra = lora_params(model, targets, 0, dora)
+    return max(1, round((params - extra) / max(per_rank, 1)))
+
+
+def min_linear_dim(model: str) -> int:
+    return min(min(s) for s in linear_shapes(model).values())
+
+
+def study_arms(study: str, model: str, tokens: int = 0, base_lr: float = 2e-5) -> list[ArmSpec]:
+    """The ready-made arm list of a study (sized to the model and, for rank, to the budget)."""
+    r = min(DEFAULT_RANK, min_linear_dim(model))
+    arm = ArmSpec.model_validate
+    if study == "methods":
+        arms = [
+            arm({"name": "full", "method": "full"}),
+            arm({"name": "lora", "method": "lora", "rank": r}),
+            arm({"name": "lora-attn", "method": "lora", "targets": "attention", "match_params": "lora"}),
+            arm({"name": "rslora", "method": "lora", "rank": r, "rslora": True}),
+            arm({"name": "dora", "method": "dora", "rank": r}),
+        ]
+        if qlora_available():
+            arms.append(arm({"name": "qlora", "method": "qlora", "rank": r}))
+        return arms
+    if study == "rank":
+        cap = min_linear_dim(model)
+        ranks = [x for x in RANKS if x <= cap]
+        if tokens < 1_000_000:  # small budgets: every other rank, always keeping 1 and the largest
+            ranks = sorted({*ranks[::2], ranks[-1]})
+        return [arm({"name": "full", "method": "full"})] + [
+            arm({"name": f"lora-r{x}", "method": "lora", "rank": x, "label": str(x)}) for x in ranks
+        ]
+    if study == "lr":
+        full_grid = [base_lr * f for f in (0.3, 1, 3, 10)]
+        lora_grid = [base_lr * f for f in (3, 10, 30, 100)]
+        return [
+            arm({"name": "full", "method": "full", "lr_sweep": full_grid}),
+            arm({"name": "lora", "method": "lora", "rank": r, "lr_sweep": lora_grid}),
+        ]
+    if study == "batch":
+        out = []
+        for method in ("full", "lora"):
+            for b, accum, label in ((1, 1, "small"), (None, None, "default"), (None, 4, "large")):
+                fields: dict[str, Any] = {"name": f"{method}-{label}", "method": method, "label": label}
+                if method == "lora":
+                    fields["rank"] = r
+                if b is not None:
+                    fields["batch"] = b
+                if accum is not None:
+                    fields["grad_accum"] = accum
+                out.append(arm(fields))
+        return out
+    if study == "targets":
+        return [
+            arm({"name": "lora-all", "method": "lora", "rank": r, "label": "all-linear"}),
+            arm(
+                {
+                    "name": "lora-attn",
+                    "method": "lora",
+                    "targets": "attention",
+                    "match_params": "lora-all",
+                    "label": "attention",
+                }
+            ),
+            arm(
+                {
+                    "name": "lora-mlp",
+                    "method": "lora",
+                    "targets": "mlp",
+                    "match_params": "lora-all",
+                    "label": "mlp",
+                }
+            ),
+        ]
+    if study == "data-size":
+        low, high = min(4, min_linear_dim(model)), min(64, min_linear_dim(model))
+        out = []
+        for frac in (0.01, 0.1, 1.0):
+            pct = f"{100 * frac:g}pct"
+            label = f"{100 * frac:g}%"
+            out.append(arm({"name": f"full-{pct}", "method": "full", "data_fraction": frac, "label": label}))
+            for rank in sorted({low, high}):
+                out.append(
+                    arm(
+                        {
+                            "name": f"lora-r{rank}-{pct}",
+                            "method": "lora",
+                            "rank": rank,
+                            "data_fraction": frac,
+                            "label": label,
+                        }
+                    )
+                )
+        return out
+    raise UserError(f"unknown study {study!r}")
+
+
+def resolve_ranks(spec: CompareSpec) -> tuple[list[ArmSpec], list[str]]:
+    """Arms with match_params turned into a rank; notes saying what was matched."""
+    by_name = {a.name: a for a in spec.arms}
+    notes: list[str] = []
+    out = []
+    for a in spec.arms:
+        if a.match_params is None:
+            out.append(a)
+            continue
+        ref = by_name[a.match_params]
+        if ref.match_params is not None:
+            raise UserError(
+                f"arm {a.name}: match_params points at {ref.name}, which itself matches another arm"
+            )
+        if not ref.is_lora:
+            raise UserError(f"arm {a.name}: match_params must name a LoRA-family arm ({ref.name} is full)")
+        want = lora_params(spec.model, ref.targets, ref.rank, ref.method == "dora")
+        rank = matched_rank(spec.model, a.targets, want, a.method == "dora")
+        got = lora_params(spec.model, a.targets, rank, a.method == "dora")
+        notes.append(
+            f"arm {a.name}: rank {rank} on {_targets_text(a.targets)} gives {got:,} trainable params, "
+            f"matched to {ref.name} ({want:,}, rank {ref.rank} on {_targets_text(ref.targets)})"
+        )
+        out.append(a.model_copy(update={"rank": rank, "match_params": None, "alpha": a.alpha}))
+    return out, notes
+
+
+def _targets_text(t: str | list[str]) -> str:
+    return t if isinstance(t, str) else ",".join(t)
+
+
+@dataclass
+class RunPlan:
+    """One training run: an arm at one LR and one seed, written to OUT/runs/<run>."""
+
+    run: str
+    arm: str
+    seed_index: int
+    seed: int
+    method_fields: dict[str, Any]
+    train_fields: dict[str, Any]
+    data_sources: list[str]
+    lr: float | None  # None: the arm's LR sweep decides (filled in once the sweep has run)
+    lr_source: str  # explicit | rule | sweep
+    sweep: bool = False  # one point of an LR sweep (seed 0)
+    notes: list[str] = field(default_factory=list)
+
+    def run_config(self, spec: CompareSpec, out: str) -> dict[str, Any]:
+        if self.lr is None:
+            raise AssertionError(f"run {self.run}: LR not resolved")
+        return {
+            "model": {"name": spec.model},
+            "method": self.method_fields,
+            "data": {
+                "train": self.data_sources,
+                "text_field": spec.data.text_field if self.data_sources == spec.data.train else "text",
+                "val_frac": spec.data.val_frac,
+                "test_frac": spec.data.test_frac,
+            },
+            "train": {**self.train_fields, "lr": self.lr, "seed": self.seed},
+            "out": out,
+        }
+
+
+def lr_text(lr: float) -> str:
+    return f"{lr:.1e}".replace("e-0", "e-").replace("e+0", "e")
+
+
+def default_lr(spec: CompareSpec, arm: ArmSpec) -> float:
+    return spec.train.lr * (spec.train.lora_lr_factor if arm.is_lora else 1.0)
+
+
+def steps_for(tokens: int, tokens_per_step: int) -> int:
+    return max(1, math.ceil(tokens / tokens_per_step))
+
+
+def train_fields(spec: CompareSpec, arm: ArmSpec, tokens: int) -> dict[str, Any]:
+    t = spec.train
+    batch = arm.batch or t.batch
+    accum = arm.grad_accum or t.grad_accum
+    steps = steps_for(tokens, batch * accum * t.seq_len)
+    save_every = steps // (t.checkpoints + 1) if t.checkpoints else 0
+    return {
+        "steps": steps,
+        "batch": batch,
+        "grad_accum": accum,
+        "seq_len": t.seq_len,
+        "warmup": t.warmup,
+        "min_lr_ratio": t.min_lr_ratio,
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "precision": t.precision,
+        "grad_checkpointing": t.grad_checkpointing,
+        "eval_every": max(1, steps // t.eval_points) if t.eval_points > 1 else None,
+        "eval_examples": t.eval_examples,
+        "save_every": save_every or None,
+        "keep_checkpoints": 1,
+    }
+
+
+def method_fields(arm: ArmSpec) -> dict[str, Any]:
+    if not arm.is_lora:
+        return {"method": "full"}
+    return {
+        "method": arm.method,
+        "rank": arm.rank,
+        "alpha": arm.alpha,
+        "dropout": arm.dropout,
+        "rslora": arm.rslora,
+        "targets": arm.targets,
+    }
+
+
+def expand(
+    spec: CompareSpec, arms: list[ArmSpec], data_for: dict[str, tuple[list[str], int]] | None = None
+) -> list[RunPlan]:
+    """Every run of the comparison. data_for maps an arm with data_fraction to (sources, tokens)."""
+    plans: list[RunPlan] = []
+    for a in arms:
+        sources, tokens = (data_for or {}).get(a.name, (spec.data.train, a.tokens or spec.tokens))
+        fields = train_fields(spec, a, tokens)
+        for s in range(spec.seeds):
+            seed = spec.train.seed + s
+            suffix = f"-s{s}" if spec.seeds > 1 else ""
+            common = {
+                "arm": a.name,
+                "seed_index": s,
+                "seed": seed,
+                "method_fields": method_fields(a),
+                "train_fields": fields,
+                "data_sources": sources,
+            }
+            if a.lr_sweep is None:
+                lr, source = (a.lr, "explicit") if a.lr is not None else (default_lr(spec, a), "rule")
+                plans.append(RunPlan(run=a.name + suffix, lr=lr, lr_source=source, **common))
+            elif s == 0:
+                for lr in a.lr_sweep:
+                    plans.append(
+                        RunPlan(
+                            run=f"{a.name}-lr{lr_text(lr)}{suffix}",
+                            lr=lr,
+                            lr_source="sweep",
+                            sweep=True,
+                            **common,
+                        )
+                    )
+            else:
+                plans.append(RunPlan(run=a.name + suffix, lr=None, lr_source="sweep", **common))
+    return plans

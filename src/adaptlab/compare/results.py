@@ -1,0 +1,282 @@
+"""results.json: per arm its config, cost meter, learning and forgetting (with 95% CIs) and analysis.
+
+Schema (nats per token throughout; ci95 = [lo, hi]):
+
+    {"version": 1, "study", "model", "data", "budget_tokens", "budget_note", "lr_rule", "seeds",
+     "forgetting_metric": "general_nll" | "drift_kl" | "mc_acc_drop", "notes": [...],
+     "arms": [{"name", "method", "status": "ok" | "failed", "error"?, "label",
+               "config": {method, rank, alpha, rslora, targets, lr, lr_source, batch, grad_accum,
+                          seq_len, steps, tokens, data_fraction},
+               "runs": [{"run", "dir", "seed"}],
+               "learning": {"value", "ci95", "base_nll", "tuned_nll", "tokens", "docs", "spread"?},
+               "forgetting": {"metric", "value", "ci95", "general_nll"?: {...}, "drift"?: {...},
+                              "mc"?: {stem: {"value", "ci95", "base_acc", "acc"}}},
+               "cost": {"trainable_params", "total_params", "peak_mem_bytes", "wall_s",
+                        "tokens_per_s", "artifact_bytes", "tokens_seen"},
+               "final_train_loss", "final_val_loss",
+               "analysis": {"layers", "intruders", "layers_with_intruders", "intruders_per_layer",
+                            "rel_update_norm", "mean_effective_rank", "mean_stable_rank",
+                            "by_module_type", "heatmaps": [paths relative to OUT]} | null,
+               "lr_sweep": {"points": [{"lr", "run", "final_val_loss", "chosen"}], "best_lr"} | null}],
+     "recommendation": {see adaptlab.report.recommend}}
+
+learning = base NLL - tuned NLL on the held-out target test split; forgetting = tuned - base NLL on
+general text, or drift KL(base || tuned), or the drop in multiple-choice accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from adaptlab.compare.arms import RunPlan
+from adaptlab.compare.spec import ArmSpec, CompareSpec
+from adaptlab.rundir import RunDir
+
+# two-sided 95% Student t quantiles by degrees of freedom, for the spread over seeds
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def forgetting_metric(spec: CompareSpec) -> str:
+    if spec.general:
+        return "general_nll"
+    if spec.drift:
+        return "drift_kl"
+    return "mc_acc_drop"
+
+
+def learning_of(ev: dict[str, Any]) -> dict[str, Any]:
+    t = ev["target"]
+    lo, hi = t["delta"]["ci95"]
+    return {
+        "value": -t["delta"]["nll"],
+        "ci95": [-hi, -lo],
+        "base_nll": t["base"]["nll"],
+        "tuned_nll": t["nll"],
+        "tokens": t["tokens"],
+        "docs": t.get("docs"),
+    }
+
+
+def forgetting_of(ev: dict[str, Any], metric: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"metric": metric}
+    if "general" in ev:
+        g = ev["general"]
+        out["general_nll"] = {
+            "value": g["delta"]["nll"],
+            "ci95": list(g["delta"]["ci95"]),
+            "base_nll": g["base"]["nll"],
+            "tuned_nll": g["nll"],
+            "tokens": g["tokens"],
+        }
+    if "drift" in ev:
+        d = ev["drift"]
+        out["drift"] = {
+            "value": d["kl"],
+            "ci95": list(d["ci95"]),
+            "tokens": d["tokens"],
+            "source": d["source"],
+        }
+    if "mc" in ev:
+        out["mc"] = {}
+        for stem, m in ev["mc"].items():
+            lo, hi = m["delta"]["ci95"]
+            out["mc"][stem] = {
+                "value": -m["delta"]["acc"],
+                "ci95": [-hi, -lo],
+                "base_acc": m["base"]["acc"],
+                "acc": m["acc"],
+                "n": m["n"],
+            }
+    primary = {"general_nll": out.get("general_nll"), "drift_kl": out.get("drift")}.get(metric)
+    if metric == "mc_acc_drop" and out.get("mc"):
+        primary = next(iter(out["mc"].values()))
+    if primary is not None:
+        out["value"], out["ci95"] = primary["value"], primary["ci95"]
+    return out
+
+
+def _combine(figures: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over seeds; the 95% interval widens the mean per-seed CI by the seed-to-seed spread."""
+    if len(figures) == 1:
+        return figures[0]
+    values = [f["value"] for f in figures]
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values)
+    half_eval = statistics.fmean((f["ci95"][1] - f["ci95"][0]) / 2 for f in figures)
+    half_seed = _T95.get(len(values) - 1, 1.96) * sd / math.sqrt(len(values))
+    half = math.hypot(half_eval, half_seed)
+    out = dict(figures[0])
+    out.update(
+        value=mean,
+        ci95=[mean - half, mean + half],
+        spread={"n": len(values), "std": sd, "min": min(values), "max": max(values), "values": values},
+    )
+    return out
+
+
+def _analysis_summary(an: dict[str, Any] | None, run_dir: Path, out: Path) -> dict[str, Any] | None:
+    if not an:
+        return None
+    t = an.get("totals") or {}
+    layers = t.get("layers", 0)
+    heatmaps = [
+        str(Path(p).resolve().relative_to(out.resolve())) for p in an.get("heatmaps", []) if Path(p).exists()
+    ]
+    if not heatmaps:
+        heatmaps = [
+            str((run_dir / n).relative_to(out))
+            for n in ("intruders.png", "rel_update_norm.png")
+            if (run_dir / n).exists()
+        ]
+    return {
+        "k": an.get("k"),
+        "eps": an.get("eps"),
+        "layers": layers,
+        "intruders": t.get("intruders", 0),
+        "layers_with_intruders": t.get("layers_with_intruders", 0),
+        "intruders_per_layer": t.get("intruders", 0) / layers if layers else None,
+        "rel_update_norm": t.get("rel_update_norm"),
+        "mean_effective_rank": t.get("mean_effective_rank"),
+        "mean_stable_rank": t.get("mean_stable_rank"),
+        "by_module_type": {
+            k: {
+                "intruders": v.get("intruders"),
+                "layers": v.get("layers"),
+                "rel_update_norm": v.get("rel_update_norm"),
+            }
+            for k, v in (t.get("by_module_type") or {}).items()
+        },
+        "eps_sweep": an.get("eps_sweep"),
+        "heatmaps": heatmaps,
+    }
+
+
+def _cost(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    mean = lambda key: statistics.fmean(s.get(key) or 0.0 for s in summaries)  # noqa: E731
+    s0 = summaries[0]
+    return {
+        "trainable_params": s0["trainable_params"],
+        "total_params": s0["total_params"],
+        "peak_mem_bytes": max(s["peak_mem_bytes"] for s in summaries),
+        "wall_s": mean("wall_s"),
+        "tokens_per_s": mean("tokens_per_s"),
+        "artifact_bytes": s0["artifact_bytes"],
+        "tokens_seen": s0["tokens_seen"],
+        "precision": s0.get("precision"),
+        "device": s0.get("device"),
+    }
+
+
+def assemble(
+    spec: CompareSpec,
+    arms: list[ArmSpec],
+    plans: list[RunPlan],
+    status: dict[str, dict[str, Any]],
+    sweeps: dict[str, dict[str, Any]],
+    measured: dict[str, dict[str, Any]],
+    out: Path,
+    notes: list[str],
+) -> dict[str, Any]:
+    from adaptlab.report.recommend import recommend
+
+    metric = forgetting_metric(spec)
+    records = []
+    budgets = set()
+    for a in arms:
+        arm_plans = [p for p in plans if p.arm == a.name]
+        reps = [p for p in arm_plans if (not p.sweep or p.run == sweeps.get(a.name, {}).get("best_run"))]
+        p0 = reps[0] if reps else arm_plans[0]
+        config = {
+            **p0.method_fields,
+            "lr": p0.lr if p0.lr is not None else sweeps.get(a.name, {}).get("best_lr"),
+            "lr_source": p0.lr_source,
+            "batch": p0.train_fields["batch"],
+            "grad_accum": p0.train_fields["grad_accum"],
+            "seq_len": p0.train_fields["seq_len"],
+            "steps": p0.train_fields["steps"],
+            "tokens": p0.train_fields["steps"]
+            * p0.train_fields["batch"]
+            * p0.train_fields["grad_accum"]
+            * p0.train_fields["seq_len"],
+            "data_fraction": a.data_fraction,
+        }
+        budgets.add(config["tokens"])
+        rec: dict[str, Any] = {
+            "name": a.name,
+            "method": a.method + ("+rslora" if a.rslora and a.is_lora else ""),
+            "label": a.label,
+            "config": config,
+            "runs": [{"run": p.run, "dir": f"runs/{p.run}", "seed": p.seed} for p in reps],
+            "lr_sweep": sweeps.get(a.name),
+        }
+        failed = [p.run for p in reps if status.get(p.run, {}).get("status") != "ok" or p.run not in measured]
+        if not reps or failed:
+            errors = [status.get(r, {}).get("error", "not run") for r in failed] or ["no run"]
+            rec.update(status="failed", error=f"{failed[0] if failed else a.name}: {errors[0]}")
+            records.append(rec)
+            continue
+        evs = [measured[p.run]["eval"] for p in reps]
+        summaries = [RunDir(out / "runs" / p.run).read_summary() for p in reps]
+        rec.update(
+            status="ok",
+            learning=_combine([learning_of(e) for e in evs]),
+            forgetting=_combine([forgetting_of(e, metric) for e in evs]),
+            cost=_cost(summaries),
+            final_train_loss=statistics.fmean(s["final_train_loss"] for s in summaries),
+            final_val_loss=(
+                statistics.fmean(s["final_val_loss"] for s in summaries)
+                if all(s.get("final_val_loss") is not None for s in summaries)
+                else None
+            ),
+            analysis=_analysis_summary(measured[reps[0].run]["analysis"], out / "runs" / reps[0].run, out),
+        )
+        if len(reps) > 1:
+            rec["seeds"] = [
+                {
+                    "run": p.run,
+                    "seed": p.seed,
+                    "learning": learning_of(e)["value"],
+                    "forgetting": forgetting_of(e, metric).get("value"),
+                }
+                for p, e in zip(reps, evs, strict=True)
+            ]
+        records.append(rec)
+    equal = len(budgets) <= 1
+    budget_note = (
+        f"every arm saw the same {next(iter(budgets)):,} tokens in the same order"
+        if equal
+        else f"budgets differ by design in this {spec.study or 'comparison'} study: "
+        + ", ".join(f"{r['name']} {r['config']['tokens']:,}" for r in records)
+    )
+    lr_rule = (
+        f"arms without an explicit LR: full fine-tuning at the base LR {spec.train.lr:g}, the LoRA family at "
+        f"{spec.train.lora_lr_factor:g}x it ({spec.train.lr * spec.train.lora_lr_factor:g}), the rule of "
+        '"LoRA Without Regret" (Thinking Machines 2025)'
+    )
+    results: dict[str, Any] = {
+        "version": 1,
+        "study": spec.study,
+        "model": spec.model,
+        "data": {
+            "target": spec.data.train,
+            "general": spec.general,
+            "drift": spec.drift,
+            "mc": spec.mc,
+            "eval_docs": spec.eval.max_docs,
+            "eval_max_chars": spec.eval.max_chars,
+        },
+        "budget_tokens": spec.tokens,
+        "budget_equal": equal,
+        "budget_note": budget_note,
+        "lr_rule": lr_rule,
+        "seeds": spec.seeds,
+        "forgetting_metric": metric,
+        "limits": spec.limits.model_dump(),
+        "notes": notes,
+        "arms": records,
+    }
+    results["recommendation"] = recommend(results)
+    return results

@@ -1,0 +1,509 @@
+"""Run a comparison: train every arm in its own process, evaluate and analyse it, cache everything.
+
+Each run is a normal run directory OUT/runs/<run>/ trained by `python -m adaptlab train` in a child
+process, so peak memory is measured per arm and a crash of one arm leaves the others standing.
+Progress is streamed from the child's metrics.jsonl. A finished run is skipped, an interrupted one
+resumed (`--resume`), one whose resolved config changed is retrained; `force` retrains named arms.
+Evaluation (OUT/runs/<run>/eval.json) and analysis (OUT/runs/<run>/analysis.json) are cached per
+run under a key of their settings, so a second invocation recomputes nothing.
+
+    python -c "from adaptlab.compare import compare; help(compare)"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adaptlab.compare.arms import RunPlan, expand, resolve_ranks, study_arms
+from adaptlab.compare.spec import ArmSpec, CompareSpec
+from adaptlab.config import build_config
+from adaptlab.errors import UserError
+from adaptlab.rundir import RunDir
+
+OnEvent = Callable[[dict[str, Any]], None]
+DEFAULT_EPOCHS = 2.0
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _cut(docs: list[Any], max_docs: int, max_chars: int | None) -> list[Any]:
+    from adaptlab.data.sources import Document
+
+    out = []
+    for d in docs[:max_docs]:
+        if max_chars is not None and not d.is_chat and len(d.text) > max_chars:
+            d = Document(id=d.id, text=d.text[:max_chars])
+        out.append(d)
+    return out
+
+
+@dataclass
+class Probes:
+    """What every arm is measured on, loaded once per invocation."""
+
+    target: list[Any]
+    general: list[Any] | None
+    drift_docs: list[Any] | None
+    drift_prompts: list[str]
+    key: dict[str, Any]
+
+
+def load_probes(spec: CompareSpec) -> Probes:
+    from adaptlab.data.corpus import split_documents
+    from adaptlab.data.sources import load_documents
+    from adaptlab.evaluate.cache import hash_texts
+    from adaptlab.evaluate.prompts import GENERAL_PROMPTS
+
+    e = spec.eval
+    docs = load_documents(spec.data.train, spec.data.text_field)
+    test = split_documents(docs, "test", spec.data.val_frac, spec.data.test_frac)
+    if not test:
+        raise UserError(
+            "the target data has no held-out test documents: add documents or raise data.test_frac"
+        )
+    target = _cut(test, e.max_docs, e.max_chars)
+    general = _cut(load_documents(spec.general), e.max_docs, e.max_chars) if spec.general else None
+    drift_docs = (
+        _cut(load_documents(spec.drift_data), e.max_docs, e.max_chars)
+        if spec.drift and spec.drift_data
+        else None
+    )
+    prompts = list(GENERAL_PROMPTS)
+    if e.drift_prompts is not None and e.drift_prompts < len(prompts):
+        step = len(prompts) / e.drift_prompts  # evenly spread over the prompts' topics
+        prompts = [prompts[int(i * step)] for i in range(e.drift_prompts)]
+    key = {
+        "model": spec.model,
+        "target": hash_texts(target),
+        "general": hash_texts(general) if general else None,
+        "drift": spec.drift,
+        "drift_data": hash_texts(drift_docs) if drift_docs else None,
+        "drift_prompts": hash_texts(prompts) if spec.drift and not drift_docs else None,
+        "drift_tokens": e.drift_tokens,
+        "mc": [str(Path(f).resolve()) for f in spec.mc],
+        "mc_limit": e.mc_limit,
+        "seq_len": e.seq_len,
+    }
+    return Probes(target, general, drift_docs, prompts, key)
+
+
+def data_subsets(
+    spec: CompareSpec, arms: list[ArmSpec], out: Path
+) -> tuple[dict[str, tuple[list[str], int]], list[str]]:
+    """Nested subsets of the training documents for arms with data_fraction: (sources, token budget).
+
+    The pool ("100%") is the training documents in hash order, cut where `epochs` passes over it
+    would exceed the budget; each fraction takes a prefix of the pool (so subsets are nested),
+    keeps the validation and test documents (so every arm is measured on the same held-out text),
+    and trains the same number of epochs over its own documents.
+    """
+    sized = [a for a in arms if a.data_fraction is not None]
+    if not sized:
+        return {}, []
+    from adaptlab.data.corpus import split_documents, split_fraction, tokenize_text
+    from adaptlab.data.sources import load_documents
+    from adaptlab.models import load_tokenizer
+
+    d = spec.data
+    docs = load_documents(d.train, d.text_field)
+    held = [x for s in ("val", "test") for x in split_documents(docs, s, d.val_frac, d.test_frac)]  # type: ignore[arg-type]
+    train = sorted(
+        split_documents(docs, "train", d.val_frac, d.test_frac), key=lambda x: (split_fraction(x.id), x.id)
+    )
+    tok = load_tokenizer(spec.model)
+    epochs = max(a.epochs or DEFAULT_EPOCHS for a in sized)
+    limit = spec.tokens / epochs
+    pool, pool_tokens, counts = [], 0, []
+    for start in range(0, len(train), 64):
+        chunk = train[start : start + 64]
+        lengths = [len(ids) + 1 for ids in tokenize_text(chunk, tok)]  # +1: the EOS between documents
+        for doc, n in zip(chunk, lengths, strict=True):
+            if pool and pool_tokens + n > limit:
+                break
+            pool.append(doc)
+            counts.append(n)
+            pool_tokens += n
+        else:
+            continue
+        break
+    notes = [
+        f"data-size: the 100% pool is {len(pool)} of {len(train)} training documents ({pool_tokens:,} tokens), "
+        f"as many as {epochs:g} epochs fit in the budget of {spec.tokens:,} tokens; every arm trains "
+        "the same number of epochs over its nested subset, so budgets differ by design"
+    ]
+    data_dir = out / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, tuple[list[str], int]] = {}
+    for a in sized:
+        frac = a.data_fraction or 1.0
+        n_docs = max(1, round(frac * len(pool)))
+        subset = pool[:n_docs]
+        blocks = max(1, sum(counts[:n_docs]) // spec.train.seq_len)
+        path = data_dir / f"subset-{frac:g}.jsonl"
+        lines = []
+        for doc in held + subset:
+            rec: dict[str, Any] = {"id": doc.id}
+            if doc.is_chat:
+                rec["messages"] = list(doc.messages)
+            else:
+                rec["text"] = doc.text
+            lines.append(json.dumps(rec, ensure_ascii=False))
+        _write_if_changed(path, "\n".join(lines) + "\n")
+        tokens = math.ceil((a.epochs or epochs) * blocks * spec.train.seq_len)
+        result[a.name] = ([str(path.resolve())], tokens)
+    return result, notes
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [x.strip() for x in path.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return "no log"
+    errors = [
+        x for x in lines if x.startswith(("error:", "Error", "RuntimeError", "MemoryError")) or "Error:" in x
+    ]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def train_run(
+    plan: RunPlan,
+    spec: CompareSpec,
+    out: Path,
+    force: bool,
+    on_event: OnEvent,
+    index: int,
+    total: int,
+    python: str = sys.executable,
+) -> dict[str, Any]:
+    """Train (or resume, or skip) one run in a child process; returns {"status", "run_dir", ...}."""
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    run_dir = runs / plan.run
+    config = build_config(plan.run_config(spec, str(run_dir)))
+    text = config.to_yaml()
+    rd = RunDir(run_dir)
+    base_event = {"run": plan.run, "arm": plan.arm, "index": index, "total": total}
+    if run_dir.exists():
+        stale = rd.config.exists() and yaml.safe_load(rd.config.read_text()) != yaml.safe_load(text)
+        if force or stale or not rd.config.exists():
+            reason = "forced" if force else ("its config changed" if stale else "not a run directory")
+            on_event({"event": "retrain", "reason": reason, **base_event})
+            shutil.rmtree(run_dir)
+    cfg_path = runs / f"{plan.run}.yaml"
+    _write_if_changed(cfg_path, text)
+    if rd.is_finished():
+        on_event({"event": "train_skip", **base_event})
+        return {"status": "ok", "trained": False}
+    resume = rd.config.exists()
+    cmd = [python, "-m", "adaptlab", "train", "--quiet"]
+    cmd += ["--resume", str(run_dir)] if resume else ["--config", str(cfg_path), "--out", str(run_dir)]
+    log = runs / f"{plan.run}.log"
+    on_event(
+        {
+            "event": "train_start",
+            "resume": resume,
+            "steps": config.train.total_steps(),
+            "lr": plan.lr,
+            **base_event,
+        }
+    )
+    start = time.perf_counter()
+    offset = 0
+    with log.open("a") as err:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+        try:
+            while True:
+                done = proc.poll() is not None
+                offset = _stream_metrics(rd.metrics, offset, lambda row: on_event({**row, **base_event}))
+                if done:
+                    break
+                time.sleep(1.0)
+        except BaseException:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+            raise
+    wall = time.perf_counter() - start
+    if proc.returncode != 0 or not rd.is_finished():
+        error = _last_line(log)
+        on_event({"event": "train_failed", "error": error, "log": str(log), **base_event})
+        return {"status": "failed", "error": error, "log": str(log), "trained": True}
+    on_event({"event": "train_done", "wall_s": wall, **base_event})
+    return {"status": "ok", "trained": True}
+
+
+def _stream_metrics(path: Path, offset: int, emit: Callable[[dict[str, Any]], None]) -> int:
+    """Emit rows appended to metrics.jsonl since `offset`; returns the new offset."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return offset
+    if size < offset:  # truncated by a resume
+        offset = 0
+    if size == offset:
+        return offset
+    with path.open() as fh:
+        fh.seek(offset)
+        chunk = fh.read()
+    complete = chunk[: chunk.rfind("\n") + 1]
+    for line in complete.splitlines():
+        if line.strip():
+            with contextlib.suppress(json.JSONDecodeError):
+                row = json.loads(line)
+                emit({"event": "val" if "val_loss" in row else "step", **row})
+    return offset + len(complete.encode())
+
+
+# ----------------------------------------------------------------------------- evaluation and analysis
+
+
+def evaluate_run(spec: CompareSpec, run_dir: Path, probes: Probes, on_event: OnEvent) -> dict[str, Any]:
+    """Learning and forgetting of one run (cached in RUN/eval.json under the probes' key)."""
+    path = run_dir / "eval.json"
+    summary_mtime = (run_dir / "summary.json").stat().st_mtime_ns
+    if path.exists():
+        with contextlib.suppress(json.JSONDecodeError, OSError):
+            cached = json.loads(path.read_text())
+            if cached.get("key") == probes.key and cached.get("summary_mtime_ns") == summary_mtime:
+                return cached
+    from adaptlab.evaluate import evaluate
+    from adaptlab.evaluate.cache import BaseCache, model_identity
+    from adaptlab.models import load_model, load_tuned
+
+    e = spec.eval
+    tuned, ref = load_tuned(run_dir, spec.model)
+    model, tokenizer = tuned.model, tuned.tokenizer
+    method = RunDir(run_dir).read_summary().get("method")
+    base = None
+    if ref.kind == "model" or method == "qlora":
+        # full fine-tuning, or an adapter on the 4-bit base: compare with the same full-precision base
+        # every arm is compared with (a LoRA adapter's base is the same model with adapters disabled)
+        base = load_model(spec.model)
+    kwargs: dict[str, Any] = {}
+    if base is not None:
+        kwargs.update(base_model=base.model, base_tokenizer=base.tokenizer)
+        kwargs["base_identity"] = model_identity(spec.model, base.path, base.model)
+    else:
+        kwargs["base_identity"] = model_identity(spec.model, tuned.path, tuned.model.get_base_model())
+    seen: dict[str, Any] = {"stage": None, "tokens": 0, "t": 0.0}
+
+    def progress(stage: str, n: int) -> None:
+        if stage != seen["stage"]:
+            seen.update(stage=stage, tokens=0)
+        seen["tokens"] += n
+        now = time.perf_counter()
+        if n == 0 or now - seen["t"] > 5:
+            seen["t"] = now
+            on_event(
+                {"event": "eval_progress", "run": run_dir.name, "stage": stage, "tokens": seen["tokens"]}
+            )
+
+    result = evaluate(
+        model,
+        tokenizer,
+        target_docs=probes.target,
+        general_docs=probes.general,
+        drift_kl=spec.drift,
+        drift_docs=probes.drift_docs,
+        drift_prompts=probes.drift_prompts,
+        drift_new_tokens=e.drift_tokens,
+        mc_files=spec.mc or None,
+        mc_limit=e.mc_limit,
+        seq_len=e.seq_len,
+        batch_size=e.batch,
+        cache=BaseCache(),
+        progress=progress,
+        **kwargs,
+    )
+    result = {"key": probes.key, "summary_mtime_ns": summary_mtime, **result}
+    _atomic_json(path, result)
+    del model, tuned, base, kwargs
+    gc.collect()
+    return result
+
+
+def analyze_run(spec: CompareSpec, run_dir: Path) -> dict[str, Any]:
+    """The weight-update analysis of one run (cached: RUN/analysis.json with its heatmaps)."""
+    path = run_dir / "analysis.json"
+    k, eps = spec.analysis.k, spec.analysis.eps
+    if path.exists() and path.stat().st_mtime_ns >= (run_dir / "summary.json").stat().st_mtime_ns:
+        with contextlib.suppress(json.JSONDecodeError, OSError):
+            cached = json.loads(path.read_text())
+            if cached.get("k") == k and cached.get("eps") == eps:
+                return cached
+    from adaptlab.analysis import analyze
+
+    result = analyze(spec.model, run_dir, k=k, eps=eps, out_dir=run_dir)
+    gc.collect()
+    return result
+
+
+# ------------------------------------------------------------------------------------------ the driver
+
+
+def resolve_spec(spec: CompareSpec) -> CompareSpec:
+    """The spec with a study's preset arms filled in (explicit arms win over the study's)."""
+    if spec.arms or spec.study is None:
+        return spec
+    arms = study_arms(spec.study, spec.model, spec.tokens, spec.train.lr)
+    return spec.model_copy(update={"arms": arms})
+
+
+def compare(
+    spec: CompareSpec,
+    out: str | Path,
+    force: Sequence[str] = (),
+    on_event: OnEvent | None = None,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Train, evaluate and analyse every arm; write OUT/results.json (and the report); return results."""
+    from adaptlab.compare.results import assemble
+
+    emit: OnEvent = on_event or (lambda e: None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = resolve_spec(spec)
+    _write_if_changed(out / "compare.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    arms, notes = resolve_ranks(spec)
+    data_for, data_notes = data_subsets(spec, arms, out)
+    notes += data_notes
+    plans = expand(spec, arms, data_for)
+    known = {p.run for p in plans} | {a.name for a in arms}
+    unknown = [f for f in force if f not in known]
+    if unknown:
+        raise UserError(f"--force {', '.join(unknown)}: no such arm; arms: {', '.join(a.name for a in arms)}")
+    forced = {p.run for p in plans if p.run in force or p.arm in force}
+
+    status: dict[str, dict[str, Any]] = {}
+    first = [p for p in plans if p.lr is not None]
+    later = [p for p in plans if p.lr is None]
+    total = len(plans)
+    emit({"event": "plan", "runs": [p.run for p in plans], "arms": [a.name for a in arms], "notes": notes})
+    for i, p in enumerate(first):
+        status[p.run] = train_run(p, spec, out, p.run in forced, emit, i + 1, total)
+    sweeps = _sweep_results(plans, status, out)
+    for i, p in enumerate(later):
+        best = sweeps.get(p.arm, {}).get("best_lr")
+        if best is None:
+            status[p.run] = {
+                "status": "failed",
+                "error": "every run of its LR sweep failed",
+                "trained": False,
+            }
+            continue
+        p.lr = best
+        status[p.run] = train_run(p, spec, out, p.run in forced, emit, len(first) + i + 1, total)
+
+    probes: Probes | None = None
+    measured: dict[str, dict[str, Any]] = {}
+    for a in arms:
+        for run in _representative_runs(a.name, plans, sweeps):
+            if status.get(run, {}).get("status") != "ok":
+                continue
+            run_dir = out / "runs" / run
+            try:
+                emit({"event": "eval_start", "run": run})
+                if probes is None:
+                    probes = load_probes(spec)
+                ev = evaluate_run(spec, run_dir, probes, emit)
+                an = None
+                if spec.analysis.enabled:
+                    emit({"event": "analysis_start", "run": run})
+                    an = analyze_run(spec, run_dir)
+                measured[run] = {"eval": ev, "analysis": an}
+                emit({"event": "eval_done", "run": run})
+            except UserError as err:
+                status[run] = {"status": "failed", "error": f"evaluation: {err}", "trained": False}
+                emit({"event": "eval_failed", "run": run, "error": str(err)})
+    results = assemble(spec, arms, plans, status, sweeps, measured, out, notes)
+    _atomic_json(out / "results.json", results)
+    if report:
+        from adaptlab.report.render import write_report
+
+        results["report"] = {k: str(v) for k, v in write_report(results, out).items()}
+        _atomic_json(out / "results.json", results)
+    return results
+
+
+def _representative_runs(arm: str, plans: list[RunPlan], sweeps: dict[str, dict[str, Any]]) -> list[str]:
+    """The run of each seed that stands for the arm (for an LR sweep: the best LR's run at seed 0)."""
+    out = []
+    for p in plans:
+        if p.arm != arm:
+            continue
+        if p.sweep:
+            if p.run == sweeps.get(arm, {}).get("best_run"):
+                out.append(p.run)
+        else:
+            out.append(p.run)
+    return out
+
+
+def _sweep_results(
+    plans: list[RunPlan], status: dict[str, dict[str, Any]], out: Path
+) -> dict[str, dict[str, Any]]:
+    """Per swept arm: each LR's final validation loss and the best LR (lowest val loss)."""
+    sweeps: dict[str, dict[str, Any]] = {}
+    for p in plans:
+        if not p.sweep:
+            continue
+        entry = sweeps.setdefault(p.arm, {"points": [], "best_lr": None, "best_run": None})
+        val = None
+        if status.get(p.run, {}).get("status") == "ok":
+            val = RunDir(out / "runs" / p.run).read_summary().get("final_val_loss")
+        entry["points"].append(
+            {"lr": p.lr, "run": p.run, "final_val_loss": val, "status": status[p.run]["status"]}
+        )
+    for entry in sweeps.values():
+        ok = [
+            pt
+            for pt in entry["points"]
+            if pt["final_val_loss"] is not None and math.isfinite(pt["final_val_loss"])
+        ]
+        if ok:
+            best = min(ok, key=lambda pt: pt["final_val_loss"])
+            entry["best_lr"], entry["best_run"] = best["lr"], best["run"]
+            lrs = sorted(pt["lr"] for pt in entry["points"])
+            entry["best_at_edge"] = best["lr"] in (lrs[0], lrs[-1])
+        for pt in entry["points"]:
+            pt["chosen"] = pt["run"] == entry["best_run"]
+    return sweeps

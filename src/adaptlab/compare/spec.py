@@ -1,0 +1,278 @@
+"""The comparison spec (compare.yaml): base model, target data, general probes, budget and arms.
+
+Validated by pydantic where it enters; a bad value becomes one UserError line naming the field,
+e.g. `compare.yaml field arms.1.method: Input should be 'full', 'lora', 'dora' or 'qlora'`.
+
+    model: smollm2-135m
+    data: {train: [python-stdlib]}
+    drift: true                       # KL(base || tuned) on text sampled from the base
+    general: [../shared/data/general/wordnet_glosses.jsonl]
+    tokens: 20000                     # the budget: tokens every arm sees
+    train: {batch: 4, seq_len: 128, lr: 2.0e-5}
+    arms:
+      - {name: full, method: full}
+      - {name: lora, method: lora, rank: 8}
+      - {name: lora-attn, method: lora, targets: attention, match_params: lora}
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from adaptlab.errors import UserError
+
+STUDIES = ("methods", "rank", "lr", "batch", "targets", "data-size")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ArmSpec(_Spec):
+    """One arm: a method and its hyperparameters. Fields left out take the comparison's values."""
+
+    name: str
+    method: Literal["full", "lora", "dora", "qlora"]
+    rank: int = Field(16, gt=0)
+    """LoRA rank r (ignored by full)."""
+    alpha: float | None = Field(None, gt=0)
+    """LoRA alpha; default 2 * rank."""
+    rslora: bool = False
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: str | list[str] = "all-linear"
+    """attention | mlp | all-linear | a list of Linear module names."""
+    match_params: str | None = None
+    """Name of another arm: this arm's rank is raised (or lowered) so its trainable params match that arm's."""
+    lr: float | None = Field(None, gt=0)
+    """Peak LR. Default: the comparison's base LR for full, 10x it for the LoRA family."""
+    lr_sweep: list[float] | None = None
+    """Train at each LR and keep the best by validation loss (the sweep is reported)."""
+    batch: int | None = Field(None, gt=0)
+    """Sequences per micro-batch; differs from the comparison's only in a batch study."""
+    grad_accum: int | None = Field(None, gt=0)
+    tokens: int | None = Field(None, gt=0)
+    """This arm's budget in tokens; differs from the comparison's only where a study is about budget."""
+    data_fraction: float | None = Field(None, gt=0.0, le=1.0)
+    """Train on this nested fraction of the training documents (data-size study)."""
+    epochs: float | None = Field(None, gt=0)
+    """With data_fraction: epochs over the subset (the budget follows from the subset's size)."""
+    label: str | None = None
+    """What the arm varies, for study plots (e.g. the rank or the batch size)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(
+                "arm names use letters, digits, '.', '_' and '-' and start with a letter or digit"
+            )
+        return v
+
+    @field_validator("lr_sweep")
+    @classmethod
+    def _sweep(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            if len(v) < 2:
+                raise ValueError("lr_sweep needs at least two learning rates")
+            if any(x <= 0 for x in v):
+                raise ValueError("learning rates must be positive")
+            if len(set(v)) != len(v):
+                raise ValueError("lr_sweep has repeated values")
+        return v
+
+    @model_validator(mode="after")
+    def _one_lr(self) -> ArmSpec:
+        if self.lr is not None and self.lr_sweep is not None:
+            raise ValueError("can't provide both lr and lr_sweep: choose one")
+        if self.epochs is not None and self.data_fraction is None:
+            raise ValueError("epochs needs data_fraction (epochs over a subset of the data)")
+        if self.data_fraction is not None and self.tokens is not None:
+            raise ValueError(
+                "can't provide both data_fraction and tokens: the subset and its epochs set the budget"
+            )
+        return self
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method != "full"
+
+
+class DataSpec(_Spec):
+    """Target-domain data: split by document into train / val / test (test is held out for learning)."""
+
+    train: list[str]
+    text_field: str = "text"
+    val_frac: float = Field(0.05, ge=0.0, lt=0.5)
+    test_frac: float = Field(0.05, gt=0.0, lt=0.5)
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("train")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one data source")
+        return v
+
+
+class TrainSettings(_Spec):
+    """Training settings shared by every arm (the same tokens in the same order)."""
+
+    batch: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    seq_len: int = Field(256, ge=8)
+    lr: float = Field(2e-5, gt=0)
+    """Base LR: full fine-tuning uses it, the LoRA family 10x it, unless an arm says otherwise."""
+    lora_lr_factor: float = Field(10.0, gt=0)
+    warmup: float = Field(0.05, ge=0.0, lt=1.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    grad_checkpointing: bool = False
+    eval_points: int = Field(5, ge=1)
+    """Validation losses per run (evenly spaced), for the loss curves."""
+    eval_examples: int = Field(32, gt=0)
+    checkpoints: int = Field(2, ge=0)
+    """Resumable checkpoints per run (evenly spaced; 0: an interrupted arm restarts)."""
+
+
+class EvalSettings(_Spec):
+    """How learning and forgetting are measured per arm."""
+
+    max_docs: int = Field(64, gt=0)
+    """Held-out target documents (and general documents) scored."""
+    max_chars: int | None = Field(6000, gt=0)
+    """Each scored document is cut to its first max_chars characters."""
+    seq_len: int = Field(512, ge=8)
+    batch: int = Field(8, gt=0)
+    drift_prompts: int | None = Field(None, gt=0)
+    """Use this many of the shipped general prompts (evenly spread) for drift; default all."""
+    drift_tokens: int = Field(64, gt=0)
+    mc_limit: int | None = Field(None, gt=0)
+
+
+class AnalysisSettings(_Spec):
+    enabled: bool = True
+    k: int = Field(10, gt=0)
+    eps: float = Field(0.5, gt=0.0, le=1.0)
+
+
+class Limits(_Spec):
+    """Constraints the recommendation honours when given."""
+
+    forgetting: float | None = Field(None, ge=0.0)
+    """Largest acceptable forgetting (in the forgetting metric's unit: nats/token)."""
+    memory_gb: float | None = Field(None, gt=0.0)
+    """Largest acceptable peak training memory in GB."""
+
+
+class CompareSpec(_Spec):
+    model: str = "tiny-random"
+    data: DataSpec
+    general: list[str] = Field(default_factory=list)
+    """General-domain text: forgetting = tuned - base NLL on it."""
+    drift: bool = True
+    """Measure drift, KL(base || tuned), on text sampled from the base (or on drift_data)."""
+    drift_data: list[str] | None = None
+    mc: list[str] = Field(default_factory=list)
+    """Multiple-choice JSONL files of general ability: forgetting = accuracy drop."""
+    tokens: int = Field(gt=0)
+    """The budget: tokens every arm sees (equal across arms unless the study is about budget)."""
+    seeds: int = Field(1, ge=1)
+    study: str | None = None
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
+    limits: Limits = Field(default_factory=Limits)
+    arms: list[ArmSpec] = Field(default_factory=list)
+
+    @field_validator("general", "mc", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("study")
+    @classmethod
+    def _study(cls, v: str | None) -> str | None:
+        if v is not None and v not in STUDIES:
+            raise ValueError(f"unknown study {v!r}; choose one of {', '.join(STUDIES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _arms(self) -> CompareSpec:
+        names = [a.name for a in self.arms]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"arm names must be unique; repeated: {', '.join(dup)}")
+        for arm in self.arms:
+            if arm.match_params is not None:
+                if arm.match_params not in names:
+                    raise ValueError(f"arm {arm.name}: match_params names no arm ({arm.match_params!r})")
+                if not arm.is_lora:
+                    raise ValueError(f"arm {arm.name}: match_params applies to LoRA-family arms only")
+        if not self.arms and self.study is None:
+            raise ValueError("give a list of arms or a study")
+        if not (self.general or self.drift or self.mc):
+            raise ValueError("no general probe: set drift: true, or give general text or mc files")
+        return self
+
+
+def describe(err: ValidationError, source: str = "compare.yaml") -> str:
+    """One line naming the first bad field and what is wrong with it."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "top level"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field (check the spelling; see examples/compare.yaml)"
+    return f"{source} field {where}: {msg}"
+
+
+def build_spec(data: dict[str, Any], source: str = "compare.yaml") -> CompareSpec:
+    try:
+        return CompareSpec.model_validate(data)
+    except ValidationError as err:
+        raise UserError(describe(err, source)) from err
+
+
+def load_spec_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"compare config {p}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"compare config {p}{line}: not valid YAML") from err
+    if not isinstance(data, dict):
+        raise UserError(f"compare config {p}: expected a mapping at the top level")
+    return data
+
+
+# `adaptlab demo`: sized (steps, seq_len, eval docs, drift prompts) to finish in about 15 minutes on
+# a 2-core CPU; bench numbers in the README come from running it.
+DEMO_TOKENS = 15_360
+
+
+def demo_spec(tokens: int = DEMO_TOKENS) -> dict[str, Any]:
+    """The `methods` study on smollm2-135m, python-stdlib as the target, drift as the general probe."""
+    return {
+        "model": "smollm2-135m",
+        "data": {"train": ["python-stdlib"]},
+        "drift": True,
+        "study": "methods",
+        "tokens": tokens,
+        "train": {"batch": 4, "seq_len": 128, "eval_points": 4, "eval_examples": 16, "checkpoints": 1},
+        "eval": {"max_docs": 16, "max_chars": 2500, "seq_len": 256, "drift_prompts": 16, "drift_tokens": 48},
+    }

@@ -1,0 +1,475 @@
+"""The recommendation, computed from the measured numbers only: frontier, picks under limits, findings.
+
+Nothing here is written in advance. Two figures are "distinguishable" only when their 95%
+intervals do not overlap (a conservative test: the intervals are per arm, not of the difference),
+and every published finding gets a verdict from the measurements: agrees, disagrees, mixed,
+inconclusive (intervals overlap) or not tested (the comparison has no arms that test it).
+
+    python -c "from adaptlab.report.recommend import pareto_frontier as p; print(p([('a', 1, 1), ('b', 2, 2)]))"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+Relation = Literal["above", "below", "overlap"]
+
+BIDERMAN = "Biderman et al. 2024, LoRA Learns Less and Forgets Less (arXiv 2405.09673)"
+REGRET = 'Schulman et al. 2025, "LoRA Without Regret" (Thinking Machines)'
+SHUTTLEWORTH = (
+    "Shuttleworth et al. 2024, LoRA vs Full Fine-tuning: An Illusion of Equivalence (arXiv 2410.21228)"
+)
+
+
+def pareto_frontier(points: Sequence[tuple[str, float, float]]) -> list[str]:
+    """Names of the (name, learning, forgetting) points no other point dominates.
+
+    A dominates B when A learns at least as much and forgets at most as much, and is strictly
+    better in one of the two. Returned in order of increasing forgetting.
+    """
+    front = []
+    for name, learn, forget in points:
+        dominated = any(
+            (l2 >= learn and f2 <= forget) and (l2 > learn or f2 < forget)
+            for n2, l2, f2 in points
+            if n2 != name
+        )
+        if not dominated:
+            front.append((forget, -learn, name))
+    return [name for _, _, name in sorted(front)]
+
+
+def relation(a: Sequence[float], b: Sequence[float]) -> Relation:
+    """Interval a against interval b: entirely above, entirely below, or overlapping."""
+    if a[0] > b[1]:
+        return "above"
+    if a[1] < b[0]:
+        return "below"
+    return "overlap"
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _fig(f: dict[str, Any]) -> str:
+    lo, hi = f["ci95"]
+    return f"{f['value']:.4f} [{lo:.4f}, {hi:.4f}]"
+
+
+def _half(f: dict[str, Any]) -> float:
+    return (f["ci95"][1] - f["ci95"][0]) / 2
+
+
+def _global_batch(a: dict[str, Any]) -> int:
+    return a["config"]["batch"] * a["config"]["grad_accum"]
+
+
+def _context(a: dict[str, Any]) -> tuple[int, float | None]:
+    return (_global_batch(a), a["config"].get("data_fraction"))
+
+
+def _overall(verdicts: list[str]) -> str:
+    if not verdicts:
+        return "not tested"
+    agree, disagree = "agrees" in verdicts, "disagrees" in verdicts
+    if agree and disagree:
+        return "mixed"
+    if agree:
+        return "agrees"
+    if disagree:
+        return "disagrees"
+    return "inconclusive"
+
+
+def _finding(fid: str, claim: str, source: str, verdict: str, evidence: list[str]) -> dict[str, Any]:
+    return {"id": fid, "claim": claim, "source": source, "verdict": verdict, "evidence": evidence}
+
+
+def _full_vs_lora(arms: list[dict[str, Any]], metric: str) -> tuple[list[str], list[str]]:
+    """Verdicts and evidence for full vs each LoRA-family arm trained on the same batch and data."""
+    verdicts, evidence = [], []
+    for f in (a for a in arms if a["method"] == "full"):
+        for lo in (a for a in arms if a["method"] != "full" and _context(a) == _context(f)):
+            rel = relation(f[metric]["ci95"], lo[metric]["ci95"])
+            if metric == "learning":
+                verdict = {"above": "agrees", "below": "disagrees", "overlap": "inconclusive"}[rel]
+                word = {
+                    "above": "learned more than",
+                    "below": "learned less than",
+                    "overlap": "is not distinguishable from",
+                }[rel]
+            else:
+                verdict = {"above": "agrees", "below": "disagrees", "overlap": "inconclusive"}[rel]
+                word = {
+                    "above": "forgot more than",
+                    "below": "forgot less than",
+                    "overlap": "is not distinguishable from",
+                }[rel]
+            verdicts.append(verdict)
+            evidence.append(f"{f['name']} {_fig(f[metric])} {word} {lo['name']} {_fig(lo[metric])}")
+    return verdicts, evidence
+
+
+def _lr_ratio(results: dict[str, Any], arms: list[dict[str, Any]]) -> dict[str, Any]:
+    claim = "LoRA's best learning rate is about 10x full fine-tuning's"
+    swept = [a for a in arms if a.get("lr_sweep") and a["lr_sweep"].get("best_lr")]
+    full = [a for a in swept if a["method"] == "full"]
+    lora = [a for a in swept if a["method"] != "full"]
+    if not (full and lora):
+        return _finding(
+            "lr_ratio",
+            claim,
+            REGRET,
+            "not tested",
+            [results.get("lr_rule", "") + "; run `--study lr` to measure the optimal ratio on this data"],
+        )
+    f = full[0]["lr_sweep"]
+    verdicts, evidence = [], []
+    for a in lora:
+        s = a["lr_sweep"]
+        ratio = s["best_lr"] / f["best_lr"]
+        if s.get("best_at_edge") or f.get("best_at_edge"):
+            verdicts.append("inconclusive")
+            evidence.append(
+                f"measured ratio {a['name']}/{full[0]['name']} = {ratio:.3g} ({s['best_lr']:.2g} / {f['best_lr']:.2g}), "
+                "but a best LR lies at the edge of its sweep, so the optimum may lie outside it"
+            )
+        else:
+            verdicts.append("agrees" if 10 / 3.5 <= ratio <= 10 * 3.5 else "disagrees")
+            evidence.append(
+                f"measured optimal-LR ratio {a['name']}/{full[0]['name']} = {ratio:.3g} "
+                f"({s['best_lr']:.2g} / {f['best_lr']:.2g}, best by validation loss; grid steps limit its precision)"
+            )
+    return _finding("lr_ratio", claim, REGRET, _overall(verdicts), evidence)
+
+
+def _targets(arms: list[dict[str, Any]]) -> dict[str, Any]:
+    claim = "LoRA on all layers (incl. MLP) learns more than attention-only LoRA at matched trainable params"
+    lora = [a for a in arms if a["method"] in ("lora", "lora+rslora", "dora", "qlora")]
+    alls = [a for a in lora if a["config"].get("targets") == "all-linear" and a["method"] == "lora"]
+    attn = [a for a in lora if a["config"].get("targets") == "attention"]
+    if not (alls and attn):
+        return _finding(
+            "targets", claim, REGRET, "not tested", ["no all-linear and attention-only LoRA arms to compare"]
+        )
+    verdicts, evidence = [], []
+    for at in attn:
+        same = [a for a in alls if _context(a) == _context(at) and a["method"] == at["method"]] or alls
+        al = same[0]
+        rel = relation(al["learning"]["ci95"], at["learning"]["ci95"])
+        verdicts.append({"above": "agrees", "below": "disagrees", "overlap": "inconclusive"}[rel])
+        evidence.append(
+            f"{al['name']} (all-linear, {al['cost']['trainable_params']:,} params) {_fig(al['learning'])} vs "
+            f"{at['name']} (attention, {at['cost']['trainable_params']:,} params) {_fig(at['learning'])}"
+        )
+    for m in (a for a in lora if a["config"].get("targets") == "mlp"):
+        evidence.append(f"MLP-only {m['name']}: {_fig(m['learning'])}")
+    return _finding("targets", claim, REGRET, _overall(verdicts), evidence)
+
+
+def _batch(arms: list[dict[str, Any]]) -> dict[str, Any]:
+    claim = "LoRA loses more than full fine-tuning when the batch grows (batch-size sensitivity)"
+    drops: dict[str, tuple[float, float, str]] = {}
+    for family in ("full", "lora"):
+        group = [
+            a
+            for a in arms
+            if (a["method"] == "full") == (family == "full") and a["config"].get("data_fraction") is None
+        ]
+        group = [a for a in group if a["method"] in ("full", "lora")]
+        sizes = sorted({_global_batch(a) for a in group})
+        if len(sizes) < 2:
+            continue
+        small = next(a for a in group if _global_batch(a) == sizes[0])
+        large = next(a for a in group if _global_batch(a) == sizes[-1])
+        drop = small["learning"]["value"] - large["learning"]["value"]
+        drops[family] = (
+            drop,
+            _half(small["learning"]) + _half(large["learning"]),
+            f"{family}: learning at batch {sizes[0]} {_fig(small['learning'])}, at batch {sizes[-1]} "
+            f"{_fig(large['learning'])}, drop {drop:+.4f}",
+        )
+    if len(drops) < 2:
+        return _finding(
+            "batch", claim, REGRET, "not tested", ["needs full and LoRA arms at two or more batch sizes"]
+        )
+    d = drops["lora"][0] - drops["full"][0]
+    u = drops["lora"][1] + drops["full"][1]
+    verdict = "agrees" if d > u else "disagrees" if d < -u else "inconclusive"
+    evidence = [
+        drops["full"][2],
+        drops["lora"][2],
+        f"LoRA's drop minus full's: {d:+.4f} (uncertainty +-{u:.4f})",
+    ]
+    return _finding("batch", claim, REGRET, verdict, evidence)
+
+
+def _data_size(arms: list[dict[str, Any]]) -> dict[str, Any]:
+    claim = "LoRA matches or beats full fine-tuning on small data; full fine-tuning pulls ahead as data grows"
+    sized = [a for a in arms if a["config"].get("data_fraction") is not None]
+    fracs = sorted({a["config"]["data_fraction"] for a in sized})
+    if len(fracs) < 2:
+        return _finding(
+            "data_size", claim, BIDERMAN, "not tested", ["needs arms on two or more data fractions"]
+        )
+    verdicts, evidence = [], []
+    lora_keys = sorted(
+        {(a["method"], a["config"].get("rank")) for a in sized if a["method"] != "full"}, key=str
+    )
+    for method, rank in lora_keys:
+        gaps = []
+        for fr in fracs:
+            f = next((a for a in sized if a["method"] == "full" and a["config"]["data_fraction"] == fr), None)
+            lo = next(
+                (
+                    a
+                    for a in sized
+                    if a["method"] == method
+                    and a["config"].get("rank") == rank
+                    and a["config"]["data_fraction"] == fr
+                ),
+                None,
+            )
+            if f and lo:
+                gaps.append(
+                    (
+                        fr,
+                        f["learning"]["value"] - lo["learning"]["value"],
+                        _half(f["learning"]) + _half(lo["learning"]),
+                    )
+                )
+        if len(gaps) < 2:
+            continue
+        (_, g0, u0), (_, g1, u1) = gaps[0], gaps[-1]
+        change, u = g1 - g0, u0 + u1
+        verdicts.append("agrees" if change > u else "disagrees" if change < -u else "inconclusive")
+        cross = [b[0] for a, b in zip(gaps, gaps[1:], strict=False) if (a[1] <= 0) != (b[1] <= 0)]
+        evidence.append(
+            f"full minus {method} r{rank}: "
+            + ", ".join(f"{100 * fr:g}% {g:+.4f}" for fr, g, _ in gaps)
+            + f"; change {change:+.4f} (uncertainty +-{u:.4f})"
+            + (
+                f"; the sign flips at {100 * cross[0]:g}% of the data"
+                if cross
+                else "; no crossover in this range"
+            )
+        )
+    return _finding(
+        "data_size", claim, BIDERMAN, _overall(verdicts), evidence or ["no full/LoRA pair per fraction"]
+    )
+
+
+def _rank(arms: list[dict[str, Any]]) -> dict[str, Any]:
+    claim = "Higher LoRA rank learns more (capacity), approaching full fine-tuning"
+    plain = [a for a in arms if a["method"] == "lora" and a["config"].get("targets") == "all-linear"]
+    plain = [a for a in plain if a["config"].get("data_fraction") is None]
+    ranks = sorted({a["config"]["rank"] for a in plain})
+    if len(ranks) < 3:
+        return _finding("rank", claim, BIDERMAN, "not tested", ["needs LoRA arms at three or more ranks"])
+    low = next(a for a in plain if a["config"]["rank"] == ranks[0])
+    high = next(a for a in plain if a["config"]["rank"] == ranks[-1])
+    rel = relation(high["learning"]["ci95"], low["learning"]["ci95"])
+    evidence = [
+        ", ".join(
+            f"r{a['config']['rank']} {a['learning']['value']:.4f}"
+            for a in sorted(plain, key=lambda a: a["config"]["rank"])
+        )
+    ]
+    full = [a for a in arms if a["method"] == "full"]
+    if full:
+        match = [a for a in plain if relation(a["learning"]["ci95"], full[0]["learning"]["ci95"]) != "below"]
+        evidence.append(
+            f"smallest rank not distinguishable from (or above) {full[0]['name']}: "
+            + (f"r{min(a['config']['rank'] for a in match)}" if match else "none")
+        )
+    verdict = {"above": "agrees", "below": "disagrees", "overlap": "inconclusive"}[rel]
+    return _finding("rank", claim, BIDERMAN, verdict, evidence)
+
+
+def _intruders(arms: list[dict[str, Any]]) -> dict[str, Any]:
+    claim = "LoRA introduces intruder dimensions that full fine-tuning does not"
+    with_an = [a for a in arms if a.get("analysis") and a["analysis"].get("intruders_per_layer") is not None]
+    full = [a for a in with_an if a["method"] == "full"]
+    lora = [a for a in with_an if a["method"] != "full"]
+    if not (full and lora):
+        return _finding(
+            "intruders", claim, SHUTTLEWORTH, "not tested", ["needs the analysis of a full and a LoRA arm"]
+        )
+    f = full[0]["analysis"]
+    evidence = [
+        f"{a['name']}: {a['analysis']['intruders']} intruders in {a['analysis']['layers']} layers"
+        for a in full[:1] + lora
+    ]
+    if f["intruders"] == 0 and all(a["analysis"]["intruders"] == 0 for a in lora):
+        verdict = "inconclusive"
+        evidence.append("no arm shows intruder dimensions at this budget (the paper trains to convergence)")
+    else:
+        verdicts = [
+            "agrees" if a["analysis"]["intruders_per_layer"] > f["intruders_per_layer"] else "disagrees"
+            for a in lora
+        ]
+        verdict = _overall(verdicts)
+        evidence.append("counts have no confidence interval: one training per arm")
+    return _finding("intruders", claim, SHUTTLEWORTH, verdict, evidence)
+
+
+def _ladder_forgetting(ok: list[dict[str, Any]], frontier: list[str]) -> list[dict[str, Any]]:
+    by = {a["name"]: a for a in ok}
+    return [
+        {"limit_from": by[n]["forgetting"]["value"], "pick": n, "learning": by[n]["learning"]["value"]}
+        for n in frontier
+    ]
+
+
+def _ladder_memory(ok: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    best = None
+    for a in sorted(ok, key=lambda a: (a["cost"]["peak_mem_bytes"], -a["learning"]["value"])):
+        if best is None or a["learning"]["value"] > best["learning"]["value"]:
+            best = a
+            if out and a["cost"]["peak_mem_bytes"] <= 1.02 * out[-1]["limit_from_bytes"]:
+                out.pop()  # within 2% of the previous step: the same memory limit in practice
+            out.append(
+                {
+                    "limit_from_bytes": a["cost"]["peak_mem_bytes"],
+                    "pick": a["name"],
+                    "learning": a["learning"]["value"],
+                }
+            )
+    return out
+
+
+def _best_under(ok: list[dict[str, Any]], fits: Any) -> dict[str, Any] | None:
+    cands = [a for a in ok if fits(a)]
+    return max(cands, key=lambda a: a["learning"]["value"]) if cands else None
+
+
+def recommend(results: dict[str, Any]) -> dict[str, Any]:
+    """Frontier, pick, picks under limits and per-finding verdicts, with the reasons in words."""
+    ok = [
+        a
+        for a in results["arms"]
+        if a.get("status") == "ok" and a.get("forgetting", {}).get("value") is not None
+    ]
+    metric = results.get("forgetting_metric", "drift_kl")
+    unit = {"general_nll": "general NLL increase", "drift_kl": "drift KL", "mc_acc_drop": "MC accuracy drop"}[
+        metric
+    ]
+    if not ok:
+        return {
+            "pick": None,
+            "frontier": [],
+            "findings": [],
+            "summary": "No arm finished: nothing to recommend.",
+        }
+    frontier = pareto_frontier([(a["name"], a["learning"]["value"], a["forgetting"]["value"]) for a in ok])
+    best = max(ok, key=lambda a: a["learning"]["value"])
+    ties = [a for a in ok if relation(a["learning"]["ci95"], best["learning"]["ci95"]) == "overlap"]
+    pick = min(ties, key=lambda a: (a["forgetting"]["value"], a["cost"]["peak_mem_bytes"]))
+    if pick is best:
+        reason = f"{pick['name']} learned the most ({_fig(pick['learning'])} nats/token)"
+        others = [a["name"] for a in ties if a is not best]
+        if others:
+            reason += f"; {', '.join(others)} {'is' if len(others) == 1 else 'are'} not distinguishable from it in learning but forget more"
+        elif len(ok) > 1:
+            reason += ", distinguishably more than every other arm"
+    else:
+        reason = (
+            f"{pick['name']} learned {_fig(pick['learning'])}, not distinguishable from the best "
+            f"({best['name']}, {_fig(best['learning'])}), and forgets least among those "
+            f"({unit} {_fig(pick['forgetting'])} vs {_fig(best['forgetting'])})"
+        )
+    rec: dict[str, Any] = {
+        "frontier": frontier,
+        "best_learning": best["name"],
+        "least_forgetting": min(ok, key=lambda a: a["forgetting"]["value"])["name"],
+        "pick": pick["name"],
+        "pick_reason": reason,
+        "not_distinguishable_from_best": [a["name"] for a in ties],
+        "forgetting_metric": metric,
+        "forgetting_ladder": _ladder_forgetting(ok, frontier),
+        "memory_ladder": _ladder_memory(ok),
+    }
+    limits = results.get("limits") or {}
+    if limits.get("forgetting") is not None:
+        lim = limits["forgetting"]
+        a = _best_under(ok, lambda a: a["forgetting"]["value"] <= lim)
+        rec["under_forgetting_limit"] = {
+            "limit": lim,
+            "pick": a["name"] if a else None,
+            "ci_within": bool(a and a["forgetting"]["ci95"][1] <= lim),
+        }
+    if limits.get("memory_gb") is not None:
+        lim_b = limits["memory_gb"] * 1e9
+        a = _best_under(ok, lambda a: a["cost"]["peak_mem_bytes"] <= lim_b)
+        rec["under_memory_limit"] = {"limit_gb": limits["memory_gb"], "pick": a["name"] if a else None}
+    learn_v, learn_e = _full_vs_lora(ok, "learning")
+    forget_v, forget_e = _full_vs_lora(ok, "forgetting")
+    findings = [
+        _finding(
+            "learns_less",
+            "LoRA learns less than full fine-tuning",
+            BIDERMAN,
+            _overall(learn_v),
+            learn_e or ["needs a full and a LoRA arm on the same batch and data"],
+        ),
+        _finding(
+            "forgets_less",
+            f"LoRA forgets less than full fine-tuning ({unit})",
+            BIDERMAN,
+            _overall(forget_v),
+            forget_e or ["needs a full and a LoRA arm on the same batch and data"],
+        ),
+        _lr_ratio(results, ok),
+        _targets(ok),
+        _batch(ok),
+        _data_size(ok),
+        _rank(ok),
+        _intruders(ok),
+    ]
+    rec["findings"] = findings
+    rec["summary"] = _summary(rec, ok, unit)
+    return rec
+
+
+def _summary(rec: dict[str, Any], ok: list[dict[str, Any]], unit: str) -> str:
+    by = {a["name"]: a for a in ok}
+    lines = [f"Recommendation: {rec['pick']}. {rec['pick_reason']}."]
+    lines.append(
+        "Pareto frontier (learning vs "
+        + unit
+        + "): "
+        + ", ".join(
+            f"{n} ({by[n]['learning']['value']:.4f} / {by[n]['forgetting']['value']:.4f})"
+            for n in rec["frontier"]
+        )
+        + "."
+    )
+    ladder = rec["forgetting_ladder"]
+    if len(ladder) > 1:
+        lines.append(
+            "Under a forgetting limit: "
+            + "; ".join(f"{unit} <= {s['limit_from']:.4f}: {s['pick']}" for s in ladder)
+            + "."
+        )
+    mem = rec["memory_ladder"]
+    if len(mem) > 1:
+        lines.append(
+            "Under a memory limit: "
+            + "; ".join(f">= {s['limit_from_bytes'] / 1e9:.2f} GB: {s['pick']}" for s in mem)
+            + "."
+        )
+    for key, what in (("under_forgetting_limit", "limit"), ("under_memory_limit", "limit_gb")):
+        if key in rec:
+            r = rec[key]
+            lines.append(
+                f"With your {key.replace('under_', '').replace('_', ' ')} {r[what]:g}: {r['pick'] or 'no arm fits'}."
+            )
+    tested = [f for f in rec["findings"] if f["verdict"] != "not tested"]
+    if tested:
+        lines.append(
+            "Published findings: " + "; ".join(f"{f['claim']}: {f['verdict']}" for f in tested) + "."
+        )
+    return "\n".join(lines)

@@ -1,0 +1,211 @@
+"""The comparison report: OUT/report.md (images beside it) and a self-contained OUT/report.html.
+
+Both are rendered from results.json by jinja2 templates (templates.py); the HTML embeds every
+image as base64 PNG, so it opens anywhere, offline, as one file.
+
+    python -c "import json; from pathlib import Path; from adaptlab.report.render import write_report; \\
+write_report(json.loads(Path('OUT/results.json').read_text()), Path('OUT'))"
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+from typing import Any
+
+from adaptlab.report.plots import METRIC_LABEL, all_plots
+from adaptlab.report.templates import HTML, MARKDOWN
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_params(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}k"
+    return str(n)
+
+
+def fmt_ci(f: dict[str, Any] | None, digits: int = 4) -> str:
+    if not f or f.get("value") is None:
+        return "n/a"
+    lo, hi = f["ci95"]
+    return f"{f['value']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def fmt_s(s: float | None) -> str:
+    if s is None:
+        return "n/a"
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _describe_arm(a: dict[str, Any]) -> str:
+    c = a["config"]
+    if c.get("method") == "full":
+        parts = ["full"]
+    else:
+        t = c.get("targets")
+        parts = [
+            c.get("method", a["method"]),
+            f"r={c.get('rank')}",
+            t if isinstance(t, str) else ",".join(t or []),
+        ]
+        if c.get("rslora"):
+            parts.append("rsLoRA")
+    lr = c.get("lr")
+    parts.append(f"lr {lr:.2g} ({c.get('lr_source')})" if lr else "lr n/a")
+    parts.append(f"batch {c['batch']}x{c['grad_accum']}")
+    if c.get("data_fraction") is not None:
+        parts.append(f"{100 * c['data_fraction']:g}% of data")
+    return ", ".join(parts)
+
+
+def context(results: dict[str, Any], images: dict[str, str]) -> dict[str, Any]:
+    """Everything the templates show, formatted."""
+    rec = results.get("recommendation") or {}
+    frontier = set(rec.get("frontier", []))
+    rows, cost, intr, failed, heatmaps, sweeps = [], [], [], [], [], []
+    for a in results["arms"]:
+        if a.get("status") != "ok":
+            failed.append({"name": a["name"], "error": a.get("error", "")})
+            continue
+        f = a["forgetting"]
+        rows.append(
+            {
+                "name": a["name"],
+                "desc": _describe_arm(a),
+                "learning": fmt_ci(a["learning"]),
+                "forgetting": fmt_ci(f),
+                "general": fmt_ci(f.get("general_nll")),
+                "drift": fmt_ci(f.get("drift")),
+                "mc": "; ".join(f"{k} {fmt_ci(v, 3)}" for k, v in (f.get("mc") or {}).items()) or "n/a",
+                "val_loss": f"{a['final_val_loss']:.4f}" if a.get("final_val_loss") is not None else "n/a",
+                "frontier": "yes" if a["name"] in frontier else "",
+                "pick": a["name"] == rec.get("pick"),
+                "seeds": (
+                    f"{a['learning']['spread']['n']} seeds, sd {a['learning']['spread']['std']:.4f}"
+                    if a["learning"].get("spread")
+                    else ""
+                ),
+            }
+        )
+        c = a["cost"]
+        cost.append(
+            {
+                "name": a["name"],
+                "trainable": fmt_params(c["trainable_params"]),
+                "fraction": f"{100 * c['trainable_params'] / c['total_params']:.2f}%"
+                if c.get("total_params")
+                else "n/a",
+                "peak_mem": fmt_bytes(c["peak_mem_bytes"]),
+                "wall": fmt_s(c["wall_s"]),
+                "tps": f"{c['tokens_per_s']:,.0f}",
+                "artifact": fmt_bytes(c["artifact_bytes"]),
+                "tokens": f"{c['tokens_seen']:,}",
+            }
+        )
+        an = a.get("analysis")
+        if an:
+            intr.append(
+                {
+                    "name": a["name"],
+                    "layers": an["layers"],
+                    "intruders": an["intruders"],
+                    "with": an["layers_with_intruders"],
+                    "per_layer": f"{an['intruders_per_layer']:.2f}"
+                    if an.get("intruders_per_layer") is not None
+                    else "n/a",
+                    "rel": f"{an['rel_update_norm']:.4f}" if an.get("rel_update_norm") is not None else "n/a",
+                    "erank": f"{an['mean_effective_rank']:.1f}"
+                    if an.get("mean_effective_rank") is not None
+                    else "n/a",
+                    "by_type": ", ".join(
+                        f"{k} {v['intruders']}" for k, v in (an.get("by_module_type") or {}).items()
+                    ),
+                }
+            )
+            for h in an.get("heatmaps", []):
+                key = f"heatmap:{h}"
+                if key in images:
+                    heatmaps.append(
+                        {
+                            "arm": a["name"],
+                            "path": h,
+                            "src": images[key],
+                            "kind": Path(h).stem.replace("_", " "),
+                        }
+                    )
+        if a.get("lr_sweep"):
+            for p in a["lr_sweep"]["points"]:
+                sweeps.append(
+                    {
+                        "arm": a["name"],
+                        "lr": f"{p['lr']:.2g}",
+                        "val": f"{p['final_val_loss']:.4f}"
+                        if p.get("final_val_loss") is not None
+                        else p.get("status"),
+                        "chosen": "best" if p.get("chosen") else "",
+                    }
+                )
+    first_an = next((a["analysis"] for a in results["arms"] if a.get("analysis")), None)
+    return {
+        "r": results,
+        "rec": rec,
+        "rows": rows,
+        "cost": cost,
+        "intr": intr,
+        "failed": failed,
+        "heatmaps": heatmaps,
+        "sweeps": sweeps,
+        "images": {"study": None, **images},
+        "metric_label": METRIC_LABEL.get(results.get("forgetting_metric", ""), "forgetting"),
+        "k": first_an.get("k") if first_an else None,
+        "eps": first_an.get("eps") if first_an else None,
+        "summary_lines": (rec.get("summary") or "").splitlines(),
+        "fmt_bytes": fmt_bytes,
+    }
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Plots, report.md and report.html in out_dir; returns their paths."""
+    import jinja2
+
+    out = Path(out_dir)
+    plots = all_plots(results, out)
+    heat = {
+        f"heatmap:{h}": out / h
+        for a in results["arms"]
+        for h in ((a.get("analysis") or {}).get("heatmaps") or [])
+    }
+    heat = {k: p for k, p in heat.items() if p.exists()}
+    md_images = {k: os.path.relpath(p, out) for k, p in {**plots, **heat}.items()}
+    html_images = {k: _data_uri(p) for k, p in {**plots, **heat}.items()}
+    env = jinja2.Environment(
+        autoescape=False, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined
+    )
+    md = env.from_string(MARKDOWN).render(**context(results, md_images))
+    html_env = jinja2.Environment(
+        autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined
+    )
+    html = html_env.from_string(HTML).render(**context(results, html_images))
+    paths = {"md": out / "report.md", "html": out / "report.html"}
+    for key, text in (("md", md), ("html", html)):
+        tmp = paths[key].with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, paths[key])
+    return {**paths, **{f"plot_{k}": v for k, v in plots.items()}}

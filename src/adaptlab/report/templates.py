@@ -1,0 +1,213 @@
+"""jinja2 templates of the comparison report: Markdown and self-contained HTML (same sections)."""
+
+from __future__ import annotations
+
+MARKDOWN = """\
+# adaptlab comparison{% if r.study %}: `{{ r.study }}` study{% endif %} on `{{ r.model }}`
+
+- Target data: {{ r.data.target | join(", ") }} (learning is measured on its held-out test documents, \
+first {{ r.data.eval_docs }} documents{% if r.data.eval_max_chars %}, each cut to {{ r.data.eval_max_chars }} characters{% endif %})
+- General probes: {% if r.data.general %}text {{ r.data.general | join(", ") }}; {% endif %}\
+{% if r.data.drift %}drift KL(base || tuned); {% endif %}{% if r.data.mc %}multiple choice {{ r.data.mc | join(", ") }}{% endif %}
+
+- Budget: {{ r.budget_note }}
+- Learning rates: {{ r.lr_rule }}
+- Seeds per arm: {{ r.seeds }}
+{% for n in r.notes %}
+- {{ n }}
+{% endfor %}
+
+## Recommendation
+
+{% for line in summary_lines %}
+{{ line }}
+
+{% endfor %}
+## Learning vs forgetting
+
+![learning vs forgetting]({{ images.scatter }})
+
+Learning = base NLL - tuned NLL per token on held-out target text; forgetting axis: {{ metric_label }}. \
+Brackets are 95% bootstrap intervals; two arms are distinguishable only when their intervals do not overlap.
+
+| arm | setup | learning | forgetting | general NLL delta | drift KL | MC drop | final val loss | frontier |
+| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: |
+{% for x in rows %}
+| {% if x.pick %}**{{ x.name }}** (pick){% else %}{{ x.name }}{% endif %} | {{ x.desc }} | {{ x.learning }}{% if x.seeds %} ({{ x.seeds }}){% endif %} | {{ x.forgetting }} | {{ x.general }} | {{ x.drift }} | {{ x.mc }} | {{ x.val_loss }} | {{ x.frontier }} |
+{% endfor %}
+
+## Training and validation loss
+
+![loss curves]({{ images.loss }})
+
+## Cost
+
+| arm | trainable params | of total | peak memory | wall time | tokens/s | artifact | tokens seen |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+{% for x in cost %}
+| {{ x.name }} | {{ x.trainable }} | {{ x.fraction }} | {{ x.peak_mem }} | {{ x.wall }} | {{ x.tps }} | {{ x.artifact }} | {{ x.tokens }} |
+{% endfor %}
+
+## Published findings, checked against this run
+
+| finding | verdict | evidence | source |
+| --- | --- | --- | --- |
+{% for f in rec.findings %}
+| {{ f.claim }} | **{{ f.verdict }}** | {{ f.evidence | join("; ") }} | {{ f.source }} |
+{% endfor %}
+{% if images.study %}
+
+## Study: {{ r.study }}
+
+![study]({{ images.study }})
+{% endif %}
+{% if sweeps %}
+
+### LR sweeps
+
+| arm | LR | final val loss | |
+| --- | ---: | ---: | --- |
+{% for s in sweeps %}
+| {{ s.arm }} | {{ s.lr }} | {{ s.val }} | {{ s.chosen }} |
+{% endfor %}
+{% endif %}
+{% if intr %}
+
+## Weight updates: intruder dimensions
+
+Intruder dimension (Shuttleworth et al. 2024): a top-{{ k }} left singular vector of W0 + dW whose largest \
+|cosine| with every left singular vector of W0 is below {{ eps }}.
+
+| arm | layers | intruders | layers with intruders | per layer | rel. update norm | mean effective rank | by module type |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |
+{% for x in intr %}
+| {{ x.name }} | {{ x.layers }} | {{ x.intruders }} | {{ x.with }} | {{ x.per_layer }} | {{ x.rel }} | {{ x.erank }} | {{ x.by_type }} |
+{% endfor %}
+
+{% for h in heatmaps %}
+![{{ h.arm }} {{ h.kind }}]({{ h.src }})
+{% endfor %}
+{% endif %}
+{% if failed %}
+
+## Arms that did not finish
+
+{% for f in failed %}
+- {{ f.name }}: {{ f.error }}
+{% endfor %}
+{% endif %}
+"""
+
+HTML = """\
+<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>adaptlab comparison{% if r.study %}: {{ r.study }}{% endif %} on {{ r.model }}</title>
+<style>
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0 auto; max-width: 1200px;
+       padding: 16px 24px; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; margin-bottom: 0.3em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: 8px 0 16px; font-size: 0.86em; width: 100%; }
+th, td { border: 1px solid #ddd; padding: 4px 7px; vertical-align: top; }
+th { background: #f4f4f4; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tr.pick td { background: #eef7ee; font-weight: 600; }
+.rec { background: #f6f8fb; border-left: 4px solid #3b6ea8; padding: 8px 14px; }
+.rec p { margin: 6px 0; }
+img.plot { max-width: 100%; height: auto; display: block; margin: 8px 0; }
+.heatmaps { display: flex; flex-wrap: wrap; gap: 12px; }
+.heatmaps figure { margin: 0; flex: 0 1 360px; } .heatmaps img { width: 100%; height: auto; }
+.heatmaps figcaption { font-size: 0.85em; text-align: center; }
+.verdict-agrees { color: #1f7a1f; font-weight: 600; } .verdict-disagrees { color: #b02a2a; font-weight: 600; }
+.verdict-inconclusive, .verdict-mixed { color: #8a6d00; font-weight: 600; } .verdict-not { color: #777; }
+ul.setup li { margin: 2px 0; } .small { font-size: 0.85em; color: #555; }
+</style>
+</head>
+<body>
+<h1>adaptlab comparison{% if r.study %}: <code>{{ r.study }}</code> study{% endif %} on <code>{{ r.model }}</code></h1>
+<ul class="setup">
+<li>Target data: {{ r.data.target | join(", ") }} (learning measured on its held-out test documents, first {{ r.data.eval_docs }} documents{% if r.data.eval_max_chars %}, each cut to {{ r.data.eval_max_chars }} characters{% endif %})</li>
+<li>General probes: {% if r.data.general %}text {{ r.data.general | join(", ") }}; {% endif %}{% if r.data.drift %}drift KL(base || tuned); {% endif %}{% if r.data.mc %}multiple choice {{ r.data.mc | join(", ") }}{% endif %}</li>
+<li>Budget: {{ r.budget_note }}</li>
+<li>Learning rates: {{ r.lr_rule }}</li>
+<li>Seeds per arm: {{ r.seeds }}</li>
+{% for n in r.notes %}<li>{{ n }}</li>
+{% endfor %}
+</ul>
+
+<h2>Recommendation</h2>
+<div class="rec">
+{% for line in summary_lines %}<p>{{ line }}</p>
+{% endfor %}
+</div>
+
+<h2>Learning vs forgetting</h2>
+<img class="plot" src="{{ images.scatter }}" alt="learning vs forgetting">
+<p class="small">Learning = base NLL - tuned NLL per token on held-out target text; forgetting axis: {{ metric_label }}.
+Brackets are 95% bootstrap intervals; two arms are distinguishable only when their intervals do not overlap.</p>
+<table>
+<tr><th>arm</th><th>setup</th><th>learning</th><th>forgetting</th><th>general NLL delta</th><th>drift KL</th><th>MC drop</th><th>final val loss</th><th>frontier</th></tr>
+{% for x in rows %}
+<tr{% if x.pick %} class="pick"{% endif %}><td>{{ x.name }}{% if x.pick %} (pick){% endif %}</td><td>{{ x.desc }}</td>
+<td class="num">{{ x.learning }}{% if x.seeds %}<br><span class="small">{{ x.seeds }}</span>{% endif %}</td><td class="num">{{ x.forgetting }}</td>
+<td class="num">{{ x.general }}</td><td class="num">{{ x.drift }}</td><td class="num">{{ x.mc }}</td><td class="num">{{ x.val_loss }}</td><td>{{ x.frontier }}</td></tr>
+{% endfor %}
+</table>
+
+<h2>Training and validation loss</h2>
+<img class="plot" src="{{ images.loss }}" alt="loss curves">
+
+<h2>Cost</h2>
+<table>
+<tr><th>arm</th><th>trainable params</th><th>of total</th><th>peak memory</th><th>wall time</th><th>tokens/s</th><th>artifact</th><th>tokens seen</th></tr>
+{% for x in cost %}
+<tr><td>{{ x.name }}</td><td class="num">{{ x.trainable }}</td><td class="num">{{ x.fraction }}</td><td class="num">{{ x.peak_mem }}</td>
+<td class="num">{{ x.wall }}</td><td class="num">{{ x.tps }}</td><td class="num">{{ x.artifact }}</td><td class="num">{{ x.tokens }}</td></tr>
+{% endfor %}
+</table>
+
+<h2>Published findings, checked against this run</h2>
+<table>
+<tr><th style="width:26%">finding</th><th>verdict</th><th>evidence</th><th style="width:18%">source</th></tr>
+{% for f in rec.findings %}
+<tr><td>{{ f.claim }}</td><td class="verdict-{{ f.verdict.split(' ')[0] }}">{{ f.verdict }}</td><td>{{ f.evidence | join("; ") }}</td><td class="small">{{ f.source }}</td></tr>
+{% endfor %}
+</table>
+{% if images.study %}
+
+<h2>Study: {{ r.study }}</h2>
+<img class="plot" src="{{ images.study }}" alt="study">
+{% endif %}
+{% if sweeps %}
+<h3>LR sweeps</h3>
+<table>
+<tr><th>arm</th><th>LR</th><th>final val loss</th><th></th></tr>
+{% for s in sweeps %}<tr><td>{{ s.arm }}</td><td class="num">{{ s.lr }}</td><td class="num">{{ s.val }}</td><td>{{ s.chosen }}</td></tr>
+{% endfor %}
+</table>
+{% endif %}
+{% if intr %}
+
+<h2>Weight updates: intruder dimensions</h2>
+<p class="small">Intruder dimension (Shuttleworth et al. 2024): a top-{{ k }} left singular vector of W0 + dW whose largest
+|cosine| with every left singular vector of W0 is below {{ eps }}.</p>
+<table>
+<tr><th>arm</th><th>layers</th><th>intruders</th><th>layers with intruders</th><th>per layer</th><th>rel. update norm</th><th>mean effective rank</th><th>by module type</th></tr>
+{% for x in intr %}
+<tr><td>{{ x.name }}</td><td class="num">{{ x.layers }}</td><td class="num">{{ x.intruders }}</td><td class="num">{{ x.with }}</td>
+<td class="num">{{ x.per_layer }}</td><td class="num">{{ x.rel }}</td><td class="num">{{ x.erank }}</td><td>{{ x.by_type }}</td></tr>
+{% endfor %}
+</table>
+<div class="heatmaps">
+{% for h in heatmaps %}<figure><img src="{{ h.src }}" alt="{{ h.arm }} {{ h.kind }}"><figcaption>{{ h.arm }}: {{ h.kind }}</figcaption></figure>
+{% endfor %}
+</div>
+{% endif %}
+{% if failed %}
+
+<h2>Arms that did not finish</h2>
+<ul>{% for f in failed %}<li>{{ f.name }}: {{ f.error }}</li>{% endfor %}</ul>
+{% endif %}
+</body>
+</html>
+"""

@@ -1,0 +1,139 @@
+"""compare.yaml validation (one line naming the field, exit 2), study presets and matched parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adaptlab.compare.arms import expand, lora_params, resolve_ranks, study_arms
+from adaptlab.compare.spec import STUDIES, build_spec
+from adaptlab.errors import UserError
+
+BASE = {"model": "tiny-random", "data": {"train": ["python-stdlib"]}, "tokens": 1000}
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("arms", "field", "words"),
+    [
+        ([{"name": "a", "method": "lorax"}], "arms.0.method", "'full', 'lora'"),
+        ([{"name": "a", "method": "lora", "rank": 0}], "arms.0.rank", "greater than 0"),
+        (
+            [{"name": "a", "method": "lora", "lr": 1e-4, "lr_sweep": [1e-4, 2e-4]}],
+            "arms.0",
+            "both lr and lr_sweep",
+        ),
+        ([{"name": "a", "method": "lora", "ranks": 4}], "arms.0.ranks", "unknown field"),
+        ([{"name": "a", "method": "full"}, {"name": "a", "method": "lora"}], "top level", "unique"),
+        ([{"name": "a b", "method": "full"}], "arms.0.name", "letters, digits"),
+        ([{"name": "a", "method": "lora", "match_params": "zz"}], "top level", "names no arm"),
+    ],
+)
+def test_bad_arm_is_one_line_naming_the_field_and_exit_2(run_cli, tmp_path, arms, field, words) -> None:
+    cfg = write(tmp_path, {**BASE, "arms": arms})
+    code, out, err = run_cli("compare", "--config", cfg, "--out", tmp_path / "out")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: {cfg} field {field}:"), lines[0]
+    assert words in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_budget_and_unknown_study_name_their_fields() -> None:
+    with pytest.raises(UserError, match=r"field tokens: Field required"):
+        build_spec({"data": {"train": ["x"]}, "study": "methods"})
+    with pytest.raises(UserError, match=r"field study: unknown study 'nope'"):
+        build_spec({**BASE, "study": "nope"})
+    with pytest.raises(UserError, match="give a list of arms or a study"):
+        build_spec(BASE)
+
+
+def test_unknown_force_arm_lists_the_arms(run_cli, tmp_path) -> None:
+    cfg = write(tmp_path, {**BASE, "arms": [{"name": "full", "method": "full"}]})
+    code, _, err = run_cli("compare", "--config", cfg, "--out", tmp_path / "o", "--force", "nope")
+    assert code == 2
+    assert "--force nope: no such arm; arms: full" in err
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_every_study_builds_runs(study: str) -> None:
+    spec = build_spec({**BASE, "study": study})
+    spec = spec.model_copy(update={"arms": study_arms(study, spec.model, spec.tokens, spec.train.lr)})
+    arms, _ = resolve_ranks(spec)
+    plans = expand(spec, arms)
+    assert plans and len({p.run for p in plans}) == len(plans)
+    if study == "lr":
+        assert all(p.sweep for p in plans)
+    if study == "methods":
+        assert {a.name for a in arms} >= {"full", "lora", "lora-attn", "rslora", "dora"}
+
+
+def test_attention_only_rank_is_raised_to_match_all_linear_params() -> None:
+    spec = build_spec(
+        {
+            **BASE,
+            "arms": [
+                {"name": "lora", "method": "lora", "rank": 4},
+                {"name": "attn", "method": "lora", "targets": "attention", "match_params": "lora"},
+            ],
+        }
+    )
+    arms, notes = resolve_ranks(spec)
+    attn = next(a for a in arms if a.name == "attn")
+    want = lora_params("tiny-random", "all-linear", 4)
+    got = lora_params("tiny-random", "attention", attn.rank)
+    assert attn.rank > 4
+    assert abs(got - want) <= lora_params("tiny-random", "attention", 1) / 2 + 1
+    assert "matched to lora" in notes[0]
+
+
+def test_lora_params_counts_what_peft_trains(tiny) -> None:
+    from adaptlab.config import MethodSpec
+    from adaptlab.methods import apply_method, param_report
+    from adaptlab.models import load_model
+
+    model = load_model("tiny-random").model
+    peft_model = apply_method(model, MethodSpec(method="lora", rank=3, targets="attention"))
+    assert param_report(peft_model).trainable == lora_params("tiny-random", "attention", 3)
+
+
+def test_default_lr_rule_and_same_data_order_for_every_arm() -> None:
+    spec = build_spec(
+        {
+            **BASE,
+            "train": {"lr": 1e-4},
+            "arms": [{"name": "f", "method": "full"}, {"name": "l", "method": "lora"}],
+        }
+    )
+    plans = expand(spec, spec.arms)
+    by = {p.arm: p for p in plans}
+    assert by["f"].lr == pytest.approx(1e-4) and by["l"].lr == pytest.approx(1e-3)
+    assert by["f"].lr_source == by["l"].lr_source == "rule"
+    keys = ("steps", "batch", "grad_accum", "seq_len")
+    assert [by["f"].train_fields[k] for k in keys] == [by["l"].train_fields[k] for k in keys]
+    assert by["f"].seed == by["l"].seed and by["f"].data_sources == by["l"].data_sources
+
+
+def test_seeds_and_sweeps_expand_into_runs() -> None:
+    spec = build_spec(
+        {
+            **BASE,
+            "seeds": 2,
+            "arms": [
+                {"name": "l", "method": "lora", "lr_sweep": [1e-4, 1e-3]},
+                {"name": "f", "method": "full"},
+            ],
+        }
+    )
+    runs = {p.run: p for p in expand(spec, spec.arms)}
+    assert set(runs) == {"l-lr1.0e-4-s0", "l-lr1.0e-3-s0", "l-s1", "f-s0", "f-s1"}
+    assert runs["l-s1"].lr is None  # decided by the sweep at seed 0
+    assert runs["f-s1"].seed == runs["f-s0"].seed + 1
