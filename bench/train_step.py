@@ -1,0 +1,252 @@
+"""Benchmark one training step on smollm2-135m: adaptlab's loop vs a plain transformers + peft loop.
+
+Arms: full fine-tuning, LoRA (r=16, alpha 32, all-linear) and QLoRA (the same LoRA on an NF4 base,
+double quantization, blocksize 64), each at fp32 and under bf16 autocast, at batch 4 x 256 (4 x 128
+with --quick). Each (loop, method, precision) runs in its own subprocess, so peak memory (the
+process peak RSS on CPU, torch's peak allocated memory on CUDA) is that config's alone. The first
+step is a warm-up and is not timed; tokens/s is the median over the timed steps.
+
+- adaptlab: `adaptlab.train.train` itself (data packing, the loop, the summary), its per-step
+  tokens_per_s from metrics.jsonl and peak_mem_bytes from summary.json.
+- reference: AutoModelForCausalLM (+ peft get_peft_model; QLoRA through transformers'
+  BitsAndBytesConfig), `model(input_ids, labels=...)` loss, torch AdamW, the same token blocks.
+
+Prints a table and writes bench/results/train_step.json.
+
+    python bench/train_step.py [--quick] [--steps N] [--only lora,qlora] [--precisions fp32,bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BASE = "smollm2-135m"
+RANK = 16
+RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "systems" / "man_pages.jsonl"
+METHODS = ("full", "lora", "qlora")
+LOOPS = ("reference", "adaptlab")
+
+
+def _corpus(tmp: Path) -> Path:
+    """Text for the step: man pages from ../shared/data when present, else standard-library source."""
+    out = tmp / "corpus.jsonl"
+    if CORPUS.is_file():
+        out.write_text("".join(CORPUS.read_text().splitlines(keepends=True)[:200]))
+    else:
+        import sysconfig
+
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(root.glob("*.py"))[:200]
+        out.write_text("".join(json.dumps({"text": f.read_text()}) + "\n" for f in files))
+    return out
+
+
+def _lr(method: str) -> float:
+    return 2e-5 if method == "full" else 2e-4
+
+
+def run_adaptlab(
+    method: str, precision: str, batch: int, seq_len: int, steps: int, tmp: Path
+) -> dict[str, Any]:
+    from adaptlab.config import build_config
+    from adaptlab.train import train
+
+    config = build_config(
+        {
+            "model": {"name": BASE},
+            "method": {"method": method, "rank": RANK, "targets": "all-linear"},
+            "data": {"train": [str(_corpus(tmp))], "val_frac": 0.0, "test_frac": 0.0},
+            "train": {
+                "steps": steps,
+                "batch": batch,
+                "seq_len": seq_len,
+                "precision": precision,
+                "lr": _lr(method),
+                "warmup": 0.0,
+            },
+            "out": str(tmp / "run"),
+        }
+    )
+    summary = train(config)
+    rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]  # first step is the warm-up
+    return {
+        "tokens_per_s": statistics.median(rates),
+        "step_s": statistics.median(batch * seq_len / r for r in rates),
+        "peak_mem_bytes": summary["peak_mem_bytes"],
+        "trainable_params": summary["trainable_params"],
+        "final_loss": summary["final_train_loss"],
+    }
+
+
+def _blocks(tokenizer: Any, path: Path, batch: int, seq_len: int, steps: int) -> list[torch.Tensor]:
+    ids: list[int] = []
+    for line in path.read_text().splitlines():
+        ids.extend(tokenizer(json.loads(line)["text"])["input_ids"] + [tokenizer.eos_token_id])
+        if len(ids) >= steps * batch * seq_len:
+            break
+    t = torch.tensor(ids[: steps * batch * seq_len]).view(steps, batch, seq_len)  # (steps, B, T)
+    return list(t)
+
+
+def run_reference(
+    method: str, precision: str, batch: int, seq_len: int, steps: int, tmp: Path
+) -> dict[str, Any]:
+    """The plain loop: transformers model, peft adapter, model(labels=...) loss, AdamW."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from adaptlab.hardware import peak_mem_bytes
+    from adaptlab.models import local_dir
+
+    path = str(local_dir(BASE))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        )
+        kwargs["device_map"] = str(device)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if method != "full":
+        config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=_lr(method))
+    blocks = _blocks(tokenizer, _corpus(tmp), batch, seq_len, steps)
+    times, loss = [], float("nan")
+    for ids in blocks:
+        ids = ids.to(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = float(out.loss)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    timed = times[1:]  # first step is the warm-up
+    return {
+        "tokens_per_s": statistics.median(batch * seq_len / t for t in timed),
+        "step_s": statistics.median(timed),
+        "peak_mem_bytes": peak_mem_bytes(device),
+        "trainable_params": sum(p.numel() for p in params),
+        "final_loss": loss,
+    }
+
+
+def one(loop: str, method: str, precision: str, batch: int, seq_len: int, steps: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        fn = run_adaptlab if loop == "adaptlab" else run_reference
+        return fn(method, precision, batch, seq_len, steps, Path(tmp))
+
+
+def _in_subprocess(loop: str, method: str, precision: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--one", f"{loop},{method},{precision}"]
+    cmd += ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": tail[:300]}
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 4 x 128 instead of 4 x 256")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=4, help="steps per config, the first one untimed")
+    parser.add_argument("--only", default=",".join(METHODS), help="methods, comma separated")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.seq_len = args.seq_len or (128 if args.quick else 256)
+    if args.steps < 2:
+        parser.error("--steps must be >= 2 (the first step is an untimed warm-up)")
+    if args.one:
+        loop, method, precision = args.one.split(",")
+        print(json.dumps(one(loop, method, precision, args.batch, args.seq_len, args.steps)))
+        return 0
+
+    rows = []
+    header = f"{'method':<6} {'prec':<5} {'loop':<10} {'tokens/s':>9} {'step s':>7} {'peak MB':>8} {'speed':>6} {'mem':>6}"
+    print(
+        f"smollm2-135m, batch {args.batch} x {args.seq_len}, {args.steps - 1} timed steps (median)\n{header}"
+    )
+    for precision in args.precisions.split(","):
+        for method in args.only.split(","):
+            results = {loop: _in_subprocess(loop, method, precision, args) for loop in LOOPS}
+            ref, ours = results["reference"], results["adaptlab"]
+            for loop in LOOPS:
+                r = results[loop]
+                row = {"method": method, "precision": precision, "loop": loop, **r}
+                if loop == "adaptlab" and "error" not in ref and "error" not in ours:
+                    row["speed_ratio"] = ours["tokens_per_s"] / ref["tokens_per_s"]
+                    row["mem_ratio"] = ours["peak_mem_bytes"] / ref["peak_mem_bytes"]
+                rows.append(row)
+                if "error" in r:
+                    print(f"{method:<6} {precision:<5} {loop:<10} error: {r['error']}")
+                    continue
+                ratios = (
+                    f"{row['speed_ratio']:>6.2f} {row['mem_ratio']:>6.2f}"
+                    if "speed_ratio" in row
+                    else f"{'':>6} {'':>6}"
+                )
+                print(
+                    f"{method:<6} {precision:<5} {loop:<10} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.2f} "
+                    f"{r['peak_mem_bytes'] / 2**20:>8.0f} {ratios}",
+                    flush=True,
+                )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "model": BASE,
+                "batch": args.batch,
+                "seq_len": args.seq_len,
+                "timed_steps": args.steps - 1,
+                "lora": {"rank": RANK, "alpha": 2 * RANK, "targets": "all-linear"},
+                "device": "cuda" if torch.cuda.is_available() else "cpu",
+                "cpu": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "torch": torch.__version__,
+                "command": "python bench/train_step.py" + (" --quick" if args.quick else ""),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
