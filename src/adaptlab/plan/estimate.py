@@ -11,7 +11,9 @@ and the optimizer-step peak (gradients alive).
 Time is an estimate: training FLOPs (6 N per token for full fine-tuning, 4 N + 6 x adapter for the
 LoRA family, whose frozen weights need no weight gradient; plus attention) over the measured matmul
 rate, plus elementwise traffic (activations, logits, optimizer) over the measured memory bandwidth.
-The two CALIBRATION constants below were fitted once against real runs (bench/plan_accuracy.py).
+The memory calibration below was fitted against real runs (bench/plan_accuracy.py); the time constants
+are first guesses not yet confirmed on an idle machine (the bench's runs so far were on a heavily shared
+2-core CPU, where step times varied 2-4x between consecutive steps).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from adaptlab.plan.arch import ATTN_IN, MLP_IN, Arch
 
 # --- calibration (bench/plan_accuracy.py: measured peak RSS / step time on a 2-core EPYC CPU) -------
 # Fraction of the micro-benchmark's matmul rate a real training step achieves (smaller, odd shapes,
-# autograd and dispatch overhead).
+# autograd and dispatch overhead). Not yet fitted: see the module docstring.
 MATMUL_EFFICIENCY = 0.6
 # Elementwise passes over the saved activations (write, read back, gradient) and over fp32 logits.
 ACTIVATION_PASSES = 3.0
