@@ -102,6 +102,14 @@ def test_mixed_adapter_batch_equals_one_at_a_time(engine):
     assert len(set(outs.values())) == 3
 
 
+def test_job_for_an_unloaded_adapter_fails_alone(engine):
+    ok = Job(engine.encode(PROMPTS[0]), adapter="a", sampling=Sampling(max_new_tokens=3))
+    gone = Job(engine.encode(PROMPTS[0]), adapter="gone", sampling=Sampling(max_new_tokens=3))
+    engine.generate([gone, ok])
+    assert gone.finish_reason == "error" and "loaded: a, b" in (gone.error or "")
+    assert ok.finish_reason == "length" and len(ok.token_ids) == 3
+
+
 def test_streamed_text_and_stop_strings(engine):
     ids = engine.encode(PROMPTS[1])
     pieces: list[str] = []

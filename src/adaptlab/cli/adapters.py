@@ -30,6 +30,8 @@ def merge_command(adapter: str, out: str, base: str | None, into: str | None, to
         f"check: max |logit difference| vs base + adapter = {report.max_abs_diff:.3g} over "
         f"{report.tokens_checked} tokens (tolerance {report.tolerance:g}, {report.dtype})"
     )
+    if report.max_abs_diff_fp64 is not None:
+        click.echo(f"       in fp64 (fp32 rounding excluded): {report.max_abs_diff_fp64:.3g}")
 
 
 def _weights(value: str | None) -> list[float] | None:

@@ -43,6 +43,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None  # fixes a sampled row's output regardless of what else is in its batch
     stop: tuple[str, ...] = ()  # the text ends before the first of these strings
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks: equal work for every row)
 
 
 @dataclass
@@ -184,16 +185,24 @@ class Engine:
     # -- decoding ---------------------------------------------------------------------------------
 
     def generate(self, jobs: Sequence[Job]) -> None:
-        """Complete every job in one batch (one forward pass per step for all rows), filling each Job."""
+        """Complete every job in one batch (one forward pass per step for all rows), filling each Job.
+
+        A job naming an adapter that is not loaded finishes with finish_reason 'error' and `error` set.
+        """
         if not jobs:
             return
         with self.lock, torch.inference_mode():
-            unknown = {j.adapter for j in jobs} - {BASE, *self.adapters}
-            if unknown:
-                raise UserError(
-                    f"unknown adapter(s) {', '.join(sorted(unknown))}; loaded: {', '.join(self.adapters)}"
-                )
-            self._decode(list(jobs))
+            runnable = []
+            for job in jobs:  # an adapter may have been unloaded while its job waited: fail that job only
+                if job.adapter == BASE or job.adapter in self.adapters:
+                    runnable.append(job)
+                    continue
+                job.finish_reason = "error"
+                job.error = f"no adapter named {job.adapter!r}; loaded: {', '.join(self.adapters) or 'none'}"
+                if job.on_finish is not None:
+                    job.on_finish(job)
+            if runnable:
+                self._decode(runnable)
 
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, names: list[str]
@@ -272,7 +281,7 @@ class _Row:
         job, s = self.job, self.job.sampling
         if job.cancelled.is_set():
             return self._finish("cancelled", job.text)
-        if token in self.engine.eos_ids:
+        if token in self.engine.eos_ids and not s.ignore_eos:
             return self._finish("stop", job.text)
         job.token_ids.append(token)
         text = self.engine.tokenizer.decode(job.token_ids, skip_special_tokens=True)
@@ -371,4 +380,6 @@ def generate_text(
     ids = engine.encode_chat([{"role": "user", "content": prompt}]) if use_chat else engine.encode(prompt)
     job = Job(ids, adapter=adapter, sampling=sampling or Sampling(), on_text=on_text)
     engine.generate([job])
+    if job.finish_reason == "error":
+        raise UserError(job.error or "generation failed")
     return job
