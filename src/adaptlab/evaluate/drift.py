@@ -154,7 +154,7 @@ def drift_scores(
         m.eval()
     try:
         with torch.inference_mode():
-            for batch in batches(windows, batch_size):
+            for batch in batches(windows, batch_size, seq_len):
                 t = collate_windows(batch, pad, device)
                 tuned_logits = logits_of(tuned, t)  # (B, T, V)
                 if base is None:

@@ -138,11 +138,20 @@ def make_windows(
     return windows
 
 
-def batches(windows: list[Window], batch_size: int) -> Iterator[list[Window]]:
-    """Longest first (a too-large batch fails at once, not at the end); similar lengths share a batch."""
+def batches(windows: list[Window], batch_size: int, seq_len: int | None = None) -> Iterator[list[Window]]:
+    """Longest first (a too-large batch fails at once, not at the end); similar lengths share a batch.
+
+    With seq_len, a batch holds as many windows as fit in batch_size x seq_len input tokens (rows x
+    its widest row), so short documents share one large forward pass at the same peak memory.
+    """
     order = sorted(windows, key=lambda w: -len(w.ids))
-    for i in range(0, len(order), batch_size):
-        yield order[i : i + batch_size]
+    budget = batch_size * seq_len if seq_len else None
+    i = 0
+    while i < len(order):
+        width = len(order[i].ids) - 1
+        rows = batch_size if budget is None else max(batch_size, budget // max(width, 1))
+        yield order[i : i + rows]
+        i += rows
 
 
 def collate_windows(batch: list[Window], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -206,7 +215,7 @@ def score_documents(
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in batches(windows, batch_size):
+            for batch in batches(windows, batch_size, seq_len):
                 t = collate_windows(batch, pad, device)
                 logits = logits_of(model, t)  # (B, T, V)
                 for r, w in enumerate(batch):
