@@ -7,7 +7,6 @@ adaptlab demo                        # the methods study on smollm2-135m, about 
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -112,11 +111,10 @@ def _finish(results: dict[str, Any], out: str) -> None:
         click.echo(f"report:  {report.get('html')}  (and {report.get('md')})")
     click.echo("")
     click.echo(results["recommendation"]["summary"])
-    if failed:
-        click.echo(
-            f"error: {len(failed)} arm(s) did not finish: {', '.join(failed)}; see the report", err=True
+    if failed:  # the comparison finished; exit 1 so scripts notice the arms that did not
+        raise click.ClickException(
+            f"{len(failed)} arm(s) did not finish: {', '.join(failed)}; see the report"
         )
-        sys.exit(1)
 
 
 @click.command("compare")
