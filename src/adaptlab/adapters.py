@@ -232,11 +232,10 @@ def _batch_logits(
 
 
 def _dequantize_base_like_qlora(model: Any) -> None:
-    """Replace the base weights by their 4-bit round trip, as the QLoRA adapter saw them in training."""
-    raise UserError(
-        "--into dequantized is not available yet (it needs the QLoRA quantization settings of the run); "
-        "use --into full to merge into the full-precision base"
-    )
+    """Replace the base weights by their NF4 round trip, as the QLoRA adapter saw them in training."""
+    from adaptlab.quantize import dequantize_in_place, quantize_base
+
+    dequantize_in_place(quantize_base(model))
 
 
 def _fp64_merge_diff(

@@ -195,7 +195,7 @@ def quantization_error(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _dequantize_in_place(model: nn.Module) -> nn.Module:
+def dequantize_in_place(model: nn.Module) -> nn.Module:
     """Replace every Linear4bit by a plain fp32 Linear holding its dequantized weight."""
     import bitsandbytes as bnb
 
@@ -247,7 +247,7 @@ def merge_qlora(
     base = load_model(base_spec)
     if into == "dequantized":
         quantize_base(base.model)
-        _dequantize_in_place(base.model)
+        dequantize_in_place(base.model)
     merged = load_adapter(base, Path(adapter_dir)).merge_and_unload()
     if requantize:
         quantize_base(merged)

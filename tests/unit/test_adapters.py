@@ -85,11 +85,19 @@ def test_merge_from_run_dir_and_qlora_needs_into(tmp_path, run_cli):
     code, _, err = run_cli("merge", "--adapter", run, "--out", tmp_path / "m1")
     assert code == 2 and "--into full" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli("merge", "--adapter", run, "--out", tmp_path / "m2", "--into", "dequantized")
-    assert code == 2 and "not available yet" in err
-    assert not (tmp_path / "m2").exists()
+    assert code == 0, err  # merged into the NF4 round trip of the base, checked against it unmerged
     code, out, err = run_cli("merge", "--adapter", run, "--out", tmp_path / "m3", "--into", "full")
     assert code == 0, err
     assert json.loads((tmp_path / "m3" / "adaptlab_merge.json").read_text())["method"] == "qlora"
+    from safetensors.torch import load_file
+
+    deq, full = (
+        load_file(str(tmp_path / "m2" / "model.safetensors")),
+        load_file(str(tmp_path / "m3" / "model.safetensors")),
+    )
+    q = "model.layers.0.self_attn.q_proj.weight"
+    rel = ((deq[q] - full[q]).norm() / full[q].norm()).item()
+    assert 0.02 < rel < 0.2  # the two merges differ by the NF4 round-trip error of the base
 
 
 def test_merge_failed_check_writes_nothing(tmp_path):
