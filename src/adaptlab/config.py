@@ -154,19 +154,19 @@ def build_config(data: dict[str, Any]) -> RunConfig:
         raise UserError(_describe(err)) from err
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config into a dict (validated later, after flags are merged in)."""
+def load_config(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """Read a YAML mapping into a dict (validated later, after flags are merged in); `what` names it in errors."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config {p}: no such file")
+        raise UserError(f"{what} {p}: no such file")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise UserError(f"config {p}{line}: not valid YAML") from err
+        raise UserError(f"{what} {p}{line}: not valid YAML") from err
     if not isinstance(data, dict):
-        raise UserError(f"config {p}: expected a mapping at the top level")
+        raise UserError(f"{what} {p}: expected a mapping at the top level")
     return data
 
 

@@ -21,9 +21,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from adaptlab.config import load_config
 from adaptlab.errors import UserError
 
 STUDIES = ("methods", "rank", "lr", "batch", "targets", "data-size")
@@ -246,18 +246,7 @@ def build_spec(data: dict[str, Any], source: str = "compare.yaml") -> CompareSpe
 
 
 def load_spec_file(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"compare config {p}: no such file")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise UserError(f"compare config {p}{line}: not valid YAML") from err
-    if not isinstance(data, dict):
-        raise UserError(f"compare config {p}: expected a mapping at the top level")
-    return data
+    return load_config(path, what="compare config")
 
 
 # `adaptlab demo`: sized (steps, seq_len, eval docs, drift prompts) to finish in about 15 minutes on
