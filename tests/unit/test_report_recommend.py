@@ -150,3 +150,13 @@ def test_failed_arms_are_left_out() -> None:
     rec = recommend(results(arm("lora", "lora", 0.3, 0.05), bad))
     assert rec["pick"] == "lora" and rec["frontier"] == ["lora"]
     assert recommend(results(bad))["pick"] is None
+
+
+def test_one_distinguishable_pair_among_overlapping_ones_only_partly_agrees():
+    from adaptlab.report.recommend import _overall
+
+    assert _overall(["agrees", "agrees"]) == "agrees"
+    assert _overall(["agrees", "inconclusive", "inconclusive"]) == "partly agrees"
+    assert _overall(["disagrees", "inconclusive"]) == "partly disagrees"
+    assert _overall(["agrees", "disagrees", "inconclusive"]) == "mixed"
+    assert _overall(["inconclusive"]) == "inconclusive"

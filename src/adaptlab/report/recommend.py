@@ -2,7 +2,8 @@
 
 Nothing here is written in advance. Two figures are "distinguishable" only when their 95%
 intervals do not overlap (a conservative test: the intervals are per arm, not of the difference),
-and every published finding gets a verdict from the measurements: agrees, disagrees, mixed,
+and every published finding gets a verdict from the measurements: agrees, disagrees, partly agrees
+(or disagrees: some pairs distinguishable, the rest not), mixed,
 inconclusive (intervals overlap) or not tested (the comparison has no arms that test it).
 
     python -c "from adaptlab.report.recommend import pareto_frontier as p; print(p([('a', 1, 1), ('b', 2, 2)]))"
@@ -76,10 +77,12 @@ def _overall(verdicts: list[str]) -> str:
     agree, disagree = "agrees" in verdicts, "disagrees" in verdicts
     if agree and disagree:
         return "mixed"
+    # One distinguishable pair among indistinguishable ones is not the finding holding in this run.
+    some = "inconclusive" in verdicts
     if agree:
-        return "agrees"
+        return "partly agrees" if some else "agrees"
     if disagree:
-        return "disagrees"
+        return "partly disagrees" if some else "disagrees"
     return "inconclusive"
 
 
