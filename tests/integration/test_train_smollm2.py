@@ -27,7 +27,9 @@ def _smollm2(cfg):
 @pytest.mark.parametrize(("method", "lr"), [("lora", 2e-3), ("full", 1e-4)])
 def test_loss_falls_and_artifact_loads(corpus, tmp_path, method, lr):
     # 4 blocks cycled for 6 steps: the loss on data seen again must fall.
-    cfg = _smollm2(tiny_config(corpus, tmp_path / "run", method=method, steps=6, batch=2, seq_len=64, lr=lr, rank=8))
+    cfg = _smollm2(
+        tiny_config(corpus, tmp_path / "run", method=method, steps=6, batch=2, seq_len=64, lr=lr, rank=8)
+    )
     summary = train(cfg)
     losses = [r["loss"] for r in RunDir(tmp_path / "run").read_metrics() if "loss" in r]
     assert losses[-1] < losses[0]

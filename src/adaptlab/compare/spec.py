@@ -251,7 +251,7 @@ def load_spec_file(path: str | Path) -> dict[str, Any]:
 
 # `adaptlab demo`: sized (steps, seq_len, eval docs, drift prompts) to finish in about 15 minutes on
 # a 2-core CPU; bench numbers in the README come from running it.
-DEMO_TOKENS = 12_288
+DEMO_TOKENS = 6_144
 
 
 def demo_spec(tokens: int = DEMO_TOKENS) -> dict[str, Any]:
@@ -262,6 +262,6 @@ def demo_spec(tokens: int = DEMO_TOKENS) -> dict[str, Any]:
         "drift": True,
         "study": "methods",
         "tokens": tokens,
-        "train": {"batch": 4, "seq_len": 128, "eval_points": 4, "eval_examples": 16, "checkpoints": 1},
-        "eval": {"max_docs": 12, "max_chars": 2500, "seq_len": 256, "drift_prompts": 16, "drift_tokens": 48},
+        "train": {"batch": 4, "seq_len": 128, "eval_points": 2, "eval_examples": 8, "checkpoints": 1},
+        "eval": {"max_docs": 8, "max_chars": 2500, "seq_len": 256, "drift_prompts": 16, "drift_tokens": 48},
     }
