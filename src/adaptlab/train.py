@@ -98,10 +98,13 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).logits
-    labels = batch["labels"][:, 1:]  # (B, T-1)
-    shift = logits[:, :-1].float()  # (B, T-1, vocab)
+    # Shift the labels, not the logits: the (B, T, vocab) logits stay contiguous, so they are not copied.
+    labels = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T)
     loss = F.cross_entropy(
-        shift.reshape(-1, shift.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.float().view(-1, logits.size(-1)),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
     return loss, int((labels != IGNORE_INDEX).sum())
 
