@@ -116,11 +116,46 @@ def quantize_base(model: nn.Module, compute_dtype: torch.dtype = torch.float32) 
         setattr(parent, attr, q)
     for p in model.parameters():
         p.requires_grad_(False)
+    _own_memory(model)
     model.is_loaded_in_4bit = True  # peft reads this to wrap Linear4bit with its 4-bit LoRA layer
     model.adaptlab_quantization = QuantSettings(
         backend=name, version=version, compute_dtype=str(compute_dtype).removeprefix("torch.")
     )
     return model
+
+
+def _own_memory(model: nn.Module) -> None:
+    """Copy the tensors left in full precision (embeddings, norms) out of the checkpoint's memory map.
+
+    transformers leaves a loaded model's weights as views of the memory-mapped safetensors file, and
+    quantizing reads every page of it: while any tensor still views the map, those pages (the fp32
+    Linear weights, now dead) stay resident and count in the process's RSS, so a 4-bit base would
+    cost more memory than the fp32 one. Once nothing views the map, it is unmapped; the heap the
+    quantization's temporaries fragmented is then handed back to the system where glibc allows.
+    """
+    import bitsandbytes as bnb
+
+    seen: set[int] = set()  # tied weights (embeddings and head) are one tensor: copy it once
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            continue
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            if tensor.device.type == "cpu" and id(tensor) not in seen:
+                seen.add(id(tensor))
+                tensor.data = tensor.data.clone()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Return the heap's free pages to the system (glibc malloc_trim); a no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def quantization_info(model: nn.Module) -> dict[str, Any] | None:

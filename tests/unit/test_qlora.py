@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,6 +148,36 @@ def test_quantize_base_swaps_linears_but_not_head_or_embeddings():
         if name in state:
             module.weight.data.copy_(state[name])
     assert torch.allclose(plain(ids).logits, after, atol=1e-5)
+
+
+def _checkpoint_maps() -> list[tuple[int, int]]:
+    """Address ranges of memory-mapped safetensors files in this process."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.rstrip().endswith(".safetensors"):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_quantized_base_keeps_nothing_in_the_checkpoint_map():
+    """The fp32 checkpoint's pages must not stay resident once its Linears are 4-bit (memory goal)."""
+    model = load_model("tiny-random").model
+    in_map = [
+        n
+        for n, p in model.named_parameters()
+        if any(lo <= p.data_ptr() < hi for lo, hi in _checkpoint_maps())
+    ]
+    assert in_map, "the loader no longer maps the checkpoint: this test checks nothing"
+    quantize_base(model)
+    gc.collect()
+    left = [
+        n
+        for n, t in [*model.named_parameters(), *model.named_buffers()]
+        if any(lo <= t.data_ptr() < hi for lo, hi in _checkpoint_maps())
+    ]
+    assert left == []
 
 
 @pytest.fixture(scope="module")
