@@ -6,6 +6,13 @@ with --quick). Each (loop, method, precision) runs in its own subprocess, so pea
 process peak RSS on CPU, torch's peak allocated memory on CUDA) is that config's alone. The first
 step is a warm-up and is not timed; tokens/s is the median over the timed steps.
 
+On CPU, glibc's heap keeps much of what a step frees (hundreds of MB, varying from run to run), so
+the peak RSS of small models says as much about the allocator as about the method. Each config is
+therefore run a second time with MALLOC_MMAP_THRESHOLD_=65536, under which every freed block of
+64 KiB or more goes back to the system at once: that run's peak RSS is the live peak (`live MB`),
+what the method itself needs. It is not timed (the extra page faults slow it down 1.5x). --no-live
+skips it.
+
 - adaptlab: `adaptlab.train.train` itself (data packing, the loop, the summary), its per-step
   tokens_per_s from metrics.jsonl and peak_mem_bytes from summary.json.
 - reference: AutoModelForCausalLM (+ peft get_peft_model; QLoRA through transformers'
@@ -164,11 +171,19 @@ def one(loop: str, method: str, precision: str, batch: int, seq_len: int, steps:
         return fn(method, precision, batch, seq_len, steps, Path(tmp))
 
 
-def _in_subprocess(loop: str, method: str, precision: str, args: argparse.Namespace) -> dict[str, Any]:
+LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # glibc: freed blocks >= 64 KiB are unmapped at once
+
+
+def _in_subprocess(
+    loop: str, method: str, precision: str, args: argparse.Namespace, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--one", f"{loop},{method},{precision}"]
     cmd += ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
     done = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+        cmd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error", **(env or {})},
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -185,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="steps per config, the first one untimed")
     parser.add_argument("--only", default=",".join(METHODS), help="methods, comma separated")
     parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument(
+        "--no-live", dest="live", action="store_false", help="skip the live-memory rerun on CPU"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.seq_len = args.seq_len or (128 if args.quick else 256)
@@ -196,13 +214,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     rows = []
-    header = f"{'method':<6} {'prec':<5} {'loop':<10} {'tokens/s':>9} {'step s':>7} {'peak MB':>8} {'speed':>6} {'mem':>6}"
+    live = args.live and not torch.cuda.is_available()  # CUDA's peak allocated is live memory already
+    header = (
+        f"{'method':<6} {'prec':<5} {'loop':<10} {'tokens/s':>9} {'step s':>7} {'peak MB':>8} "
+        f"{'live MB':>8} {'speed':>6} {'mem':>6}"
+    )
     print(
         f"smollm2-135m, batch {args.batch} x {args.seq_len}, {args.steps - 1} timed steps (median)\n{header}"
     )
     for precision in args.precisions.split(","):
         for method in args.only.split(","):
             results = {loop: _in_subprocess(loop, method, precision, args) for loop in LOOPS}
+            for loop in LOOPS if live else ():
+                again = _in_subprocess(loop, method, precision, args, env=LIVE_ENV)
+                if "error" not in again and "error" not in results[loop]:
+                    results[loop]["live_peak_mem_bytes"] = again["peak_mem_bytes"]
             ref, ours = results["reference"], results["adaptlab"]
             for loop in LOOPS:
                 r = results[loop]
@@ -219,9 +245,12 @@ def main(argv: list[str] | None = None) -> int:
                     if "speed_ratio" in row
                     else f"{'':>6} {'':>6}"
                 )
+                live_mb = (
+                    f"{r['live_peak_mem_bytes'] / 2**20:>8.0f}" if "live_peak_mem_bytes" in r else f"{'-':>8}"
+                )
                 print(
                     f"{method:<6} {precision:<5} {loop:<10} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.2f} "
-                    f"{r['peak_mem_bytes'] / 2**20:>8.0f} {ratios}",
+                    f"{r['peak_mem_bytes'] / 2**20:>8.0f} {live_mb} {ratios}",
                     flush=True,
                 )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -237,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu": platform.processor() or platform.machine(),
                 "cpu_count": os.cpu_count(),
                 "torch": torch.__version__,
-                "command": "python bench/train_step.py" + (" --quick" if args.quick else ""),
+                "command": "python bench/train_step.py "
+                + " ".join(argv if argv is not None else sys.argv[1:]),
+                "live_memory_env": LIVE_ENV if live else None,
                 "rows": rows,
             },
             indent=2,
