@@ -50,6 +50,7 @@ def _spec(tmp_path: Path) -> Path:
             {"name": "full", "method": "full"},
             {"name": "lora", "method": "lora", "rank": 4},
             {"name": "lora-attn", "method": "lora", "targets": "attention", "match_params": "lora"},
+            {"name": "qlora", "method": "qlora", "rank": 4},
             {"name": "broken", "method": "lora", "targets": ["no_such_proj"]},
         ],
     }
@@ -75,7 +76,7 @@ def test_compare_end_to_end_then_idempotent(run_cli, tmp_path: Path) -> None:
     assert {"arms", "recommendation", "study", "budget_tokens", "notes"} <= set(results)
     by = {a["name"]: a for a in results["arms"]}
     assert by["broken"]["status"] == "failed" and "no_such_proj" in by["broken"]["error"]
-    for name in ("full", "lora", "lora-attn"):
+    for name in ("full", "lora", "lora-attn", "qlora"):
         a = by[name]
         assert a["status"] == "ok"
         assert {"name", "method", "config", "learning", "forgetting", "cost", "analysis"} <= set(a)
@@ -97,10 +98,17 @@ def test_compare_end_to_end_then_idempotent(run_cli, tmp_path: Path) -> None:
     # attention-only rank raised so its trainable params come close to all-linear's
     assert by["lora-attn"]["config"]["rank"] > 4
     assert abs(by["lora-attn"]["cost"]["trainable_params"] / by["lora"]["cost"]["trainable_params"] - 1) < 0.2
+    # QLoRA's figures are split into the 4-bit base alone and the adapter on top, in a note
+    q = by["qlora"]["quantized_base"]
+    assert q["learning"]["ci95"][0] <= q["learning"]["value"] <= q["learning"]["ci95"][1]
+    assert "general_nll" in q
+    note = next(n for n in results["notes"] if n.startswith("qlora is measured"))
+    assert f"{by['qlora']['learning']['value'] - q['learning']['value']:.4f}" in note
     rec = results["recommendation"]
     assert rec["pick"] in by and set(rec["frontier"]) <= set(by)
     assert {f["verdict"] for f in rec["findings"]} <= {
         "agrees",
+        "partly agrees",
         "disagrees",
         "mixed",
         "inconclusive",
@@ -111,15 +119,15 @@ def test_compare_end_to_end_then_idempotent(run_cli, tmp_path: Path) -> None:
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
     assert "## Cost" in md and "plots/learning_forgetting.png" in md
     images = re.findall(r'<img[^>]*src="([^"]+)"', html)
-    assert len(images) >= 2 + 2 * 3  # loss, scatter, two heatmaps per analysed arm
+    assert len(images) >= 2 + 2 * 4  # loss, scatter, two heatmaps per analysed arm
     assert all(src.startswith("data:image/png;base64,") for src in images)
     assert str(out) not in html  # self-contained: no file paths to images
 
     before = _mtimes(out)
-    assert len(before) == 9
+    assert len(before) == 12
     code, _, err = run_cli("compare", "--config", cfg, "--out", out)
     assert code == 1
-    assert err.count("finished earlier, skipped") == 3
+    assert err.count("finished earlier, skipped") == 4
     started = [line for line in err.splitlines() if ": training," in line]
     assert started and all("broken" in line for line in started)  # only the failed arm is tried again
     assert _mtimes(out) == before

@@ -60,6 +60,39 @@ def learning_of(ev: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _quantized_base(evs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Learning and general-NLL change of a QLoRA arm's 4-bit base alone (adapter off), per run combined."""
+    out: dict[str, Any] = {}
+    if all("target" in e for e in evs):
+        out["learning"] = _combine([learning_of(e) for e in evs])
+    if all("general" in e for e in evs):
+        out["general_nll"] = _combine([forgetting_of(e, "general_nll")["general_nll"] for e in evs])
+    return out
+
+
+def _quantization_note(name: str, rec: dict[str, Any]) -> str:
+    """Say how much of a QLoRA arm's figures is the NF4 base rather than the adapter."""
+    q = rec["quantized_base"]
+    parts = [
+        f"{name} is measured against the full-precision base like every arm, so its figures include "
+        "quantizing the base to NF4"
+    ]
+    if "learning" in q:
+        own = rec["learning"]["value"] - q["learning"]["value"]
+        parts.append(
+            f"the 4-bit base alone (adapter off) scores learning {_fmt(q['learning'])}, "
+            f"so the adapter itself gained about {own:.4f} nats/token on top of it"
+        )
+    if "general_nll" in q:
+        parts.append(f"the 4-bit base alone changes general NLL by {_fmt(q['general_nll'])}")
+    return "; ".join(parts) + "."
+
+
+def _fmt(f: dict[str, Any]) -> str:
+    lo, hi = f["ci95"]
+    return f"{f['value']:.4f} [{lo:.4f}, {hi:.4f}]"
+
+
 def forgetting_of(ev: dict[str, Any], metric: str) -> dict[str, Any]:
     out: dict[str, Any] = {"metric": metric}
     if "general" in ev:
@@ -183,6 +216,7 @@ def assemble(
     from adaptlab.report.recommend import recommend
 
     metric = forgetting_metric(spec)
+    notes = list(notes)
     records = []
     budgets = set()
     for a in arms:
@@ -233,6 +267,10 @@ def assemble(
             ),
             analysis=_analysis_summary(measured[reps[0].run]["analysis"], out / "runs" / reps[0].run, out),
         )
+        quantized = [e["quantized_base"] for e in evs if "quantized_base" in e]
+        if quantized and len(quantized) == len(evs):
+            rec["quantized_base"] = _quantized_base(quantized)
+            notes.append(_quantization_note(a.name, rec))
         if len(reps) > 1:
             rec["seeds"] = [
                 {

@@ -303,7 +303,8 @@ def evaluate_run(spec: CompareSpec, run_dir: Path, probes: Probes, on_event: OnE
     if path.exists():
         with contextlib.suppress(json.JSONDecodeError, OSError):
             cached = json.loads(path.read_text())
-            if cached.get("key") == probes.key and cached.get("summary_mtime_ns") == summary_mtime:
+            fresh = cached.get("key") == probes.key and cached.get("summary_mtime_ns") == summary_mtime
+            if fresh and ("quantized_base" in cached or cached.get("method") != "qlora"):
                 return cached
     from adaptlab.evaluate import evaluate
     from adaptlab.evaluate.cache import BaseCache, model_identity
@@ -354,7 +355,22 @@ def evaluate_run(spec: CompareSpec, run_dir: Path, probes: Probes, on_event: OnE
         progress=progress,
         **kwargs,
     )
-    result = {"key": probes.key, "summary_mtime_ns": summary_mtime, **result}
+    if method == "qlora" and (probes.target or probes.general):
+        # the same figures for the 4-bit base alone (adapter off): how much of the arm's learning and
+        # forgetting is the quantization of the base rather than the adapter
+        with model.disable_adapter():
+            result["quantized_base"] = evaluate(
+                model,
+                tokenizer,
+                target_docs=probes.target,
+                general_docs=probes.general,
+                seq_len=e.seq_len,
+                batch_size=e.batch,
+                cache=BaseCache(),
+                progress=progress,
+                **kwargs,
+            )
+    result = {"key": probes.key, "summary_mtime_ns": summary_mtime, "method": method, **result}
     _atomic_json(path, result)
     del model, tuned, base, kwargs
     gc.collect()
