@@ -183,7 +183,7 @@ def local_dir(spec: str) -> Path | None:
     return None
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """Keep library progress bars and warnings off the user's terminal; our CLI prints its own."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -243,7 +243,7 @@ def load_model(
     """Load a base model and its tokenizer from an embedded name, a local HF directory or a hub id."""
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
+    quiet_transformers()
     path = local_dir(spec)
     if path is None:
         _check_hub_reachable(spec)

@@ -145,14 +145,14 @@ def compare_command(config_path: str | None, out: str, force: tuple[str, ...], *
     from adaptlab.compare import build_spec, compare
     from adaptlab.compare.spec import load_spec_file
     from adaptlab.config import merge
-    from adaptlab.models import _quiet_transformers
+    from adaptlab.models import quiet_transformers
 
     base = load_spec_file(config_path) if config_path else {}
     data = merge(base, _overrides(flags))
     if not config_path and "study" not in data:
         data["study"] = "methods"
     spec = build_spec(data, source=config_path or "flags")
-    _quiet_transformers()
+    quiet_transformers()
     results = compare(spec, out, force=force, on_event=Printer())
     _finish(results, out)
 
@@ -169,10 +169,10 @@ def demo_command(out: str, tokens: int | None, force: tuple[str, ...]) -> None:
     """LoRA vs full fine-tuning on smollm2-135m with Python source as the target domain."""
     from adaptlab.compare import build_spec, compare
     from adaptlab.compare.spec import DEMO_TOKENS, demo_spec
-    from adaptlab.models import _quiet_transformers
+    from adaptlab.models import quiet_transformers
 
     spec = build_spec(demo_spec(tokens or DEMO_TOKENS), source="demo")
-    _quiet_transformers()
+    quiet_transformers()
     printer = Printer()
     printer.echo(
         f"demo: study `methods` on smollm2-135m, target python-stdlib, drift as the general probe, "

@@ -159,7 +159,7 @@ def _hub_documents(name: str, text_field: str) -> list[Document]:
     ]
 
 
-def _expand(source: str) -> list[Path] | None:
+def local_files(source: str) -> list[Path] | None:
     """Local files a source names, or None when it is not local (a hub name)."""
     path = Path(source).expanduser()
     if any(ch in source for ch in "*?["):
@@ -202,7 +202,7 @@ def load_documents(sources: str | list[str], text_field: str = "text") -> list[D
             ):
                 found = _datasets_dir_documents(path, text_field)
             else:
-                files = _expand(source)
+                files = local_files(source)
                 if files is None:
                     found = _hub_documents(source, text_field)
                 else:

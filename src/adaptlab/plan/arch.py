@@ -91,9 +91,9 @@ def _cfg(config: Any, *names: str, default: Any = None) -> Any:
 def _load_config(spec: str) -> Any:
     from transformers import AutoConfig
 
-    from adaptlab.models import EMBEDDED_MODELS, _quiet_transformers, local_dir
+    from adaptlab.models import EMBEDDED_MODELS, local_dir, quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     path = local_dir(spec)
     try:
         return AutoConfig.from_pretrained(str(path) if path else spec)

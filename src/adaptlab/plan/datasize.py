@@ -20,7 +20,7 @@ from typing import Any
 
 from adaptlab.data.corpus import split_documents, tokenize_text
 from adaptlab.data.instruct import encode_chat
-from adaptlab.data.sources import Document, _expand, load_documents, read_jsonl
+from adaptlab.data.sources import Document, load_documents, local_files, read_jsonl
 from adaptlab.errors import UserError
 
 EXACT_CHARS = 8_000_000
@@ -70,7 +70,7 @@ def _preference_documents(sources: list[str]) -> list[Document]:
     """Preference records {prompt, chosen, rejected} as two chat documents each (chosen, rejected)."""
     docs: list[Document] = []
     for source in sources:
-        files = _expand(source)
+        files = local_files(source)
         if files is None:
             raise UserError(
                 f"data {source!r}: --task dpo reads local JSONL files of {{prompt, chosen, rejected}}"
