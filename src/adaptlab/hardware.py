@@ -51,7 +51,18 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
+    """Peak resident set size of this process so far.
+
+    On Linux this is VmHWM, the high-water mark of the process's own memory. getrusage's ru_maxrss
+    is not: a process started by another (vfork + exec, as subprocess does) inherits its parent's
+    peak there, so every child of a 2 GB parent would report at least 2 GB.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

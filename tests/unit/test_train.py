@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -175,3 +177,15 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(corpus, tmp_path
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "diverged" in errors[0] and "Traceback" not in err
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the inherited peak is a Linux rusage trait")
+def test_peak_rss_of_a_child_is_its_own_not_its_parents():
+    """A compare arm runs as a child process: its peak must not include the parent's peak."""
+    ballast = bytearray(1536 * 2**20)
+    ballast[::4096] = b"\x01" * len(range(0, len(ballast), 4096))  # touch every page: 1.5 GiB resident
+    code = "from adaptlab.hardware import peak_rss_bytes; print(peak_rss_bytes())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    del ballast
+    child_peak = int(done.stdout.strip().splitlines()[-1])
+    assert 10 * 2**20 < child_peak < 1024 * 2**20  # imports torch (a few hundred MB), not 1.5 GiB

@@ -30,7 +30,7 @@ from adaptlab.models import cache_dir
 CUDA_CONTEXT_BYTES = 512 * 2**20
 
 _BASELINE_SCRIPT = """
-import json, resource, sys, warnings
+import json, warnings
 warnings.filterwarnings("ignore")
 import torch, transformers, peft
 import adaptlab.train  # noqa: F401
@@ -39,8 +39,8 @@ x = torch.randn(64, 64, requires_grad=True)
 with torch.autocast("cpu", dtype=torch.bfloat16):
     y = (x @ x).sum()
 y.backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_rss_bytes": peak if sys.platform == "darwin" else peak * 1024}))
+from adaptlab.hardware import peak_rss_bytes
+print(json.dumps({"peak_rss_bytes": peak_rss_bytes()}))
 """
 
 
@@ -96,7 +96,7 @@ def _slug(text: str) -> str:
 
 def runtime_baseline_bytes(refresh: bool = False) -> int:
     """Peak RSS of a process that has imported the training stack (measured once, cached)."""
-    name = f"runtime-{_slug(_versions_key())}.json"
+    name = f"runtime-v2-{_slug(_versions_key())}.json"  # v2: VmHWM, not the inherited ru_maxrss
     cached = None if refresh else _read_cache(name)
     if cached is not None:
         return int(cached["peak_rss_bytes"])
