@@ -1,4 +1,4 @@
-"""How close `adaptlab plan` comes to real training: peak memory and step time, full and LoRA.
+"""How close `adaptlab plan` comes to real training: peak memory and step time, full, LoRA and QLoRA.
 
 Each arm trains a few steps through adaptlab.train.train in its own subprocess (so peak RSS is that
 run's alone) on the shared legal corpus; the plan is computed for the same model, method and shape
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny-random,smollm2-135m")
     parser.add_argument("--shapes", default="2x128", help="comma list of BATCHxSEQ_LEN")
-    parser.add_argument("--methods", default="full,lora")
+    parser.add_argument("--methods", default="full,lora,qlora")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                     refresh=key not in refreshed,
                 )
                 refreshed.add(key)
-                m = est["methods"]["full" if method == "full" else "lora"]
+                m = est["methods"][method]
                 row = {
                     "model": model,
                     "method": method,
