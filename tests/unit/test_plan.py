@@ -12,7 +12,7 @@ from adaptlab.config import MethodSpec
 from adaptlab.errors import UserError
 from adaptlab.methods import apply_method, param_report
 from adaptlab.models import load_tokenizer
-from adaptlab.plan import parse_memory
+from adaptlab.plan import estimate, parse_memory
 from adaptlab.plan.arch import arch_from_config, load_arch, targets_for
 from adaptlab.plan.datasize import measure_data
 from adaptlab.plan.estimate import Arm, Shape, layer_activation_bytes, memory_breakdown, trainable_params
@@ -102,6 +102,22 @@ def test_memory_breakdown_hand_computed():
     assert ckpt["activations"] == 4 * 8 * 8 + 400 * 8 + 4 * 8 * 8
     qlora = memory_breakdown(arch, Arm("qlora", 2, ("q_proj", "v_proj")), gpu_fp32, 0)
     assert qlora["weights"] == round(576 * (0.5 + 0.127 / 8)) + 4 * (1624 - 576)
+
+
+def test_step_time_hand_computed():
+    """Full fine-tuning of the 1-layer model, 2 micro-batches of 2 x 4 tokens, 1 GFLOP/s and 1 GB/s."""
+    arch = arch_from_config(small_config())
+    n = arch.matmul_params
+    assert n == 576 + 128 * 8  # the Linears and the tied head
+    t = estimate.step_time_s(arch, Arm("full"), Shape(2, 4, grad_accum=2, precision="fp32"), 1e9, 1e9)
+    tokens = 16
+    attn = 2 * 4 * 8  # QK^T and AV of one layer, causal half, per token
+    assert t["matmul_s"] == pytest.approx((6 * n + 3 * attn) * tokens / (estimate.MATMUL_EFFICIENCY * 1e9))
+    traffic = estimate.ACTIVATION_PASSES * 544 * tokens + estimate.LOGIT_PASSES * 4 * 128 * tokens
+    assert t["elementwise_s"] == pytest.approx(traffic / 1e9)
+    assert t["optimizer_s"] == pytest.approx(28 * 1624 / 1e9)
+    assert t["overhead_s"] == pytest.approx(2 * estimate.MICRO_BATCH_OVERHEAD_S)
+    assert t["step_s"] == pytest.approx(sum(v for k, v in t.items() if k != "step_s"))
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

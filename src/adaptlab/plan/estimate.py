@@ -11,9 +11,9 @@ and the optimizer-step peak (gradients alive).
 Time is an estimate: training FLOPs (6 N per token for full fine-tuning, 4 N + 6 x adapter for the
 LoRA family, whose frozen weights need no weight gradient; plus attention) over the measured matmul
 rate, plus elementwise traffic (activations, logits, optimizer) over the measured memory bandwidth.
-The memory calibration below was fitted against real runs (bench/plan_accuracy.py); the time constants
-are first guesses not yet confirmed on an idle machine (the bench's runs so far were on a heavily shared
-2-core CPU, where step times varied 2-4x between consecutive steps).
+The calibration below was fitted against real runs on a quiet 2-core CPU (bench/plan_accuracy.py,
+full, LoRA and QLoRA on tiny-random and smollm2-135m at 2 x 128 and 4 x 256); the time constants have
+not been checked on a GPU.
 """
 
 from __future__ import annotations
@@ -23,14 +23,22 @@ from dataclasses import dataclass
 from adaptlab.plan.arch import ATTN_IN, MLP_IN, Arch
 
 # --- calibration (bench/plan_accuracy.py: measured peak RSS / step time on a 2-core EPYC CPU) -------
-# Fraction of the micro-benchmark's matmul rate a real training step achieves (smaller, odd shapes,
-# autograd and dispatch overhead). Not yet fitted: see the module docstring.
-MATMUL_EFFICIENCY = 0.6
+# Fraction of the micro-benchmark's matmul rate a real training step achieves (other shapes, autograd).
+# Fitted on smollm2-135m: 0.7-0.96 over full, LoRA and QLoRA at 2 x 128 and 4 x 256 in two sessions.
+MATMUL_EFFICIENCY = 0.8
+# Fixed seconds per micro-batch beyond FLOPs and traffic (Python dispatch, loss, logging): what is left
+# of tiny-random's 2 x 128 steps, where matmuls are negligible.
+MICRO_BATCH_OVERHEAD_S = 0.05
 # Elementwise passes over the saved activations (write, read back, gradient) and over fp32 logits.
 ACTIVATION_PASSES = 3.0
 LOGIT_PASSES = 8.0
-# Allocator slack on CPU: peak RSS over live tensors (fitted: none needed beyond LOAD_RESIDUAL).
-CPU_ALLOCATOR_SLACK = 1.0
+# Heap slack on CPU: glibc keeps freed blocks below its mmap threshold (up to 32 MB: activations, not
+# the logits) for reuse, so peak RSS exceeds the live activations. Fitted on smollm2-135m: 1.2-2.3 over
+# full, LoRA and QLoRA at 2 x 128 and 4 x 256, varying from run to run for the same config.
+CPU_HEAP_SLACK = 1.6
+# QLoRA dequantizes every 4-bit weight to fp32 in forward and again in backward; those blocks pass
+# through the same heap, which keeps about this fraction of the fp32 Linear weights (smollm2-135m).
+CPU_QLORA_DEQUANT_RESIDUAL = 0.6
 # Tokenizer, model objects, Python structures of the run beyond the imported stack.
 CPU_RUN_OVERHEAD_BYTES = 0
 # Resident memory left by loading the checkpoint (mapped file pages, loading buffers), as a fraction
@@ -167,18 +175,24 @@ def memory_breakdown(
     # The head's gradient (vocab x hidden) arrives first in backward, while activations are alive.
     early_grads = FP32 * head if arm.method == "full" else 0
     cpu = shape.device_type == "cpu"
-    slack = CPU_ALLOCATOR_SLACK if cpu else 1.0
+    slack = CPU_HEAP_SLACK if cpu else 1.0
     runtime = runtime_bytes + (CPU_RUN_OVERHEAD_BYTES if cpu else 0)
-    loading = round(CPU_LOAD_RESIDUAL * FP32 * arch.total_params) if cpu else 0
+    # QLoRA releases the mapped checkpoint once its Linears are 4-bit (quantize.py)
+    loading = round(CPU_LOAD_RESIDUAL * FP32 * arch.total_params) if cpu and arm.method != "qlora" else 0
     static = runtime + loading + (data_bytes if cpu else 0) + weights
-    dynamic = round(slack * (weight_copies + activations + logits + early_grads))
+    dynamic = round(slack * (weight_copies + activations)) + logits + early_grads
+    if cpu and arm.method == "qlora":
+        dynamic += round(CPU_QLORA_DEQUANT_RESIDUAL * FP32 * arch.linear_params)
     forward_peak = static + optimizer + dynamic
     step_peak = (
         static + gradients + optimizer + FP32 * max(arch.embedding_params, layer_linear) * (not arm.is_lora)
     )
-    load_peak = (
-        runtime + loading + (data_bytes if cpu else 0) + FP32 * arch.total_params
-    )  # fp32 load before quantizing
+    load_peak = (  # the fp32 checkpoint before quantizing
+        runtime
+        + (data_bytes if cpu else 0)
+        + FP32 * arch.total_params
+        + (weights if arm.method == "qlora" else 0)
+    )
     return {
         "runtime": runtime,
         "loading": loading,
@@ -238,11 +252,13 @@ def step_time_s(
     elementwise = traffic / mem_bytes_per_s
     # AdamW + clipping: read param, grad, two moments; write param and moments
     optimizer = 28.0 * trainable_params(arch, arm) / mem_bytes_per_s
+    overhead = MICRO_BATCH_OVERHEAD_S * shape.grad_accum
     return {
         "matmul_s": matmul,
         "elementwise_s": elementwise,
         "optimizer_s": optimizer,
-        "step_s": matmul + elementwise + optimizer,
+        "overhead_s": overhead,
+        "step_s": matmul + elementwise + optimizer + overhead,
     }
 
 
