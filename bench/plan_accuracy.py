@@ -8,6 +8,7 @@ within +-15%, time within +-30%.
 
     python bench/plan_accuracy.py                 # tiny-random and smollm2-135m at 2 x 128 (~10 min idle)
     python bench/plan_accuracy.py --shapes 2x128,4x256 --steps 4
+    python bench/plan_accuracy.py --replan bench/results/plan_accuracy.json   # today's model, recorded runs
 """
 
 from __future__ import annotations
@@ -74,6 +75,51 @@ def run_arm(model: str, method: str, batch: int, seq_len: int, steps: int) -> di
     }
 
 
+def _print_row(row: dict) -> None:
+    print(
+        f"{row['model']:13s} {row['method']:5s} {row['batch']}x{row['seq_len']:<4d} mem "
+        f"{row['measured_peak_mem_bytes'] / 2**20:7.0f} MiB plan {row['planned_peak_mem_bytes'] / 2**20:7.0f} "
+        f"({100 * row['mem_error']:+5.1f}%)  step {row['measured_step_s']:7.2f} s plan "
+        f"{row['planned_step_s']:7.2f} ({100 * row['time_error']:+5.1f}%)",
+        flush=True,
+    )
+
+
+def _summary(rows: list[dict]) -> None:
+    ok_mem = sum(abs(r["mem_error"]) <= 0.15 for r in rows)
+    ok_time = sum(abs(r["time_error"]) <= 0.30 for r in rows)
+    print(f"within +-15% memory: {ok_mem}/{len(rows)}; within +-30% time: {ok_time}/{len(rows)}")
+
+
+def replan(path: Path) -> int:
+    """Re-estimate recorded runs with the current model (their own device throughput; no training); rewrite the file."""
+    from adaptlab.plan.arch import load_arch, targets_for
+    from adaptlab.plan.estimate import Arm, Shape, memory_breakdown, step_time_s
+    from adaptlab.plan.measure import runtime_baseline_bytes
+
+    recorded = json.loads(path.read_text())
+    rows = recorded["rows"]
+    runtime = runtime_baseline_bytes()
+    for r in rows:
+        arch = load_arch(r["model"])
+        targets = tuple(targets_for(arch, "all-linear"))
+        arm = Arm("full") if r["method"] == "full" else Arm(r["method"], 16, targets)
+        shape = Shape(r["batch"], r["seq_len"], 1, r["precision"], False, "cpu")
+        mem = memory_breakdown(arch, arm, shape, runtime, r["planned_memory"]["data"])["peak"]
+        rate = r["throughput"]
+        step = step_time_s(arch, arm, shape, rate["matmul_flops_per_s"], rate["mem_bytes_per_s"])["step_s"]
+        r.update(
+            planned_peak_mem_bytes=mem,
+            mem_error=mem / r["measured_peak_mem_bytes"] - 1,
+            planned_step_s=step,
+            time_error=step / r["measured_step_s"] - 1,
+        )
+        _print_row(r)
+    _summary(rows)
+    path.write_text(json.dumps(recorded, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny-random,smollm2-135m")
@@ -81,7 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="full,lora,qlora")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--replan", type=Path, help="re-estimate the runs recorded in this JSON, train nothing"
+    )
     args = parser.parse_args(argv)
+    if args.replan:
+        return replan(args.replan)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from adaptlab.plan import plan
 
@@ -129,15 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                     "wall_s": time.perf_counter() - t0,
                 }
                 rows.append(row)
-                print(
-                    f"{model:13s} {method:5s} {batch}x{seq_len:<4d} mem {row['measured_peak_mem_bytes'] / 2**20:7.0f} MiB"
-                    f" plan {row['planned_peak_mem_bytes'] / 2**20:7.0f} ({100 * row['mem_error']:+5.1f}%)  step "
-                    f"{row['measured_step_s']:7.2f} s plan {row['planned_step_s']:7.2f} ({100 * row['time_error']:+5.1f}%)",
-                    flush=True,
-                )
-    ok_mem = sum(abs(r["mem_error"]) <= 0.15 for r in rows)
-    ok_time = sum(abs(r["time_error"]) <= 0.30 for r in rows)
-    print(f"within +-15% memory: {ok_mem}/{len(rows)}; within +-30% time: {ok_time}/{len(rows)}")
+                _print_row(row)
+    _summary(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

@@ -385,29 +385,11 @@ def read_texts(path: str | Path, limit: int | None = None) -> list[str]:
 def mean_nll(
     model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8, max_length: int = 256
 ) -> float:
-    """Mean negative log-likelihood per predicted token (nats) over `texts`, each cut to max_length tokens."""
-    total, count = 0.0, 0
-    model.eval()
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            list(texts[start : start + batch_size]),
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-        )
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
-        targets = ids[:, 1:]
-        # pad == eos for some tokenizers, so the mask (not the token id) says what is padding
-        keep = mask[:, 1:].bool() & mask[:, :-1].bool()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1)
-        total += nll[keep].sum().item()
-        count += int(keep.sum())
-    if count == 0:
-        raise UserError("the texts are too short to score (each needs at least two tokens)")
-    return total / count
+    """Mean NLL per token (nats) over `texts`, scored as `adaptlab eval` scores them (windows of max_length)."""
+    from adaptlab.evaluate.perplexity import score_documents, summarize
+
+    scores = score_documents(model, tokenizer, list(texts), seq_len=max_length, batch_size=batch_size)
+    return float(summarize(scores)["nll"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -259,19 +259,16 @@ def test_combine_ties_and_bad_inputs(tmp_path, run_cli):
 # -- NLL helper and text reading -----------------------------------------------------------------
 
 
-def test_mean_nll_matches_hf_loss_and_ignores_padding(tiny):
+def test_mean_nll_is_what_eval_reports(tiny):
+    """combine scores text as `adaptlab eval` does, so its NLL can be read next to eval's."""
     from adaptlab.adapters import mean_nll
+    from adaptlab.evaluate import evaluate
 
     texts = ["A short one.", "A much longer sentence, so the batch needs padding on the short one."]
-    per_text = []
-    for text in texts:
-        enc = tiny.tokenizer(text, return_tensors="pt")
-        with torch.inference_mode():
-            loss = tiny.model(**enc, labels=enc["input_ids"]).loss.item()
-        per_text.append((loss, enc["input_ids"].shape[1] - 1))
-    expected = sum(loss * n for loss, n in per_text) / sum(n for _, n in per_text)
-    assert mean_nll(tiny.model, tiny.tokenizer, texts, batch_size=2) == pytest.approx(expected, rel=1e-5)
-    assert mean_nll(tiny.model, tiny.tokenizer, [texts[0]]) == pytest.approx(per_text[0][0], rel=1e-5)
+    expected = evaluate(tiny.model, tiny.tokenizer, target_docs=texts, seq_len=256, batch_size=2)["target"][
+        "nll"
+    ]
+    assert mean_nll(tiny.model, tiny.tokenizer, texts, batch_size=2) == pytest.approx(expected, rel=1e-9)
 
 
 def test_read_texts_formats_and_errors(tmp_path):
