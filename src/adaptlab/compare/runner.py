@@ -338,38 +338,30 @@ def evaluate_run(spec: CompareSpec, run_dir: Path, probes: Probes, on_event: OnE
                 {"event": "eval_progress", "run": run_dir.name, "stage": stage, "tokens": seen["tokens"]}
             )
 
+    kwargs.update(
+        target_docs=probes.target,
+        general_docs=probes.general,
+        seq_len=e.seq_len,
+        batch_size=e.batch,
+        cache=BaseCache(),
+        progress=progress,
+    )
     result = evaluate(
         model,
         tokenizer,
-        target_docs=probes.target,
-        general_docs=probes.general,
         drift_kl=spec.drift,
         drift_docs=probes.drift_docs,
         drift_prompts=probes.drift_prompts,
         drift_new_tokens=e.drift_tokens,
         mc_files=spec.mc or None,
         mc_limit=e.mc_limit,
-        seq_len=e.seq_len,
-        batch_size=e.batch,
-        cache=BaseCache(),
-        progress=progress,
         **kwargs,
     )
     if method == "qlora" and (probes.target or probes.general):
-        # the same figures for the 4-bit base alone (adapter off): how much of the arm's learning and
-        # forgetting is the quantization of the base rather than the adapter
+        # the same NLL figures for the 4-bit base alone (adapter off): how much of the arm's learning
+        # and forgetting is the quantization of the base rather than the adapter
         with model.disable_adapter():
-            result["quantized_base"] = evaluate(
-                model,
-                tokenizer,
-                target_docs=probes.target,
-                general_docs=probes.general,
-                seq_len=e.seq_len,
-                batch_size=e.batch,
-                cache=BaseCache(),
-                progress=progress,
-                **kwargs,
-            )
+            result["quantized_base"] = evaluate(model, tokenizer, **kwargs)
     result = {"key": probes.key, "summary_mtime_ns": summary_mtime, "method": method, **result}
     _atomic_json(path, result)
     del model, tuned, base, kwargs
