@@ -60,38 +60,35 @@ def _print(result: dict[str, Any]) -> None:
         f"throughput: {result['throughput']['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s matmul, "
         f"{result['throughput']['mem_bytes_per_s'] / 1e9:.1f} GB/s ({result['throughput']['device']})"
     )
+    # two narrow tables rather than one wide one, so both read on an 80-column terminal
     table = Table(title="estimates (time is an estimate from FLOPs and a device micro-benchmark)")
-    for col in (
-        "method",
-        "trainable",
-        "peak mem",
-        "fits",
-        "weights",
-        "grads+optim",
-        "activations (ckpt)",
-        "logits",
-        "time/epoch",
-        "artifact",
-        "lr",
-    ):
+    for col in ("method", "trainable", "peak mem", "fits", "time/epoch", "artifact", "lr"):
         table.add_column(col, justify="left" if col == "method" else "right")
+    breakdown = Table(title="peak memory, by component")
+    for col in ("method", "weights", "grads+opt", "activations", "with ckpt", "logits"):
+        breakdown.add_column(col, justify="left" if col == "method" else "right")
     for key, m in result["methods"].items():
         mem = m["memory"]
         name = key + (f" r={m['rank']}" if m["rank"] else "")
         table.add_row(
             name,
-            f"{m['trainable_params']:,}",
+            f"{m['trainable_params'] / 1e6:.2f}M",
             _size(m["peak_mem_bytes"]),
             "yes" if m["fits"] else "[red]no[/red]",
-            _size(mem["weights"]),
-            _size(mem["gradients"] + mem["optimizer"]),
-            f"{_size(mem['activations_no_checkpointing'])} ({_size(mem['activations_checkpointing'])})",
-            _size(mem["logits"]),
             _duration(m["time_per_epoch_s"]),
             _size(m["artifact_bytes"]),
             f"{m['lr']:g}",
         )
+        breakdown.add_row(
+            name,
+            _size(mem["weights"]),
+            _size(mem["gradients"] + mem["optimizer"]),
+            _size(mem["activations_no_checkpointing"]),
+            _size(mem["activations_checkpointing"]),
+            _size(mem["logits"]),
+        )
     console.print(table)
+    console.print(breakdown)
     cap = result["capacity"]
     for w in cap["warnings"]:
         console.print(f"[yellow]capacity warning:[/yellow] {w}")
