@@ -300,11 +300,12 @@ def evaluate_run(spec: CompareSpec, run_dir: Path, probes: Probes, on_event: OnE
     """Learning and forgetting of one run (cached in RUN/eval.json under the probes' key)."""
     path = run_dir / "eval.json"
     summary_mtime = (run_dir / "summary.json").stat().st_mtime_ns
+    method = RunDir(run_dir).read_summary().get("method")
     if path.exists():
         with contextlib.suppress(json.JSONDecodeError, OSError):
             cached = json.loads(path.read_text())
             fresh = cached.get("key") == probes.key and cached.get("summary_mtime_ns") == summary_mtime
-            if fresh and ("quantized_base" in cached or cached.get("method") != "qlora"):
+            if fresh and ("quantized_base" in cached or method != "qlora"):
                 return cached
     from adaptlab.evaluate import evaluate
     from adaptlab.evaluate.cache import BaseCache, model_identity
@@ -313,7 +314,6 @@ def evaluate_run(spec: CompareSpec, run_dir: Path, probes: Probes, on_event: OnE
     e = spec.eval
     tuned, ref = load_tuned(run_dir, spec.model)
     model, tokenizer = tuned.model, tuned.tokenizer
-    method = RunDir(run_dir).read_summary().get("method")
     base = None
     if ref.kind == "model" or method == "qlora":
         # full fine-tuning, or an adapter on the 4-bit base: compare with the same full-precision base
@@ -362,7 +362,7 @@ def evaluate_run(spec: CompareSpec, run_dir: Path, probes: Probes, on_event: OnE
         # and forgetting is the quantization of the base rather than the adapter
         with model.disable_adapter():
             result["quantized_base"] = evaluate(model, tokenizer, **kwargs)
-    result = {"key": probes.key, "summary_mtime_ns": summary_mtime, "method": method, **result}
+    result = {"key": probes.key, "summary_mtime_ns": summary_mtime, **result}
     _atomic_json(path, result)
     del model, tuned, base, kwargs
     gc.collect()
