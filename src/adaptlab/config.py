@@ -76,6 +76,13 @@ class DataSpec(_Spec):
         return [v] if isinstance(v, str) else v
 
 
+class LrChange(_Spec):
+    step: int = Field(ge=0)
+    """Optimizer steps taken when the change applies."""
+    lr: float = Field(gt=0)
+    """The new peak learning rate (warmup and cosine decay still scale it)."""
+
+
 class TrainSpec(_Spec):
     steps: int | None = Field(None, gt=0)
     """Optimizer steps; give this or tokens (the budget)."""
@@ -104,6 +111,8 @@ class TrainSpec(_Spec):
     """Validation blocks scored at each evaluation."""
     log_every: int = Field(1, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
+    lr_changes: list[LrChange] = Field(default_factory=list)
+    """Peak LR replaced from a step on, as `adaptlab train --resume RUN --lr X` records it."""
 
     @model_validator(mode="after")
     def _budget(self) -> TrainSpec:

@@ -4,14 +4,17 @@
     RUN/metrics.jsonl      one JSON object per logged step (and eval rows with split, val_loss)
     RUN/summary.json       written last: a run without it did not finish
     RUN/adapter/           LoRA family, PEFT format      RUN/model/  full fine-tuning, HF format
-    RUN/checkpoints/step-N/ trainable.safetensors, optimizer.pt, state.json (written to a temp dir, renamed)
+    RUN/checkpoints/step-N/ trainable.safetensors, optimizer.pt, state.json, manifest.json (temp dir, renamed)
 
 Checkpoints hold only trainable parameters (the frozen base is rebuilt from the config), the optimizer
 and scheduler state, every RNG state and the step, so a resumed run continues bit-for-bit on CPU.
+manifest.json, written last, holds each file's size and sha256: a resume takes the newest checkpoint
+that verifies and skips (and names) the others.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -19,6 +22,7 @@ import random
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,9 @@ from safetensors.torch import load_file, save_file
 
 import adaptlab
 from adaptlab.errors import UserError
+
+TEMP_PREFIX = ".step-"
+"""Checkpoint writes go to RUN/checkpoints/.step-N.XXXX until they are renamed to step-N."""
 
 
 class RunDir:
@@ -66,17 +73,34 @@ class RunDir:
         rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
         self.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
+    def write_config(self, text: str) -> None:
+        _atomic_write(self.config, text)
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         _atomic_write(self.summary, json.dumps(summary, indent=2) + "\n")
 
     def read_summary(self) -> dict[str, Any]:
         return json.loads(self.summary.read_text())
 
-    def latest_checkpoint(self) -> Path | None:
+    def checkpoint_dirs(self) -> list[Path]:
+        """RUN/checkpoints/step-N folders, newest first (whether they verify or not)."""
         if not self.checkpoints.is_dir():
-            return None
-        done = [p for p in self.checkpoints.glob("step-*") if (p / "state.json").exists()]
-        return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+            return []
+        steps = [p for p in self.checkpoints.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+        return sorted(steps, key=lambda p: int(p.name[5:]), reverse=True)
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint folder with a state.json (not verified: see newest_valid_checkpoint)."""
+        return next((p for p in self.checkpoint_dirs() if (p / "state.json").exists()), None)
+
+    def clean_temp_checkpoints(self) -> list[Path]:
+        """Remove the temp folders of checkpoint writes a killed process left behind; return them."""
+        if not self.checkpoints.is_dir():
+            return []
+        stale = [p for p in self.checkpoints.glob(f"{TEMP_PREFIX}*") if p.is_dir()]
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+        return stale
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -105,6 +129,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "state.json")
+MANIFEST = "manifest.json"
+STATE_FIELDS = {"step": int, "tokens_seen": int, "train_time_s": (int, float), "wall_s": (int, float)}
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint that does not verify or does not load; the message says why."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read fully into memory (nothing of the run is touched until it is restored)."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    blob: dict[str, Any]
+    """optimizer, scheduler and rng states."""
+    state: dict[str, Any]
+    """state.json: step, tokens_seen, train_time_s, wall_s (and what the loop adds)."""
+
+
 def save_checkpoint(
     run: RunDir,
     step: int,
@@ -113,11 +158,16 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep: int = 2,
+    protect: Path | None = None,
 ) -> Path:
-    """Write RUN/checkpoints/step-N atomically (temp dir + rename) and keep the newest `keep`."""
+    """Write RUN/checkpoints/step-N atomically (temp dir + rename) and keep the newest `keep`.
+
+    manifest.json (each file's size and sha256) is written last, so a checkpoint verifies only if
+    every byte of it was written. `protect` is a checkpoint the rotation keeps whatever its age.
+    """
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     final = run.checkpoints / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=run.checkpoints))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{step}.", dir=run.checkpoints))
     try:
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / "trainable.safetensors")
@@ -127,37 +177,113 @@ def save_checkpoint(
             tmp / "optimizer.pt",
         )
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        _write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    older = sorted(
-        (p for p in run.checkpoints.glob("step-*") if p != final), key=lambda p: int(p.name.split("-")[1])
-    )
-    for p in older[: max(0, len(older) - (keep - 1))]:
+    older = [p for p in run.checkpoint_dirs() if p not in (final, protect)]
+    for p in older[max(0, keep - 1) :]:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {
+        name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+        for name in CHECKPOINT_FILES
+    }
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file of the checkpoint matches its manifest; otherwise what does not."""
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        expected = {
+            name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in CHECKPOINT_FILES
+        }
+    except FileNotFoundError:
+        return f"no {MANIFEST} (its write did not finish)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, (size, sha) in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+        if _sha256(file) != sha:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Verify and read a checkpoint; CorruptCheckpoint says what is wrong with it."""
+    if (problem := verify_checkpoint(path)) is not None:
+        raise CorruptCheckpoint(problem)
+    try:
+        weights = load_file(str(path / "trainable.safetensors"))
+        blob = torch.load(path / "optimizer.pt", weights_only=True)
+        state = json.loads((path / "state.json").read_text())
+    except Exception as err:  # a file that verifies but does not parse: whatever the parser raises
+        raise CorruptCheckpoint(f"does not load ({type(err).__name__})") from err
+    if not isinstance(blob, dict) or not {"optimizer", "scheduler", "rng"} <= blob.keys():
+        raise CorruptCheckpoint("optimizer.pt lacks the optimizer, scheduler or RNG state")
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in STATE_FIELDS.items()):
+        raise CorruptCheckpoint("state.json lacks " + ", ".join(STATE_FIELDS))
+    if f"step-{state['step']}" != path.name:
+        raise CorruptCheckpoint(f"state.json says step {state['step']}")
+    return Checkpoint(path=path, weights=weights, blob=blob, state=state)
+
+
+def newest_valid_checkpoint(run: RunDir) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies and loads, and the newer ones skipped with the reason."""
+    skipped = []
+    for path in run.checkpoint_dirs():
+        try:
+            return read_checkpoint(path), skipped
+        except CorruptCheckpoint as err:
+            skipped.append((path, str(err)))
+    return None, skipped
+
+
+def restore_checkpoint(
+    ckpt: Checkpoint, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
+    """Put trainable weights, optimizer, scheduler and RNG back as they were; return state.json."""
+    if set(ckpt.weights) != set(params):
+        raise UserError(
+            f"checkpoint {ckpt.path} does not match this run's trainable parameters: was the config edited?"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(ckpt.weights[name].to(p.device, p.dtype))
+    optimizer.load_state_dict(ckpt.blob["optimizer"])
+    scheduler.load_state_dict(ckpt.blob["scheduler"])
+    set_rng_state(ckpt.blob["rng"])
+    return ckpt.state
 
 
 def load_checkpoint(
     path: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> dict[str, Any]:
-    """Restore trainable weights, optimizer, scheduler and RNG; return state.json."""
-    weights = load_file(str(path / "trainable.safetensors"))
-    if set(weights) != set(params):
-        raise UserError(
-            f"checkpoint {path} does not match this run's trainable parameters: was the config edited?"
-        )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name].to(p.device, p.dtype))
-    blob = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
-    return json.loads((path / "state.json").read_text())
+    """Verify, then restore trainable weights, optimizer, scheduler and RNG; return state.json."""
+    try:
+        ckpt = read_checkpoint(path)
+    except CorruptCheckpoint as err:
+        raise UserError(f"checkpoint {path}: {err}") from err
+    return restore_checkpoint(ckpt, params, optimizer, scheduler)
 
 
 def dir_bytes(path: Path) -> int:

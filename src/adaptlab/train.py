@@ -17,6 +17,7 @@ build_summary. Every file written while training goes through a RunWriter.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import shutil
@@ -30,20 +31,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adaptlab.config import RunConfig, TrainSpec, build_config, load_config
+from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, load_config
 from adaptlab.data.corpus import IGNORE_INDEX, Example, build_examples, collate, split_documents
 from adaptlab.data.sources import load_documents
 from adaptlab.errors import UserError
 from adaptlab.hardware import autocast, choose_precision, mem_bytes, peak_mem_bytes, pick_device, reset_peak
+from adaptlab.health import Health, TrainingCollapsed, TrainingDiverged, advice
 from adaptlab.methods import ParamReport, apply_method, param_report, trainable_parameters
 from adaptlab.models import load_model
-from adaptlab.rundir import RunDir, dir_bytes, load_checkpoint, save_checkpoint, versions
+from adaptlab.rundir import (
+    RunDir,
+    dir_bytes,
+    newest_valid_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+    versions,
+)
 
 LogFn = Callable[[dict[str, Any]], None]
-
-
-class TrainingDiverged(UserError):
-    """The loss or gradient became non-finite; the last good checkpoint is kept."""
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -204,6 +210,7 @@ def train(
     on_start: Callable[[Setup], None] | None = None,
     on_log: LogFn | None = None,
     resume: bool = False,
+    new_lr: float | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) training to the end of its budget; write the run directory; return summary."""
     run = RunDir(config.out or "")
@@ -218,13 +225,20 @@ def train(
             shutil.rmtree(run.checkpoints)
     if on_start:
         on_start(setup)
-    return _loop(setup, resume, on_log)
+    return _loop(setup, resume, on_log, new_lr)
 
 
 def resume_run(
-    run_dir: str | Path, on_start: Callable[[Setup], None] | None = None, on_log: LogFn | None = None
+    run_dir: str | Path,
+    on_start: Callable[[Setup], None] | None = None,
+    on_log: LogFn | None = None,
+    lr: float | None = None,
 ) -> dict[str, Any]:
-    """Continue an interrupted run from its latest checkpoint (or from the start if it has none)."""
+    """Continue an interrupted run from its newest valid checkpoint (or from the start if it has none).
+
+    `lr` replaces the peak learning rate from the step the run resumes at; config.yaml records the
+    change (train.lr_changes), so re-running it reproduces the run.
+    """
     run = RunDir(run_dir)
     if not run.config.exists():
         raise UserError(f"{run.root} is not a run directory (no config.yaml)")
@@ -232,28 +246,38 @@ def resume_run(
         raise UserError(f"{run.root} has already finished (summary.json exists)")
     config = build_config(load_config(run.config))
     config.out = str(run.root)
-    return train(config, on_start=on_start, on_log=on_log, resume=True)
+    return train(config, on_start=on_start, on_log=on_log, resume=True, new_lr=lr)
 
 
-def _loop(setup: Setup, resume: bool, on_log: LogFn | None = None) -> dict[str, Any]:
-    """Train from the start (or the latest checkpoint) to the end of the budget; return the summary."""
+def _loop(
+    setup: Setup, resume: bool, on_log: LogFn | None = None, new_lr: float | None = None
+) -> dict[str, Any]:
+    """Train from the start (or the newest valid checkpoint) to the end of the budget; return the summary."""
     t = setup.config.train
     optimizer = build_optimizer(setup.params, t, setup.config.resolved_lr())
     scheduler = build_scheduler(optimizer, setup.total_steps, t)
     writer = RunWriter(setup.run, on_log, keep=t.keep_checkpoints)
     progress = _restore(setup, optimizer, scheduler, writer) if resume else Progress()
+    if new_lr is not None:
+        _record_lr_change(setup.config, progress.step, new_lr)
+        writer.write_config(setup.config)
+        if progress.step == 0:
+            set_peak_lr(optimizer, scheduler, new_lr)  # no change entry: it is the run's own LR
     if progress.checkpoint is None:
         seed_everything(t.seed)  # dropout and any other sampling start from the run's seed
     reset_peak(setup.device)
+    health = Health(vocab_size=setup.model.config.vocab_size)
     progress.start_clock()
     result = None
     for step in range(progress.step, setup.total_steps):
+        apply_lr_changes(setup.config, step, optimizer, scheduler)
         result = train_step(setup, micro_batches(setup, step), optimizer, scheduler)
-        check_finite(step + 1, result, progress.checkpoint)
+        if (problem := health.check(step + 1, result.loss, result.grad_norm, result.labels)) is not None:
+            _stop(setup, writer, health, problem, peak_lr(setup.config, step))
         progress.advance(result)
         _log_step(setup, writer, progress, result)
         _evaluate_if_due(setup, writer, progress)
-        _checkpoint_if_due(setup, writer, progress, optimizer, scheduler)
+        _checkpoint_if_due(setup, writer, progress, optimizer, scheduler, health.bad_from())
     val_loss = _evaluate(setup, writer, progress)
     artifact = save_artifact(setup)
     final_loss = result.loss if result is not None else _last_train_loss(setup.run)
@@ -319,6 +343,8 @@ class StepResult:
     """The learning rate the step used."""
     tokens: int
     """Tokens (attention-mask ones) in the global batch."""
+    labels: int
+    """Label tokens in the global batch (the loss is their mean)."""
     seconds: float
 
 
@@ -343,10 +369,29 @@ class RunWriter:
         """Drop the metrics rows logged after `step` (a resume repeats those steps)."""
         self.run.truncate_metrics(step)
 
+    def write_config(self, config: RunConfig) -> None:
+        self.run.write_config(config.to_yaml())
+
     def checkpoint(
-        self, step: int, params: dict[str, torch.nn.Parameter], optimizer: Any, scheduler: Any, state: dict
+        self,
+        step: int,
+        params: dict[str, torch.nn.Parameter],
+        optimizer: Any,
+        scheduler: Any,
+        state: dict[str, Any],
+        bad_from: int | None = None,
     ) -> Path:
-        return save_checkpoint(self.run, step, params, optimizer, scheduler, state, keep=self.keep)
+        """Write checkpoint `step`; while weights are suspect since `bad_from`, the newest older one stays."""
+        good = [p for p in self.run.checkpoint_dirs() if bad_from is not None and _step_of(p) < bad_from]
+        protect = good[0] if good else None
+        return save_checkpoint(self.run, step, params, optimizer, scheduler, state, self.keep, protect)
+
+    def discard_checkpoints(self, from_step: int) -> list[Path]:
+        """Remove the checkpoints of `from_step` and later; return them."""
+        bad = [p for p in self.run.checkpoint_dirs() if _step_of(p) >= from_step]
+        for p in bad:
+            shutil.rmtree(p)
+        return bad
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Write summary.json; the finished artifact supersedes the resumable state."""
@@ -356,16 +401,28 @@ class RunWriter:
 
 
 def _restore(setup: Setup, optimizer: Any, scheduler: Any, writer: RunWriter) -> Progress:
-    """Progress of the run being resumed: its latest checkpoint's state, or the start if it has none."""
+    """Progress of the run being resumed: its newest checkpoint that verifies, or the start if none does."""
+    stale = setup.run.clean_temp_checkpoints()
+    if stale:
+        log.warning(
+            "removed %d unfinished checkpoint write(s): %s", len(stale), ", ".join(p.name for p in stale)
+        )
+    ckpt, skipped = newest_valid_checkpoint(setup.run)
+    if skipped:
+        log.warning(
+            "skipped checkpoint(s) that do not verify: %s; resuming from %s",
+            "; ".join(f"{p.name}: {why}" for p, why in skipped),
+            ckpt.path.name if ckpt else "the start",
+        )
     progress = Progress()
-    if (ckpt := setup.run.latest_checkpoint()) is not None:
-        state = load_checkpoint(ckpt, setup.params, optimizer, scheduler)
+    if ckpt is not None:
+        state = restore_checkpoint(ckpt, setup.params, optimizer, scheduler)
         progress = Progress(
             step=state["step"],
             tokens_seen=state["tokens_seen"],
             train_time=state["train_time_s"],
             wall_before=state["wall_s"],
-            checkpoint=ckpt,
+            checkpoint=ckpt.path,
         )
     writer.rewind(progress.step)
     return progress
@@ -391,7 +448,8 @@ def train_step(
     accumulated gradient is that of the global batch's mean token loss however it is cut.
     """
     start = time.perf_counter()
-    n_labels = max(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro), 1)
+    labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    n_labels = max(labels, 1)
     total_loss = 0.0
     for b in micro:
         with autocast(setup.device, setup.precision):
@@ -399,7 +457,7 @@ def train_step(
         (loss_sum / n_labels).backward()
         total_loss += float(loss_sum.detach())
     norm = grad_norm(list(setup.params.values()), setup.config.train.max_grad_norm)
-    lr = scheduler.get_last_lr()[0]
+    lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -408,6 +466,7 @@ def train_step(
         grad_norm=norm,
         lr=lr,
         tokens=sum(int(b["attention_mask"].sum()) for b in micro),
+        labels=labels,
         seconds=time.perf_counter() - start,
     )
 
@@ -419,15 +478,47 @@ def grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float
     return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
 
 
-def check_finite(step: int, result: StepResult, checkpoint: Path | None) -> None:
-    """Stop the run when the loss or the gradient norm is no longer finite."""
-    if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
-        return
-    where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
-    raise TrainingDiverged(
-        f"training diverged at step {step} (loss {result.loss:.4g}, grad norm {result.grad_norm:.4g}): "
-        f"stopped; {where}. Lower --lr or use --precision fp32, then resume with `adaptlab train --resume`"
-    )
+def _stop(setup: Setup, writer: RunWriter, health: Health, problem: str, lr: float) -> None:
+    """End a diverged or collapsed run: drop the checkpoints with bad weights, say what is kept and what to do."""
+    bad_from = health.bad_from()
+    removed = writer.discard_checkpoints(bad_from if bad_from is not None else 0)
+    kept = setup.run.latest_checkpoint()
+    where = f"kept checkpoint {kept.name}" if kept else "no good checkpoint is left"
+    if removed:
+        where += f" (removed {', '.join(p.name for p in removed)}, written after the trouble began)"
+    error = TrainingDiverged if "diverged" in problem else TrainingCollapsed
+    raise error(f"{problem}: stopped; {where}. {advice(str(setup.run.root), lr, setup.precision)}")
+
+
+def peak_lr(config: RunConfig, step: int) -> float:
+    """The peak learning rate in force at `step` (0-based): the config's, or the last change before it."""
+    changes = [c for c in config.train.lr_changes if c.step <= step]
+    return max(changes, key=lambda c: c.step).lr if changes else config.resolved_lr()
+
+
+def apply_lr_changes(config: RunConfig, step: int, optimizer: Any, scheduler: Any) -> None:
+    """At a step where config.yaml changes the peak LR, rescale the schedule to the new peak."""
+    for change in config.train.lr_changes:
+        if change.step == step:
+            set_peak_lr(optimizer, scheduler, change.lr)
+
+
+def set_peak_lr(optimizer: Any, scheduler: Any, lr: float) -> None:
+    """Make `lr` the schedule's peak from now on, as if the scheduler had been built with it."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+
+
+def _record_lr_change(config: RunConfig, step: int, lr: float) -> None:
+    """Write a peak-LR change at `step` into the config (a change at step 0 is the run's own LR)."""
+    t = config.train
+    if step == 0:
+        t.lr, t.lr_changes = lr, []
+    else:
+        t.lr_changes = [c for c in t.lr_changes if c.step < step] + [LrChange(step=step, lr=lr)]
+    log.warning("peak learning rate %g from step %d on (recorded in config.yaml)", lr, step)
 
 
 def _log_step(setup: Setup, writer: RunWriter, progress: Progress, result: StepResult) -> None:
@@ -466,12 +557,12 @@ def _evaluate(setup: Setup, writer: RunWriter, progress: Progress) -> float | No
 
 
 def _checkpoint_if_due(
-    setup: Setup, writer: RunWriter, progress: Progress, optimizer: Any, scheduler: Any
+    setup: Setup, writer: RunWriter, progress: Progress, optimizer: Any, scheduler: Any, bad_from: int | None
 ) -> None:
     every = setup.config.train.save_every
     if every and progress.step % every == 0 and progress.step < setup.total_steps:
         progress.checkpoint = writer.checkpoint(
-            progress.step, setup.params, optimizer, scheduler, progress.state()
+            progress.step, setup.params, optimizer, scheduler, progress.state(), bad_from
         )
 
 
@@ -501,11 +592,17 @@ def build_summary(
         "train_examples": len(setup.train_examples),
         "versions": versions(),
     }
+    if cfg.train.lr_changes:
+        summary["lr_changes"] = [c.model_dump() for c in cfg.train.lr_changes]
     if cfg.method.method == "qlora":
         from adaptlab.quantize import quantization_info
 
         summary["quantization"] = quantization_info(setup.model)
     return summary
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
 
 
 def seed_everything(seed: int) -> None:

@@ -13,7 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from adaptlab.models import local_dir
-from adaptlab.rundir import RunDir
+from adaptlab.rundir import RunDir, verify_checkpoint
 from adaptlab.train import prepare, resume_run, train
 
 
@@ -147,36 +147,24 @@ def test_config_yaml_reproduces_the_run(corpus, tmp_path, run_cli):
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(corpus, tmp_path, run_cli):
-    code, out, err = run_cli(
-        "train",
-        "--model",
-        "tiny-random",
-        "--method",
-        "full",
-        "--data",
-        corpus,
-        "--steps",
-        "6",
-        "--batch",
-        "2",
-        "--seq-len",
-        "32",
-        "--lr",
-        "1e32",
-        "--max-grad-norm",
-        "1e30",
-        "--save-every",
-        "1",
-        "--precision",
-        "fp32",
-        "--out",
-        tmp_path / "run",
-        "--quiet",
-    )
+    run = RunDir(tmp_path / "run")
+
+    def stop_at_3(row):
+        if row.get("step") == 3 and "loss" in row:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(corpus, run.root, method="full", steps=6, save_every=1), on_log=stop_at_3)
+    # From step 2 at lr 1e32: step 3 is computed on good weights, its update makes step 4 non-finite.
+    code, out, err = run_cli("train", "--resume", run.root, "--lr", "1e32", "--quiet")
     assert code == 2
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "diverged" in errors[0] and "Traceback" not in err
-    assert not (tmp_path / "run" / "summary.json").exists()
+    assert len(errors) == 1 and "diverged at step 4" in errors[0] and "Traceback" not in err
+    assert "kept checkpoint step-2" in errors[0] and "--precision" not in errors[0]  # fp32 already
+    assert not (run.root / "summary.json").exists()
+    assert [p.name for p in run.checkpoint_dirs()] == ["step-2"]  # step-3 held the weights that diverged
+    assert verify_checkpoint(run.checkpoints / "step-2") is None
+    assert json.loads((run.checkpoints / "step-2" / "state.json").read_text())["step"] == 2
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the inherited peak is a Linux rusage trait")

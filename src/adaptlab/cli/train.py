@@ -2,7 +2,8 @@
 
 adaptlab train --model tiny-random --method lora --data python-stdlib --steps 20 --out runs/lora
 adaptlab train --config run.yaml            # the same fields as RUN/config.yaml
-adaptlab train --resume runs/lora           # continue from the latest checkpoint
+adaptlab train --resume runs/lora           # continue from the newest checkpoint that verifies
+adaptlab train --resume runs/lora --lr 1e-4 # ... with a new peak learning rate from there on
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from typing import Any
 import click
 
 from adaptlab.config import METHODS, PRECISIONS
+
+RESUME_FLAGS = ("lr",)
+"""Flags `--resume` accepts: they change nothing a checkpoint depends on (config.yaml records them)."""
 
 
 def _overrides(**flags: Any) -> dict[str, Any]:
@@ -86,7 +90,9 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=None)
 @click.option("--out", type=click.Path(), help="Run directory to write.")
 @click.option(
-    "--resume", type=click.Path(), help="Continue the run in this directory from its latest checkpoint."
+    "--resume",
+    type=click.Path(),
+    help="Continue the run in this directory from its newest valid checkpoint (with --lr: a new peak LR).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_command(config_path: str | None, resume: str | None, quiet: bool, **flags: Any) -> None:
@@ -97,12 +103,12 @@ def train_command(config_path: str | None, resume: str | None, quiet: bool, **fl
 
     progress = _Progress(quiet)
     if resume:
-        given = {k: v for k, v in flags.items() if v not in (None, ())}
+        given = {k: v for k, v in flags.items() if v not in (None, ()) and k not in RESUME_FLAGS}
         if given or config_path:
-            raise UserError(
-                "--resume takes the run's own config: drop the other flags (" + ", ".join(given) + ")"
-            )
-        summary = progress.run(lambda start, log: resume_run(resume, on_start=start, on_log=log))
+            names = ", ".join(f"--{k.replace('_', '-')}" for k in given) or "--config"
+            raise UserError(f"--resume takes the run's own config; only --lr may change: drop {names}")
+        lr = flags["lr"]
+        summary = progress.run(lambda start, log: resume_run(resume, on_start=start, on_log=log, lr=lr))
     else:
         base = load_config(config_path) if config_path else {}
         config = build_config(merge(base, _overrides(**flags)))
