@@ -46,11 +46,13 @@ class Health:
     def uniform_loss(self) -> float:
         return math.log(self.vocab_size)
 
-    def check(self, step: int, loss: float, grad_norm: float, labels: int = 1) -> str | None:
-        """What is wrong at `step` (1-based) such that the run must stop, or None while it may go on."""
+    def check(self, step: int, loss: float, grad_norm: float, labels: int = 1) -> UserError | None:
+        """Why the run must stop at `step` (1-based), as the error to raise, or None while it may go on."""
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.streak_start = step
-            return f"training diverged at step {step} (loss {loss:.4g}, grad norm {grad_norm:.4g})"
+            return TrainingDiverged(
+                f"training diverged at step {step} (loss {loss:.4g}, grad norm {grad_norm:.4g})"
+            )
         collapsed = labels > 0 and (grad_norm <= ZERO_GRAD or self._at_uniform(loss))
         self.best_loss = min(self.best_loss, loss)
         if not collapsed:
@@ -60,7 +62,7 @@ class Health:
             self.streak_start = step
         if step - self.streak_start + 1 < COLLAPSE_STEPS:
             return None
-        return (
+        return TrainingCollapsed(
             f"training collapsed at step {step} (loss {loss:.4f}; uniform output is ln {self.vocab_size} = "
             f"{self.uniform_loss:.4f}; grad norm {grad_norm:.3g}; since step {self.streak_start})"
         )

@@ -214,7 +214,7 @@ def verify_checkpoint(path: Path) -> str | None:
             name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in CHECKPOINT_FILES
         }
     except FileNotFoundError:
-        return f"no {MANIFEST} (its write did not finish)"
+        return f"no {MANIFEST} (an unfinished write, or written before checksums)"
     except (OSError, ValueError, KeyError, TypeError):
         return f"{MANIFEST} is unreadable"
     for name, (size, sha) in expected.items():
@@ -273,17 +273,6 @@ def restore_checkpoint(
     scheduler.load_state_dict(ckpt.blob["scheduler"])
     set_rng_state(ckpt.blob["rng"])
     return ckpt.state
-
-
-def load_checkpoint(
-    path: Path, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any
-) -> dict[str, Any]:
-    """Verify, then restore trainable weights, optimizer, scheduler and RNG; return state.json."""
-    try:
-        ckpt = read_checkpoint(path)
-    except CorruptCheckpoint as err:
-        raise UserError(f"checkpoint {path}: {err}") from err
-    return restore_checkpoint(ckpt, params, optimizer, scheduler)
 
 
 def dir_bytes(path: Path) -> int:

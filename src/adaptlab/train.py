@@ -36,7 +36,7 @@ from adaptlab.data.corpus import IGNORE_INDEX, Example, build_examples, collate,
 from adaptlab.data.sources import load_documents
 from adaptlab.errors import UserError
 from adaptlab.hardware import autocast, choose_precision, mem_bytes, peak_mem_bytes, pick_device, reset_peak
-from adaptlab.health import Health, TrainingCollapsed, TrainingDiverged, advice
+from adaptlab.health import Health, advice
 from adaptlab.methods import ParamReport, apply_method, param_report, trainable_parameters
 from adaptlab.models import load_model
 from adaptlab.rundir import (
@@ -478,7 +478,7 @@ def grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float
     return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
 
 
-def _stop(setup: Setup, writer: RunWriter, health: Health, problem: str, lr: float) -> None:
+def _stop(setup: Setup, writer: RunWriter, health: Health, problem: UserError, lr: float) -> None:
     """End a diverged or collapsed run: drop the checkpoints with bad weights, say what is kept and what to do."""
     bad_from = health.bad_from()
     removed = writer.discard_checkpoints(bad_from if bad_from is not None else 0)
@@ -486,8 +486,7 @@ def _stop(setup: Setup, writer: RunWriter, health: Health, problem: str, lr: flo
     where = f"kept checkpoint {kept.name}" if kept else "no good checkpoint is left"
     if removed:
         where += f" (removed {', '.join(p.name for p in removed)}, written after the trouble began)"
-    error = TrainingDiverged if "diverged" in problem else TrainingCollapsed
-    raise error(f"{problem}: stopped; {where}. {advice(str(setup.run.root), lr, setup.precision)}")
+    raise type(problem)(f"{problem}: stopped; {where}. {advice(str(setup.run.root), lr, setup.precision)}")
 
 
 def peak_lr(config: RunConfig, step: int) -> float:

@@ -30,13 +30,13 @@ def test_uniform_loss_after_learning_collapses_after_several_steps():
     assert health.check(1, 3.0, 1.0) is None
     steps = [health.check(s, 10.8027, 0.5) for s in range(2, 2 + COLLAPSE_STEPS)]
     assert steps[:-1] == [None] * (COLLAPSE_STEPS - 1)
-    assert "collapsed" in steps[-1] and health.bad_from() == 1
+    assert isinstance(steps[-1], TrainingCollapsed) and health.bad_from() == 1
 
 
 def test_a_zero_gradient_streak_collapses_but_a_single_one_does_not():
     health = Health(VOCAB)
     assert [health.check(s, 5.0, g) for s, g in [(1, 0.0), (2, 1.0), (3, 0.0), (4, 0.0)]] == [None] * 4
-    assert "collapsed" in health.check(5, 5.0, 0.0)
+    assert isinstance(health.check(5, 5.0, 0.0), TrainingCollapsed)
     assert health.check(6, 0.0, 0.0, labels=0) is None  # no label token: nothing to learn from
 
 
