@@ -146,7 +146,10 @@ class RunConfig(_Spec):
         return 2e-4 if self.method.is_lora else 2e-5
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        data = self.model_dump(mode="json")
+        if not self.train.lr_changes:  # so the config.yaml of a run without changes reads as before
+            del data["train"]["lr_changes"]
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def _describe(err: ValidationError) -> str:

@@ -107,3 +107,11 @@ def test_resume_still_refuses_flags_a_checkpoint_depends_on(corpus, tmp_path, ru
     (tmp_path / "run" / "summary.json").unlink()
     code, _, err = run_cli("train", "--resume", tmp_path / "run", "--steps", "3", "--lr", "1e-4")
     assert code == 2 and "only --lr may change: drop --steps" in err
+
+
+def test_config_yaml_names_lr_changes_only_when_there_are_some(tmp_path):
+    """Older runs' config.yaml has no lr_changes; compare reads a difference as a changed config."""
+    config = tiny_config(tmp_path / "data.jsonl", tmp_path / "run")
+    assert "lr_changes" not in yaml.safe_load(config.to_yaml())["train"]
+    config.train.lr_changes = [{"step": 2, "lr": 1e-4}]
+    assert yaml.safe_load(config.to_yaml())["train"]["lr_changes"] == [{"step": 2, "lr": 1e-4}]
