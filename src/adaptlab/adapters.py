@@ -31,6 +31,7 @@ from adaptlab.errors import UserError
 from adaptlab.models import load_model
 
 MergeTarget = Literal["full", "dequantized"]
+MERGE_TARGETS: tuple[str, ...] = ("full", "dequantized")
 Combination = Literal["linear", "cat", "ties"]
 COMBINATIONS: tuple[str, ...] = ("linear", "cat", "ties")
 DEFAULT_TIES_DENSITY = 0.2  # the TIES paper keeps the top 20% of each task vector
@@ -145,6 +146,8 @@ def merge_adapter(
 
     art = resolve_adapter(adapter, "it has nothing to merge; use it directly with --model")
     method = art.method
+    if into not in (None, *MERGE_TARGETS):
+        raise UserError(f"--into {into!r}: choose one of {', '.join(MERGE_TARGETS)}")
     if method == "qlora" and into is None:
         raise UserError(
             f"{adapter} is a QLoRA adapter (trained on a 4-bit base): choose --into full (merge into the "
