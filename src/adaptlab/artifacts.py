@@ -147,8 +147,8 @@ def _run_facts(run_dir: Path | None) -> dict[str, Any]:
     model = config.get("model")
     method = config.get("method")
     facts: dict[str, Any] = {
-        "base": model.get("name") if isinstance(model, dict) else summary.get("base_model"),
-        "method": method.get("method") if isinstance(method, dict) else summary.get("method"),
+        "base": (model.get("name") if isinstance(model, dict) else None) or summary.get("base_model"),
+        "method": summary.get("method") or (method.get("method") if isinstance(method, dict) else None),
         "quantization": summary.get("quantization"),
     }
     return {k: v for k, v in facts.items() if v}
