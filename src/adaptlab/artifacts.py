@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from adaptlab.errors import UserError
-from adaptlab.models import EMBEDDED_MODELS, LoadedModel, load_model
+from adaptlab.models import EMBEDDED_MODELS, LoadedModel, load_model, require_safetensors
 
 Kind = Literal["adapter", "model"]
 BaseWeights = Literal["trained", "full", "dequantized"]
@@ -93,7 +93,9 @@ def resolve(path: str | Path) -> Artifact:
 
 
 def _adapter_artifact(adapter_dir: Path, run_dir: Path | None) -> Artifact:
-    _require_safetensors(adapter_dir)
+    require_safetensors(
+        adapter_dir, ADAPTER_WEIGHTS, f"{adapter_dir} has adapter_config.json but no {ADAPTER_WEIGHTS}"
+    )
     config = _read_json(adapter_dir / "adapter_config.json")
     run = _run_facts(run_dir)
     return Artifact(
@@ -107,19 +109,9 @@ def _adapter_artifact(adapter_dir: Path, run_dir: Path | None) -> Artifact:
 
 
 def _model_artifact(model_dir: Path, run_dir: Path | None) -> Artifact:
+    require_safetensors(model_dir)
     run = _run_facts(run_dir)
     return Artifact("model", model_dir, run_dir, run.get("base"), run.get("method") or "full", None)
-
-
-def _require_safetensors(adapter_dir: Path) -> None:
-    if (adapter_dir / ADAPTER_WEIGHTS).exists():
-        return
-    if (adapter_dir / "adapter_model.bin").exists():
-        raise UserError(
-            f"{adapter_dir} holds adapter_model.bin (pickle); adaptlab loads safetensors only: "
-            "re-save it with save_pretrained(..., safe_serialization=True)"
-        )
-    raise UserError(f"{adapter_dir} has adapter_config.json but no {ADAPTER_WEIGHTS}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

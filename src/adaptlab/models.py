@@ -156,11 +156,7 @@ def local_dir(spec: str) -> Path | None:
             return path / "model"  # a full fine-tuning run directory
         if not (path / "config.json").exists():
             raise UserError(f"{spec} is a directory without config.json: not a Hugging Face model directory")
-        if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
-            raise UserError(
-                f"{spec} holds .bin weights (pickle); adaptlab loads safetensors only: "
-                "re-save the model with save_pretrained(..., safe_serialization=True)"
-            )
+        require_safetensors(path)
         return path
     looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1
     if path.exists() or looks_like_path:
@@ -169,6 +165,23 @@ def local_dir(spec: str) -> Path | None:
             "or pass a local Hugging Face model directory or a hub id"
         )
     return None
+
+
+def require_safetensors(directory: Path, weights: str = "*.safetensors", missing: str | None = None) -> None:
+    """Refuse a directory whose weights are pickle files (.bin) only; nothing is unpickled, anywhere.
+
+    `missing`, when given, is the error for a directory with neither (else transformers says what is missing).
+    """
+    if any(directory.glob(weights)):
+        return
+    pickles = sorted(p.name for p in directory.glob("*.bin"))
+    if pickles:
+        raise UserError(
+            f"{directory} holds {pickles[0]} (pickle); adaptlab loads safetensors only: "
+            "re-save it with save_pretrained(..., safe_serialization=True)"
+        )
+    if missing:
+        raise UserError(missing)
 
 
 def quiet_transformers() -> None:
