@@ -103,7 +103,7 @@ def _adapter_artifact(adapter_dir: Path, run_dir: Path | None) -> Artifact:
         path=adapter_dir,
         run_dir=run_dir,
         base_model=run.get("base") or config.get("base_model_name_or_path"),
-        method=run.get("method") or _adapter_config_method(config),
+        method=_method(run.get("method"), _adapter_config_method(config)),
         quantization=run.get("quantization"),
     )
 
@@ -144,6 +144,13 @@ def _run_facts(run_dir: Path | None) -> dict[str, Any]:
         "quantization": summary.get("quantization"),
     }
     return {k: v for k, v in facts.items() if v}
+
+
+def _method(run_method: str | None, config_method: str | None) -> str | None:
+    """The run's method, named by its variant where the adapter config says more (lora + rslora -> rslora)."""
+    if run_method == "lora" and config_method in ("rslora", "dora"):
+        return config_method
+    return run_method or config_method
 
 
 def _adapter_config_method(config: dict[str, Any]) -> str | None:
