@@ -63,7 +63,9 @@ def _fresh_dir(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def _publish(tmp: Path, out: Path, report_name: str, report: Any) -> None:
+    """Write the report (a dataclass) beside the result and rename the temp dir onto `out`."""
+    (tmp / report_name).write_text(json.dumps(asdict(report), indent=2) + "\n")
     if out.exists():
         out.rmdir()  # empty, checked by _fresh_dir
     os.replace(tmp, out)
@@ -200,8 +202,7 @@ def merge_adapter(
             tolerance=tolerance,
             tokens_checked=tokens,
         )
-        (tmp / "adaptlab_merge.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
-        _publish(tmp, out)
+        _publish(tmp, out, "adaptlab_merge.json", report)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -414,8 +415,7 @@ def combine_adapters(
                 report.nll[name] = {
                     ds: mean_nll(model, tok, t, batch_size, max_length) for ds, t in datasets.items()
                 }
-        (tmp / "adaptlab_combine.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
-        _publish(tmp, out)
+        _publish(tmp, out, "adaptlab_combine.json", report)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

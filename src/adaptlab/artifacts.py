@@ -115,17 +115,18 @@ def _model_artifact(model_dir: Path, run_dir: Path | None) -> Artifact:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return _read_mapping(path, json.loads)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    return _read_mapping(path, yaml.safe_load)
+
+
+def _read_mapping(path: Path, parse: Any) -> dict[str, Any]:
+    """A JSON or YAML file's top-level mapping; {} when it is missing, unreadable or not a mapping."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = parse(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):  # JSONDecodeError is a ValueError
         return {}
     return data if isinstance(data, dict) else {}
 
