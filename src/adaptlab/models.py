@@ -26,6 +26,9 @@ from typing import Any
 import torch
 
 from adaptlab.errors import UserError
+from adaptlab.quantize import quiet_bitsandbytes
+
+quiet_bitsandbytes()  # before peft is imported anywhere: importing peft imports bitsandbytes
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODELS = ("smollm2-135m", "tiny-random")
@@ -190,11 +193,8 @@ def quiet_transformers() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import transformers
 
-    from adaptlab.quantize import quiet_bitsandbytes
-
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    quiet_bitsandbytes()
 
 
 def _check_hub_reachable(spec: str) -> None:

@@ -57,9 +57,6 @@ def quiet_bitsandbytes() -> None:
         logger.addFilter(_DropKernelsLine())
 
 
-quiet_bitsandbytes()
-
-
 @dataclass(frozen=True)
 class QuantSettings:
     """What the base was quantized with: written to summary.json as `quantization`."""
