@@ -141,13 +141,13 @@ def test_eval_and_compare_give_the_same_target_nll_for_a_qlora_run(run_cli, tmp_
             "tokens": 1000,
             "drift": False,
             "general": [str(data_file)],
-            "eval": {"seq_len": 64, "batch": 4, "max_docs": 4},
+            "eval": {"seq_len": 64, "batch": 4, "max_docs": 2},
             "arms": [{"name": "run", "method": "qlora"}],
         }
     )
     compared = evaluate_run(spec, run, load_probes(spec), lambda event: None)["target"]
     code, out, err = run_cli(
-        "eval", "--adapter", run, "--data", data_file, "--split", "test", "--seq-len", "64", "--batch", "4",
+        "eval", "--adapter", run, "--data", data_file, "--split", "test", "--max-docs", "2", "--seq-len", "64", "--batch", "4",
         "--json", "--no-cache",
     )  # fmt: skip
     assert code == 0, err
