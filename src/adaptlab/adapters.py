@@ -5,7 +5,7 @@
 - `combine_adapters`: several adapters on one base -> one adapter (peft's `add_weighted_adapter`:
   linear, cat or ties), then the NLL per token of base, each source adapter and the combination on
   each domain's held-out text and on a general probe, so the interference is measured, not guessed.
-- `check_adapter_fits`: compares the adapter's LoRA shapes with the base's modules before loading.
+Adapters are resolved, their base loaded and attached through artifacts.py.
 
     adaptlab merge --base tiny-random --adapter RUN --out merged/
     adaptlab combine --base tiny-random --adapter A --adapter B --how cat --data a.jsonl --data b.jsonl --out ab/
@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 
+from adaptlab.artifacts import Artifact, BaseWeights, attach_adapter, base_spec, load_base, resolve_adapter
 from adaptlab.errors import UserError
-from adaptlab.models import EMBEDDED_MODELS, LoadedModel, TunedRef, load_model, resolve_tuned
+from adaptlab.models import load_model
 
 MergeTarget = Literal["full", "dequantized"]
+MERGE_TARGETS: tuple[str, ...] = ("full", "dequantized")
 Combination = Literal["linear", "cat", "ties"]
 COMBINATIONS: tuple[str, ...] = ("linear", "cat", "ties")
 DEFAULT_TIES_DENSITY = 0.2  # the TIES paper keeps the top 20% of each task vector
@@ -51,141 +52,7 @@ CHECK_TEXTS: tuple[tuple[str, ...], ...] = (
 
 
 # ----------------------------------------------------------------------------------------------
-# adapter facts
-
-
-def adapter_method(ref: TunedRef) -> str | None:
-    """The training method recorded for an adapter ('lora', 'qlora', ...), from the run dir or adapter dir."""
-    places = [ref.run_dir, ref.path] if ref.run_dir else [ref.path]
-    for place in places:
-        summary = place / "summary.json"
-        if summary.exists():
-            try:
-                method = json.loads(summary.read_text()).get("method")
-            except (OSError, json.JSONDecodeError):
-                method = None
-            if method:
-                return _method_name(method)
-        cfg = place / "config.yaml"
-        if cfg.exists():
-            try:
-                method = (yaml.safe_load(cfg.read_text()) or {}).get("method")
-            except (OSError, yaml.YAMLError):
-                method = None
-            if method:
-                return _method_name(method)
-    try:
-        config = json.loads((ref.path / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    # peft records no quantization; a trainer may add its own marker
-    return _method_name(config.get("adaptlab_method")) if config.get("adaptlab_method") else None
-
-
-def _method_name(method: Any) -> str | None:
-    if isinstance(method, str):
-        return method.lower()
-    if isinstance(method, dict):
-        for key in ("name", "kind", "type", "method"):
-            if isinstance(method.get(key), str):
-                return method[key].lower()
-    return None
-
-
-def _adapter_ref(adapter: str | Path) -> TunedRef:
-    ref = resolve_tuned(adapter)
-    if ref.kind != "adapter":
-        raise UserError(
-            f"{adapter} is a full model ({ref.describe()}), not an adapter: it has nothing to merge or combine; "
-            "use it directly with --model"
-        )
-    return ref
-
-
-def _lora_shapes(adapter_dir: Path) -> dict[str, tuple[int, int]]:
-    """module name in the base -> (in_features, out_features) the adapter's LoRA matrices expect."""
-    from safetensors import safe_open
-
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.exists():
-        if (adapter_dir / "adapter_model.bin").exists():
-            raise UserError(
-                f"{adapter_dir} holds adapter_model.bin (pickle); adaptlab loads safetensors only: "
-                "re-save it with save_pretrained(..., safe_serialization=True)"
-            )
-        raise UserError(f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors")
-    a_in: dict[str, int] = {}
-    b_out: dict[str, int] = {}
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-            match = re.match(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
-            if not match:
-                continue
-            module, which = match.groups()
-            shape = f.get_slice(key).get_shape()
-            if which == "A":
-                a_in[module] = int(shape[1])  # (r, in_features)
-            else:
-                b_out[module] = int(shape[0])  # (out_features, r)
-    return {m: (a_in[m], b_out[m]) for m in a_in if m in b_out}
-
-
-def check_adapter_fits(base: Any, adapter_dir: Path, base_spec: str) -> None:
-    """Raise UserError when the adapter was made for another base (wrong modules or shapes).
-
-    `base` is a transformers model or a PeftModel around one; nothing is loaded or modified.
-    """
-    recorded = _recorded_base(adapter_dir)
-    if recorded in EMBEDDED_MODELS and base_spec in EMBEDDED_MODELS and recorded != base_spec:
-        raise UserError(f"adapter {adapter_dir} was trained on {recorded!r}, not on {base_spec!r}")
-    inner = base.get_base_model() if hasattr(base, "get_base_model") else base
-    modules = dict(inner.named_modules())
-    for name, (fan_in, fan_out) in sorted(_lora_shapes(adapter_dir).items()):
-        module = modules.get(name)
-        if module is None:
-            raise UserError(
-                f"adapter {adapter_dir} (trained on {recorded or 'an unrecorded base'}) does not fit base "
-                f"{base_spec!r}: the base has no module {name}"
-            )
-        have = (getattr(module, "in_features", None), getattr(module, "out_features", None))
-        if have != (fan_in, fan_out):
-            raise UserError(
-                f"adapter {adapter_dir} (trained on {recorded or 'an unrecorded base'}) does not fit base "
-                f"{base_spec!r}: {name} is {have[0]}->{have[1]} in the base, the adapter expects {fan_in}->{fan_out}"
-            )
-
-
-def _recorded_base(adapter_dir: Path) -> str | None:
-    try:
-        return json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _base_spec(base: str | None, refs: Sequence[TunedRef]) -> str:
-    if base:
-        return base
-    recorded = {r.base_model for r in refs if r.base_model}
-    if len(recorded) == 1:
-        return recorded.pop()
-    if len(recorded) > 1:
-        raise UserError(f"the adapters record different bases ({', '.join(sorted(recorded))}): pass --base")
-    raise UserError("the adapter does not record its base model: pass --base")
-
-
-def _attach(base: LoadedModel, ref: TunedRef, name: str, peft_model: Any | None) -> Any:
-    """Attach one adapter under `name`, wrapping the base in a PeftModel on the first call."""
-    check_adapter_fits(peft_model if peft_model is not None else base.model, ref.path, base.spec)
-    try:
-        if peft_model is None:
-            from peft import PeftModel
-
-            return PeftModel.from_pretrained(base.model, str(ref.path), adapter_name=name)
-        peft_model.load_adapter(str(ref.path), adapter_name=name)
-        return peft_model
-    except (RuntimeError, ValueError, KeyError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"adapter {ref.path} could not be loaded onto {base.spec!r}: {first[:200]}") from err
+# output directories
 
 
 def _fresh_dir(out: Path) -> Path:
@@ -196,7 +63,9 @@ def _fresh_dir(out: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def _publish(tmp: Path, out: Path, report_name: str, report: Any) -> None:
+    """Write the report (a dataclass) beside the result and rename the temp dir onto `out`."""
+    (tmp / report_name).write_text(json.dumps(asdict(report), indent=2) + "\n")
     if out.exists():
         out.rmdir()  # empty, checked by _fresh_dir
     os.replace(tmp, out)
@@ -231,16 +100,14 @@ def _batch_logits(
     return logits.to(dtype), enc["attention_mask"].bool()
 
 
-def _dequantize_base_like_qlora(model: Any) -> None:
-    """Replace the base weights by their NF4 round trip, as the QLoRA adapter saw them in training."""
-    from adaptlab.quantize import dequantize_in_place, quantize_base
-
-    dequantize_in_place(quantize_base(model))
+def _merge_base(into: MergeTarget | None) -> BaseWeights:
+    """Which base weights a merge writes into: the dequantized NF4 base or the full-precision one."""
+    return "dequantized" if into == "dequantized" else "full"
 
 
 def _fp64_merge_diff(
     spec: str,
-    ref: TunedRef,
+    art: Artifact,
     written_dir: Path,
     check_texts: Sequence[Sequence[str]],
     into: MergeTarget | None,
@@ -248,10 +115,8 @@ def _fp64_merge_diff(
     """Max abs logit difference between the written weights and base + adapter, both computed in fp64."""
     from transformers import AutoModelForCausalLM
 
-    loaded = load_model(spec, dtype=torch.float32)
-    if into == "dequantized":
-        _dequantize_base_like_qlora(loaded.model)
-    model = _attach(loaded, ref, "default", None).double().eval()
+    loaded = load_base(art, spec, weights=_merge_base(into))
+    model = attach_adapter(loaded.model, art, spec).double().eval()
     written = AutoModelForCausalLM.from_pretrained(written_dir, dtype=torch.float64).eval()
     worst = 0.0
     for texts in check_texts:
@@ -281,8 +146,10 @@ def merge_adapter(
     """
     from transformers import AutoModelForCausalLM
 
-    ref = _adapter_ref(adapter)
-    method = adapter_method(ref)
+    art = resolve_adapter(adapter, "it has nothing to merge; use it directly with --model")
+    method = art.method
+    if into not in (None, *MERGE_TARGETS):
+        raise UserError(f"--into {into!r}: choose one of {', '.join(MERGE_TARGETS)}")
     if method == "qlora" and into is None:
         raise UserError(
             f"{adapter} is a QLoRA adapter (trained on a 4-bit base): choose --into full (merge into the "
@@ -293,15 +160,12 @@ def merge_adapter(
         raise UserError(
             f"--into dequantized is for QLoRA adapters; {adapter} is {method or 'a LoRA adapter'}"
         )
-    spec = _base_spec(base, [ref])
+    spec = base_spec([art], base)
     out = Path(out)
     tmp = _fresh_dir(out)
     try:
-        loaded = load_model(spec, dtype=torch.float32)
-        if into == "dequantized":
-            _dequantize_base_like_qlora(loaded.model)
-        model = _attach(loaded, ref, "default", None)
-        model.eval()
+        loaded = load_base(art, spec, weights=_merge_base(into))
+        model = attach_adapter(loaded.model, art, spec)
         tokenizer = loaded.tokenizer
         unmerged = [_batch_logits(model, tokenizer, texts)[0] for texts in check_texts]
         merged = model.merge_and_unload()
@@ -319,7 +183,7 @@ def merge_adapter(
         if not worst < tolerance:
             # fp32 matmuls in a different order (W0 x + B A x vs (W0 + B A) x) drift by ~1e-4 over 30
             # layers; computing both sides in fp64 separates that noise from a wrong merge
-            worst64 = _fp64_merge_diff(spec, ref, tmp, check_texts, into)
+            worst64 = _fp64_merge_diff(spec, art, tmp, check_texts, into)
         if not (worst < tolerance or (worst64 is not None and worst64 < tolerance)):
             raise UserError(
                 f"merged model differs from base + adapter by {worst:.3g} max abs logit in fp32"
@@ -329,7 +193,7 @@ def merge_adapter(
         report = MergeReport(
             out=str(out),
             base=spec,
-            adapter=str(ref.path),
+            adapter=str(art.path),
             method=method,
             into=into or "full",
             dtype="float32",
@@ -338,8 +202,7 @@ def merge_adapter(
             tolerance=tolerance,
             tokens_checked=tokens,
         )
-        (tmp / "adaptlab_merge.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
-        _publish(tmp, out)
+        _publish(tmp, out, "adaptlab_merge.json", report)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -419,7 +282,7 @@ class CombineReport:
         }
 
 
-def _adapter_names(refs: Sequence[TunedRef]) -> list[str]:
+def _adapter_names(refs: Sequence[Artifact]) -> list[str]:
     names: list[str] = []
     for ref in refs:
         stem = (ref.run_dir or ref.path).name
@@ -487,8 +350,8 @@ def combine_adapters(
         density = DEFAULT_TIES_DENSITY if density is None else density
         if not 0.0 < density <= 1.0:
             raise UserError(f"--density {density}: must be in (0, 1]")
-    refs = [_adapter_ref(a) for a in adapters]
-    spec = _base_spec(base, refs)
+    refs = [resolve_adapter(a, "it has nothing to combine; use it directly with --model") for a in adapters]
+    spec = base_spec(refs, base)
     datasets = {Path(p).stem: read_texts(p, max_texts) for p in data}
     if len(datasets) != len(data):
         raise UserError("--data files need distinct names (they label the result columns)")
@@ -499,9 +362,9 @@ def combine_adapters(
     try:
         loaded = load_model(spec, dtype=torch.float32)
         names = _adapter_names(refs)
-        model: Any = None
+        model: Any = loaded.model
         for name, ref in zip(names, refs, strict=True):
-            model = _attach(loaded, ref, name, model)
+            model = attach_adapter(model, ref, spec, name)
             if getattr(model.peft_config[name], "use_dora", False):
                 raise UserError(
                     f"{ref.path} is a DoRA adapter: combine takes LoRA adapters (peft cannot combine DoRA)"
@@ -552,8 +415,7 @@ def combine_adapters(
                 report.nll[name] = {
                     ds: mean_nll(model, tok, t, batch_size, max_length) for ds, t in datasets.items()
                 }
-        (tmp / "adaptlab_combine.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
-        _publish(tmp, out)
+        _publish(tmp, out, "adaptlab_combine.json", report)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

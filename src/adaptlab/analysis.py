@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 
+from adaptlab.artifacts import resolve
 from adaptlab.errors import UserError
-from adaptlab.models import EMBEDDED_MODELS, LoadedModel, load_model, local_dir, resolve_tuned
+from adaptlab.models import EMBEDDED_MODELS, LoadedModel, load_model, local_dir
 
 DEFAULT_K = 10
 DEFAULT_EPS = 0.5
@@ -145,7 +146,11 @@ class _ModelWeights(_Weights):
 
     def get(self, name: str) -> torch.Tensor:
         module = self._modules[name]
-        if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+        if type(module).__name__ == "Linear4bit":
+            from adaptlab.quantize import dequantize_weight  # knows both of bitsandbytes' CPU layouts
+
+            return dequantize_weight(module).detach().cpu()
+        if type(module).__name__ == "Linear8bitLt":
             from peft.utils.integrations import dequantize_module_weight
 
             return dequantize_module_weight(module).detach().float().cpu()
@@ -207,7 +212,7 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
     return default
 
 
-def _adapter_updates(weights: _Weights, adapter_dir: Path) -> tuple[list[LayerUpdate], str, list[dict]]:
+def _adapter_updates(weights: _Weights, adapter_dir: Path) -> tuple[list[LayerUpdate], list[dict]]:
     from safetensors.torch import load_file
 
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -223,7 +228,6 @@ def _adapter_updates(weights: _Weights, adapter_dir: Path) -> tuple[list[LayerUp
     alpha = float(cfg.get("lora_alpha", 8))
     rslora = bool(cfg.get("use_rslora", False))
     fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
-    method = "dora" if cfg.get("use_dora") else "rslora" if rslora else "lora"
     skipped = [
         {"name": k.removeprefix(_PEFT_PREFIX).split(".lora_embedding")[0], "reason": "embedding LoRA"}
         for k in tensors
@@ -269,7 +273,7 @@ def _adapter_updates(weights: _Weights, adapter_dir: Path) -> tuple[list[LayerUp
             merged = (magnitude.float() / torch.linalg.norm(merged, dim=1)).unsqueeze(1) * merged
             dw = merged - w0
         updates.append(LayerUpdate(name, w0, dw))
-    return updates, method, skipped
+    return updates, skipped
 
 
 def _model_updates(weights: _Weights, model_dir: Path) -> tuple[list[LayerUpdate], list[dict]]:
@@ -303,15 +307,6 @@ def _model_updates(weights: _Weights, model_dir: Path) -> tuple[list[LayerUpdate
     return updates, []
 
 
-def _run_method(run_dir: Path | None) -> str | None:
-    if run_dir is None or not (run_dir / "summary.json").exists():
-        return None
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("method")
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def layer_updates(base: str | LoadedModel | Any | None, tuned_path: str | Path) -> UpdateSet:
     """W0 and dW of every adapted Linear layer, through one code path for adapters and full models.
 
@@ -319,19 +314,17 @@ def layer_updates(base: str | LoadedModel | Any | None, tuned_path: str | Path) 
     recorded by the run or adapter. A QLoRA adapter is measured against this base (dequantized when it
     is a 4-bit model).
     """
-    ref = resolve_tuned(tuned_path)
+    ref = resolve(tuned_path)
     if base is None:
         base = ref.base_model
         if not base:
             raise UserError(f"{ref.path} does not record its base model: pass it with --base")
     weights = _base_weights(base)
-    method = _run_method(ref.run_dir)
     if ref.kind == "adapter":
-        layers, adapter_method, skipped = _adapter_updates(weights, ref.path)
-        method = method or adapter_method
+        layers, skipped = _adapter_updates(weights, ref.path)
     else:
         layers, skipped = _model_updates(weights, ref.path)
-        method = method or "full"
+    method = ref.method or ref.kind
     notes = [f"W0 read from {weights.label}"]
     if weights.dequantized:
         notes.append("dequantized from its 4-bit/8-bit layers")

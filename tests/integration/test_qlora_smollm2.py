@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from adaptlab.artifacts import load_tuned
 from adaptlab.config import build_config
-from adaptlab.models import load_model, load_tuned
+from adaptlab.models import load_model
 from adaptlab.quantize import quantization_error
 from adaptlab.train import train
 

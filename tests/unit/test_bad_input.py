@@ -95,8 +95,8 @@ def test_adapter_for_another_base(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from adaptlab.artifacts import load_tuned
     from adaptlab.errors import UserError
-    from adaptlab.models import load_tuned
 
     other = LlamaForCausalLM(
         LlamaConfig(
@@ -110,4 +110,4 @@ def test_adapter_for_another_base(tmp_path):
     )
     get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
     with pytest.raises(UserError, match="does not fit base"):
-        load_tuned(tmp_path / "adapter", base_spec="tiny-random")
+        load_tuned(tmp_path / "adapter", "tiny-random")

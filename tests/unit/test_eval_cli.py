@@ -87,3 +87,71 @@ def test_full_model_is_compared_with_its_base(run_cli, tiny, data_file, tmp_path
 def test_bad_flags_exit_2(run_cli, args, message):
     code, out, err = run_cli("eval", *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+class _Touch:
+    """Unpickling this creates `path`: proof that a pickle was loaded."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        import os
+
+        return (os.makedirs, (self.path,))
+
+
+def test_pickle_weights_are_refused_in_one_line_and_never_loaded(
+    run_cli, data_file, adapter_dir, tiny, tmp_path
+):
+    import pickle
+    import shutil
+
+    marker = tmp_path / "unpickled"
+    bin_adapter = tmp_path / "bin_adapter"
+    bin_adapter.mkdir()
+    shutil.copy(adapter_dir / "adapter_config.json", bin_adapter)
+    (bin_adapter / "adapter_model.bin").write_bytes(pickle.dumps({"w": _Touch(marker)}))
+    bin_model = tmp_path / "bin_model"
+    tiny.model.config.save_pretrained(bin_model)
+    (bin_model / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _Touch(marker)}))
+    for flag, path in (("--adapter", bin_adapter), ("--tuned", bin_model), ("--model", bin_model)):
+        args = ["--model", "tiny-random", flag, path] if flag != "--model" else [flag, path]
+        code, _, err = run_cli("eval", *args, "--data", data_file, "--split", "all")
+        assert code == 2, (flag, err)
+        assert len(err.strip().splitlines()) == 1 and "safetensors only" in err, err
+    assert not marker.exists()
+
+
+def test_eval_and_compare_give_the_same_target_nll_for_a_qlora_run(run_cli, tmp_path):
+    """Both score the adapter on the NF4 base it was trained on (artifacts.load_tuned)."""
+    from helpers import tiny_config, write_corpus
+
+    from adaptlab.compare.runner import evaluate_run, load_probes
+    from adaptlab.compare.spec import CompareSpec
+    from adaptlab.train import train
+
+    data_file = write_corpus(tmp_path / "data", n_docs=20)
+    run = tmp_path / "run"
+    train(tiny_config(data_file, run, method="qlora", steps=6, lr=1e-2))
+    spec = CompareSpec.model_validate(
+        {
+            "model": "tiny-random",
+            "data": {"train": [str(data_file)]},
+            "tokens": 1000,
+            "drift": False,
+            "general": [str(data_file)],
+            "eval": {"seq_len": 64, "batch": 4, "max_docs": 2},
+            "arms": [{"name": "run", "method": "qlora"}],
+        }
+    )
+    compared = evaluate_run(spec, run, load_probes(spec), lambda event: None)["target"]
+    code, out, err = run_cli(
+        "eval", "--adapter", run, "--data", data_file, "--split", "test", "--max-docs", "2", "--seq-len", "64", "--batch", "4",
+        "--json", "--no-cache",
+    )  # fmt: skip
+    assert code == 0, err
+    evaluated = json.loads(out)["target"]
+    assert evaluated["tokens"] == compared["tokens"] > 0
+    assert evaluated["nll"] == pytest.approx(compared["nll"], abs=1e-6)
+    assert evaluated["base"]["nll"] == pytest.approx(compared["base"]["nll"], abs=1e-6)

@@ -16,11 +16,13 @@ import click
 
 
 def _default_out(tuned: str) -> Path:
-    """RUN/analysis for a run directory, else ./analysis-<name>."""
-    path = Path(tuned).expanduser()
-    if (path / "adapter").is_dir() or (path / "model").is_dir():
-        return path / "analysis"
-    return Path(f"analysis-{path.resolve().name}")
+    """RUN/analysis for a run directory (or its adapter/ or model/), else ./analysis-<name>."""
+    from adaptlab.artifacts import resolve
+
+    art = resolve(tuned)
+    if art.run_dir is not None:
+        return art.run_dir / "analysis"
+    return Path(f"analysis-{Path(tuned).expanduser().resolve().name}")
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

@@ -186,12 +186,12 @@ def eval_command(
 
     from rich.console import Console
 
+    from adaptlab.artifacts import resolve
     from adaptlab.data.corpus import split_documents
     from adaptlab.data.sources import load_documents
     from adaptlab.errors import UserError
     from adaptlab.evaluate import evaluate
-    from adaptlab.evaluate.cache import BaseCache, model_identity
-    from adaptlab.models import load_adapter, load_model, resolve_tuned
+    from adaptlab.evaluate.cache import BaseCache
 
     if adapter and tuned:
         raise UserError(
@@ -203,7 +203,7 @@ def eval_command(
     if max_docs is not None and max_docs < 1:
         raise UserError(f"--max-docs must be at least 1 (got {max_docs})")
     err = Console(stderr=True)
-    ref = resolve_tuned(adapter or tuned) if (adapter or tuned) else None
+    ref = resolve(adapter or tuned) if (adapter or tuned) else None
     spec = model_spec or (ref.base_model if ref else None)
     if not spec:
         raise UserError("pass --model (the base model; the tuned artifact does not record one)")
@@ -221,26 +221,8 @@ def eval_command(
     general_docs = first(load_documents(list(general), text_field)) if general else None
     drift_docs = first(load_documents(drift_data, text_field)) if drift_data else None
 
-    with err.status(f"loading {spec}"):
-        base = load_model(spec)
-    base_id = model_identity(spec, base.path, base.model)
-    kwargs: dict[str, Any] = {}
-    if ref is None:
-        model, tokenizer, kwargs["model_identity"] = base.model, base.tokenizer, base_id
-    elif ref.kind == "adapter":
-        model, tokenizer = load_adapter(base, ref.path), base.tokenizer
-        kwargs["model_identity"] = base_id + "|adapter=" + model_identity(str(ref.path), ref.path)
-        kwargs["base_identity"] = base_id
-    else:
-        with err.status(f"loading {ref.path}"):
-            tuned_model = load_model(str(ref.path))
-        model, tokenizer = tuned_model.model, tuned_model.tokenizer
-        kwargs.update(
-            base_model=base.model,
-            base_tokenizer=base.tokenizer,
-            base_identity=base_id,
-            model_identity=model_identity(str(ref.path), ref.path, tuned_model.model),
-        )
+    with err.status(f"loading {ref.path if ref else spec}"):
+        model, tokenizer, kwargs = _models(spec, ref)
     if no_cache:
         kwargs.pop("base_identity", None)
         kwargs.pop("model_identity", None)
@@ -287,3 +269,35 @@ def eval_command(
         click.echo(text)
     elif not as_json:
         _print_table(result, f"{spec} + {ref.path}" if ref else spec)
+
+
+def _models(spec: str, ref: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """The model to evaluate, its tokenizer, and evaluate()'s base and identity arguments.
+
+    A tuned artifact is loaded as trained (artifacts.load_tuned: a QLoRA adapter on the NF4 base),
+    and compared with the full-precision base, as `adaptlab compare` does: a LoRA adapter's base is
+    the same model with its adapter disabled; a full model or a QLoRA adapter gets the base loaded
+    beside it.
+    """
+    from adaptlab.artifacts import load_tuned
+    from adaptlab.evaluate.cache import model_identity
+    from adaptlab.models import load_model
+
+    if ref is None:
+        base = load_model(spec)
+        return base.model, base.tokenizer, {"model_identity": model_identity(spec, base.path, base.model)}
+    tuned, ref = load_tuned(ref, spec)
+    if ref.kind == "adapter" and not ref.trained_on_4bit:
+        base_id = model_identity(spec, tuned.path, tuned.model.get_base_model())
+        tuned_id = base_id + "|adapter=" + model_identity(str(ref.path), ref.path)
+        return tuned.model, tuned.tokenizer, {"model_identity": tuned_id, "base_identity": base_id}
+    base = load_model(spec)
+    kwargs = {
+        "base_model": base.model,
+        "base_tokenizer": base.tokenizer,
+        "base_identity": model_identity(spec, base.path, base.model),
+        "model_identity": model_identity(str(ref.path), ref.path, tuned.model),
+    }
+    if ref.kind == "adapter":  # the 4-bit base differs from `spec`: name both in the cache key
+        kwargs["model_identity"] = kwargs["base_identity"] + "|qlora=" + kwargs["model_identity"]
+    return tuned.model, tuned.tokenizer, kwargs

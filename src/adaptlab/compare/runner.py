@@ -307,9 +307,10 @@ def evaluate_run(spec: CompareSpec, run_dir: Path, probes: Probes, on_event: OnE
             fresh = cached.get("key") == probes.key and cached.get("summary_mtime_ns") == summary_mtime
             if fresh and ("quantized_base" in cached or method != "qlora"):
                 return cached
+    from adaptlab.artifacts import load_tuned
     from adaptlab.evaluate import evaluate
     from adaptlab.evaluate.cache import BaseCache, model_identity
-    from adaptlab.models import load_model, load_tuned
+    from adaptlab.models import load_model
 
     e = spec.eval
     tuned, ref = load_tuned(run_dir, spec.model)

@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
+from adaptlab.artifacts import attach_adapter, resolve_adapter
 from adaptlab.errors import UserError
-from adaptlab.models import LoadedModel, load_model, resolve_tuned
+from adaptlab.models import LoadedModel, load_model
 
 BASE = "__base__"  # peft's name for rows of a mixed batch that use no adapter
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -119,33 +120,13 @@ class Engine:
 
     def add_adapter(self, name: str, path: str | Path) -> Path:
         """Load an adapter under `name`; UserError if the name is taken or it does not fit this base."""
-        from adaptlab.adapters import check_adapter_fits
-
         if not ADAPTER_NAME.match(name) or name == BASE:
             raise UserError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
-        ref = resolve_tuned(path)
-        if ref.kind != "adapter":
-            raise UserError(
-                f"{path} is a full model ({ref.describe()}), not an adapter: serve it with --model"
-            )
+        ref = resolve_adapter(path, "serve it with --model")
         with self.lock:
             if name in self.adapters:
                 raise UserError(f"an adapter named {name!r} is already loaded")
-            check_adapter_fits(self.model, ref.path, self.spec)
-            try:
-                if not self.adapters and not hasattr(self.model, "peft_config"):
-                    from peft import PeftModel
-
-                    self.model = PeftModel.from_pretrained(self.model, str(ref.path), adapter_name=name)
-                else:
-                    self.model.load_adapter(str(ref.path), adapter_name=name)
-            except (RuntimeError, ValueError, KeyError) as err:
-                if hasattr(self.model, "peft_config") and name in self.model.peft_config:
-                    self.model.delete_adapter(name)
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                raise UserError(
-                    f"adapter {ref.path} could not be loaded onto {self.spec!r}: {first[:200]}"
-                ) from err
+            self.model = attach_adapter(self.model, ref, self.spec, name)
             if self.model.peft_config[name].peft_type.value != "LORA" or getattr(
                 self.model.peft_config[name], "use_dora", False
             ):
