@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from adaptlab.config import default_lr
 from adaptlab.errors import UserError
 from adaptlab.plan import advice
 from adaptlab.plan.arch import Arch, load_arch, targets_for
@@ -164,7 +165,7 @@ def plan(
             "time_per_epoch_s": timing["step_s"] * steps_per_epoch,
             "time_breakdown_s": {k: v for k, v in timing.items() if k != "step_s"},
             "artifact_bytes": artifact_bytes(arch, arm, tok_bytes),
-            "lr": advice.FULL_LR if arm.method == "full" else advice.FULL_LR * advice.LORA_LR_MULTIPLIER,
+            "lr": default_lr(arm.method),
         }
         if arm.is_lora:
             entry["capacity"] = advice.capacity(n_train, size.tokens_per_epoch)

@@ -88,13 +88,16 @@ def _cfg(config: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
-def _load_config(spec: str) -> Any:
+def load_model_config(spec: str) -> Any:
+    """The transformers config of a model spec; a hub id offline fails at once, in one line."""
     from transformers import AutoConfig
 
-    from adaptlab.models import EMBEDDED_MODELS, local_dir, quiet_transformers
+    from adaptlab.models import EMBEDDED_MODELS, _check_hub_reachable, local_dir, quiet_transformers
 
     quiet_transformers()
     path = local_dir(spec)
+    if path is None:
+        _check_hub_reachable(spec)
     try:
         return AutoConfig.from_pretrained(str(path) if path else spec)
     except (OSError, ValueError) as err:
@@ -153,7 +156,7 @@ def arch_from_config(config: Any, spec: str = "") -> Arch:
 
 def load_arch(spec: str) -> Arch:
     """The architecture of a model spec (embedded name, local directory or hub id), without weights."""
-    return arch_from_config(_load_config(spec), spec)
+    return arch_from_config(load_model_config(spec), spec)
 
 
 def targets_for(arch: Arch, targets: str | list[str]) -> list[str]:
