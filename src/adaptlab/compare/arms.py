@@ -16,7 +16,7 @@ from functools import cache
 from typing import Any
 
 from adaptlab.compare.spec import ArmSpec, CompareSpec
-from adaptlab.config import FULL_LR, StepSpec
+from adaptlab.config import FULL_LR, StepSpec, check_rank
 from adaptlab.errors import UserError
 
 RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -181,7 +181,21 @@ def resolve_ranks(spec: CompareSpec) -> tuple[list[ArmSpec], list[str]]:
             f"matched to {ref.name} ({want:,}, rank {ref.rank} on {_targets_text(ref.targets)})"
         )
         out.append(a.model_copy(update={"rank": rank, "match_params": None, "alpha": a.alpha}))
+    for a in out:
+        if a.is_lora:
+            check_rank(a.rank, _targeted_shapes(spec.model, a.targets), flag=f"arm {a.name}: rank")
     return out, notes
+
+
+def _targeted_shapes(model: str, targets: str | list[str]) -> dict[str, tuple[int, int]]:
+    """(in, out) of the Linears a target preset or list selects, by full module path."""
+    from adaptlab.methods import resolve_targets
+
+    try:
+        names = set(resolve_targets(_meta_model(model), targets))
+    except UserError:
+        return {}  # the arm's own run reports targets that match nothing, as a failed arm
+    return {n: (i, o) for n, (o, i) in linear_shapes(model).items() if n.rsplit(".", 1)[-1] in names}
 
 
 def _targets_text(t: str | list[str]) -> str:

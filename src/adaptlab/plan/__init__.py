@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from adaptlab.config import default_lr
+from adaptlab.config import check_rank, check_seq_len, default_lr
 from adaptlab.errors import UserError
 from adaptlab.plan import advice
 from adaptlab.plan.arch import Arch, load_arch, targets_for
@@ -116,6 +116,9 @@ def plan(
 
     arch = load_arch(model)
     target_names = tuple(targets_for(arch, targets))
+    check_seq_len(seq_len, arch.max_positions, model)
+    targeted = {n: s for n, s in arch.linear_shapes.items() if n.rsplit(".", 1)[-1] in target_names}
+    check_rank(max(ranks), targeted, flag="--ranks")
     tokenizer = load_tokenizer(model)
     size = measure_data(sources, tokenizer, seq_len, task=task or "cpt", text_field=text_field)
     task = task or ("ift" if size.kind == "chat" else "cpt")

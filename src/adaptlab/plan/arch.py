@@ -42,6 +42,7 @@ class Arch:
     lm_head_params: int  # vocab x hidden, 0 when tied to the embedding
     norm_params: int  # everything that is neither a Linear nor an embedding
     linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (in, out), no lm_head
+    max_positions: int | None = None  # max_position_embeddings: the longest sequence the model takes
 
     @property
     def linear_params(self) -> int:
@@ -151,6 +152,7 @@ def arch_from_config(config: Any, spec: str = "") -> Arch:
         lm_head_params=head_params,
         norm_params=norm,
         linear_shapes=shapes,
+        max_positions=_cfg(text, "max_position_embeddings", "n_positions", default=None),
     )
 
 
