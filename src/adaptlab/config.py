@@ -231,7 +231,7 @@ def check_rank(rank: int, shapes: dict[str, tuple[int, int]], flag: str = "--ran
         raise UserError(
             f"{flag} {rank} exceeds {limit}, the smallest dimension of the targeted Linear modules "
             f"({name.rsplit('.', 1)[-1]}: {d_in} in, {d_out} out); an update of higher rank cannot exist "
-            f"there: use --rank {limit} or less"
+            f"there: use a rank of {limit} or less"
         )
 
 

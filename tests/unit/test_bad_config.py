@@ -112,7 +112,7 @@ def test_rank_above_the_smallest_targeted_dimension_is_refused(run_cli, corpus, 
     code, _, err = run_cli(*args, "--rank", "100000")
     assert code == 2
     line = _one_error_line(err)
-    assert "--rank 100000 exceeds" in line and "use --rank" in line, line
+    assert "--rank 100000 exceeds" in line and "use a rank of" in line, line
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
