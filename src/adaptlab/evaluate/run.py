@@ -132,6 +132,20 @@ class _Scoring:
                 return fn(self.model, self.base_tok)
         return fn(self.base_model, self.base_tok)
 
+    def tuned_and_base(
+        self, stage: str, kind: str, data_hash: str, key_settings: dict[str, Any], score: Any
+    ) -> tuple[Any, Any | None]:
+        """score(model, tokenizer) of the model and, when compared, of its base; each through the cache."""
+        self.say(stage, 0)
+        tuned = self.cached(
+            self.model_identity, kind, data_hash, key_settings, lambda: score(self.model, self.tokenizer)
+        )
+        if not self.has_base:
+            return tuned, None
+        self.say(f"{stage} (base)", 0)
+        base = self.cached(self.base_identity, kind, data_hash, key_settings, lambda: self.run_base(score))
+        return tuned, base
+
 
 def _nll_step(s: _Scoring, name: str, docs_in: Sequence[str | Document]) -> dict[str, Any]:
     """Per-token NLL of the model (and its base) on documents, with the paired difference."""
@@ -146,12 +160,7 @@ def _nll_step(s: _Scoring, name: str, docs_in: Sequence[str | Document]) -> dict
             m, tok, docs, s.seq_len, s.batch_size, s.stride, progress=lambda n: s.say(name, n)
         ).to_json()
 
-    s.say(name, 0)
-    tuned = s.cached(s.model_identity, "nll", data_hash, key_settings, lambda: score(s.model, s.tokenizer))
-    base = None
-    if s.has_base:
-        s.say(f"{name} (base)", 0)
-        base = s.cached(s.base_identity, "nll", data_hash, key_settings, lambda: s.run_base(score))
+    tuned, base = s.tuned_and_base(name, "nll", data_hash, key_settings, score)
     return _nll_section(
         perplexity.DocScores.from_json(tuned),
         None if base is None else perplexity.DocScores.from_json(base),
@@ -218,12 +227,7 @@ def _mc_step(s: _Scoring, stem: str, path: str | Path, limit: int | None) -> dic
     def score(m: Any, tok: Any) -> Any:
         return choice.score_items(m, tok, items, s.seq_len, s.batch_size, lambda n: s.say(stem, n)).to_json()
 
-    s.say(f"mc {stem}", 0)
-    tuned = s.cached(s.model_identity, "mc", data_hash, key_settings, lambda: score(s.model, s.tokenizer))
-    base = None
-    if s.has_base:
-        s.say(f"mc {stem} (base)", 0)
-        base = s.cached(s.base_identity, "mc", data_hash, key_settings, lambda: s.run_base(score))
+    tuned, base = s.tuned_and_base(f"mc {stem}", "mc", data_hash, key_settings, score)
     return _mc_section(
         choice.ChoiceScores.from_json(tuned),
         None if base is None else choice.ChoiceScores.from_json(base),
