@@ -62,14 +62,10 @@ def test_config_values_are_strictly_typed(run_cli, corpus, tmp_path, text, field
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_numbers_still_read_as_numbers() -> None:
+def test_numbers_still_read_as_numbers(tmp_path) -> None:
     """Strict types must not refuse what YAML users write: ints for floats, 1e-3 (YAML 1.2 float)."""
-    path = Path(__file__).parent / "_numbers.yaml"
-    try:
-        path.write_text("train: {lr: 1e-3, weight_decay: 0, warmup: .5e-1, max_grad_norm: 2}\n")
-        config = build_config(load_config(path))
-    finally:
-        path.unlink()
+    path = _yaml(tmp_path, "train: {lr: 1e-3, weight_decay: 0, warmup: .5e-1, max_grad_norm: 2}\n")
+    config = build_config(load_config(path))
     assert config.train.lr == pytest.approx(1e-3) and config.train.warmup == pytest.approx(0.05)
     assert config.train.weight_decay == 0.0 and config.train.max_grad_norm == 2.0
 
