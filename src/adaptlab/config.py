@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,10 +24,11 @@ from pydantic.fields import FieldInfo
 
 from adaptlab.errors import UserError
 
-METHODS = ("full", "lora", "dora", "qlora")
 Method = Literal["full", "lora", "dora", "qlora"]
+METHODS: tuple[str, ...] = get_args(Method)
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 TARGET_PRESETS = ("attention", "mlp", "all-linear")
-PRECISIONS = ("auto", "fp32", "bf16")
 LORA_FAMILY = ("lora", "dora", "qlora")
 FULL_LR = 2e-5
 """Default peak LR of full fine-tuning."""
@@ -124,7 +125,7 @@ class StepSpec(_Spec):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Precision = "auto"
     """auto: bf16 autocast (fp32 master weights) on CUDA and CPUs with native bf16, else fp32."""
     grad_checkpointing: bool = False
     eval_examples: int = Field(32, gt=0)
