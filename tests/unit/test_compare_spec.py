@@ -202,3 +202,19 @@ def test_an_arms_run_config_is_a_valid_run_config() -> None:
         assert config.train.batch == spec.train.batch and config.train.seq_len == spec.train.seq_len
     q = next(a for a in spec.arms if a.name == "q")
     assert q.targets == ["q_proj", "v_proj"] and q.method_spec().rslora
+
+
+def test_matched_rank_is_capped_at_the_targeted_modules_dimension() -> None:
+    # tiny-random: attention-only at 16 x all-linear's params would need rank 37; k_proj has 32 outputs
+    spec = build_spec(
+        {
+            **BASE,
+            "arms": [
+                {"name": "lora", "method": "lora", "rank": 16},
+                {"name": "attn", "method": "lora", "targets": "attention", "match_params": "lora"},
+            ],
+        }
+    )
+    arms, notes = resolve_ranks(spec)
+    assert next(a for a in arms if a.name == "attn").rank == 32
+    assert "capped at 32" in notes[0]

@@ -175,10 +175,15 @@ def resolve_ranks(spec: CompareSpec) -> tuple[list[ArmSpec], list[str]]:
             raise UserError(f"arm {a.name}: match_params must name a LoRA-family arm ({ref.name} is full)")
         want = lora_params(spec.model, ref.targets, ref.rank, ref.method == "dora")
         rank = matched_rank(spec.model, a.targets, want, a.method == "dora")
+        shapes = _targeted_shapes(spec.model, a.targets)
+        cap = min((min(s) for s in shapes.values()), default=rank)
+        capped = rank > cap
+        rank = min(rank, cap)  # a higher rank than a targeted Linear's dimension adds no capacity
         got = lora_params(spec.model, a.targets, rank, a.method == "dora")
         notes.append(
             f"arm {a.name}: rank {rank} on {_targets_text(a.targets)} gives {got:,} trainable params, "
             f"matched to {ref.name} ({want:,}, rank {ref.rank} on {_targets_text(ref.targets)})"
+            + (f"; capped at {cap}, the smallest dimension of its targeted modules" if capped else "")
         )
         out.append(a.model_copy(update={"rank": rank, "match_params": None, "alpha": a.alpha}))
     for a in out:
