@@ -2,29 +2,58 @@
 
 A run is fully described by a RunConfig; `adaptlab train` writes the resolved one to RUN/config.yaml
 and re-running that file reproduces the run. User values are validated here, where they enter, and
-a bad value becomes one UserError line naming the field and the fix.
+a bad value becomes one UserError line naming the field and the fix. Values are strictly typed
+(`steps: true` or `rank: "8"` is refused, not coerced); an int is accepted where a float is expected.
+
+This is the one definition of every field: compare's specs (compare/spec.py) derive theirs from
+these classes, and the LR rule (`default_lr`) and the LoRA family (`is_lora`) live only here.
 
     python -c "from adaptlab.config import RunConfig; print(RunConfig(data={'train': ['python-stdlib']}))"
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from adaptlab.errors import UserError
 
-METHODS = ("full", "lora", "dora", "qlora")
+Method = Literal["full", "lora", "dora", "qlora"]
+METHODS: tuple[str, ...] = get_args(Method)
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 TARGET_PRESETS = ("attention", "mlp", "all-linear")
-PRECISIONS = ("auto", "fp32", "bf16")
 LORA_FAMILY = ("lora", "dora", "qlora")
+FULL_LR = 2e-5
+"""Default peak LR of full fine-tuning."""
+LORA_LR_FACTOR = 10.0
+"""The LoRA family's default LR is this multiple of full fine-tuning's (Schulman et al. 2025)."""
+
+
+def is_lora(method: str) -> bool:
+    """Whether a method trains low-rank adapters on a frozen base (lora, dora, qlora)."""
+    return method in LORA_FAMILY
+
+
+def default_lr(method: str, base_lr: float = FULL_LR, factor: float = LORA_LR_FACTOR) -> float:
+    """The LR rule: full fine-tuning at base_lr, the LoRA family at factor x base_lr."""
+    return base_lr * factor if is_lora(method) else base_lr
+
+
+def optional(spec: type[BaseModel], name: str) -> Any:
+    """Field `name` of `spec` as an optional override: same bounds and description, default None."""
+    return FieldInfo.merge_field_infos(spec.model_fields[name], default=None)
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: YAML `steps: true` or `rank: "8"` is refused instead of coerced to 1 or 8
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class ModelSpec(_Spec):
@@ -33,7 +62,7 @@ class ModelSpec(_Spec):
 
 
 class MethodSpec(_Spec):
-    method: Literal["full", "lora", "dora", "qlora"] = "lora"
+    method: Method = "lora"
     """full: every weight trains; lora/dora/qlora: low-rank adapters on a frozen base (qlora: 4-bit base)."""
     rank: int = Field(16, gt=0)
     """LoRA rank r."""
@@ -60,7 +89,7 @@ class MethodSpec(_Spec):
 
     @property
     def is_lora(self) -> bool:
-        return self.method in LORA_FAMILY
+        return is_lora(self.method)
 
 
 class DataSpec(_Spec):
@@ -75,6 +104,13 @@ class DataSpec(_Spec):
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+    @field_validator("train")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one data source")
+        return v
+
 
 class LrChange(_Spec):
     step: int = Field(ge=0)
@@ -83,32 +119,37 @@ class LrChange(_Spec):
     """The new peak learning rate (warmup and cosine decay still scale it)."""
 
 
-class TrainSpec(_Spec):
-    steps: int | None = Field(None, gt=0)
-    """Optimizer steps; give this or tokens (the budget)."""
-    tokens: int | None = Field(None, gt=0)
-    """Token budget: steps = ceil(tokens / (batch * grad_accum * seq_len))."""
+class StepSpec(_Spec):
+    """How each optimizer step is taken: the settings one run and every arm of a comparison share."""
+
     batch: int = Field(4, gt=0)
     """Sequences per micro-batch (per device)."""
     grad_accum: int = Field(1, gt=0)
     seq_len: int = Field(256, ge=8)
-    lr: float | None = Field(None, gt=0)
-    """Peak learning rate; default 2e-5 for full, 2e-4 (10x) for the LoRA family."""
     warmup: float = Field(0.05, ge=0.0, lt=1.0)
     """Warmup as a fraction of the steps; then cosine decay to min_lr_ratio * lr."""
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Precision = "auto"
     """auto: bf16 autocast (fp32 master weights) on CUDA and CPUs with native bf16, else fp32."""
     grad_checkpointing: bool = False
+    eval_examples: int = Field(32, gt=0)
+    """Validation blocks scored at each evaluation."""
+
+
+class TrainSpec(StepSpec):
+    steps: int | None = Field(None, gt=0)
+    """Optimizer steps; give this or tokens (the budget)."""
+    tokens: int | None = Field(None, gt=0)
+    """Token budget: steps = ceil(tokens / (batch * grad_accum * seq_len))."""
+    lr: float | None = Field(None, gt=0)
+    """Peak learning rate; default `default_lr`: FULL_LR for full, LORA_LR_FACTOR x it for the LoRA family."""
     save_every: int | None = Field(None, gt=0)
     """Checkpoint every N steps (None: only at the end of training)."""
     eval_every: int | None = Field(None, gt=0)
     """Validation loss every N steps (None: at the end only)."""
-    eval_examples: int = Field(32, gt=0)
-    """Validation blocks scored at each evaluation."""
     log_every: int = Field(1, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     lr_changes: list[LrChange] = Field(default_factory=list)
@@ -141,9 +182,7 @@ class RunConfig(_Spec):
     """Run directory."""
 
     def resolved_lr(self) -> float:
-        if self.train.lr is not None:
-            return self.train.lr
-        return 2e-4 if self.method.is_lora else 2e-5
+        return self.train.lr if self.train.lr is not None else default_lr(self.method.method)
 
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json")
@@ -152,10 +191,66 @@ class RunConfig(_Spec):
         return yaml.safe_dump(data, sort_keys=False)
 
 
-def _describe(err: ValidationError) -> str:
+def field_error(err: ValidationError) -> tuple[str, str]:
+    """(dotted field path, message) of the first error; a wrong type names the value that was given."""
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
-    return f"config field {where}: {first['msg']}"
+    where = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"].endswith("_type") or first["type"] in ("literal_error", "bool_parsing"):
+        msg += f" (got {_shown(first.get('input'))})"
+    return where, msg
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_against_model(config: RunConfig, model: Any) -> None:
+    """Bounds only the loaded model knows: seq_len within its positions, rank within the targeted Linears."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    check_seq_len(config.train.seq_len, positions, config.model.name)
+    if config.method.is_lora:
+        check_rank(config.method.rank, _targeted_shapes(model, config.method.targets))
+
+
+def check_seq_len(seq_len: int, positions: int | None, model: str) -> None:
+    """A sequence longer than the model's position table is refused."""
+    if isinstance(positions, int) and seq_len > positions:
+        raise UserError(
+            f"--seq-len {seq_len} exceeds the {positions:,} positions of {model} "
+            f"(max_position_embeddings): use --seq-len {positions} or less"
+        )
+
+
+def _targeted_shapes(model: Any, targets: str | list[str]) -> dict[str, tuple[int, int]]:
+    from adaptlab.methods import linear_modules, resolve_targets
+
+    names = set(resolve_targets(model, targets))
+    return {
+        n: (m.in_features, m.out_features)
+        for n, m in linear_modules(model).items()
+        if n.rsplit(".", 1)[-1] in names
+    }
+
+
+def check_rank(rank: int, shapes: dict[str, tuple[int, int]], flag: str = "--rank") -> None:
+    """A LoRA rank above min(in, out) of a targeted Linear (shapes: path -> (in, out)) is refused."""
+    if not shapes:
+        return
+    name, (d_in, d_out) = min(shapes.items(), key=lambda kv: min(kv[1]))
+    limit = min(d_in, d_out)
+    if rank > limit:
+        raise UserError(
+            f"{flag} {rank} exceeds {limit}, the smallest dimension of the targeted Linear modules "
+            f"({name.rsplit('.', 1)[-1]}: {d_in} in, {d_out} out); an update of higher rank cannot exist "
+            f"there: use a rank of {limit} or less"
+        )
+
+
+def _describe(err: ValidationError) -> str:
+    where, msg = field_error(err)
+    return f"config field {where or 'config'}: {msg}"
 
 
 def build_config(data: dict[str, Any]) -> RunConfig:
@@ -166,13 +261,37 @@ def build_config(data: dict[str, Any]) -> RunConfig:
         raise UserError(_describe(err)) from err
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 with YAML 1.2 floats: `1e-3` and `2E5` are numbers, not strings (values are strictly typed)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """A YAML document (safe types only) with YAML 1.2 float syntax."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
 def load_config(path: str | Path, what: str = "config") -> dict[str, Any]:
     """Read a YAML mapping into a dict (validated later, after flags are merged in); `what` names it in errors."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what} {p}: no such file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        raw = p.read_bytes()
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{what} {p}:{line}: not UTF-8 text (byte {err.start})") from err
+    except OSError as err:
+        raise UserError(f"{what} {p}: cannot read ({err.strerror})") from err
+    try:
+        data = parse_yaml(text) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

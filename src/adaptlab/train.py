@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, load_config
+from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, check_against_model, load_config
 from adaptlab.data.corpus import IGNORE_INDEX, Example, build_examples, collate, split_documents
 from adaptlab.data.sources import load_documents
 from adaptlab.errors import UserError
@@ -154,6 +154,7 @@ def prepare(config: RunConfig) -> Setup:
     if not train_docs:
         raise UserError(f"data {', '.join(config.data.train)}: no document lands in the train split")
     loaded = load_model(config.model.name, device=device)
+    check_against_model(config, loaded.model)
     tokenizer = loaded.tokenizer
     total_steps = config.train.total_steps()
     global_batch = config.train.batch * config.train.grad_accum
@@ -166,7 +167,12 @@ def prepare(config: RunConfig) -> Setup:
     )
     val_examples = (
         build_examples(
-            val_docs, tokenizer, config.train.seq_len, seed=0, max_examples=config.train.eval_examples
+            val_docs,
+            tokenizer,
+            config.train.seq_len,
+            seed=0,
+            max_examples=config.train.eval_examples,
+            split="val",
         )
         if val_docs
         else []

@@ -137,3 +137,84 @@ def test_seeds_and_sweeps_expand_into_runs() -> None:
     assert set(runs) == {"l-lr1.0e-4-s0", "l-lr1.0e-3-s0", "l-s1", "f-s0", "f-s1"}
     assert runs["l-s1"].lr is None  # decided by the sweep at seed 0
     assert runs["f-s1"].seed == runs["f-s0"].seed + 1
+
+
+def test_arm_and_train_settings_fields_are_the_run_config_fields() -> None:
+    """One definition: an arm's method fields and the shared step fields are config.py's, bounds included."""
+    from adaptlab.compare.spec import ArmSpec, TrainSettings
+    from adaptlab.config import MethodSpec, StepSpec, TrainSpec
+
+    for spec, source in ((ArmSpec, MethodSpec), (TrainSettings, StepSpec)):
+        for name, field in source.model_fields.items():
+            derived = spec.model_fields[name]
+            assert derived.metadata == field.metadata, name
+            if name != "method":  # an arm must name its method
+                assert derived.default == field.default, name
+    for name in ("lr", "batch", "grad_accum", "tokens"):  # per-arm overrides keep TrainSpec's bounds
+        assert ArmSpec.model_fields[name].metadata == TrainSpec.model_fields[name].metadata
+        assert ArmSpec.model_fields[name].default is None
+    with pytest.raises(UserError, match=r"arms.0.dropout: Input should be less than 1"):
+        build_spec({**BASE, "arms": [{"name": "a", "method": "lora", "dropout": 1.0}]})
+    with pytest.raises(UserError, match=r"arms.0.batch: Input should be greater than 0"):
+        build_spec({**BASE, "arms": [{"name": "a", "method": "lora", "batch": 0}]})
+
+
+def test_compare_needs_a_test_split_a_run_does_not() -> None:
+    from adaptlab.config import build_config
+
+    assert build_config({"data": {"test_frac": 0.0}}).data.test_frac == 0.0
+    with pytest.raises(
+        UserError, match=r"field data.test_frac: must be greater than 0: learning is measured"
+    ):
+        build_spec({**BASE, "data": {"train": ["x"], "test_frac": 0.0}, "study": "methods"})
+    with pytest.raises(UserError, match=r"field data.train: give at least one data source"):
+        build_spec({**BASE, "data": {"train": []}, "study": "methods"})
+
+
+def test_one_lr_rule_for_train_compare_and_plan() -> None:
+    from adaptlab.config import build_config
+    from adaptlab.plan.advice import suggested_lrs
+
+    spec = build_spec({**BASE, "arms": [{"name": "f", "method": "full"}, {"name": "d", "method": "dora"}]})
+    lrs = {p.arm: p.lr for p in expand(spec, spec.arms)}
+    for method, arm in (("full", "f"), ("dora", "d")):
+        assert build_config({"method": {"method": method}}).resolved_lr() == lrs[arm]
+    assert suggested_lrs()["full"] == lrs["f"] and suggested_lrs()["lora"] == lrs["d"]
+    assert lrs["d"] == pytest.approx(10 * lrs["f"])
+
+
+def test_an_arms_run_config_is_a_valid_run_config() -> None:
+    from adaptlab.config import build_config
+
+    spec = build_spec(
+        {
+            **BASE,
+            "arms": [
+                {"name": "f", "method": "full"},
+                {"name": "q", "method": "qlora", "rank": 4, "targets": "q_proj,v_proj", "rslora": True},
+            ],
+        }
+    )
+    for p in expand(spec, spec.arms):
+        config = build_config(p.run_config(spec, "out"))
+        arm = next(a for a in spec.arms if a.name == p.arm)
+        assert config.method == arm.method_spec()
+        assert config.train.batch == spec.train.batch and config.train.seq_len == spec.train.seq_len
+    q = next(a for a in spec.arms if a.name == "q")
+    assert q.targets == ["q_proj", "v_proj"] and q.method_spec().rslora
+
+
+def test_matched_rank_is_capped_at_the_targeted_modules_dimension() -> None:
+    # tiny-random: attention-only at 16 x all-linear's params would need rank 37; k_proj has 32 outputs
+    spec = build_spec(
+        {
+            **BASE,
+            "arms": [
+                {"name": "lora", "method": "lora", "rank": 16},
+                {"name": "attn", "method": "lora", "targets": "attention", "match_params": "lora"},
+            ],
+        }
+    )
+    arms, notes = resolve_ranks(spec)
+    assert next(a for a in arms if a.name == "attn").rank == 32
+    assert "capped at 32" in notes[0]

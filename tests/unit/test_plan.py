@@ -248,7 +248,7 @@ def test_cli_json_contract(tmp_path, run_cli):
         "--data",
         path,
         "--ranks",
-        "8,16,64",
+        "8,16,32",
         "--memory",
         "24GiB",
         "--seq-len",
@@ -261,7 +261,7 @@ def test_cli_json_contract(tmp_path, run_cli):
     assert code == 0, err
     result = json.loads(out)
     assert {"documents", "tokens"} <= set(result["data"])
-    assert set(result["methods"]) == {"full", "lora", "lora_r8", "lora_r64", "dora", "qlora"}
+    assert set(result["methods"]) == {"full", "lora", "lora_r8", "lora_r32", "dora", "qlora"}
     for entry in result["methods"].values():
         assert {
             "trainable_params",

@@ -160,3 +160,59 @@ def test_one_distinguishable_pair_among_overlapping_ones_only_partly_agrees():
     assert _overall(["disagrees", "inconclusive"]) == "partly disagrees"
     assert _overall(["agrees", "disagrees", "inconclusive"]) == "mixed"
     assert _overall(["inconclusive"]) == "inconclusive"
+
+
+def test_relation_at_touching_and_barely_separated_intervals() -> None:
+    assert relation([0.3, 0.4], [0.1, 0.3]) == "overlap"  # a shared endpoint is not a separation
+    assert relation([0.30001, 0.4], [0.1, 0.3]) == "above"
+    assert relation([0.1, 0.3], [0.3, 0.5]) == "overlap"
+    assert relation([0.1, 0.29999], [0.3, 0.5]) == "below"
+
+
+def test_verdicts_follow_the_intervals_not_the_point_estimates() -> None:
+    """The same point estimates give agrees or inconclusive depending only on the interval widths."""
+    narrow = recommend(
+        results(arm("full", "full", 0.50, 0.20, half=0.04), arm("lora", "lora", 0.40, 0.10, half=0.04))
+    )
+    wide = recommend(
+        results(arm("full", "full", 0.50, 0.20, half=0.06), arm("lora", "lora", 0.40, 0.10, half=0.06))
+    )
+    for fid in ("learns_less", "forgets_less"):
+        assert finding(narrow, fid)["verdict"] == "agrees"
+        assert finding(wide, fid)["verdict"] == "inconclusive"
+    assert narrow["pick"] == "full" and wide["pick"] == "lora"  # within the interval: forgets less wins
+
+
+def test_each_lora_arm_gets_its_own_verdict_in_the_overall_one() -> None:
+    arms = [
+        arm("full", "full", 0.50, 0.20),
+        arm("lora", "lora", 0.30, 0.05),  # learns distinguishably less, forgets less
+        arm("dora", "dora", 0.49, 0.19),  # not distinguishable
+    ]
+    rec = recommend(results(*arms))
+    assert finding(rec, "learns_less")["verdict"] == "partly agrees"
+    assert len(finding(rec, "learns_less")["evidence"]) == 2
+    arms[2] = arm("dora", "dora", 0.70, 0.30)  # learns more and forgets more than full
+    rec = recommend(results(*arms))
+    assert finding(rec, "learns_less")["verdict"] == "mixed"
+    assert finding(rec, "forgets_less")["verdict"] == "mixed"
+
+
+def test_lr_ratio_far_from_ten_disagrees() -> None:
+    from adaptlab.report.recommend import CLAIMED_LR_RATIO, LR_RATIO_TOLERANCE
+
+    def swept(name: str, method: str, best: float) -> dict[str, Any]:
+        a = arm(name, method, 0.4, 0.1)
+        a["lr_sweep"] = {"best_lr": best, "best_at_edge": False, "points": []}
+        return a
+
+    full = swept("full", "full", 1e-5)
+    for ratio, verdict in (
+        (1.0, "disagrees"),
+        (CLAIMED_LR_RATIO / LR_RATIO_TOLERANCE * 0.9, "disagrees"),
+        (CLAIMED_LR_RATIO / LR_RATIO_TOLERANCE * 1.1, "agrees"),
+        (CLAIMED_LR_RATIO * LR_RATIO_TOLERANCE * 0.9, "agrees"),
+        (CLAIMED_LR_RATIO * LR_RATIO_TOLERANCE * 1.1, "disagrees"),
+    ):
+        rec = recommend(results(full, swept("lora", "lora", 1e-5 * ratio)))
+        assert finding(rec, "lr_ratio")["verdict"] == verdict, ratio

@@ -36,7 +36,7 @@ class LazyGroup(click.Group):
     """Loads a command's module only when that command runs (or help lists it)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(name for name in COMMANDS if self._load(name) is not None)
+        return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         return self._load(name)
@@ -46,13 +46,8 @@ class LazyGroup(click.Group):
         module_name = COMMANDS.get(name)
         if module_name is None:
             return None
-        try:
-            module = importlib.import_module(f"adaptlab.cli.{module_name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"adaptlab.cli.{module_name}":
-                return None  # command not built yet
-            raise
-        return getattr(module, f"{name}_command", None)
+        module = importlib.import_module(f"adaptlab.cli.{module_name}")
+        return getattr(module, f"{name}_command")
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

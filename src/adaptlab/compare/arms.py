@@ -16,6 +16,7 @@ from functools import cache
 from typing import Any
 
 from adaptlab.compare.spec import ArmSpec, CompareSpec
+from adaptlab.config import FULL_LR, StepSpec, check_rank
 from adaptlab.errors import UserError
 
 RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -23,27 +24,22 @@ DEFAULT_RANK = 16
 
 
 def qlora_available() -> bool:
-    """QLoRA needs adaptlab.quantize (a 4-bit base) and bitsandbytes."""
+    """QLoRA's 4-bit base needs bitsandbytes."""
     import importlib.util
 
-    return (
-        importlib.util.find_spec("adaptlab.quantize") is not None
-        and importlib.util.find_spec("bitsandbytes") is not None
-    )
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 @cache
 def _meta_model(model: str) -> Any:
     """The model's module tree on the meta device: Linear shapes without loading weights."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from adaptlab.models import local_dir
+    from adaptlab.plan.arch import load_model_config
 
-    path = local_dir(model)
-    config = AutoConfig.from_pretrained(str(path) if path else model)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(load_model_config(model))
 
 
 def linear_shapes(model: str) -> dict[str, tuple[int, int]]:
@@ -73,7 +69,7 @@ def min_linear_dim(model: str) -> int:
     return min(min(s) for s in linear_shapes(model).values())
 
 
-def study_arms(study: str, model: str, tokens: int = 0, base_lr: float = 2e-5) -> list[ArmSpec]:
+def study_arms(study: str, model: str, tokens: int = 0, base_lr: float = FULL_LR) -> list[ArmSpec]:
     """The ready-made arm list of a study (sized to the model and, for rank, to the budget)."""
     r = min(DEFAULT_RANK, min_linear_dim(model))
     arm = ArmSpec.model_validate
@@ -179,13 +175,32 @@ def resolve_ranks(spec: CompareSpec) -> tuple[list[ArmSpec], list[str]]:
             raise UserError(f"arm {a.name}: match_params must name a LoRA-family arm ({ref.name} is full)")
         want = lora_params(spec.model, ref.targets, ref.rank, ref.method == "dora")
         rank = matched_rank(spec.model, a.targets, want, a.method == "dora")
+        shapes = _targeted_shapes(spec.model, a.targets)
+        cap = min((min(s) for s in shapes.values()), default=rank)
+        capped = rank > cap
+        rank = min(rank, cap)  # a higher rank than a targeted Linear's dimension adds no capacity
         got = lora_params(spec.model, a.targets, rank, a.method == "dora")
         notes.append(
             f"arm {a.name}: rank {rank} on {_targets_text(a.targets)} gives {got:,} trainable params, "
             f"matched to {ref.name} ({want:,}, rank {ref.rank} on {_targets_text(ref.targets)})"
+            + (f"; capped at {cap}, the smallest dimension of its targeted modules" if capped else "")
         )
         out.append(a.model_copy(update={"rank": rank, "match_params": None, "alpha": a.alpha}))
+    for a in out:
+        if a.is_lora:
+            check_rank(a.rank, _targeted_shapes(spec.model, a.targets), flag=f"arm {a.name}: rank")
     return out, notes
+
+
+def _targeted_shapes(model: str, targets: str | list[str]) -> dict[str, tuple[int, int]]:
+    """(in, out) of the Linears a target preset or list selects, by full module path."""
+    from adaptlab.methods import resolve_targets
+
+    try:
+        names = set(resolve_targets(_meta_model(model), targets))
+    except UserError:
+        return {}  # the arm's own run reports targets that match nothing, as a failed arm
+    return {n: (i, o) for n, (o, i) in linear_shapes(model).items() if n.rsplit(".", 1)[-1] in names}
 
 
 def _targets_text(t: str | list[str]) -> str:
@@ -230,7 +245,7 @@ def lr_text(lr: float) -> str:
 
 
 def default_lr(spec: CompareSpec, arm: ArmSpec) -> float:
-    return spec.train.lr * (spec.train.lora_lr_factor if arm.is_lora else 1.0)
+    return spec.train.default_lr(arm.method)
 
 
 def steps_for(tokens: int, tokens_per_step: int) -> int:
@@ -238,40 +253,24 @@ def steps_for(tokens: int, tokens_per_step: int) -> int:
 
 
 def train_fields(spec: CompareSpec, arm: ArmSpec, tokens: int) -> dict[str, Any]:
+    """The TrainSpec fields of the arm's runs: the comparison's StepSpec, the arm's batch, the budget."""
     t = spec.train
-    batch = arm.batch or t.batch
-    accum = arm.grad_accum or t.grad_accum
-    steps = steps_for(tokens, batch * accum * t.seq_len)
+    step = t.model_dump(include=set(StepSpec.model_fields) - {"seed"})
+    step["batch"] = arm.batch or t.batch
+    step["grad_accum"] = arm.grad_accum or t.grad_accum
+    steps = steps_for(tokens, step["batch"] * step["grad_accum"] * t.seq_len)
     save_every = steps // (t.checkpoints + 1) if t.checkpoints else 0
     return {
+        **step,
         "steps": steps,
-        "batch": batch,
-        "grad_accum": accum,
-        "seq_len": t.seq_len,
-        "warmup": t.warmup,
-        "min_lr_ratio": t.min_lr_ratio,
-        "weight_decay": t.weight_decay,
-        "max_grad_norm": t.max_grad_norm,
-        "precision": t.precision,
-        "grad_checkpointing": t.grad_checkpointing,
         "eval_every": max(1, steps // t.eval_points) if t.eval_points > 1 else None,
-        "eval_examples": t.eval_examples,
         "save_every": save_every or None,
         "keep_checkpoints": 1,
     }
 
 
 def method_fields(arm: ArmSpec) -> dict[str, Any]:
-    if not arm.is_lora:
-        return {"method": "full"}
-    return {
-        "method": arm.method,
-        "rank": arm.rank,
-        "alpha": arm.alpha,
-        "dropout": arm.dropout,
-        "rslora": arm.rslora,
-        "targets": arm.targets,
-    }
+    return arm.method_spec().model_dump(mode="json", exclude_unset=not arm.is_lora)
 
 
 def expand(

@@ -291,7 +291,7 @@ def assemble(
     )
     lr_rule = (
         f"arms without an explicit LR: full fine-tuning at the base LR {spec.train.lr:g}, the LoRA family at "
-        f"{spec.train.lora_lr_factor:g}x it ({spec.train.lr * spec.train.lora_lr_factor:g}), the rule of "
+        f"{spec.train.lora_lr_factor:g}x it ({spec.train.default_lr('lora'):g}), the rule of "
         '"LoRA Without Regret" (Thinking Machines 2025)'
     )
     results: dict[str, Any] = {

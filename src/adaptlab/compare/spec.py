@@ -19,11 +19,21 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from adaptlab.config import load_config
+from adaptlab import config
+from adaptlab.config import (
+    FULL_LR,
+    LORA_LR_FACTOR,
+    Method,
+    MethodSpec,
+    StepSpec,
+    TrainSpec,
+    field_error,
+    optional,
+)
 from adaptlab.errors import UserError
 
 STUDIES = ("methods", "rank", "lr", "batch", "targets", "data-size")
@@ -31,32 +41,28 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class ArmSpec(_Spec):
-    """One arm: a method and its hyperparameters. Fields left out take the comparison's values."""
+class ArmSpec(MethodSpec):
+    """One arm: a MethodSpec (rank, alpha, dropout, rslora, targets) plus what a study varies per arm.
+
+    The method is required; the TrainSpec fields an arm may override (lr, batch, grad_accum, tokens)
+    keep TrainSpec's bounds and default to None: take the comparison's value.
+    """
 
     name: str
-    method: Literal["full", "lora", "dora", "qlora"]
-    rank: int = Field(16, gt=0)
-    """LoRA rank r (ignored by full)."""
-    alpha: float | None = Field(None, gt=0)
-    """LoRA alpha; default 2 * rank."""
-    rslora: bool = False
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    targets: str | list[str] = "all-linear"
-    """attention | mlp | all-linear | a list of Linear module names."""
+    method: Method
     match_params: str | None = None
     """Name of another arm: this arm's rank is raised (or lowered) so its trainable params match that arm's."""
-    lr: float | None = Field(None, gt=0)
-    """Peak LR. Default: the comparison's base LR for full, 10x it for the LoRA family."""
+    lr: float | None = optional(TrainSpec, "lr")
+    """Peak LR. Default: the comparison's base LR for full, lora_lr_factor x it for the LoRA family."""
     lr_sweep: list[float] | None = None
     """Train at each LR and keep the best by validation loss (the sweep is reported)."""
-    batch: int | None = Field(None, gt=0)
-    """Sequences per micro-batch; differs from the comparison's only in a batch study."""
-    grad_accum: int | None = Field(None, gt=0)
-    tokens: int | None = Field(None, gt=0)
+    batch: int | None = optional(TrainSpec, "batch")
+    """Differs from the comparison's only in a batch study."""
+    grad_accum: int | None = optional(TrainSpec, "grad_accum")
+    tokens: int | None = optional(TrainSpec, "tokens")
     """This arm's budget in tokens; differs from the comparison's only where a study is about budget."""
     data_fraction: float | None = Field(None, gt=0.0, le=1.0)
     """Train on this nested fraction of the training documents (data-size study)."""
@@ -98,53 +104,38 @@ class ArmSpec(_Spec):
             )
         return self
 
-    @property
-    def is_lora(self) -> bool:
-        return self.method != "full"
+    def method_spec(self) -> MethodSpec:
+        """The arm as the MethodSpec of its runs (full: the method alone)."""
+        if not self.is_lora:
+            return MethodSpec(method="full")
+        return MethodSpec.model_validate(self.model_dump(include=set(MethodSpec.model_fields)))
 
 
-class DataSpec(_Spec):
+class DataSpec(config.DataSpec):
     """Target-domain data: split by document into train / val / test (test is held out for learning)."""
 
-    train: list[str]
-    text_field: str = "text"
-    val_frac: float = Field(0.05, ge=0.0, lt=0.5)
-    test_frac: float = Field(0.05, gt=0.0, lt=0.5)
-
-    @field_validator("train", mode="before")
+    @field_validator("test_frac")
     @classmethod
-    def _listify(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
-    @field_validator("train")
-    @classmethod
-    def _nonempty(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("give at least one data source")
+    def _test_split(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be greater than 0: learning is measured on the held-out test split")
         return v
 
 
-class TrainSettings(_Spec):
-    """Training settings shared by every arm (the same tokens in the same order)."""
+class TrainSettings(StepSpec):
+    """Training settings shared by every arm (the same tokens in the same order): a run's StepSpec plus
+    the LR rule and how often each run evaluates and checkpoints."""
 
-    batch: int = Field(4, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    seq_len: int = Field(256, ge=8)
-    lr: float = Field(2e-5, gt=0)
-    """Base LR: full fine-tuning uses it, the LoRA family 10x it, unless an arm says otherwise."""
-    lora_lr_factor: float = Field(10.0, gt=0)
-    warmup: float = Field(0.05, ge=0.0, lt=1.0)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    grad_checkpointing: bool = False
+    lr: float = Field(FULL_LR, gt=0)
+    """Base LR: full fine-tuning uses it, the LoRA family lora_lr_factor x it, unless an arm says otherwise."""
+    lora_lr_factor: float = Field(LORA_LR_FACTOR, gt=0)
     eval_points: int = Field(5, ge=1)
     """Validation losses per run (evenly spaced), for the loss curves."""
-    eval_examples: int = Field(32, gt=0)
     checkpoints: int = Field(2, ge=0)
     """Resumable checkpoints per run (evenly spaced; 0: an interrupted arm restarts)."""
+
+    def default_lr(self, method: str) -> float:
+        return config.default_lr(method, self.lr, self.lora_lr_factor)
 
 
 class EvalSettings(_Spec):
@@ -230,12 +221,10 @@ class CompareSpec(_Spec):
 
 def describe(err: ValidationError, source: str = "compare.yaml") -> str:
     """One line naming the first bad field and what is wrong with it."""
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "top level"
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
+    where, msg = field_error(err)
+    if err.errors()[0]["type"] == "extra_forbidden":
         msg = "unknown field (check the spelling; see examples/compare.yaml)"
-    return f"{source} field {where}: {msg}"
+    return f"{source} field {where or 'top level'}: {msg}"
 
 
 def build_spec(data: dict[str, Any], source: str = "compare.yaml") -> CompareSpec:
@@ -246,7 +235,7 @@ def build_spec(data: dict[str, Any], source: str = "compare.yaml") -> CompareSpe
 
 
 def load_spec_file(path: str | Path) -> dict[str, Any]:
-    return load_config(path, what="compare config")
+    return config.load_config(path, what="compare config")
 
 
 # `adaptlab demo`: sized (steps, seq_len, eval docs, drift prompts) to finish in about 15 minutes on

@@ -11,18 +11,19 @@ response only (see instruct.py).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
+from adaptlab.data.example import IGNORE_INDEX, Example, collate
 from adaptlab.data.instruct import encode_chat
 from adaptlab.data.sources import Document
 from adaptlab.errors import UserError
 
+__all__ = ["IGNORE_INDEX", "Example", "collate", "build_examples", "split_documents", "split_fraction"]
+
 Split = Literal["train", "val", "test", "all"]
 SPLITS = ("train", "val", "test", "all")
-IGNORE_INDEX = -100
 
 
 def split_fraction(doc_id: str) -> float:
@@ -55,14 +56,6 @@ def split_documents(
     return [d for d in docs if d.id in chosen]  # keep the source order
 
 
-@dataclass
-class Example:
-    """One training row: token ids and labels (IGNORE_INDEX where no loss is taken)."""
-
-    input_ids: list[int]
-    labels: list[int]
-
-
 def tokenize_text(docs: list[Document], tokenizer: Any) -> list[list[int]]:
     """Token ids per plain-text document, without special tokens (EOS is added when packing)."""
     texts = [d.text for d in docs]
@@ -73,12 +66,18 @@ def tokenize_text(docs: list[Document], tokenizer: Any) -> list[list[int]]:
 
 
 def build_examples(
-    docs: list[Document], tokenizer: Any, seq_len: int, seed: int = 0, max_examples: int | None = None
+    docs: list[Document],
+    tokenizer: Any,
+    seq_len: int,
+    seed: int = 0,
+    max_examples: int | None = None,
+    split: str = "train",
 ) -> list[Example]:
     """Token examples for training or validation: packed text blocks and/or chat rows.
 
     Documents are packed in a seeded shuffled order so blocks mix documents; with max_examples,
-    only as many documents as needed are tokenized.
+    only as many documents as needed are tokenized. `split` names the documents in the error
+    raised when they are shorter than one block.
     """
     if seq_len < 8:
         raise UserError(f"--seq-len must be at least 8 (got {seq_len})")
@@ -108,21 +107,19 @@ def build_examples(
         buf_blocks = buf_blocks[:remaining]
     examples.extend(buf_blocks)
     if not examples:
-        raise UserError(
-            f"the data yields no training example at --seq-len {seq_len}: add text or lower --seq-len"
-        )
+        raise _too_short(split, len(docs), len(tail), seq_len)
     return examples
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest row: input_ids, attention_mask, labels (B, T)."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def _too_short(split: str, n_docs: int, n_tokens: int, seq_len: int) -> UserError:
+    """What to do when a split's text is shorter than one block."""
+    what = {"train": "training", "val": "validation", "test": "test"}.get(split, split)
+    fix = "lower --seq-len or add text"
+    if split in ("val", "test"):
+        fix = (
+            f"lower --seq-len, raise data.{split}_frac (more documents held out for {what}) or add documents"
+        )
+    return UserError(
+        f"the {what} split ({n_docs} document{'s' * (n_docs != 1)}, {n_tokens:,} tokens) is shorter than "
+        f"one --seq-len {seq_len} block: {fix}"
+    )

@@ -7,13 +7,10 @@ back to "prompt\\n\\nresponse<eos>". Rows longer than seq_len are cut from the r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from adaptlab.data.corpus import Example
-    from adaptlab.data.sources import Document
-
-IGNORE_INDEX = -100
+from adaptlab.data.example import IGNORE_INDEX, Example
+from adaptlab.data.sources import Document
 
 
 def render_chat(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, str]:
@@ -30,8 +27,6 @@ def render_chat(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, st
 
 
 def encode_chat(doc: Document, tokenizer: Any, seq_len: int) -> Example:
-    from adaptlab.data.corpus import Example
-
     prompt, full = render_chat(list(doc.messages), tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]

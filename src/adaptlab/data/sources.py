@@ -101,8 +101,14 @@ def _record_to_document(record: Any, where: str, text_field: str, default_id: st
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield (line number, parsed object) for each non-blank line; malformed JSON names file:line."""
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(
+                    f"{path}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start})"
+                ) from err
             if not line.strip():
                 continue
             try:
@@ -140,13 +146,25 @@ def _datasets_dir_documents(path: Path, text_field: str) -> list[Document]:
     ]
 
 
-def _hub_documents(name: str, text_field: str) -> list[Document]:
-    import datasets
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    import socket
 
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_documents(name: str, text_field: str) -> list[Document]:
     offline = os.environ.get("HF_DATASETS_OFFLINE", "") == "1" or os.environ.get("HF_HUB_OFFLINE", "") == "1"
     try:
         if offline:
             raise ConnectionError("offline mode is set")
+        if not _hub_reachable():  # without a network the hub client retries for half a minute
+            raise ConnectionError("huggingface.co cannot be reached")
+        import datasets
+
         ds = datasets.load_dataset(name, split="train")
     except Exception as err:  # noqa: BLE001 - any hub failure becomes one line for the user
         raise UserError(

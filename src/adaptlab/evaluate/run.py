@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,173 @@ def _stems(files: Sequence[str | Path]) -> list[str]:
     return stems
 
 
+@dataclass
+class _Scoring:
+    """What every step of an evaluation shares: the model, its base, the cache and the settings."""
+
+    model: Any
+    tokenizer: Any
+    base_model: Any | None
+    base_tok: Any
+    peft_base: bool  # the base is the PeftModel itself, inside disable_adapter()
+    has_base: bool
+    cache: BaseCache | None
+    base_identity: str | None
+    model_identity: str | None
+    seq_len: int
+    batch_size: int
+    stride: int | None
+    n_resamples: int
+    say: Progress
+
+    def cached(
+        self, identity: str | None, kind: str, data_hash: str, key_settings: dict[str, Any], compute: Any
+    ) -> Any:
+        """compute(), or its value cached under (identity, kind, data, settings) when an identity is given."""
+        if self.cache is None or identity is None:
+            return compute()
+        key = self.cache.key(identity, kind, data_hash, key_settings)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        value = compute()
+        self.cache.put(key, value)
+        return value
+
+    def run_base(self, fn: Callable[[Any, Any], Any]) -> Any:
+        """fn(base model, base tokenizer): the PeftModel with its adapter disabled, or the separate base."""
+        if self.peft_base:
+            with drift.as_base(self.model):
+                return fn(self.model, self.base_tok)
+        return fn(self.base_model, self.base_tok)
+
+    def tuned_and_base(
+        self, stage: str, kind: str, data_hash: str, key_settings: dict[str, Any], score: Any
+    ) -> tuple[Any, Any | None]:
+        """score(model, tokenizer) of the model and, when compared, of its base; each through the cache."""
+        self.say(stage, 0)
+        tuned = self.cached(
+            self.model_identity, kind, data_hash, key_settings, lambda: score(self.model, self.tokenizer)
+        )
+        if not self.has_base:
+            return tuned, None
+        self.say(f"{stage} (base)", 0)
+        base = self.cached(self.base_identity, kind, data_hash, key_settings, lambda: self.run_base(score))
+        return tuned, base
+
+
+def _nll_step(s: _Scoring, name: str, docs_in: Sequence[str | Document]) -> dict[str, Any]:
+    """Per-token NLL of the model (and its base) on documents, with the paired difference."""
+    docs = perplexity.as_documents(docs_in)
+    if not docs:
+        raise UserError(f"no {name} documents to evaluate")
+    data_hash = hash_texts(list(docs))
+    key_settings = {"seq_len": s.seq_len, "stride": s.stride or s.seq_len, "conventions": "start-token-v1"}
+
+    def score(m: Any, tok: Any) -> Any:
+        return perplexity.score_documents(
+            m, tok, docs, s.seq_len, s.batch_size, s.stride, progress=lambda n: s.say(name, n)
+        ).to_json()
+
+    tuned, base = s.tuned_and_base(name, "nll", data_hash, key_settings, score)
+    return _nll_section(
+        perplexity.DocScores.from_json(tuned),
+        None if base is None else perplexity.DocScores.from_json(base),
+        s.n_resamples,
+    )
+
+
+def _drift_texts(
+    s: _Scoring,
+    drift_docs: Sequence[str | Document] | None,
+    prompts: Sequence[str],
+    new_tokens: int,
+    seed: int,
+) -> tuple[Any, Any, str]:
+    """(token sequences, masks, source) that drift is measured over: given documents or base samples."""
+    if drift_docs is not None:
+        docs = perplexity.as_documents(drift_docs)
+        if not docs:
+            raise UserError("no drift documents to evaluate")
+        seqs, masks, _ = perplexity.encode_documents(docs, s.base_tok, s.seq_len)
+        return seqs, masks, "data"
+    s.say("drift (sampling from base)", 0)
+    sample_settings = {"new_tokens": new_tokens, "seed": seed, "batch": drift.SAMPLE_BATCH}
+    samples = s.cached(
+        s.base_identity,
+        "drift-samples",
+        hash_texts(list(prompts)),
+        sample_settings,
+        lambda: s.run_base(lambda m, tok: list(drift.sample_from_base(m, tok, prompts, new_tokens, seed))),
+    )
+    return samples[0], samples[1], "sampled"
+
+
+def _drift_step(s: _Scoring, seqs: Any, masks: Any, source: str) -> dict[str, Any]:
+    """Mean per-token KL(base || tuned) over the sequences, with its bootstrap interval."""
+    s.say("drift", 0)
+    scores = drift.drift_scores(
+        s.model,
+        s.tokenizer,
+        seqs,
+        masks,
+        base=None if s.peft_base else s.base_model,
+        seq_len=s.seq_len,
+        batch_size=s.batch_size,
+        stride=s.stride,
+        progress=lambda n: s.say("drift", n),
+    )
+    total = int(scores.tokens.sum())
+    return {
+        "kl": float(scores.kl.sum() / total) if total else float("nan"),
+        "tokens": total,
+        "docs": len(seqs),
+        "ci95": stats.ratio_ci(scores.kl, scores.tokens, s.n_resamples),
+        "source": source,
+    }
+
+
+def _mc_step(s: _Scoring, stem: str, path: str | Path, limit: int | None) -> dict[str, Any]:
+    """Multiple-choice accuracy of the model (and its base) on one file, with the paired difference."""
+    items = choice.load_items(path, limit)
+    data_hash = hash_texts(items)
+    key_settings = {"seq_len": s.seq_len, "scoring": "lm-eval-0.4-loglikelihood"}
+
+    def score(m: Any, tok: Any) -> Any:
+        return choice.score_items(m, tok, items, s.seq_len, s.batch_size, lambda n: s.say(stem, n)).to_json()
+
+    tuned, base = s.tuned_and_base(f"mc {stem}", "mc", data_hash, key_settings, score)
+    return _mc_section(
+        choice.ChoiceScores.from_json(tuned),
+        None if base is None else choice.ChoiceScores.from_json(base),
+        s.n_resamples,
+    )
+
+
+def _harness_step(
+    s: _Scoring, tasks: list[str], include: str | Path | None, limit: int | None
+) -> dict[str, Any]:
+    """lm-eval tasks on the model (and its base); deltas for every finite, non-stderr metric."""
+
+    def run_h(m: Any, tok: Any) -> dict[str, dict[str, float]]:
+        return harness.run_tasks(m, tok, tasks, include, s.batch_size, limit)
+
+    s.say("harness", 0)
+    tuned = run_h(s.model, s.tokenizer)
+    base = s.run_base(run_h) if s.has_base else None
+    section: dict[str, Any] = {}
+    for task, metrics in tuned.items():
+        section[task] = dict(metrics)
+        if base is not None and task in base:
+            section[task]["base"] = base[task]
+            section[task]["delta"] = {
+                k: v - base[task][k]
+                for k, v in metrics.items()
+                if "stderr" not in k and k in base[task] and math.isfinite(v)
+            }
+    return section
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -140,7 +308,37 @@ def evaluate(
         raise UserError("--drift compares a tuned model with its base: pass --adapter or --tuned")
     if cache is None and (base_identity or model_identity):
         cache = BaseCache()
-    settings = {
+    s = _Scoring(
+        model=model,
+        tokenizer=tokenizer,
+        base_model=base_model,
+        base_tok=base_tok,
+        peft_base=peft_base,
+        has_base=has_base,
+        cache=cache,
+        base_identity=base_identity,
+        model_identity=model_identity,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        stride=stride,
+        n_resamples=n_resamples,
+        say=progress or (lambda stage, n: None),
+    )
+    result: dict[str, Any] = {}
+    if target_docs is not None:
+        result["target"] = _nll_step(s, "target", target_docs)
+    if general_docs is not None:
+        result["general"] = _nll_step(s, "general", general_docs)
+    if drift_kl:
+        result["drift"] = _drift_step(s, *_drift_texts(s, drift_docs, drift_prompts, drift_new_tokens, seed))
+    if mc_files:
+        result["mc"] = {
+            stem: _mc_step(s, stem, path, mc_limit)
+            for stem, path in zip(_stems(mc_files), mc_files, strict=True)
+        }
+    if harness_tasks:
+        result["harness"] = _harness_step(s, list(harness_tasks), harness_include, harness_limit)
+    result["settings"] = {
         "seq_len": seq_len,
         "stride": stride or seq_len,
         "batch_size": batch_size,
@@ -148,152 +346,4 @@ def evaluate(
         "seed": seed,
         "n_resamples": n_resamples,
     }
-    say: Progress = progress or (lambda stage, n: None)
-
-    def cached(
-        identity: str | None, kind: str, data_hash: str, key_settings: dict[str, Any], compute: Any
-    ) -> Any:
-        if cache is None or identity is None:
-            return compute()
-        key = cache.key(identity, kind, data_hash, key_settings)
-        hit = cache.get(key)
-        if hit is not None:
-            return hit
-        value = compute()
-        cache.put(key, value)
-        return value
-
-    def run_base(fn: Callable[[Any, Any], Any]) -> Any:
-        if peft_base:
-            with drift.as_base(model):
-                return fn(model, base_tok)
-        return fn(base_model, base_tok)
-
-    nll_settings = {"seq_len": seq_len, "stride": stride or seq_len, "conventions": "start-token-v1"}
-
-    def nll_figures(name: str, docs: Sequence[str | Document]) -> dict[str, Any]:
-        docs = perplexity.as_documents(docs)
-        if not docs:
-            raise UserError(f"no {name} documents to evaluate")
-        data_hash = hash_texts(list(docs))
-
-        def score(m: Any, tok: Any) -> Any:
-            return perplexity.score_documents(
-                m, tok, docs, seq_len, batch_size, stride, progress=lambda n: say(name, n)
-            ).to_json()
-
-        say(name, 0)
-        tuned = perplexity.DocScores.from_json(
-            cached(model_identity, "nll", data_hash, nll_settings, lambda: score(model, tokenizer))
-        )
-        base = None
-        if has_base:
-            say(f"{name} (base)", 0)
-            base = perplexity.DocScores.from_json(
-                cached(base_identity, "nll", data_hash, nll_settings, lambda: run_base(score))
-            )
-        return _nll_section(tuned, base, n_resamples)
-
-    result: dict[str, Any] = {}
-    if target_docs is not None:
-        result["target"] = nll_figures("target", target_docs)
-    if general_docs is not None:
-        result["general"] = nll_figures("general", general_docs)
-    if drift_kl:
-        if drift_docs is not None:
-            docs = perplexity.as_documents(drift_docs)
-            if not docs:
-                raise UserError("no drift documents to evaluate")
-            seqs, masks, _ = perplexity.encode_documents(docs, base_tok, seq_len)
-            source = "data"
-        else:
-            say("drift (sampling from base)", 0)
-            sample_settings = {"new_tokens": drift_new_tokens, "seed": seed, "batch": drift.SAMPLE_BATCH}
-            samples = cached(
-                base_identity,
-                "drift-samples",
-                hash_texts(list(drift_prompts)),
-                sample_settings,
-                lambda: run_base(
-                    lambda m, tok: list(drift.sample_from_base(m, tok, drift_prompts, drift_new_tokens, seed))
-                ),
-            )
-            seqs, masks = samples[0], samples[1]
-            source = "sampled"
-        say("drift", 0)
-        scores = drift.drift_scores(
-            model,
-            tokenizer,
-            seqs,
-            masks,
-            base=None if peft_base else base_model,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            stride=stride,
-            progress=lambda n: say("drift", n),
-        )
-        total = int(scores.tokens.sum())
-        result["drift"] = {
-            "kl": float(scores.kl.sum() / total) if total else float("nan"),
-            "tokens": total,
-            "docs": len(seqs),
-            "ci95": stats.ratio_ci(scores.kl, scores.tokens, n_resamples),
-            "source": source,
-        }
-    if mc_files:
-        result["mc"] = {}
-        mc_settings = {"seq_len": seq_len, "scoring": "lm-eval-0.4-loglikelihood"}
-        for stem, path in zip(_stems(mc_files), mc_files, strict=True):
-            items = choice.load_items(path, mc_limit)
-            data_hash = hash_texts(items)
-
-            def score_mc(m: Any, tok: Any, items: list[choice.Item] = items, stem: str = stem) -> Any:
-                return choice.score_items(
-                    m, tok, items, seq_len, batch_size, lambda n: say(stem, n)
-                ).to_json()
-
-            say(f"mc {stem}", 0)
-            tuned_mc = choice.ChoiceScores.from_json(
-                cached(
-                    model_identity,
-                    "mc",
-                    data_hash,
-                    mc_settings,
-                    lambda score_mc=score_mc: score_mc(model, tokenizer),
-                )
-            )
-            base_mc = None
-            if has_base:
-                say(f"mc {stem} (base)", 0)
-                base_mc = choice.ChoiceScores.from_json(
-                    cached(
-                        base_identity,
-                        "mc",
-                        data_hash,
-                        mc_settings,
-                        lambda score_mc=score_mc: run_base(score_mc),
-                    )
-                )
-            result["mc"][stem] = _mc_section(tuned_mc, base_mc, n_resamples)
-    if harness_tasks:
-        tasks = list(harness_tasks)
-
-        def run_h(m: Any, tok: Any) -> dict[str, dict[str, float]]:
-            return harness.run_tasks(m, tok, tasks, harness_include, batch_size, harness_limit)
-
-        say("harness", 0)
-        tuned_h = run_h(model, tokenizer)
-        base_h = run_base(run_h) if has_base else None
-        section: dict[str, Any] = {}
-        for task, metrics in tuned_h.items():
-            section[task] = dict(metrics)
-            if base_h is not None and task in base_h:
-                section[task]["base"] = base_h[task]
-                section[task]["delta"] = {
-                    k: v - base_h[task][k]
-                    for k, v in metrics.items()
-                    if "stderr" not in k and k in base_h[task] and math.isfinite(v)
-                }
-        result["harness"] = section
-    result["settings"] = settings
     return result

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from adaptlab.config import FULL_LR, LORA_LR_FACTOR, default_lr
+
 BITS_PER_PARAM = 2.0
 BITS_PER_TOKEN = 1.0
 HEURISTIC = (
@@ -21,8 +23,6 @@ HEURISTIC = (
     "<= 1 bit of new information per unique training token; LoRA falls behind full fine-tuning once data "
     "exceeds adapter capacity (Schulman et al., 'LoRA Without Regret', Thinking Machines 2025)"
 )
-FULL_LR = 2e-5
-LORA_LR_MULTIPLIER = 10.0
 LORA_MAX_GLOBAL_BATCH = 32  # sequences per optimizer step
 SEARCH_RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -50,9 +50,12 @@ def suggest_rank(params_at_rank: Any, unique_tokens: int) -> int | None:
 
 def suggested_lrs() -> dict[str, Any]:
     return {
-        "full": FULL_LR,
-        "lora": FULL_LR * LORA_LR_MULTIPLIER,
-        "note": "LoRA family ~10x the full fine-tuning LR (Schulman et al. 2025; adaptlab's defaults)",
+        "full": default_lr("full"),
+        "lora": default_lr("lora"),
+        "note": (
+            f"LoRA family ~{LORA_LR_FACTOR:g}x the full fine-tuning LR of {FULL_LR:g} "
+            "(Schulman et al. 2025; adaptlab's defaults)"
+        ),
     }
 
 

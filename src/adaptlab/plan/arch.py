@@ -42,6 +42,7 @@ class Arch:
     lm_head_params: int  # vocab x hidden, 0 when tied to the embedding
     norm_params: int  # everything that is neither a Linear nor an embedding
     linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (in, out), no lm_head
+    max_positions: int | None = None  # max_position_embeddings: the longest sequence the model takes
 
     @property
     def linear_params(self) -> int:
@@ -88,13 +89,16 @@ def _cfg(config: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
-def _load_config(spec: str) -> Any:
+def load_model_config(spec: str) -> Any:
+    """The transformers config of a model spec; a hub id offline fails at once, in one line."""
     from transformers import AutoConfig
 
-    from adaptlab.models import EMBEDDED_MODELS, local_dir, quiet_transformers
+    from adaptlab.models import EMBEDDED_MODELS, _check_hub_reachable, local_dir, quiet_transformers
 
     quiet_transformers()
     path = local_dir(spec)
+    if path is None:
+        _check_hub_reachable(spec)
     try:
         return AutoConfig.from_pretrained(str(path) if path else spec)
     except (OSError, ValueError) as err:
@@ -148,12 +152,13 @@ def arch_from_config(config: Any, spec: str = "") -> Arch:
         lm_head_params=head_params,
         norm_params=norm,
         linear_shapes=shapes,
+        max_positions=_cfg(text, "max_position_embeddings", "n_positions", default=None),
     )
 
 
 def load_arch(spec: str) -> Arch:
     """The architecture of a model spec (embedded name, local directory or hub id), without weights."""
-    return arch_from_config(_load_config(spec), spec)
+    return arch_from_config(load_model_config(spec), spec)
 
 
 def targets_for(arch: Arch, targets: str | list[str]) -> list[str]:

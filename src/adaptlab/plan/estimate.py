@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adaptlab.config import is_lora
 from adaptlab.plan.arch import ATTN_IN, MLP_IN, Arch
 
 # --- calibration (bench/plan_accuracy.py: measured peak RSS / step time on a 2-core EPYC CPU) -------
@@ -66,7 +67,7 @@ class Arm:
 
     @property
     def is_lora(self) -> bool:
-        return self.method != "full"
+        return is_lora(self.method)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,14 @@ from typing import Any, Literal
 
 Relation = Literal["above", "below", "overlap"]
 
+CLAIMED_LR_RATIO = 10.0
+"""LoRA's optimal LR over full fine-tuning's, as "LoRA Without Regret" reports it."""
+LR_RATIO_TOLERANCE = 3.5
+"""A measured ratio within this factor of the claim agrees (sweep grids step by ~3x, so one grid step)."""
+SAME_MEMORY_STEP = 1.02
+"""Memory ladder steps within 2% of the previous one are the same memory limit in practice."""
+BYTES_PER_GB = 1e9
+
 BIDERMAN = "Biderman et al. 2024, LoRA Learns Less and Forgets Less (arXiv 2405.09673)"
 REGRET = 'Schulman et al. 2025, "LoRA Without Regret" (Thinking Machines)'
 SHUTTLEWORTH = (
@@ -116,7 +124,7 @@ def _full_vs_lora(arms: list[dict[str, Any]], metric: str) -> tuple[list[str], l
 
 
 def _lr_ratio(results: dict[str, Any], arms: list[dict[str, Any]]) -> dict[str, Any]:
-    claim = "LoRA's best learning rate is about 10x full fine-tuning's"
+    claim = f"LoRA's best learning rate is about {CLAIMED_LR_RATIO:g}x full fine-tuning's"
     swept = [a for a in arms if a.get("lr_sweep") and a["lr_sweep"].get("best_lr")]
     full = [a for a in swept if a["method"] == "full"]
     lora = [a for a in swept if a["method"] != "full"]
@@ -140,7 +148,8 @@ def _lr_ratio(results: dict[str, Any], arms: list[dict[str, Any]]) -> dict[str, 
                 "but a best LR lies at the edge of its sweep, so the optimum may lie outside it"
             )
         else:
-            verdicts.append("agrees" if 10 / 3.5 <= ratio <= 10 * 3.5 else "disagrees")
+            low, high = CLAIMED_LR_RATIO / LR_RATIO_TOLERANCE, CLAIMED_LR_RATIO * LR_RATIO_TOLERANCE
+            verdicts.append("agrees" if low <= ratio <= high else "disagrees")
             evidence.append(
                 f"measured optimal-LR ratio {a['name']}/{full[0]['name']} = {ratio:.3g} "
                 f"({s['best_lr']:.2g} / {f['best_lr']:.2g}, best by validation loss; grid steps limit its precision)"
@@ -332,8 +341,8 @@ def _ladder_memory(ok: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for a in sorted(ok, key=lambda a: (a["cost"]["peak_mem_bytes"], -a["learning"]["value"])):
         if best is None or a["learning"]["value"] > best["learning"]["value"]:
             best = a
-            if out and a["cost"]["peak_mem_bytes"] <= 1.02 * out[-1]["limit_from_bytes"]:
-                out.pop()  # within 2% of the previous step: the same memory limit in practice
+            if out and a["cost"]["peak_mem_bytes"] <= SAME_MEMORY_STEP * out[-1]["limit_from_bytes"]:
+                out.pop()
             out.append(
                 {
                     "limit_from_bytes": a["cost"]["peak_mem_bytes"],
@@ -405,7 +414,7 @@ def recommend(results: dict[str, Any]) -> dict[str, Any]:
             "ci_within": bool(a and a["forgetting"]["ci95"][1] <= lim),
         }
     if limits.get("memory_gb") is not None:
-        lim_b = limits["memory_gb"] * 1e9
+        lim_b = limits["memory_gb"] * BYTES_PER_GB
         a = _best_under(ok, lambda a: a["cost"]["peak_mem_bytes"] <= lim_b)
         rec["under_memory_limit"] = {"limit_gb": limits["memory_gb"], "pick": a["name"] if a else None}
     learn_v, learn_e = _full_vs_lora(ok, "learning")
@@ -461,7 +470,7 @@ def _summary(rec: dict[str, Any], ok: list[dict[str, Any]], unit: str) -> str:
     if len(mem) > 1:
         lines.append(
             "Under a memory limit: "
-            + "; ".join(f">= {s['limit_from_bytes'] / 1e9:.2f} GB: {s['pick']}" for s in mem)
+            + "; ".join(f">= {s['limit_from_bytes'] / BYTES_PER_GB:.2f} GB: {s['pick']}" for s in mem)
             + "."
         )
     for key, what in (("under_forgetting_limit", "limit"), ("under_memory_limit", "limit_gb")):

@@ -1,0 +1,308 @@
+"""`plan(...)`: memory, time, capacity and a recommendation for full, LoRA, DoRA and QLoRA, before training.
+
+It reads the model's architecture (config + a meta-device build, no weights), counts the data in
+the model's tokens, and estimates for each method the trainable parameters, peak training memory
+(broken down), time per epoch and artifact size, then recommends one with reasons and the
+`adaptlab compare` command that confirms it. Library only: the CLI (`adaptlab plan`) prints it.
+
+    python -c "from adaptlab.plan import plan; import json; \
+print(json.dumps(plan('tiny-random', ['python-stdlib'], benchmark=False)['recommendation'], indent=1))"
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from adaptlab.config import check_rank, check_seq_len, default_lr
+from adaptlab.errors import UserError
+from adaptlab.plan import advice
+from adaptlab.plan.arch import Arch, load_arch, targets_for
+from adaptlab.plan.datasize import DataSize, measure_data
+from adaptlab.plan.estimate import (
+    PY_BYTES_PER_TOKEN,
+    Arm,
+    Shape,
+    artifact_bytes,
+    memory_breakdown,
+    step_time_s,
+    trainable_params,
+)
+from adaptlab.plan.measure import CUDA_CONTEXT_BYTES, device_throughput, runtime_baseline_bytes
+
+TASKS = ("cpt", "ift", "dpo")
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_SI = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+# Used when no micro-benchmark is wanted (tests, --no-benchmark): a modest CPU core pair.
+NOMINAL_THROUGHPUT = {"matmul_flops_per_s": 50e9, "mem_bytes_per_s": 5e9}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes from '24GiB', '24G' (binary), '16GB' (decimal), '512MiB', '1.5TiB' or a plain number."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if m:
+        value, unit = float(m.group(1)), m.group(2).lower()
+        if unit in _SI:
+            return int(value * _SI[unit])
+        unit = unit.removesuffix("ib").removesuffix("b") if unit not in ("b", "") else unit
+        if unit in _UNITS:
+            return int(value * _UNITS[unit])
+    raise UserError(f"--memory {text!r}: expected a size like 24GiB, 16GB, 512MiB or a number of bytes")
+
+
+def _tokenizer_bytes(spec: str) -> int:
+    from adaptlab.models import local_dir
+
+    path = local_dir(spec)
+    if path is None:
+        return 0
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.name in names or p.name.endswith(".model"))
+
+
+def _compare_command(model: str, data: list[str], tokens: int) -> str:
+    name = Path(model).name or "model"
+    data_args = " ".join(f"--data {d}" for d in data)
+    return f"adaptlab compare --model {model} {data_args} --study methods --tokens {tokens} --out runs/compare-{name}"
+
+
+def _check_args(
+    task: str | None, seq_len: int, batch: int, grad_accum: int, ranks: Sequence[int], epochs: float
+) -> None:
+    if task is not None and task not in TASKS:
+        raise UserError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
+    for flag, value in (("--seq-len", seq_len), ("--batch", batch), ("--grad-accum", grad_accum)):
+        if value < 1:
+            raise UserError(f"{flag} must be a positive integer (got {value})")
+    if seq_len < 8:
+        raise UserError(f"--seq-len must be at least 8 (got {seq_len})")
+    if not ranks or any(r < 1 for r in ranks):
+        raise UserError(f"--ranks must be positive integers (got {', '.join(map(str, ranks)) or 'none'})")
+    if epochs <= 0:
+        raise UserError(f"--epochs must be positive (got {epochs})")
+
+
+def _check_against_arch(
+    arch: Arch, target_names: tuple[str, ...], seq_len: int, ranks: Sequence[int]
+) -> None:
+    """The bounds training enforces (config.check_against_model), from the architecture alone."""
+    check_seq_len(seq_len, arch.max_positions, arch.spec)
+    targeted = {n: s for n, s in arch.linear_shapes.items() if n.rsplit(".", 1)[-1] in target_names}
+    check_rank(max(ranks), targeted, flag="--ranks")
+
+
+def _arms(ranks: Sequence[int], target_names: tuple[str, ...]) -> dict[str, Arm]:
+    """full, one LoRA per rank (the default rank keyed "lora"), DoRA and QLoRA at the default rank."""
+    arms: dict[str, Arm] = {"full": Arm("full")}
+    default_rank = 16 if 16 in ranks else ranks[0]
+    for r in ranks:
+        arms["lora" if r == default_rank else f"lora_r{r}"] = Arm("lora", r, target_names)
+    arms["dora"] = Arm("dora", default_rank, target_names)
+    arms["qlora"] = Arm("qlora", default_rank, target_names)
+    return arms
+
+
+def _method_entry(
+    arch: Arch,
+    arm: Arm,
+    shape: Shape,
+    task: str,
+    cost: dict[str, Any],
+    mem_limit: int | None,
+    size: DataSize,
+    steps_per_epoch: int,
+) -> dict[str, Any]:
+    """One method's estimates; cost holds runtime, data and tokenizer bytes and the measured rates."""
+    n_train = trainable_params(arch, arm)
+    mem = memory_breakdown(
+        arch, arm, shape, cost["runtime"], cost["data_bytes"], reference_model=task == "dpo"
+    )
+    timing = step_time_s(
+        arch, arm, shape, cost["rate"]["matmul_flops_per_s"], cost["rate"]["mem_bytes_per_s"]
+    )
+    if task == "dpo":  # the reference policy's forward pass on the same rows
+        timing["step_s"] += timing["matmul_s"] * 2 / (6 if arm.method == "full" else 4)
+    entry: dict[str, Any] = {
+        "method": arm.method,
+        "rank": arm.rank or None,
+        "targets": list(arm.targets) or None,
+        "trainable_params": n_train,
+        "trainable_fraction": n_train / arch.total_params,
+        "peak_mem_bytes": mem["peak"],
+        "fits": None if mem_limit is None else mem["peak"] <= mem_limit,
+        "memory": mem,
+        "step_s": timing["step_s"],
+        "time_per_epoch_s": timing["step_s"] * steps_per_epoch,
+        "time_breakdown_s": {k: v for k, v in timing.items() if k != "step_s"},
+        "artifact_bytes": artifact_bytes(arch, arm, cost["tokenizer_bytes"]),
+        "lr": default_lr(arm.method),
+    }
+    if arm.is_lora:
+        entry["capacity"] = advice.capacity(n_train, size.tokens_per_epoch)
+    return entry
+
+
+def _device_limit(methods: dict[str, dict[str, Any]], dev: Any, mem_limit: int | None) -> int:
+    """The memory limit used; without one, "fits" means fits in this device's memory."""
+    if mem_limit is not None:
+        return mem_limit
+    import torch
+
+    total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else _cpu_memory_bytes()
+    for entry in methods.values():
+        entry["fits"] = entry["peak_mem_bytes"] <= total
+    return total
+
+
+def _capacity_warnings(
+    methods: dict[str, dict[str, Any]], unique_tokens: int, suggested: int | None
+) -> list[str]:
+    warnings = []
+    for key, entry in methods.items():
+        if key.startswith("lora") and entry["capacity"]["exceeded"]:
+            warnings.append(
+                f"{key} (r={entry['rank']}): {unique_tokens:,} unique training tokens exceed its "
+                f"~{entry['capacity']['capacity_tokens']:,}-token capacity; "
+                + (
+                    f"suggested rank: {suggested}"
+                    if suggested
+                    else "no rank up to 512 suffices: consider full"
+                )
+                + " (heuristic)"
+            )
+    return warnings
+
+
+def _architecture(arch: Arch) -> dict[str, Any]:
+    return {
+        "model_type": arch.model_type,
+        "layers": arch.n_layers,
+        "hidden": arch.hidden,
+        "intermediate": arch.intermediate,
+        "heads": arch.n_heads,
+        "kv_heads": arch.n_kv_heads,
+        "vocab": arch.vocab,
+        "total_params": arch.total_params,
+        "tied_embeddings": arch.tied,
+    }
+
+
+def _notes(task: str) -> list[str]:
+    notes = [
+        "time per epoch is an estimate: training FLOPs and memory traffic over a micro-benchmark of this device",
+        "QLoRA is estimated from its definition (NF4 weights, 0.5 byte + ~0.127 bit of constants per Linear "
+        "weight; embeddings and norms stay fp32); on CPU the fp32 base is loaded before quantizing",
+        "DoRA/QLoRA estimates are not yet checked against runs; full and LoRA are (bench/plan_accuracy.py)",
+    ]
+    if task == "dpo":
+        notes.append("the training loop has no DPO yet: dpo estimates add a reference forward pass")
+    return notes
+
+
+def plan(
+    model: str,
+    data: list[str] | str,
+    task: str | None = None,
+    seq_len: int = 256,
+    batch: int = 4,
+    grad_accum: int = 1,
+    ranks: list[int] | tuple[int, ...] = (16,),
+    targets: str | list[str] = "all-linear",
+    memory: int | str | None = None,
+    device: str | None = None,
+    precision: str = "auto",
+    epochs: float = 1.0,
+    tokens: int | None = None,
+    grad_checkpointing: bool = False,
+    text_field: str = "text",
+    benchmark: bool = True,
+    refresh: bool = False,
+) -> dict[str, Any]:
+    """Estimates for full, LoRA (each rank), DoRA and QLoRA, and a recommendation (see the module docstring).
+
+    tokens: a token budget instead of `epochs` passes over the data. benchmark=False skips the device
+    micro-benchmark (times then use a nominal throughput and say so). refresh re-measures cached values.
+    """
+    from adaptlab.hardware import choose_precision, pick_device
+    from adaptlab.models import load_tokenizer
+
+    sources = [data] if isinstance(data, str) else list(data)
+    _check_args(task, seq_len, batch, grad_accum, ranks, epochs)
+    mem_limit = parse_memory(memory) if isinstance(memory, str) else memory
+    dev = pick_device(device)
+    prec = choose_precision(precision, dev)
+
+    arch = load_arch(model)
+    target_names = tuple(targets_for(arch, targets))
+    _check_against_arch(arch, target_names, seq_len, ranks)
+    size = measure_data(sources, load_tokenizer(model), seq_len, task=task or "cpt", text_field=text_field)
+    task = task or ("ift" if size.kind == "chat" else "cpt")
+    if task == "ift" and size.kind == "text":
+        raise UserError(
+            "--task ift needs instruction records (prompt/response or messages); this data is plain text"
+        )
+    budget = tokens if tokens is not None else round(size.tokens_per_epoch * epochs)
+    rows = 2 if task == "dpo" else 1
+    shape = Shape(batch, seq_len, grad_accum, prec, grad_checkpointing, dev.type, rows_per_example=rows)
+
+    if benchmark:
+        rate = device_throughput(
+            str(dev), prec, batch * seq_len, arch.hidden, arch.intermediate, refresh=refresh
+        )
+    else:
+        rate = {**NOMINAL_THROUGHPUT, "device": "nominal (no micro-benchmark)", "precision": prec}
+    held_tokens = min(budget, size.tokens_per_epoch)  # training keeps the examples it will use
+    cost = {
+        "runtime": runtime_baseline_bytes(refresh) if dev.type == "cpu" else CUDA_CONTEXT_BYTES,
+        "data_bytes": size.characters + PY_BYTES_PER_TOKEN * held_tokens,
+        "tokenizer_bytes": _tokenizer_bytes(model),
+        "rate": rate,
+    }
+    steps_per_epoch = max(1, -(-size.tokens_per_epoch // (batch * grad_accum * seq_len * rows)))
+    methods = {
+        key: _method_entry(arch, arm, shape, task, cost, mem_limit, size, steps_per_epoch)
+        for key, arm in _arms(ranks, target_names).items()
+    }
+    limit_used = _device_limit(methods, dev, mem_limit)
+    suggested = advice.suggest_rank(lambda r: arch.lora_params(r, list(target_names)), size.tokens_per_epoch)
+    command = _compare_command(model, sources, min(budget, max(size.tokens_per_epoch, 1)))
+    return {
+        "model": model,
+        "data": {**size.as_dict(), "sources": sources},
+        "task": task,
+        "architecture": _architecture(arch),
+        "setup": {
+            "device": str(dev),
+            "precision": prec,
+            "batch": batch,
+            "grad_accum": grad_accum,
+            "seq_len": seq_len,
+            "grad_checkpointing": grad_checkpointing,
+            "epochs": epochs if tokens is None else tokens / max(size.tokens_per_epoch, 1),
+            "token_budget": budget,
+            "steps_per_epoch": steps_per_epoch,
+            "memory_limit_bytes": limit_used,
+            "targets": list(target_names),
+        },
+        "throughput": rate,
+        "methods": methods,
+        "capacity": {
+            "heuristic": advice.HEURISTIC,
+            "suggested_rank": suggested,
+            "warnings": _capacity_warnings(methods, size.tokens_per_epoch, suggested),
+        },
+        "suggested": {
+            "lr": advice.suggested_lrs(),
+            "batch": advice.suggested_batch(batch, grad_accum, seq_len),
+        },
+        "recommendation": advice.recommend(methods, "lora", task, size.tokens_per_epoch, limit_used, command),
+        "notes": _notes(task),
+    }
+
+
+def _cpu_memory_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
