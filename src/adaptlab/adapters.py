@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from adaptlab import outputs
 from adaptlab.errors import UserError
 from adaptlab.models import EMBEDDED_MODELS, LoadedModel, TunedRef, load_model, resolve_tuned
 
@@ -190,10 +191,13 @@ def _attach(base: LoadedModel, ref: TunedRef, name: str, peft_model: Any | None)
 
 def _fresh_dir(out: Path) -> Path:
     """A temp dir beside `out`, renamed onto it when the result is verified (no half-written output)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    outputs.not_a_file(out)
+    if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty: choose a new --out directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    outputs.mark(tmp, "artifact")
+    return tmp
 
 
 def _publish(tmp: Path, out: Path) -> None:
