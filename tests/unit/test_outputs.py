@@ -156,6 +156,15 @@ def test_eval_out_refuses_a_file_it_did_not_write(run_cli, corpus, tmp_path):
     assert path.read_text() == '{"mine": 1}\n'
 
 
+def test_analyze_refuses_a_folder_it_did_not_write(run_cli, tmp_path):
+    out = tmp_path / "analysis"
+    out.mkdir()
+    (out / "analysis.json").write_text("mine\n")
+    code, _, err = run_cli("analyze", "--tuned", tmp_path, "--out", out)
+    assert code == 2 and "--overwrite" in _one_line(err)
+    assert (out / "analysis.json").read_text() == "mine\n"
+
+
 # ------------------------------------------------------------------------- 2: compare --out ownership
 
 
