@@ -7,6 +7,7 @@ a comparison's training children die with it. The two-process cases start real p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -49,24 +50,39 @@ def _spawn(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def _holder_pid(directory: Path, not_pid: int | None = None, timeout: float = 120.0) -> int:
-    """The pid recorded in directory's lock once a process other than not_pid holds it."""
+def _holder_pid(directory: Path) -> int | None:
+    """The pid recorded in directory's lock file, if any."""
+    try:
+        found = re.match(r"pid (\d+)", (directory / LOCK).read_text())
+    except OSError:
+        return None
+    return int(found.group(1)) if found else None
+
+
+def _train_child_of(parent: int, timeout: float = 120.0) -> int:
+    """The pid of parent's child `adaptlab train` process, once it has one."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            found = re.match(r"pid (\d+)", (directory / LOCK).read_text())
-        except OSError:
-            found = None
-        if found and int(found.group(1)) != not_pid:
-            return int(found.group(1))
+        for proc in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == parent and b"train" in (proc / "cmdline").read_bytes().split(b"\0"):
+                    return int(proc.name)
         time.sleep(0.2)
-    raise AssertionError(f"no process took the lock of {directory} within {timeout} s")
+    raise AssertionError(f"process {parent} started no `adaptlab train` within {timeout} s")
 
 
 def _wait_for(path: Path, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.2)
+
+
+def _wait_for_holder(directory: Path, pid: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _holder_pid(directory) != pid:
+        assert time.monotonic() < deadline, f"process {pid} did not take the lock of {directory}"
         time.sleep(0.2)
 
 
@@ -221,8 +237,7 @@ def test_second_train_on_the_same_out_is_refused(run_cli, corpus, tmp_path):
     out = tmp_path / "run"
     first = _spawn(*TRAIN, "--steps", "100000", "--data", str(corpus), "--out", str(out))
     try:
-        holder = _holder_pid(out)
-        assert holder == first.pid
+        _wait_for(out / "metrics.jsonl")  # the first process is training
         code, _, err = run_cli(*TRAIN, "--data", corpus, "--out", out)
         assert code == 2 and f"pid {first.pid}" in _one_line(err)
     finally:
@@ -247,23 +262,35 @@ def _compare_config(corpus: Path, path: Path) -> Path:
     return path
 
 
-def test_compare_locks_its_out_and_its_children_die_with_it(run_cli, corpus, tmp_path):
+def test_second_compare_on_the_same_out_is_refused(run_cli, corpus, tmp_path):
     config, out = _compare_config(corpus, tmp_path / "c.yaml"), tmp_path / "cmp"
     first = _spawn("compare", "--config", str(config), "--out", str(out))
     try:
-        assert _holder_pid(out) == first.pid
-        child = _holder_pid(out / "runs" / "lora")  # the arm's `adaptlab train` process
-        _wait_for(out / "runs" / "lora" / "config.yaml")  # it has started training
+        child = _train_child_of(first.pid)
+        _wait_for(out / "runs" / "lora" / "config.yaml")  # the arm is training
+        # before any arm trains, an unknown --force arm stops a comparison that got past the lock
         code, _, err = run_cli("compare", "--config", config, "--out", out, "--force", "nosuch")
-        assert code == 2 and f"pid {first.pid}" in _one_line(err)
+        assert code == 2 and f"in use by pid {first.pid}" in _one_line(err)
+    finally:
+        _stop(first)
+        _gone_within(child, 10)
+
+
+def test_compare_children_die_with_it_and_a_rerun_resumes(corpus, tmp_path):
+    config, out = _compare_config(corpus, tmp_path / "c.yaml"), tmp_path / "cmp"
+    first = _spawn("compare", "--config", str(config), "--out", str(out))
+    try:
+        child = _train_child_of(first.pid)
+        _wait_for(out / "runs" / "lora" / "config.yaml")  # the arm is training
         os.kill(first.pid, signal.SIGKILL)
         assert _gone_within(child, 10), "the arm's training process outlived its comparison"
     finally:
         _stop(first)
-    # a rerun takes over the dead comparison's locks, resumes the arm, and SIGTERM stops it and its child
+    # a rerun takes over the dead comparison's locks, resumes the arm; SIGTERM stops it and its child
     again = _spawn("compare", "--config", str(config), "--out", str(out))
     try:
-        child2 = _holder_pid(out / "runs" / "lora", not_pid=child)
+        child2 = _train_child_of(again.pid)
+        _wait_for_holder(out / "runs" / "lora", child2)
         assert _holder_pid(out) == again.pid
         os.kill(again.pid, signal.SIGTERM)
         assert again.wait(timeout=60) == 143

@@ -281,10 +281,9 @@ _PR_SET_PDEATHSIG = 1
 
 def _libc() -> Any:
     import ctypes
-    import ctypes.util
 
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        return ctypes.CDLL(None, use_errno=True)  # the C library this process already runs on
     except OSError:
         return None
 
