@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from adaptlab import outputs
 from adaptlab.artifacts import Artifact, BaseWeights, attach_adapter, base_spec, load_base, resolve_adapter
 from adaptlab.errors import UserError
 from adaptlab.models import load_model
@@ -57,10 +58,13 @@ CHECK_TEXTS: tuple[tuple[str, ...], ...] = (
 
 def _fresh_dir(out: Path) -> Path:
     """A temp dir beside `out`, renamed onto it when the result is verified (no half-written output)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    outputs.not_a_file(out)
+    if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty: choose a new --out directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    outputs.mark(tmp, "artifact")
+    return tmp
 
 
 def _publish(tmp: Path, out: Path, report_name: str, report: Any) -> None:

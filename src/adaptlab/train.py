@@ -18,6 +18,7 @@ build_summary. Every file written while training goes through a RunWriter.
 from __future__ import annotations
 
 import logging
+import contextlib
 import math
 import random
 import shutil
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adaptlab import outputs
 from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, check_against_model, load_config
 from adaptlab.data.corpus import IGNORE_INDEX, Example, build_examples, collate, split_documents
 from adaptlab.data.sources import load_documents
@@ -198,17 +200,20 @@ def prepare(config: RunConfig) -> Setup:
     )
 
 
-def _check_out(run: RunDir) -> None:
-    if not run.root.exists():
+def _check_out(run: RunDir, overwrite: bool) -> None:
+    foreign = [p for p in run.checkpoints.glob("*") if not p.name.startswith(("step-", ".step-"))]
+    if foreign:  # a finished run removes checkpoints/: it must hold only adaptlab's checkpoints
+        raise UserError(
+            f"{run.checkpoints} holds files adaptlab did not write ({foreign[0].name}): move them"
+        )
+    if overwrite:
         return
     if run.is_finished():
-        raise UserError(f"{run.root} holds a finished run: choose another --out")
+        raise UserError(f"{run.root} holds a finished run: choose another --out, or pass --overwrite")
     if run.latest_checkpoint() is not None:
         raise UserError(
             f"{run.root} holds an unfinished run: continue it with `adaptlab train --resume {run.root}`"
         )
-    if any(p for p in run.root.iterdir() if p.name not in ("config.yaml", "metrics.jsonl", "checkpoints")):
-        raise UserError(f"{run.root} exists and is not a run directory: choose another --out")
 
 
 def train(
@@ -217,21 +222,27 @@ def train(
     on_log: LogFn | None = None,
     resume: bool = False,
     new_lr: float | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) training to the end of its budget; write the run directory; return summary."""
-    run = RunDir(config.out or "")
-    if not resume:
-        _check_out(run)
-    setup = prepare(config)
-    run.root.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        run.config.write_text(config.to_yaml())
-        run.metrics.write_text("")
-        if run.checkpoints.exists():
-            shutil.rmtree(run.checkpoints)
-    if on_start:
-        on_start(setup)
-    return _loop(setup, resume, on_log, new_lr)
+    """Run (or resume) training to the end of its budget; write the run directory; return summary.
+
+    The run directory is claimed and locked first (adaptlab.outputs): a directory holding files
+    adaptlab did not write is refused unless `overwrite`, and a second writer is refused while this one runs.
+    """
+    if config.out is None:
+        raise UserError("no run directory: pass --out RUN")
+    run = RunDir(config.out)
+    with outputs.owned(run.root, "run", overwrite=overwrite or resume):
+        if not resume:
+            _check_out(run, overwrite)
+        setup = prepare(config)
+        if not resume:
+            outputs.clear(run.root)  # adaptlab's own outputs only; other files stay
+            run.config.write_text(config.to_yaml())
+            run.metrics.write_text("")
+        if on_start:
+            on_start(setup)
+        return _loop(setup, resume, on_log, new_lr)
 
 
 def resume_run(
@@ -402,8 +413,11 @@ class RunWriter:
     def finish(self, summary: dict[str, Any]) -> None:
         """Write summary.json; the finished artifact supersedes the resumable state."""
         self.run.write_summary(summary)
-        if self.run.checkpoints.exists():
-            shutil.rmtree(self.run.checkpoints)
+        for p in self.run.checkpoint_dirs():
+            shutil.rmtree(p)
+        self.run.clean_temp_checkpoints()
+        with contextlib.suppress(OSError):  # only when nothing else is in it
+            self.run.checkpoints.rmdir()
 
 
 def _restore(setup: Setup, optimizer: Any, scheduler: Any, writer: RunWriter) -> Progress:

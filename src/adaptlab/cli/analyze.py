@@ -79,12 +79,19 @@ def _print_summary(result: dict[str, Any], out: Path) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON result to stdout instead of a table.")
 @click.option("--out", type=click.Path(), default=None, help="Output folder. Default: RUN/analysis.")
-def analyze_command(tuned: str, base: str | None, k: int, eps: float, as_json: bool, out: str | None) -> None:
+@click.option(
+    "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
+)
+def analyze_command(
+    tuned: str, base: str | None, k: int, eps: float, as_json: bool, out: str | None, overwrite: bool
+) -> None:
     """Per-layer weight updates: norms, effective rank, stable rank, intruder dimensions."""
     from adaptlab.analysis import analyze
+    from adaptlab.outputs import owned
 
     out_dir = Path(out) if out else _default_out(tuned)
-    result = analyze(base, tuned, k=k, eps=eps, out_dir=out_dir)
+    with owned(out_dir, "analysis", overwrite=overwrite):
+        result = analyze(base, tuned, k=k, eps=eps, out_dir=out_dir)
     if as_json:
         click.echo(json.dumps(result, indent=1))
     else:

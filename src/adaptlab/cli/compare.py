@@ -7,7 +7,11 @@ adaptlab demo                        # the methods study on smollm2-135m, about 
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -40,6 +44,23 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
     if limits:
         out["limits"] = limits
     return out
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit(143) while the block runs, so the comparison stops its children."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Printer:
@@ -140,7 +161,12 @@ def _finish(results: dict[str, Any], out: str) -> None:
 @click.option("--forgetting-limit", type=float, help="Largest acceptable forgetting (nats/token).")
 @click.option("--memory-limit-gb", type=float, help="Largest acceptable peak training memory (GB).")
 @click.option("--force", multiple=True, help="Retrain this arm (or run) even if finished; repeatable.")
-def compare_command(config_path: str | None, out: str, force: tuple[str, ...], **flags: Any) -> None:
+@click.option(
+    "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
+)
+def compare_command(
+    config_path: str | None, out: str, force: tuple[str, ...], overwrite: bool, **flags: Any
+) -> None:
     """Train LoRA-family and full fine-tuning arms under one budget; report learning, forgetting, cost."""
     from adaptlab.compare import build_spec, compare
     from adaptlab.compare.spec import load_spec_file
@@ -153,7 +179,9 @@ def compare_command(config_path: str | None, out: str, force: tuple[str, ...], *
         data["study"] = "methods"
     spec = build_spec(data, source=config_path or "flags")
     quiet_transformers()
-    results = compare(spec, out, force=force, on_event=Printer())
+    inputs = [config_path] if config_path else []
+    with stop_on_sigterm():
+        results = compare(spec, out, force=force, on_event=Printer(), overwrite=overwrite, inputs=inputs)
     _finish(results, out)
 
 
@@ -165,7 +193,10 @@ def compare_command(config_path: str | None, out: str, force: tuple[str, ...], *
     "--tokens", type=int, help="Budget per arm in tokens (default sized for ~15 min on 2 CPU cores)."
 )
 @click.option("--force", multiple=True, help="Retrain this arm even if finished; repeatable.")
-def demo_command(out: str, tokens: int | None, force: tuple[str, ...]) -> None:
+@click.option(
+    "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
+)
+def demo_command(out: str, tokens: int | None, force: tuple[str, ...], overwrite: bool) -> None:
     """LoRA vs full fine-tuning on smollm2-135m with Python source as the target domain."""
     from adaptlab.compare import build_spec, compare
     from adaptlab.compare.spec import DEMO_TOKENS, demo_spec
@@ -178,6 +209,7 @@ def demo_command(out: str, tokens: int | None, force: tuple[str, ...]) -> None:
         f"demo: study `methods` on smollm2-135m, target python-stdlib, drift as the general probe, "
         f"{spec.tokens:,} tokens per arm -> {out}"
     )
-    results = compare(spec, out, force=force, on_event=printer)
+    with stop_on_sigterm():
+        results = compare(spec, out, force=force, on_event=printer, overwrite=overwrite)
     printer.echo("done")
     _finish(results, out)

@@ -159,6 +159,7 @@ def _print_table(result: dict[str, Any], title: str) -> None:
 @click.option("--no-cache", is_flag=True, help="Recompute base figures instead of reading the cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print all figures as JSON.")
 @click.option("--out", type=click.Path(), help="Write all figures as JSON to this file.")
+@click.option("--overwrite", is_flag=True, help="Replace --out even if adaptlab did not write it.")
 def eval_command(
     model_spec: str | None,
     adapter: str | None,
@@ -180,6 +181,7 @@ def eval_command(
     no_cache: bool,
     as_json: bool,
     out: str | None,
+    overwrite: bool,
 ) -> None:
     """Perplexity, bits per byte, drift and multiple choice of a model, tuned against its base."""
     import json
@@ -200,6 +202,10 @@ def eval_command(
     tasks = [t.strip() for t in harness_tasks.split(",") if t.strip()] if harness_tasks else []
     if not (data or general or drift_data is not None or mc or tasks):
         raise UserError("nothing to evaluate: pass --data, --general, --drift, --mc or --harness")
+    if out:
+        from adaptlab.outputs import check_file_out
+
+        check_file_out(Path(out), ("model", "settings"), overwrite)
     if max_docs is not None and max_docs < 1:
         raise UserError(f"--max-docs must be at least 1 (got {max_docs})")
     err = Console(stderr=True)

@@ -15,7 +15,11 @@ def model_command() -> None:
 @click.argument("out", type=click.Path())
 def save(name: str, out: str) -> None:
     """Save model NAME (embedded name, local dir or hub id) to OUT as a plain HF directory."""
-    from adaptlab.models import save_model
+    from pathlib import Path
 
+    from adaptlab.models import save_model
+    from adaptlab.outputs import not_a_file
+
+    not_a_file(Path(out))
     path = save_model(name, out)
     click.echo(f"saved {name} to {path}")

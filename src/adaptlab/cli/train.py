@@ -94,14 +94,21 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     type=click.Path(),
     help="Continue the run in this directory from its newest valid checkpoint (with --lr: a new peak LR).",
 )
+@click.option(
+    "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_command(config_path: str | None, resume: str | None, quiet: bool, **flags: Any) -> None:
+def train_command(
+    config_path: str | None, resume: str | None, quiet: bool, overwrite: bool, **flags: Any
+) -> None:
     """Train full fine-tuning or a LoRA-family adapter and write a run directory."""
     from adaptlab.config import build_config, load_config, merge
     from adaptlab.errors import UserError
     from adaptlab.train import resume_run, train
 
     progress = _Progress(quiet)
+    if resume and overwrite:
+        raise UserError("Can't provide both --resume and --overwrite. Choose one.")
     if resume:
         given = {k: v for k, v in flags.items() if v not in (None, ()) and k not in RESUME_FLAGS}
         if given or config_path:
@@ -114,7 +121,9 @@ def train_command(config_path: str | None, resume: str | None, quiet: bool, **fl
         config = build_config(merge(base, _overrides(**flags)))
         if config.out is None:
             raise UserError("no run directory: pass --out RUN (or `out:` in the config)")
-        summary = progress.run(lambda start, log: train(config, on_start=start, on_log=log))
+        summary = progress.run(
+            lambda start, log: train(config, on_start=start, on_log=log, overwrite=overwrite)
+        )
     click.echo(json.dumps(summary, indent=2))
 
 

@@ -17,7 +17,7 @@ import gc
 import json
 import math
 import os
-import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from adaptlab import outputs
 from adaptlab.compare.arms import RunPlan, expand, resolve_ranks, study_arms
 from adaptlab.compare.spec import ArmSpec, CompareSpec
 from adaptlab.config import build_config
@@ -211,21 +212,22 @@ def train_run(
     index: int,
     total: int,
     python: str = sys.executable,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train (or resume, or skip) one run in a child process; returns {"status", "run_dir", ...}."""
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     run_dir = runs / plan.run
+    outputs.claim(run_dir, "run", overwrite=overwrite)
     config = build_config(plan.run_config(spec, str(run_dir)))
     text = config.to_yaml()
     rd = RunDir(run_dir)
     base_event = {"run": plan.run, "arm": plan.arm, "index": index, "total": total}
-    if run_dir.exists():
-        stale = rd.config.exists() and yaml.safe_load(rd.config.read_text()) != yaml.safe_load(text)
-        if force or stale or not rd.config.exists():
-            reason = "forced" if force else ("its config changed" if stale else "not a run directory")
-            on_event({"event": "retrain", "reason": reason, **base_event})
-            shutil.rmtree(run_dir)
+    stale = rd.config.exists() and yaml.safe_load(rd.config.read_text()) != yaml.safe_load(text)
+    if force or stale or (not rd.config.exists() and _has_outputs(run_dir)):
+        reason = "forced" if force else ("its config changed" if stale else "it holds an incomplete run")
+        on_event({"event": "retrain", "reason": reason, **base_event})
+        outputs.clear(run_dir)  # adaptlab's own outputs only; other files in the run directory stay
     cfg_path = runs / f"{plan.run}.yaml"
     _write_if_changed(cfg_path, text)
     if rd.is_finished():
@@ -247,9 +249,7 @@ def train_run(
     start = time.perf_counter()
     offset = 0
     with log.open("a") as err:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
+        proc = start_child(cmd, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             while True:
                 done = proc.poll() is not None
@@ -258,9 +258,7 @@ def train_run(
                     break
                 time.sleep(1.0)
         except BaseException:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=30)
+            stop_child(proc)
             raise
     wall = time.perf_counter() - start
     if proc.returncode != 0 or not rd.is_finished():
@@ -269,6 +267,60 @@ def train_run(
         return {"status": "failed", "error": error, "log": str(log), "trained": True}
     on_event({"event": "train_done", "wall_s": wall, **base_event})
     return {"status": "ok", "trained": True}
+
+
+def _has_outputs(run_dir: Path) -> bool:
+    return any(p for pattern in outputs.RUN_OUTPUTS for p in run_dir.glob(pattern))
+
+
+# A child must not outlive the comparison that started it: it runs in its own process group (so a
+# stop reaches everything it started) and the kernel kills it when its parent dies (PR_SET_PDEATHSIG),
+# even when the parent is killed with SIGKILL and runs no cleanup of its own.
+_PR_SET_PDEATHSIG = 1
+
+
+def _libc() -> Any:
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True)  # the C library this process already runs on
+    except OSError:
+        return None
+
+
+def _child_setup(parent: int, libc: Any) -> Callable[[], None]:
+    """What the child runs between fork and exec (nothing here may allocate much or import)."""
+
+    def setup() -> None:
+        os.setpgid(0, 0)
+        if libc is not None:
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return setup
+
+
+def start_child(cmd: list[str], stderr: Any, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start a child process that stops when this process dies, in a process group of its own."""
+    libc = _libc() if sys.platform.startswith("linux") else None
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        env=env,
+        preexec_fn=_child_setup(os.getpid(), libc),  # noqa: PLW1509 (the child needs both calls)
+    )
+
+
+def stop_child(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
+    """SIGTERM the child's process group, then SIGKILL it if it has not exited after grace_s."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)
+            return
 
 
 def _stream_metrics(path: Path, offset: int, emit: Callable[[dict[str, Any]], None]) -> int:
@@ -403,15 +455,35 @@ def compare(
     force: Sequence[str] = (),
     on_event: OnEvent | None = None,
     report: bool = True,
+    overwrite: bool = False,
+    inputs: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
-    """Train, evaluate and analyse every arm; write OUT/results.json (and the report); return results."""
+    """Train, evaluate and analyse every arm; write OUT/results.json (and the report); return results.
+
+    OUT is claimed and locked first (adaptlab.outputs): a folder holding files adaptlab did not write
+    is refused unless `overwrite`, a second comparison on OUT is refused while this one runs, and
+    `inputs` (the comparison's own --config file) are never written, even when they live in OUT.
+    """
+    out = Path(out)
+    with outputs.owned(out, "comparison", overwrite=overwrite, inputs=inputs):
+        return _compare(spec, out, force, on_event or (lambda e: None), report, overwrite, inputs)
+
+
+def _compare(
+    spec: CompareSpec,
+    out: Path,
+    force: Sequence[str],
+    emit: OnEvent,
+    report: bool,
+    overwrite: bool,
+    inputs: Sequence[str | Path],
+) -> dict[str, Any]:
     from adaptlab.compare.results import assemble
 
-    emit: OnEvent = on_event or (lambda e: None)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     spec = resolve_spec(spec)
-    _write_if_changed(out / "compare.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    spec_path = out / "compare.yaml"
+    if not any(spec_path.resolve() == Path(p).resolve() for p in inputs):
+        _write_if_changed(spec_path, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     arms, notes = resolve_ranks(spec)
     data_for, data_notes = data_subsets(spec, arms, out)
     notes += data_notes
@@ -421,6 +493,8 @@ def compare(
     if unknown:
         raise UserError(f"--force {', '.join(unknown)}: no such arm; arms: {', '.join(a.name for a in arms)}")
     forced = {p.run for p in plans if p.run in force or p.arm in force}
+    for p in plans:  # refuse before training anything, not after the first arms
+        outputs.check_out(out / "runs" / p.run, "run", overwrite=overwrite)
 
     status: dict[str, dict[str, Any]] = {}
     first = [p for p in plans if p.lr is not None]
@@ -428,7 +502,7 @@ def compare(
     total = len(plans)
     emit({"event": "plan", "runs": [p.run for p in plans], "arms": [a.name for a in arms], "notes": notes})
     for i, p in enumerate(first):
-        status[p.run] = train_run(p, spec, out, p.run in forced, emit, i + 1, total)
+        status[p.run] = train_run(p, spec, out, p.run in forced, emit, i + 1, total, overwrite=overwrite)
     sweeps = _sweep_results(plans, status, out)
     for i, p in enumerate(later):
         best = sweeps.get(p.arm, {}).get("best_lr")
@@ -440,7 +514,9 @@ def compare(
             }
             continue
         p.lr = best
-        status[p.run] = train_run(p, spec, out, p.run in forced, emit, len(first) + i + 1, total)
+        status[p.run] = train_run(
+            p, spec, out, p.run in forced, emit, len(first) + i + 1, total, overwrite=overwrite
+        )
 
     probes: Probes | None = None
     measured: dict[str, dict[str, Any]] = {}
