@@ -17,8 +17,8 @@ build_summary. Every file written while training goes through a RunWriter.
 
 from __future__ import annotations
 
-import logging
 import contextlib
+import logging
 import math
 import random
 import shutil
