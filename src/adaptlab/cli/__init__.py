@@ -43,7 +43,7 @@ OS_ERROR_HINTS = {
     errno.EACCES: " (check the permissions, or write elsewhere)",
     errno.EPERM: " (check the permissions, or write elsewhere)",
     errno.ENOTDIR: " (a part of the path is a file, not a directory)",
-    errno.EEXIST: " (it exists; choose another path)",
+    errno.EEXIST: " (something is already there: a file where a directory belongs, or a taken path)",
     errno.EISDIR: " (it is a directory; give a file path)",
 }
 
