@@ -379,6 +379,33 @@ def test_load_and_unload_adapters_at_run_time(server, adapters, engine):
         )
 
 
+class _Planted:
+    """Unpickling this creates a file: the proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_adapter_holding_only_a_pickle_is_refused_without_loading_it(server, adapters, run_cli, tmp_path):
+    import pickle
+    import shutil
+
+    url, _ = server
+    folder = adapters["allowed"] / "pickled"
+    folder.mkdir()
+    shutil.copy(adapters["a"] / "adapter_config.json", folder)
+    marker = tmp_path / "unpickled"
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps(_Planted(marker)))
+    r = httpx.post(f"{url}/adapters", json={"name": "p", "path": "pickled"}, timeout=60)
+    assert r.status_code == 400 and "safetensors only" in r.json()["error"]["message"], r.text
+    code, _, err = run_cli("generate", "--model", "tiny-random", "--adapter", f"p={folder}", "--prompt", "x")
+    assert code == 2 and "safetensors only" in err and len(err.strip().splitlines()) == 1, err
+    assert not marker.exists()
+
+
 def test_runtime_loading_off_without_adapter_dir(engine, adapters):
     from adaptlab.serve.server import create_app
 
