@@ -301,7 +301,7 @@ def test_malformed_requests_get_4xx_openai_json(server, adapters):
         for route, body, status, words in cases:
             content = body if isinstance(body, bytes) else json.dumps(body).encode()
             r = http.post(f"{url}/{route}", content=content, headers={"content-type": "application/json"})
-            assert r.status_code == status, (route, body[:200], r.text)
+            assert r.status_code == status, (route, str(body)[:200], r.text)
             err = r.json()["error"]
             assert words in err["message"] and set(err) == {"message", "type", "code", "param"}, err
         # the widest seeds are valid, and a negative seed is its 64-bit two's complement, as in torch
