@@ -279,6 +279,61 @@ def test_errors_are_openai_json_and_server_keeps_serving(server):
         assert http.post(f"{url}/completions", json=ok).status_code == 200
 
 
+def test_malformed_requests_get_4xx_openai_json(server, adapters):
+    url, _ = server
+    ok = {"model": "a", "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+    chat = {"model": "a", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+    cases = [
+        ("completions", {**ok, "seed": 2**80}, 400, "seed"),
+        ("completions", json.dumps(ok).replace('"Hi"', '"\\ud800 Hi"').encode(), 400, "lone surrogate"),
+        ("completions", b"\xff\xfe{}", 400, "malformed JSON"),
+        ("completions", b"[" * 19_000, 400, "nested too deeply"),
+        ("completions", b'{"model": "a", "prompt": "Hi", "temperature": NaN}', 400, "temperature"),
+        ("completions", [ok], 400, "body"),
+        ("chat/completions", {**chat, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+         400, "messages.0.content"),
+        ("chat/completions", {**chat, "messages": [{"role": "user", "content": [7]}]}, 400, "messages"),
+        ("adapters", {"name": "x", "path": "c\x00/../../etc"}, 400, "NUL"),
+        ("adapters", {"name": "x", "path": "d" * 5000}, 400, "name too long"),
+        ("adapters", {"name": "x\x00", "path": "c"}, 400, "adapter name"),
+    ]  # fmt: skip
+    with httpx.Client(timeout=60) as http:
+        for route, body, status, words in cases:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = http.post(f"{url}/{route}", content=content, headers={"content-type": "application/json"})
+            assert r.status_code == status, (route, str(body)[:200], r.text)
+            err = r.json()["error"]
+            assert words in err["message"] and set(err) == {"message", "type", "code", "param"}, err
+        # the widest seeds are valid, and a negative seed is its 64-bit two's complement, as in torch
+        sampled = {**ok, "temperature": 1.0, "max_tokens": 6}
+        texts = [
+            http.post(f"{url}/completions", json={**sampled, "seed": seed}).json()["choices"][0]["text"]
+            for seed in (-1, 2**64 - 1)
+        ]
+        assert texts[0] == texts[1]
+
+
+def test_chunked_body_over_the_limit_is_refused_while_reading(server):
+    """A chunked body that never ends gets 413 once it passes the limit (20,000 bytes here)."""
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    piece = b"x" * 8192
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(head + b'1a\r\n{"model": "a", "prompt": "\r\n')
+        for _ in range(4):  # 32 KiB, then silence: the body's final chunk is never sent
+            conn.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        reply = b""
+        while b"request_too_large" not in reply and (more := conn.recv(65536)):
+            reply += more
+    status, _, rest = reply.partition(b"\r\n")
+    assert status == b"HTTP/1.1 413 Request Entity Too Large", reply[:300]
+    assert b"request_too_large" in rest
+
+
 def test_openai_client_sees_unknown_model_as_not_found(server):
     import openai
 
@@ -324,6 +379,33 @@ def test_load_and_unload_adapters_at_run_time(server, adapters, engine):
         )
 
 
+class _Planted:
+    """Unpickling this creates a file: the proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_adapter_holding_only_a_pickle_is_refused_without_loading_it(server, adapters, run_cli, tmp_path):
+    import pickle
+    import shutil
+
+    url, _ = server
+    folder = adapters["allowed"] / "pickled"
+    folder.mkdir()
+    shutil.copy(adapters["a"] / "adapter_config.json", folder)
+    marker = tmp_path / "unpickled"
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps(_Planted(marker)))
+    r = httpx.post(f"{url}/adapters", json={"name": "p", "path": "pickled"}, timeout=60)
+    assert r.status_code == 400 and "safetensors only" in r.json()["error"]["message"], r.text
+    code, _, err = run_cli("generate", "--model", "tiny-random", "--adapter", f"p={folder}", "--prompt", "x")
+    assert code == 2 and "safetensors only" in err and len(err.strip().splitlines()) == 1, err
+    assert not marker.exists()
+
+
 def test_runtime_loading_off_without_adapter_dir(engine, adapters):
     from adaptlab.serve.server import create_app
 
@@ -366,6 +448,29 @@ def test_cli_bad_input_exit_2_one_line(run_cli, adapters, tmp_path):
     for args, words in cases:
         code, _, err = run_cli(*args)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_serve_startup_errors_are_one_line_exit_2(run_cli):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code, _, err = run_cli("serve", "--model", "tiny-random", "--port", port)
+    assert code == 2 and f"--port {port}" in err and "already in use" in err, err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("serve", "--model", "tiny-random", "--host", "192.0.2.1", "--port", "0")
+    assert code == 2 and "cannot listen on 192.0.2.1" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_generate_refuses_binary_stdin_in_one_line(run_cli, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Hi \xff\xfe there")))
+    code, out, err = run_cli("generate", "--model", "tiny-random", "--prompt", "-")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "standard input is not UTF-8" in err and "0xff at offset 3" in err
+    code, _, err = run_cli("generate", "--model", "tiny-random", "--prompt", "caf\udce9")
+    assert code == 2 and "--prompt: not UTF-8" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_serve_command_runs_on_loopback(adapters):

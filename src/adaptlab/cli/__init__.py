@@ -1,14 +1,17 @@
 """The `adaptlab` command line: thin commands that parse, call one library function and print.
 
 Each command lives in its own module under adaptlab/cli/ and imports heavy libraries inside the
-command, so `adaptlab --help` stays fast. UserError becomes one line on stderr and exit code 2.
+command, so `adaptlab --help` stays fast. UserError, and an OSError from a failed file or system call
+(read-only or full disk, a path through a file), become one line on stderr and exit code 2.
 
     adaptlab --help
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 import warnings
 
@@ -29,6 +32,19 @@ COMMANDS = {
     "serve": "serve",
     "compare": "compare",
     "demo": "compare",
+}
+
+
+# what to check after a failed file or system call, by errno
+OS_ERROR_HINTS = {
+    errno.ENOSPC: " (the disk is full: free space or write elsewhere)",
+    errno.EDQUOT: " (disk quota exceeded: free space or write elsewhere)",
+    errno.EROFS: " (a read-only file system: write elsewhere)",
+    errno.EACCES: " (check the permissions, or write elsewhere)",
+    errno.EPERM: " (check the permissions, or write elsewhere)",
+    errno.ENOTDIR: " (a part of the path is a file, not a directory)",
+    errno.EEXIST: " (something is already there: a file where a directory belongs, or a taken path)",
+    errno.EISDIR: " (it is a directory; give a file path)",
 }
 
 
@@ -57,7 +73,7 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI and turn UserError into one line and exit code 2."""
+    """Entry point: run the CLI; UserError and a failed file or system call (OSError) become one line, exit 2."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*kernels.*")
     try:
@@ -76,7 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
+    except OSError as err:
+        if err.errno is None:  # not from the operating system: a bug, keep its traceback
+            raise
+        click.echo(f"error: {describe_os_error(err)}", err=True)
+        return 2
     return 0
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for a failed file or system call: the path(s), the system's reason, what to check."""
+    reason = err.strerror or os.strerror(err.errno or 0)
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    hint = OS_ERROR_HINTS.get(err.errno or 0, "")
+    return f"{paths}: {reason}{hint}" if paths else f"{reason}{hint}"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,24 @@ import click
 from adaptlab.errors import UserError
 
 
+def _read_prompt(prompt: str) -> str:
+    """--prompt's text ('-': standard input), refused in one line unless it is valid UTF-8."""
+    if prompt == "-":
+        raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(
+                f"--prompt -: standard input is not UTF-8 text (byte {raw[err.start]:#04x} at offset "
+                f"{err.start}); pipe a text file"
+            ) from None
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:  # bytes the terminal could not decode arrive as lone surrogates
+        raise UserError(f"--prompt: not UTF-8 text (at character {err.start}); pass text") from None
+    return prompt
+
+
 @click.command("generate")
 @click.option("--model", required=True, help="Base model (embedded name, local dir, hub id).")
 @click.option("--adapter", "adapters", multiple=True, help="NAME=DIR (run dir or PEFT adapter dir); repeat.")
@@ -51,8 +69,7 @@ def generate_command(
             raise UserError(
                 f"--use {name}: not loaded; choose from: base, {', '.join(specs) or '(no --adapter given)'}"
             )
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    prompt = _read_prompt(prompt)
     engine = Engine.load(model, specs)
     targets = list(use) or list(specs) or ["base"]
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -101,14 +118,20 @@ def serve_command(
     from pathlib import Path
 
     from adaptlab.serve import Engine, parse_adapter_specs
-    from adaptlab.serve.server import ServerLimits, is_loopback, serve
+    from adaptlab.serve.server import ServerLimits, bind_socket, is_loopback, serve
 
     specs = parse_adapter_specs(adapters)
     if model in specs:
         raise UserError(f"--adapter {model}: that name is the base model's; choose another NAME")
     if adapter_dir is not None and not Path(adapter_dir).expanduser().is_dir():
         raise UserError(f"--adapter-dir {adapter_dir}: no such directory")
-    engine = Engine.load(model, specs)
+    sock = bind_socket(host, port)  # before loading: a taken port fails in a second, in one line
+    port = sock.getsockname()[1]
+    try:
+        engine = Engine.load(model, specs)
+    except BaseException:
+        sock.close()
+        raise
     if not is_loopback(host):
         click.secho(
             f"warning: binding {host}: the server has no authentication; anyone who can reach it can use it",
@@ -128,4 +151,5 @@ def serve_command(
         limits=limits,
         max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms,
+        sock=sock,
     )
