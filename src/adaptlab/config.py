@@ -291,14 +291,38 @@ def load_config(path: str | Path, what: str = "config") -> dict[str, Any]:
     except OSError as err:
         raise UserError(f"{what} {p}: cannot read ({err.strerror})") from err
     try:
-        data = parse_yaml(text) or {}
+        data = parse_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise UserError(f"{what} {p}{line}: not valid YAML") from err
+    if data is None:  # an empty file
+        return {}
     if not isinstance(data, dict):
         raise UserError(f"{what} {p}: expected a mapping at the top level")
+    if (where := _unpaired_surrogate(data)) is not None:
+        raise UserError(
+            f"{what} {p}: {where} holds an unpaired surrogate (a \\uD800-\\uDFFF escape), which is not text"
+        )
     return data
+
+
+def _unpaired_surrogate(value: Any, where: str = "") -> str | None:
+    """The dotted path of the first string (key or value) that cannot be UTF-8 text, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "a value"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        path = f"{where}.{key}" if where else str(key)
+        if (found := _unpaired_surrogate(key, path) if isinstance(key, str) else None) is not None:
+            return found
+        if (found := _unpaired_surrogate(item, path)) is not None:
+            return found
+    return None
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

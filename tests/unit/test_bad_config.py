@@ -216,3 +216,26 @@ def test_unknown_names_offline_fail_fast_in_one_line(tmp_path, args, words) -> N
     assert proc.returncode == 2, proc.stderr
     assert words in _one_error_line(proc.stderr)
     assert float(proc.stdout.strip()) < 3.0, proc.stdout
+
+
+def test_an_unpaired_surrogate_in_a_document_names_file_and_line(run_cli, corpus, tmp_path) -> None:
+    data = tmp_path / "docs.jsonl"
+    lines = corpus.read_text().splitlines()
+    data.write_text("\n".join([*lines[:3], json.dumps({"text": "ok " * 40 + "\udcbe"}), *lines[3:]]) + "\n")
+    code, _, err = run_cli(*TRAIN, "--data", data, "--steps", "1", "--seq-len", "16", "--out", tmp_path / "r")
+    assert code == 2
+    assert f"{data}:4" in _one_error_line(err) and "surrogate" in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("false\n", "mapping at the top level"), ('model: {name: "tiny\\udcbe"}\n', "model.name")],
+)
+def test_a_config_that_is_not_a_mapping_of_text_is_refused(tmp_path, text, expected) -> None:
+    with pytest.raises(UserError, match=expected):
+        load_config(_yaml(tmp_path, text))
+
+
+def test_an_empty_config_file_is_an_empty_mapping(tmp_path) -> None:
+    assert load_config(_yaml(tmp_path, "")) == {}

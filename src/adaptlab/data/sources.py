@@ -96,6 +96,13 @@ def _record_to_document(record: Any, where: str, text_field: str, default_id: st
     text = record[text_field]
     if not isinstance(text, str):
         raise UserError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a JSON escape such as "\udcbe" decodes to an unpaired surrogate
+        raise UserError(
+            f"{where}: field {text_field!r} holds an unpaired surrogate ({text[err.start]!a} at character "
+            f"{err.start}), which is not text: fix or drop that document"
+        ) from err
     return Document(id=doc_id, text=text)
 
 
