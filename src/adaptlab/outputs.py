@@ -98,6 +98,8 @@ def check_file_out(path: Path, keys: Sequence[str], overwrite: bool = False) -> 
         raise UserError(f"--out {path} is a directory: give a file name")
     if not path.exists() or overwrite:
         return
+    if not path.is_file():  # a device such as /dev/full would be read without end
+        raise UserError(f"--out {path} is not a regular file: choose another --out, or pass --overwrite")
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -21,9 +21,9 @@ def corpus(tmp_path) -> Path:
     return path
 
 
-def _eval_to(run_cli, corpus: Path, out: Path | str) -> tuple[int, str]:
+def _eval_to(run_cli, corpus: Path, out: Path | str, *extra: str) -> tuple[int, str]:
     code, _, err = run_cli("eval", "--model", "tiny-random", "--data", corpus, "--seq-len", 16,
-                           "--max-docs", 4, "--no-cache", "--out", out)  # fmt: skip
+                           "--max-docs", 4, "--no-cache", "--out", out, *extra)  # fmt: skip
     return code, err
 
 
@@ -35,7 +35,9 @@ def _one_line(err: str) -> str:
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_full_disk_is_one_line_exit_2(run_cli, corpus):
-    code, err = _eval_to(run_cli, corpus, "/dev/full")
+    code, err = _eval_to(run_cli, corpus, "/dev/full")  # a device is never read as an earlier output
+    assert code == 2 and "not a regular file" in _one_line(err)
+    code, err = _eval_to(run_cli, corpus, "/dev/full", "--overwrite")
     assert code == 2 and "No space left on device" in _one_line(err) and "disk is full" in err
 
 
