@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from adaptlab.compare.arms import RunPlan, expand, resolve_ranks, study_arms
+from adaptlab.compare.executors import Executor
 from adaptlab.compare.spec import ArmSpec, CompareSpec
 from adaptlab.config import build_config
 from adaptlab.errors import UserError
@@ -211,6 +212,7 @@ def train_run(
     index: int,
     total: int,
     python: str = sys.executable,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume, or skip) one run in a child process; returns {"status", "run_dir", ...}."""
     runs = out / "runs"
@@ -248,7 +250,7 @@ def train_run(
     offset = 0
     with log.open("a") as err:
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         )
         try:
             while True:
@@ -402,10 +404,16 @@ def compare(
     force: Sequence[str] = (),
     on_event: OnEvent | None = None,
     report: bool = True,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
-    """Train, evaluate and analyse every arm; write OUT/results.json (and the report); return results."""
+    """Train, evaluate and analyse every arm; write OUT/results.json (and the report); return results.
+
+    executor: where training runs execute (compare.executors: local, one or K at a time, or Ray tasks).
+    """
+    from adaptlab.compare.executors import Job, LocalExecutor
     from adaptlab.compare.results import assemble
 
+    executor = executor or LocalExecutor()
     emit: OnEvent = on_event or (lambda e: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -426,9 +434,10 @@ def compare(
     later = [p for p in plans if p.lr is None]
     total = len(plans)
     emit({"event": "plan", "runs": [p.run for p in plans], "arms": [a.name for a in arms], "notes": notes})
-    for i, p in enumerate(first):
-        status[p.run] = train_run(p, spec, out, p.run in forced, emit, i + 1, total)
+    jobs = [Job(p, p.run in forced, i + 1, total) for i, p in enumerate(first)]
+    status.update(executor.train_runs(jobs, spec, out, emit))
     sweeps = _sweep_results(plans, status, out)
+    jobs = []
     for i, p in enumerate(later):
         best = sweeps.get(p.arm, {}).get("best_lr")
         if best is None:
@@ -439,7 +448,8 @@ def compare(
             }
             continue
         p.lr = best
-        status[p.run] = train_run(p, spec, out, p.run in forced, emit, len(first) + i + 1, total)
+        jobs.append(Job(p, p.run in forced, len(first) + i + 1, total))
+    status.update(executor.train_runs(jobs, spec, out, emit))
 
     probes: Probes | None = None
     measured: dict[str, dict[str, Any]] = {}
