@@ -3,11 +3,14 @@
 Methods differ only in which parameters train (methods.py) and what is saved at the end (an adapter
 or a model); everything else here is shared, so a comparison compares methods, not loops.
 
-The unit of a step is the global batch (batch x grad_accum x world size). Example order is a pure
+The unit of a step is the global batch (batch x grad_accum examples). Example order is a pure
 function of (seed, step): epoch e uses randperm(n, seed + e), so a resumed run sees exactly the data
-an uninterrupted one would, and ranks would take disjoint slices of the same global batch. The loss of
-a step is the sum of token losses over the global batch divided by its number of label tokens, so
-batch 4 x accum 1 and batch 1 x accum 4 take the same step.
+an uninterrupted one would. The loss of a step is the sum of token losses over the global batch
+divided by its number of label tokens, so batch 4 x accum 1 and batch 1 x accum 4 take the same step.
+
+The loop is a sequence of named parts: build_optimizer / build_scheduler, micro_batches (the data of
+a step), train_step (forward, backward, clip, update), the periodic evaluation and checkpoint, and
+build_summary. Every file written while training goes through a RunWriter.
 
     adaptlab train --model tiny-random --method lora --data python-stdlib --steps 20 --out runs/demo
 """
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adaptlab.config import RunConfig, build_config, load_config
+from adaptlab.config import RunConfig, TrainSpec, build_config, load_config
 from adaptlab.data.corpus import IGNORE_INDEX, Example, build_examples, collate, split_documents
 from adaptlab.data.sources import load_documents
 from adaptlab.errors import UserError
@@ -233,147 +236,275 @@ def resume_run(
 
 
 def _loop(setup: Setup, resume: bool, on_log: LogFn | None = None) -> dict[str, Any]:
-    cfg, run, model, device = setup.config, setup.run, setup.model, setup.device
-    t = cfg.train
-    params = list(setup.params.values())
-    decay = [p for n, p in setup.params.items() if p.ndim >= 2]
-    no_decay = [p for n, p in setup.params.items() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
+    """Train from the start (or the latest checkpoint) to the end of the budget; return the summary."""
+    t = setup.config.train
+    optimizer = build_optimizer(setup.params, t, setup.config.resolved_lr())
+    scheduler = build_scheduler(optimizer, setup.total_steps, t)
+    writer = RunWriter(setup.run, on_log, keep=t.keep_checkpoints)
+    progress = _restore(setup, optimizer, scheduler, writer) if resume else Progress()
+    if progress.checkpoint is None:
+        seed_everything(t.seed)  # dropout and any other sampling start from the run's seed
+    reset_peak(setup.device)
+    progress.start_clock()
+    result = None
+    for step in range(progress.step, setup.total_steps):
+        result = train_step(setup, micro_batches(setup, step), optimizer, scheduler)
+        check_finite(step + 1, result, progress.checkpoint)
+        progress.advance(result)
+        _log_step(setup, writer, progress, result)
+        _evaluate_if_due(setup, writer, progress)
+        _checkpoint_if_due(setup, writer, progress, optimizer, scheduler)
+    val_loss = _evaluate(setup, writer, progress)
+    artifact = save_artifact(setup)
+    final_loss = result.loss if result is not None else _last_train_loss(setup.run)
+    summary = build_summary(setup, progress, artifact, final_loss, val_loss)
+    writer.finish(summary)
+    return summary
+
+
+def build_optimizer(params: dict[str, torch.nn.Parameter], t: TrainSpec, lr: float) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (biases and norms do not decay)."""
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.resolved_lr(),
+        lr=lr,
         betas=(0.9, 0.999),
         eps=1e-8,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(setup.total_steps, t.warmup, t.min_lr_ratio)
-    )
-    start_step, tokens_seen, train_time, wall_before = 0, 0, 0.0, 0.0
-    last_ckpt = None
-    if resume and (ckpt := run.latest_checkpoint()) is not None:
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, t: TrainSpec) -> Any:
+    """Linear warmup then cosine decay, stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, t.warmup, t.min_lr_ratio))
+
+
+@dataclass
+class Progress:
+    """Where a run stands: the counters a checkpoint saves and a resume restores, and the run's clock."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    train_time: float = 0.0
+    wall_before: float = 0.0
+    """Wall time spent before this process started (by the runs this one resumes)."""
+    checkpoint: Path | None = None
+    """The newest checkpoint written or resumed from."""
+    wall_start: float = 0.0
+
+    def start_clock(self) -> None:
+        self.wall_start = time.perf_counter()
+
+    def wall_s(self) -> float:
+        return self.wall_before + time.perf_counter() - self.wall_start
+
+    def advance(self, result: StepResult) -> None:
+        self.step += 1
+        self.tokens_seen += result.tokens
+        self.train_time += result.seconds
+
+    def state(self) -> dict[str, Any]:
+        """What state.json records next to the tensors of a checkpoint."""
+        return {"tokens_seen": self.tokens_seen, "train_time_s": self.train_time, "wall_s": self.wall_s()}
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step measured."""
+
+    loss: float
+    """Mean per-token loss over the global batch."""
+    grad_norm: float
+    lr: float
+    """The learning rate the step used."""
+    tokens: int
+    """Tokens (attention-mask ones) in the global batch."""
+    seconds: float
+
+
+class RunWriter:
+    """Every file a run writes while it trains: metrics rows, checkpoints, then the summary.
+
+    The loop writes nothing else, so a run of several processes gives all but one of them a writer
+    that writes nothing.
+    """
+
+    def __init__(self, run: RunDir, on_log: LogFn | None = None, keep: int = 2) -> None:
+        self.run = run
+        self.on_log = on_log
+        self.keep = keep
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.run.append_metrics(row)
+        if self.on_log:
+            self.on_log(row)
+
+    def rewind(self, step: int) -> None:
+        """Drop the metrics rows logged after `step` (a resume repeats those steps)."""
+        self.run.truncate_metrics(step)
+
+    def checkpoint(
+        self, step: int, params: dict[str, torch.nn.Parameter], optimizer: Any, scheduler: Any, state: dict
+    ) -> Path:
+        return save_checkpoint(self.run, step, params, optimizer, scheduler, state, keep=self.keep)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Write summary.json; the finished artifact supersedes the resumable state."""
+        self.run.write_summary(summary)
+        if self.run.checkpoints.exists():
+            shutil.rmtree(self.run.checkpoints)
+
+
+def _restore(setup: Setup, optimizer: Any, scheduler: Any, writer: RunWriter) -> Progress:
+    """Progress of the run being resumed: its latest checkpoint's state, or the start if it has none."""
+    progress = Progress()
+    if (ckpt := setup.run.latest_checkpoint()) is not None:
         state = load_checkpoint(ckpt, setup.params, optimizer, scheduler)
-        start_step, tokens_seen, train_time = state["step"], state["tokens_seen"], state["train_time_s"]
-        wall_before = state["wall_s"]
-        last_ckpt = ckpt
-    if resume:
-        run.truncate_metrics(start_step)
-    if last_ckpt is None:
-        seed_everything(t.seed)  # dropout and any other sampling start from the run's seed
-    reset_peak(device)
-    global_batch = t.batch * t.grad_accum
-    pad = setup.tokenizer.pad_token_id
-    n_examples = len(setup.train_examples)
-    wall_start = time.perf_counter()
-    loss_value = val_loss = None
-    for step in range(start_step, setup.total_steps):
-        step_start = time.perf_counter()
-        idx = batch_indices(step, n_examples, global_batch, t.seed)
-        micro = [
-            collate([setup.train_examples[i] for i in idx[m * t.batch : (m + 1) * t.batch]], pad)
-            for m in range(t.grad_accum)
-        ]
-        n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        step_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-        total_loss = 0.0
-        for b in micro:
-            with autocast(device, setup.precision):
-                loss_sum, _ = token_loss_sum(model, _to(b, device))
-            (loss_sum / max(n_labels, 1)).backward()
-            total_loss += float(loss_sum.detach())
-        loss_value = total_loss / max(n_labels, 1)
-        grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
-            if t.max_grad_norm is not None
-            else float(
-                torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            )
+        progress = Progress(
+            step=state["step"],
+            tokens_seen=state["tokens_seen"],
+            train_time=state["train_time_s"],
+            wall_before=state["wall_s"],
+            checkpoint=ckpt,
         )
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            where = (
-                f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-            )
-            raise TrainingDiverged(
-                f"training diverged at step {step + 1} (loss {loss_value:.4g}, grad norm {grad_norm:.4g}): stopped; {where}. "
-                "Lower --lr or use --precision fp32, then resume with `adaptlab train --resume`"
-            )
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += step_tokens
-        dt = time.perf_counter() - step_start
-        train_time += dt
-        done = step + 1
-        if done % t.log_every == 0 or done == setup.total_steps:
-            row = {
-                "step": done,
-                "tokens": tokens_seen,
-                "loss": loss_value,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s": step_tokens / dt,
-                "mem_bytes": mem_bytes(device),
-                "elapsed_s": train_time,
-                "total_steps": setup.total_steps,
-            }
-            run.append_metrics(row)
-            if on_log:
-                on_log(row)
-        if t.eval_every and done % t.eval_every == 0 and done < setup.total_steps:
-            val_loss = validation_loss(setup)
-            if val_loss is not None:
-                row = {"step": done, "tokens": tokens_seen, "split": "val", "val_loss": val_loss}
-                run.append_metrics(row)
-                if on_log:
-                    on_log(row)
-        if t.save_every and done % t.save_every == 0 and done < setup.total_steps:
-            last_ckpt = save_checkpoint(
-                run,
-                done,
-                setup.params,
-                optimizer,
-                scheduler,
-                {
-                    "tokens_seen": tokens_seen,
-                    "train_time_s": train_time,
-                    "wall_s": wall_before + time.perf_counter() - wall_start,
-                },
-                keep=t.keep_checkpoints,
-            )
+    writer.rewind(progress.step)
+    return progress
+
+
+def micro_batches(setup: Setup, step: int) -> list[dict[str, torch.Tensor]]:
+    """The global batch of `step` as grad_accum collated micro-batches of `batch` examples each."""
+    t = setup.config.train
+    idx = batch_indices(step, len(setup.train_examples), t.batch * t.grad_accum, t.seed)
+    pad = setup.tokenizer.pad_token_id
+    return [
+        collate([setup.train_examples[i] for i in idx[m * t.batch : (m + 1) * t.batch]], pad)
+        for m in range(t.grad_accum)
+    ]
+
+
+def train_step(
+    setup: Setup, micro: list[dict[str, torch.Tensor]], optimizer: Any, scheduler: Any
+) -> StepResult:
+    """One optimizer step over the global batch `micro`: forward and backward per micro-batch, clip, update.
+
+    Each micro-batch's summed loss is divided by the label tokens of the whole global batch, so the
+    accumulated gradient is that of the global batch's mean token loss however it is cut.
+    """
+    start = time.perf_counter()
+    n_labels = max(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro), 1)
+    total_loss = 0.0
+    for b in micro:
+        with autocast(setup.device, setup.precision):
+            loss_sum, _ = token_loss_sum(setup.model, _to(b, setup.device))
+        (loss_sum / n_labels).backward()
+        total_loss += float(loss_sum.detach())
+    norm = grad_norm(list(setup.params.values()), setup.config.train.max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(
+        loss=total_loss / n_labels,
+        grad_norm=norm,
+        lr=lr,
+        tokens=sum(int(b["attention_mask"].sum()) for b in micro),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """The global gradient norm, clipping the gradients to max_norm when it is set."""
+    if max_norm is not None:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+
+
+def check_finite(step: int, result: StepResult, checkpoint: Path | None) -> None:
+    """Stop the run when the loss or the gradient norm is no longer finite."""
+    if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
+        return
+    where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+    raise TrainingDiverged(
+        f"training diverged at step {step} (loss {result.loss:.4g}, grad norm {result.grad_norm:.4g}): "
+        f"stopped; {where}. Lower --lr or use --precision fp32, then resume with `adaptlab train --resume`"
+    )
+
+
+def _log_step(setup: Setup, writer: RunWriter, progress: Progress, result: StepResult) -> None:
+    done = progress.step
+    if done % setup.config.train.log_every and done != setup.total_steps:
+        return
+    writer.log(
+        {
+            "step": done,
+            "tokens": progress.tokens_seen,
+            "loss": result.loss,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": result.tokens / result.seconds,
+            "mem_bytes": mem_bytes(setup.device),
+            "elapsed_s": progress.train_time,
+            "total_steps": setup.total_steps,
+        }
+    )
+
+
+def _evaluate_if_due(setup: Setup, writer: RunWriter, progress: Progress) -> None:
+    every = setup.config.train.eval_every
+    if every and progress.step % every == 0 and progress.step < setup.total_steps:
+        _evaluate(setup, writer, progress)
+
+
+def _evaluate(setup: Setup, writer: RunWriter, progress: Progress) -> float | None:
+    """Validation loss now, logged as an eval row."""
     val_loss = validation_loss(setup)
     if val_loss is not None:
-        row = {"step": setup.total_steps, "tokens": tokens_seen, "split": "val", "val_loss": val_loss}
-        run.append_metrics(row)
-        if on_log:
-            on_log(row)
-    artifact = save_artifact(setup)
+        writer.log(
+            {"step": progress.step, "tokens": progress.tokens_seen, "split": "val", "val_loss": val_loss}
+        )
+    return val_loss
+
+
+def _checkpoint_if_due(
+    setup: Setup, writer: RunWriter, progress: Progress, optimizer: Any, scheduler: Any
+) -> None:
+    every = setup.config.train.save_every
+    if every and progress.step % every == 0 and progress.step < setup.total_steps:
+        progress.checkpoint = writer.checkpoint(
+            progress.step, setup.params, optimizer, scheduler, progress.state()
+        )
+
+
+def build_summary(
+    setup: Setup, progress: Progress, artifact: Path, final_loss: float | None, val_loss: float | None
+) -> dict[str, Any]:
+    """summary.json: what trained, what it cost, where the artifact is, and the software that ran it."""
+    cfg = setup.config
     summary = {
         "method": cfg.method.method,
         "base_model": cfg.model.name,
         "trainable_params": setup.report.trainable,
         "total_params": setup.report.total,
-        "peak_mem_bytes": peak_mem_bytes(device),
-        "wall_s": wall_before + time.perf_counter() - wall_start,
-        "train_s": train_time,
-        "tokens_per_s": tokens_seen / train_time if train_time > 0 else 0.0,
-        "tokens_seen": tokens_seen,
+        "peak_mem_bytes": peak_mem_bytes(setup.device),
+        "wall_s": progress.wall_s(),
+        "train_s": progress.train_time,
+        "tokens_per_s": progress.tokens_seen / progress.train_time if progress.train_time > 0 else 0.0,
+        "tokens_seen": progress.tokens_seen,
         "steps": setup.total_steps,
-        "final_train_loss": loss_value if loss_value is not None else _last_train_loss(run),
+        "final_train_loss": final_loss,
         "final_val_loss": val_loss,
         "artifact": artifact.name,
         "artifact_bytes": dir_bytes(artifact),
         "precision": setup.precision,
-        "device": str(device),
+        "device": str(setup.device),
         "lr": cfg.resolved_lr(),
-        "train_examples": n_examples,
+        "train_examples": len(setup.train_examples),
         "versions": versions(),
     }
     if cfg.method.method == "qlora":
         from adaptlab.quantize import quantization_info
 
-        summary["quantization"] = quantization_info(model)
-    run.write_summary(summary)
-    if run.checkpoints.exists():
-        shutil.rmtree(run.checkpoints)  # the finished artifact supersedes the resumable state
+        summary["quantization"] = quantization_info(setup.model)
     return summary
 
 
