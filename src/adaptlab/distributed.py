@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,12 @@ DEFAULT_TIMEOUT_S = 1800
 # Methods whose frozen base FSDP2 cannot shard: bitsandbytes' Params4bit is not a plain tensor that
 # fully_shard can split into DTensor shards.
 FSDP_UNSHARDABLE = {"qlora": "its 4-bit base (bitsandbytes Params4bit) cannot be sharded by FSDP2"}
+LAUNCHED_ENV = "ADAPTLAB_NPROC_LAUNCH"  # set for ranks started by `adaptlab train --nproc`
 DCP_MARKER = ".metadata"  # the file dcp.save writes last, in every DCP checkpoint
+
+
+class RankLost(UserError):
+    """Another process of the run stopped (killed, out of memory, lost node): this one stops too."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,24 @@ def init_world() -> World:
             "check MASTER_ADDR/MASTER_PORT and that every node started torchrun with the same rendezvous"
         ) from None
     return world
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+_PEER_SIGNS = ("connection closed", "connection reset", "broken pipe", "gloo", "nccl", "timed out", "timeout")
+
+
+def peer_failure(err: BaseException, world: World) -> bool:
+    """Whether a collective failed because another rank went away (not a bug in this one)."""
+    if not world.distributed and world.world_size == 1:
+        return False
+    if isinstance(err, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(err).lower()
+    return any(sign in text for sign in _PEER_SIGNS)
 
 
 def close_world() -> None:
@@ -399,4 +423,77 @@ def full_state(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-    return get_model_state_dict(model, options=options)
+    state = get_model_state_dict(model, options=options)
+    for alias in _tied_aliases(unwrap(model)):  # tied weights are saved once, as one process saves them
+        state.pop(alias, None)
+    return state
+
+
+def _tied_aliases(model: nn.Module) -> list[str]:
+    """Names of parameters that are the same tensor as an earlier one (a tied head after its embedding)."""
+    seen: set[int] = set()
+    aliases = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            aliases.append(name)
+        seen.add(id(p))
+    return aliases
+
+
+# ---------------------------------------------------------------------------------------- launching
+
+
+class RunStopped(Exception):
+    """A process of a run launched with --nproc stopped it; `code` is the exit status to return."""
+
+    def __init__(self, message: str | None, code: int) -> None:
+        super().__init__(message or "")
+        self.message = message
+        self.code = code
+
+
+def launch(nproc: int, argv: list[str], run_dir: str | None) -> None:
+    """Run `adaptlab train ARGV` on `nproc` local processes, as `torchrun --standalone` would.
+
+    Uses torchrun's own launcher (torch.distributed.launcher), which stops every rank when one fails.
+    A rank that exits with a user error has printed its line already (RunStopped code 2); a rank killed
+    by a signal or crashing becomes one line naming it (RunStopped code 1).
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, parse_args
+
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1 (got {nproc})")
+    for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    # what `torchrun --standalone` sets up: a rendezvous on a free local port
+    rdzv = ["--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "--rdzv-id", str(uuid.uuid4())]
+    args = parse_args([*rdzv, "--nproc-per-node", str(nproc), "-m", "adaptlab", "train", *argv])
+    config, cmd, cmd_args = config_from_args(args)
+    os.environ[LAUNCHED_ENV] = "1"  # the ranks inherit it: a rank that loses a peer stays quiet
+    try:
+        elastic_launch(config, cmd)(*cmd_args)
+    except ChildFailedError as err:
+        raise RunStopped(*_failure_line(err, run_dir)) from None
+    finally:
+        os.environ.pop(LAUNCHED_ENV, None)
+
+
+def _failure_line(err: Any, run_dir: str | None) -> tuple[str | None, int]:
+    failures = sorted(err.failures.items(), key=lambda kv: kv[1].timestamp)
+    if all(f.exitcode == 2 for _, f in failures):
+        return None, 2  # a user error: rank 0 printed it
+    rank, first = next(((r, f) for r, f in failures if f.exitcode != 2), failures[0])
+    how = (
+        f"was killed by {first.signal_name()}"
+        if first.exitcode < 0
+        else f"exited with status {first.exitcode}"
+    )
+    resume = f"`adaptlab train --resume {run_dir}`" if run_dir else "`adaptlab train --resume RUN`"
+    return (
+        f"rank {rank} {how}: the run stopped on every rank; the last good checkpoint is kept: continue with {resume}",
+        1,
+    )

@@ -7,6 +7,8 @@ The unit of a step is the global batch (batch x grad_accum examples). Example or
 function of (seed, step): epoch e uses randperm(n, seed + e), so a resumed run sees exactly the data
 an uninterrupted one would. The loss of a step is the sum of token losses over the global batch
 divided by its number of label tokens, so batch 4 x accum 1 and batch 1 x accum 4 take the same step.
+Under torchrun (distributed.py) each of N ranks takes its contiguous 1/N of the same global batch and
+the label-token count is summed over ranks, so N processes take the same steps as one.
 
 The loop is a sequence of named parts: build_optimizer / build_scheduler, micro_batches (the data of
 a step), train_step (forward, backward, clip, update), the periodic evaluation and checkpoint, and
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adaptlab import distributed as dist
 from adaptlab.config import RunConfig, TrainSpec, build_config, load_config
 from adaptlab.data.corpus import IGNORE_INDEX, Example, build_examples, collate, split_documents
 from adaptlab.data.sources import load_documents
@@ -61,6 +64,9 @@ class Setup:
     device: torch.device
     precision: str
     total_steps: int
+    world: dist.World = dist.SINGLE
+    parallel: str | None = None
+    """ddp | fsdp when several processes train this run, else None."""
 
 
 def lr_lambda(total_steps: int, warmup: float, min_ratio: float) -> Callable[[int], float]:
@@ -136,11 +142,14 @@ def validation_loss(setup: Setup) -> float | None:
     return total / max(count, 1)
 
 
-def prepare(config: RunConfig) -> Setup:
-    """Load the base, apply the method, build the data: the same for fresh runs and resumes."""
+def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | None = None) -> Setup:
+    """Load the base, apply the method, build the data: the same for fresh runs and resumes.
+
+    Under a process group the model is wrapped (DDP or FSDP2) and `params` are the wrapped model's.
+    """
     if config.out is None:
         raise UserError("no run directory: pass --out RUN")
-    device = pick_device()
+    device = dist.device_for(world) if world.distributed else pick_device()
     precision = choose_precision(config.train.precision, device)
     docs = load_documents(config.data.train, config.data.text_field)
     train_docs = split_documents(docs, "train", config.data.val_frac, config.data.test_frac)
@@ -170,20 +179,38 @@ def prepare(config: RunConfig) -> Setup:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     model.train()
-    params = trainable_parameters(model)
+    report = param_report(model)
+    strategy = dist.resolve_parallel(parallel, config.method.method, world, _fits_one_device(config, device))
+    model = dist.wrap(model, strategy, device, precision)
     return Setup(
         config=config,
         run=RunDir(config.out),
         model=model,
         tokenizer=tokenizer,
-        params=params,
-        report=param_report(model),
+        params=trainable_parameters(dist.unwrap(model)),
+        report=report,
         train_examples=train_examples,
         val_examples=val_examples,
         device=device,
         precision=precision,
         total_steps=total_steps,
+        world=world,
+        parallel=strategy,
     )
+
+
+def _fits_one_device(config: RunConfig, device: torch.device) -> bool | None:
+    """Whether a whole replica fits one GPU (what --parallel auto asks); None when it cannot be told."""
+    if device.type != "cuda":
+        return None
+    from adaptlab.plan.world import fits_one_device
+
+    t = config.train
+    try:
+        memory = torch.cuda.get_device_properties(device).total_memory
+        return fits_one_device(config.model.name, config.method.method, t.batch, t.seq_len, "bf16", memory)
+    except (UserError, KeyError, ValueError):
+        return None
 
 
 def _check_out(run: RunDir) -> None:
@@ -204,25 +231,49 @@ def train(
     on_start: Callable[[Setup], None] | None = None,
     on_log: LogFn | None = None,
     resume: bool = False,
+    parallel: str | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) training to the end of its budget; write the run directory; return summary."""
+    """Run (or resume) training to the end of its budget; write the run directory; return summary.
+
+    Under torchrun every rank calls this: rank 0 writes the run directory, every rank trains its slice.
+    `parallel` (ddp | fsdp | auto) picks how several processes share the model.
+    """
     run = RunDir(config.out or "")
-    if not resume:
+    world = dist.world_from_env()
+    dist.check_parallel(parallel, config.method.method, world)
+    dist.check_global_batch(config.train.batch * config.train.grad_accum, world)
+    if not resume and world.is_main:
         _check_out(run)
-    setup = prepare(config)
-    run.root.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        run.config.write_text(config.to_yaml())
-        run.metrics.write_text("")
-        if run.checkpoints.exists():
-            shutil.rmtree(run.checkpoints)
-    if on_start:
-        on_start(setup)
-    return _loop(setup, resume, on_log)
+    world = dist.init_world()
+    try:
+        setup = prepare(config, world, parallel)
+        if world.is_main:
+            run.root.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                run.config.write_text(config.to_yaml())
+                run.metrics.write_text("")
+                if run.checkpoints.exists():
+                    shutil.rmtree(run.checkpoints)
+        dist.barrier()
+        if on_start and world.is_main:
+            on_start(setup)
+        return _loop(setup, resume, on_log)
+    except RuntimeError as err:
+        if not dist.peer_failure(err, world):
+            raise
+        raise dist.RankLost(
+            f"rank {world.rank}: another process of this run stopped ({dist.first_line(err)}); "
+            f"the last good checkpoint is kept: continue with `adaptlab train --resume {run.root}`"
+        ) from None
+    finally:
+        dist.close_world()
 
 
 def resume_run(
-    run_dir: str | Path, on_start: Callable[[Setup], None] | None = None, on_log: LogFn | None = None
+    run_dir: str | Path,
+    on_start: Callable[[Setup], None] | None = None,
+    on_log: LogFn | None = None,
+    parallel: str | None = None,
 ) -> dict[str, Any]:
     """Continue an interrupted run from its latest checkpoint (or from the start if it has none)."""
     run = RunDir(run_dir)
@@ -232,7 +283,7 @@ def resume_run(
         raise UserError(f"{run.root} has already finished (summary.json exists)")
     config = build_config(load_config(run.config))
     config.out = str(run.root)
-    return train(config, on_start=on_start, on_log=on_log, resume=True)
+    return train(config, on_start=on_start, on_log=on_log, resume=True, parallel=parallel)
 
 
 def _loop(setup: Setup, resume: bool, on_log: LogFn | None = None) -> dict[str, Any]:
@@ -240,7 +291,11 @@ def _loop(setup: Setup, resume: bool, on_log: LogFn | None = None) -> dict[str, 
     t = setup.config.train
     optimizer = build_optimizer(setup.params, t, setup.config.resolved_lr())
     scheduler = build_scheduler(optimizer, setup.total_steps, t)
-    writer = RunWriter(setup.run, on_log, keep=t.keep_checkpoints)
+    writer = (
+        RankWriter(setup.run, on_log, t.keep_checkpoints, setup.world, setup.model)
+        if setup.world.distributed
+        else RunWriter(setup.run, on_log, keep=t.keep_checkpoints)
+    )
     progress = _restore(setup, optimizer, scheduler, writer) if resume else Progress()
     if progress.checkpoint is None:
         seed_everything(t.seed)  # dropout and any other sampling start from the run's seed
@@ -355,11 +410,51 @@ class RunWriter:
             shutil.rmtree(self.run.checkpoints)
 
 
+class RankWriter(RunWriter):
+    """The writer of one rank of several: rank 0 writes metrics and the summary, and every rank writes
+    its shards of a checkpoint (torch.distributed.checkpoint), which rank 0 then renames into place."""
+
+    def __init__(self, run: RunDir, on_log: LogFn | None, keep: int, world: dist.World, model: Any) -> None:
+        super().__init__(run, on_log if world.is_main else None, keep)
+        self.world = world
+        self.model = model
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.world.is_main:
+            super().log(row)
+
+    def rewind(self, step: int) -> None:
+        if self.world.is_main:
+            super().rewind(step)
+        dist.barrier()
+
+    def checkpoint(
+        self, step: int, params: dict[str, torch.nn.Parameter], optimizer: Any, scheduler: Any, state: dict
+    ) -> Path:
+        return dist.save_sharded(
+            self.run.checkpoints, step, self.model, optimizer, scheduler, state, self.keep, self.world
+        )
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self.world.is_main:
+            super().finish(summary)
+        dist.barrier()
+
+
+def _load_any(setup: Setup, ckpt: Path, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """A checkpoint written at any world size: DCP (several processes) or the single-process format."""
+    if dist.is_dcp_checkpoint(ckpt):
+        return dist.load_sharded(ckpt, setup.model, optimizer, scheduler)
+    if setup.world.distributed:
+        return dist.load_single(ckpt, setup.model, optimizer, scheduler)
+    return load_checkpoint(ckpt, setup.params, optimizer, scheduler)
+
+
 def _restore(setup: Setup, optimizer: Any, scheduler: Any, writer: RunWriter) -> Progress:
     """Progress of the run being resumed: its latest checkpoint's state, or the start if it has none."""
     progress = Progress()
     if (ckpt := setup.run.latest_checkpoint()) is not None:
-        state = load_checkpoint(ckpt, setup.params, optimizer, scheduler)
+        state = _load_any(setup, ckpt, optimizer, scheduler)
         progress = Progress(
             step=state["step"],
             tokens_seen=state["tokens_seen"],
@@ -372,13 +467,17 @@ def _restore(setup: Setup, optimizer: Any, scheduler: Any, writer: RunWriter) ->
 
 
 def micro_batches(setup: Setup, step: int) -> list[dict[str, torch.Tensor]]:
-    """The global batch of `step` as grad_accum collated micro-batches of `batch` examples each."""
+    """This rank's share of the global batch of `step`, as collated micro-batches of at most `batch` examples.
+
+    One process: grad_accum micro-batches of `batch`. N ranks: rank r's contiguous 1/N of the same
+    global batch, cut into micro-batches of at most `batch`.
+    """
     t = setup.config.train
     idx = batch_indices(step, len(setup.train_examples), t.batch * t.grad_accum, t.seed)
     pad = setup.tokenizer.pad_token_id
     return [
-        collate([setup.train_examples[i] for i in idx[m * t.batch : (m + 1) * t.batch]], pad)
-        for m in range(t.grad_accum)
+        collate([setup.train_examples[i] for i in chunk], pad)
+        for chunk in dist.micro_batches(dist.rank_slice(idx, setup.world), t.batch)
     ]
 
 
@@ -387,16 +486,21 @@ def train_step(
 ) -> StepResult:
     """One optimizer step over the global batch `micro`: forward and backward per micro-batch, clip, update.
 
-    Each micro-batch's summed loss is divided by the label tokens of the whole global batch, so the
-    accumulated gradient is that of the global batch's mean token loss however it is cut.
+    Each micro-batch's summed loss is divided by the label tokens of the whole global batch (summed
+    over ranks), so the accumulated gradient is that of the global batch's mean token loss however it
+    is cut, over micro-batches or over ranks.
     """
     start = time.perf_counter()
-    n_labels = max(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro), 1)
+    device = setup.device
+    local_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    n_labels = max(dist.all_reduce_sum(local_labels, device), 1)
+    scale = dist.loss_scale(setup.world) / n_labels
     total_loss = 0.0
-    for b in micro:
-        with autocast(setup.device, setup.precision):
-            loss_sum, _ = token_loss_sum(setup.model, _to(b, setup.device))
-        (loss_sum / n_labels).backward()
+    for m, b in enumerate(micro):
+        with dist.gradient_sync(setup.model, m == len(micro) - 1):
+            with autocast(device, setup.precision):
+                loss_sum, _ = token_loss_sum(setup.model, _to(b, device))
+            (loss_sum * scale).backward()
         total_loss += float(loss_sum.detach())
     norm = grad_norm(list(setup.params.values()), setup.config.train.max_grad_norm)
     lr = scheduler.get_last_lr()[0]
@@ -404,10 +508,10 @@ def train_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(
-        loss=total_loss / n_labels,
+        loss=dist.all_reduce_sum(total_loss, device) / n_labels,
         grad_norm=norm,
         lr=lr,
-        tokens=sum(int(b["attention_mask"].sum()) for b in micro),
+        tokens=int(dist.all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in micro), device)),
         seconds=time.perf_counter() - start,
     )
 
@@ -415,8 +519,8 @@ def train_step(
 def grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
     """The global gradient norm, clipping the gradients to max_norm when it is set."""
     if max_norm is not None:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        return dist.as_float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return dist.as_float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
 
 def check_finite(step: int, result: StepResult, checkpoint: Path | None) -> None:
@@ -500,6 +604,8 @@ def build_summary(
         "lr": cfg.resolved_lr(),
         "train_examples": len(setup.train_examples),
         "versions": versions(),
+        "world_size": setup.world.world_size,
+        "parallel": setup.parallel,
     }
     if cfg.method.method == "qlora":
         from adaptlab.quantize import quantization_info
@@ -520,13 +626,21 @@ def _last_train_loss(run: RunDir) -> float | None:
 
 
 def save_artifact(setup: Setup) -> Path:
-    """Write RUN/adapter (PEFT format) for the LoRA family or RUN/model (HF format) for full."""
+    """Write RUN/adapter (PEFT format) for the LoRA family or RUN/model (HF format) for full.
+
+    Under FSDP2 the shards are gathered first (every rank takes part); rank 0 writes the same
+    directory one process would.
+    """
     run = setup.run
-    if setup.config.method.is_lora:
-        target = run.adapter
-        setup.model.save_pretrained(str(target), save_embedding_layers=False)
-    else:
-        target = run.model
-        setup.model.save_pretrained(str(target), safe_serialization=True)
-        setup.tokenizer.save_pretrained(str(target))
+    is_lora = setup.config.method.is_lora
+    target = run.adapter if is_lora else run.model
+    state = dist.full_state(setup.model, trainable_only=is_lora) if setup.parallel == "fsdp" else None
+    if setup.world.is_main:
+        model = dist.unwrap(setup.model)
+        if is_lora:
+            model.save_pretrained(str(target), save_embedding_layers=False, state_dict=state)
+        else:
+            model.save_pretrained(str(target), safe_serialization=True, state_dict=state)
+            setup.tokenizer.save_pretrained(str(target))
+    dist.barrier()
     return target

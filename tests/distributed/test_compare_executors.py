@@ -23,7 +23,14 @@ def _spec(tmp_path: Path) -> Path:
         "drift": True,
         "tokens": 192,
         "train": {"batch": 2, "seq_len": 32, "lr": 1e-3, "precision": "fp32", "eval_examples": 2},
-        "eval": {"max_docs": 2, "max_chars": 400, "seq_len": 32, "batch": 2, "drift_prompts": 2, "drift_tokens": 4},
+        "eval": {
+            "max_docs": 2,
+            "max_chars": 400,
+            "seq_len": 32,
+            "batch": 2,
+            "drift_prompts": 2,
+            "drift_tokens": 4,
+        },
         "analysis": {"enabled": False},
         "arms": [{"name": "full", "method": "full"}, {"name": "lora", "method": "lora", "rank": 4}],
     }

@@ -250,7 +250,10 @@ def train_run(
     offset = 0
     with log.open("a") as err:
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         try:
             while True:
