@@ -148,7 +148,7 @@ def train_command(
         lost = isinstance(err, dist.RankLost) and os.environ.get(dist.LAUNCHED_ENV)
         if world.is_main and not lost:
             raise
-        raise click.exceptions.Exit(2) from None
+        raise SystemExit(2) from None
     if world.is_main:
         click.echo(json.dumps(summary, indent=2))
 
@@ -172,9 +172,11 @@ def _launch(ctx: click.Context, nproc: int, parallel: str | None, config: Any, r
     try:
         dist.launch(nproc, _argv(ctx, drop=("nproc",)), resume or (config.out if config else None))
     except dist.RunStopped as stop:
-        if stop.message:
-            click.echo(f"error: {stop.message}", err=True)
-        raise click.exceptions.Exit(stop.code) from None
+        if stop.message is None:  # a rank printed its own error line
+            raise SystemExit(stop.code) from None
+        err = click.ClickException(stop.message)
+        err.exit_code = stop.code
+        raise err from None
 
 
 def _argv(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
