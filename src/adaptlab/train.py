@@ -156,7 +156,9 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
     val_docs = split_documents(docs, "val", config.data.val_frac, config.data.test_frac)
     if not train_docs:
         raise UserError(f"data {', '.join(config.data.train)}: no document lands in the train split")
-    loaded = load_model(config.model.name, device=device)
+    strategy = dist.resolve_parallel(parallel, config.method.method, world, _fits_one_device(config, device))
+    # FSDP2 loads on the CPU and moves only each rank's shards to its device
+    loaded = load_model(config.model.name, device="cpu" if strategy == "fsdp" else device)
     tokenizer = loaded.tokenizer
     total_steps = config.train.total_steps()
     global_batch = config.train.batch * config.train.grad_accum
@@ -177,10 +179,10 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
     model = apply_method(loaded.model, config.method, base_name=config.model.name, seed=config.train.seed)
     if config.train.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
+    if strategy != "fsdp":
+        model.to(device)
     model.train()
     report = param_report(model)
-    strategy = dist.resolve_parallel(parallel, config.method.method, world, _fits_one_device(config, device))
     model = dist.wrap(model, strategy, device, precision)
     return Setup(
         config=config,
