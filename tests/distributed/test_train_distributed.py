@@ -81,7 +81,8 @@ def _assert_same_run(a: Path, b: Path, method: str) -> None:
 )
 def test_two_processes_take_the_steps_of_one(corpus, reference, tmp_path, method, parallel):
     out = tmp_path / "two"
-    cfg = _write(_config(corpus, out, method), tmp_path / "cfg.yaml")
+    # a sharded checkpoint mid-run too (it must not change the steps)
+    cfg = _write(_config(corpus, out, method, save_every=2), tmp_path / "cfg.yaml")
     proc = _adaptlab("--config", str(cfg), "--nproc", "2", "--parallel", parallel)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
