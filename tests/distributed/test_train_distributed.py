@@ -27,6 +27,7 @@ REL = 1e-5
 ARTIFACT = {
     "lora": "adapter/adapter_model.safetensors",
     "dora": "adapter/adapter_model.safetensors",
+    "qlora": "adapter/adapter_model.safetensors",
     "full": "model/model.safetensors",
 }
 
@@ -45,7 +46,7 @@ def _config(corpus: Path, out: Path, method: str, **train_fields):
 def reference(corpus, tmp_path_factory):
     """Uninterrupted one-process runs, by method."""
     root = tmp_path_factory.mktemp("ref")
-    return {m: train(_config(corpus, root / m, m)) and root / m for m in ("lora", "dora", "full")}
+    return {m: train(_config(corpus, root / m, m)) and root / m for m in ARTIFACT}
 
 
 def _adaptlab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -82,7 +83,14 @@ def _assert_same_run(a: Path, b: Path, method: str) -> None:
 
 @pytest.mark.parametrize(
     ("method", "parallel"),
-    [("lora", "ddp"), ("lora", "fsdp"), ("full", "ddp"), ("full", "fsdp"), ("dora", "fsdp")],
+    [
+        ("lora", "ddp"),
+        ("lora", "fsdp"),
+        ("full", "ddp"),
+        ("full", "fsdp"),
+        ("dora", "fsdp"),
+        ("qlora", "ddp"),
+    ],
 )
 def test_two_processes_take_the_steps_of_one(corpus, reference, tmp_path, method, parallel):
     out = tmp_path / "two"
