@@ -130,6 +130,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.pt", "state.json")
+"""A one-process checkpoint; a sharded one (torch.distributed.checkpoint, format "dcp") holds
+DCP_FILES plus one shard file per rank."""
+DCP_FILES = (".metadata", "extra.pt", "state.json")
 MANIFEST = "manifest.json"
 STATE_FIELDS = {"step": int, "tokens_seen": int, "train_time_s": (int, float), "wall_s": (int, float)}
 
@@ -140,7 +143,10 @@ class CorruptCheckpoint(Exception):
 
 @dataclass
 class Checkpoint:
-    """A checkpoint read fully into memory (nothing of the run is touched until it is restored)."""
+    """A checkpoint that verified, read into memory (nothing of the run is touched until it is restored).
+
+    A sharded checkpoint (format "dcp") is read collectively by every rank when it is restored, so
+    only its state.json is read here and weights and blob stay empty."""
 
     path: Path
     weights: dict[str, torch.Tensor]
@@ -148,6 +154,7 @@ class Checkpoint:
     """optimizer, scheduler and rng states."""
     state: dict[str, Any]
     """state.json: step, tokens_seen, train_time_s, wall_s (and what the loop adds)."""
+    format: str = "single"
 
 
 def save_checkpoint(
@@ -177,7 +184,7 @@ def save_checkpoint(
             tmp / "optimizer.pt",
         )
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        _write_manifest(tmp)
+        write_manifest(tmp, "single")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -198,20 +205,32 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_manifest(directory: Path) -> None:
+def write_manifest(directory: Path, fmt: str) -> None:
+    """Write manifest.json (the format, and each file's size and sha256): the last file of a checkpoint."""
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
     files = {
         name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
-        for name in CHECKPOINT_FILES
+        for name in names
     }
-    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+    (directory / MANIFEST).write_text(json.dumps({"format": fmt, "files": files}, indent=2))
+
+
+def checkpoint_format(path: Path) -> str:
+    """ "dcp" or "single", as the manifest says (a missing or unreadable manifest: "single")."""
+    try:
+        return str(json.loads((path / MANIFEST).read_text()).get("format", "single"))
+    except (OSError, ValueError, AttributeError):
+        return "single"
 
 
 def verify_checkpoint(path: Path) -> str | None:
     """None when every file of the checkpoint matches its manifest; otherwise what does not."""
     try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+        required = DCP_FILES if manifest.get("format") == "dcp" else CHECKPOINT_FILES
         expected = {
-            name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in CHECKPOINT_FILES
+            name: (int(files[name]["bytes"]), str(files[name]["sha256"])) for name in {*required, *files}
         }
     except FileNotFoundError:
         return f"no {MANIFEST} (an unfinished write, or written before checksums)"
@@ -232,19 +251,25 @@ def read_checkpoint(path: Path) -> Checkpoint:
     """Verify and read a checkpoint; CorruptCheckpoint says what is wrong with it."""
     if (problem := verify_checkpoint(path)) is not None:
         raise CorruptCheckpoint(problem)
+    fmt = checkpoint_format(path)
+    weights: dict[str, torch.Tensor] = {}
+    blob: dict[str, Any] = {}
     try:
-        weights = load_file(str(path / "trainable.safetensors"))
-        blob = torch.load(path / "optimizer.pt", weights_only=True)
+        if fmt == "single":
+            weights = load_file(str(path / "trainable.safetensors"))
+            blob = torch.load(path / "optimizer.pt", weights_only=True)
         state = json.loads((path / "state.json").read_text())
     except Exception as err:  # a file that verifies but does not parse: whatever the parser raises
         raise CorruptCheckpoint(f"does not load ({type(err).__name__})") from err
-    if not isinstance(blob, dict) or not {"optimizer", "scheduler", "rng"} <= blob.keys():
+    if fmt == "single" and (
+        not isinstance(blob, dict) or not {"optimizer", "scheduler", "rng"} <= blob.keys()
+    ):
         raise CorruptCheckpoint("optimizer.pt lacks the optimizer, scheduler or RNG state")
     if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in STATE_FIELDS.items()):
         raise CorruptCheckpoint("state.json lacks " + ", ".join(STATE_FIELDS))
     if f"step-{state['step']}" != path.name:
         raise CorruptCheckpoint(f"state.json says step {state['step']}")
-    return Checkpoint(path=path, weights=weights, blob=blob, state=state)
+    return Checkpoint(path=path, weights=weights, blob=blob, state=state, format=fmt)
 
 
 def newest_valid_checkpoint(run: RunDir) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:

@@ -7,6 +7,8 @@ The unit of a step is the global batch (batch x grad_accum examples). Example or
 function of (seed, step): epoch e uses randperm(n, seed + e), so a resumed run sees exactly the data
 an uninterrupted one would. The loss of a step is the sum of token losses over the global batch
 divided by its number of label tokens, so batch 4 x accum 1 and batch 1 x accum 4 take the same step.
+Under torchrun (distributed.py) each of N ranks takes its contiguous 1/N of the same global batch and
+the label-token count is summed over ranks, so N processes take the same steps as one.
 
 The loop is a sequence of named parts: build_optimizer / build_scheduler, micro_batches (the data of
 a step), train_step (forward, backward, clip, update), the periodic evaluation and checkpoint, and
@@ -24,6 +26,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adaptlab import distributed as dist
 from adaptlab import outputs
 from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, check_against_model, load_config
 from adaptlab.data.corpus import IGNORE_INDEX, Example, build_examples, collate, split_documents
@@ -42,6 +46,7 @@ from adaptlab.health import Health, advice
 from adaptlab.methods import ParamReport, apply_method, param_report, trainable_parameters
 from adaptlab.models import load_model
 from adaptlab.rundir import (
+    Checkpoint,
     RunDir,
     dir_bytes,
     newest_valid_checkpoint,
@@ -69,6 +74,9 @@ class Setup:
     device: torch.device
     precision: str
     total_steps: int
+    world: dist.World = dist.SINGLE
+    parallel: str | None = None
+    """ddp | fsdp when several processes train this run, else None."""
 
 
 def lr_lambda(total_steps: int, warmup: float, min_ratio: float) -> Callable[[int], float]:
@@ -144,18 +152,23 @@ def validation_loss(setup: Setup) -> float | None:
     return total / max(count, 1)
 
 
-def prepare(config: RunConfig) -> Setup:
-    """Load the base, apply the method, build the data: the same for fresh runs and resumes."""
+def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | None = None) -> Setup:
+    """Load the base, apply the method, build the data: the same for fresh runs and resumes.
+
+    Under a process group the model is wrapped (DDP or FSDP2) and `params` are the wrapped model's.
+    """
     if config.out is None:
         raise UserError("no run directory: pass --out RUN")
-    device = pick_device()
+    device = dist.device_for(world) if world.distributed else pick_device()
     precision = choose_precision(config.train.precision, device)
     docs = load_documents(config.data.train, config.data.text_field)
     train_docs = split_documents(docs, "train", config.data.val_frac, config.data.test_frac)
     val_docs = split_documents(docs, "val", config.data.val_frac, config.data.test_frac)
     if not train_docs:
         raise UserError(f"data {', '.join(config.data.train)}: no document lands in the train split")
-    loaded = load_model(config.model.name, device=device)
+    strategy = dist.resolve_parallel(parallel, config.method.method, world, _fits_one_device(config, device))
+    # FSDP2 loads on the CPU and moves only each rank's shards to its device
+    loaded = load_model(config.model.name, device="cpu" if strategy == "fsdp" else device)
     check_against_model(config, loaded.model)
     tokenizer = loaded.tokenizer
     total_steps = config.train.total_steps()
@@ -182,22 +195,40 @@ def prepare(config: RunConfig) -> Setup:
     model = apply_method(loaded.model, config.method, base_name=config.model.name, seed=config.train.seed)
     if config.train.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
+    if strategy != "fsdp":
+        model.to(device)
     model.train()
-    params = trainable_parameters(model)
+    report = param_report(model)
+    model = dist.wrap(model, strategy, device, precision)
     return Setup(
         config=config,
         run=RunDir(config.out),
         model=model,
         tokenizer=tokenizer,
-        params=params,
-        report=param_report(model),
+        params=trainable_parameters(dist.unwrap(model)),
+        report=report,
         train_examples=train_examples,
         val_examples=val_examples,
         device=device,
         precision=precision,
         total_steps=total_steps,
+        world=world,
+        parallel=strategy,
     )
+
+
+def _fits_one_device(config: RunConfig, device: torch.device) -> bool | None:
+    """Whether a whole replica fits one GPU (what --parallel auto asks); None when it cannot be told."""
+    if device.type != "cuda":
+        return None
+    from adaptlab.plan.world import fits_one_device
+
+    t = config.train
+    try:
+        memory = torch.cuda.get_device_properties(device).total_memory
+        return fits_one_device(config.model.name, config.method.method, t.batch, t.seq_len, "bf16", memory)
+    except (UserError, KeyError, ValueError):
+        return None
 
 
 def _check_out(run: RunDir, overwrite: bool) -> None:
@@ -223,26 +254,45 @@ def train(
     resume: bool = False,
     new_lr: float | None = None,
     overwrite: bool = False,
+    parallel: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) training to the end of its budget; write the run directory; return summary.
 
     The run directory is claimed and locked first (adaptlab.outputs): a directory holding files
     adaptlab did not write is refused unless `overwrite`, and a second writer is refused while this one runs.
+    Under torchrun every rank calls this: rank 0 owns and writes the run directory, every rank trains
+    its slice. `parallel` (ddp | fsdp | auto) picks how several processes share the model.
     """
     if config.out is None:
         raise UserError("no run directory: pass --out RUN")
     run = RunDir(config.out)
-    with outputs.owned(run.root, "run", overwrite=overwrite or resume):
-        if not resume:
+    world = dist.world_from_env()
+    dist.check_parallel(parallel, config.method.method, world)
+    dist.check_global_batch(config.train.batch * config.train.grad_accum, world)
+    owner = outputs.owned(run.root, "run", overwrite=overwrite or resume) if world.is_main else nullcontext()
+    with owner:
+        if not resume and world.is_main:
             _check_out(run, overwrite)
-        setup = prepare(config)
-        if not resume:
-            outputs.clear(run.root)  # adaptlab's own outputs only; other files stay
-            run.config.write_text(config.to_yaml())
-            run.metrics.write_text("")
-        if on_start:
-            on_start(setup)
-        return _loop(setup, resume, on_log, new_lr)
+        world = dist.init_world()
+        try:
+            setup = prepare(config, world, parallel)
+            if world.is_main and not resume:
+                outputs.clear(run.root)  # adaptlab's own outputs only; other files stay
+                run.config.write_text(config.to_yaml())
+                run.metrics.write_text("")
+            dist.barrier()
+            if on_start and world.is_main:
+                on_start(setup)
+            return _loop(setup, resume, on_log, new_lr)
+        except RuntimeError as err:
+            if not dist.peer_failure(err, world):
+                raise
+            raise dist.RankLost(
+                f"rank {world.rank}: another process of this run stopped ({dist.first_line(err)}); "
+                f"the last good checkpoint is kept: continue with `adaptlab train --resume {run.root}`"
+            ) from None
+        finally:
+            dist.close_world()
 
 
 def resume_run(
@@ -250,6 +300,7 @@ def resume_run(
     on_start: Callable[[Setup], None] | None = None,
     on_log: LogFn | None = None,
     lr: float | None = None,
+    parallel: str | None = None,
 ) -> dict[str, Any]:
     """Continue an interrupted run from its newest valid checkpoint (or from the start if it has none).
 
@@ -263,7 +314,7 @@ def resume_run(
         raise UserError(f"{run.root} has already finished (summary.json exists)")
     config = build_config(load_config(run.config))
     config.out = str(run.root)
-    return train(config, on_start=on_start, on_log=on_log, resume=True, new_lr=lr)
+    return train(config, on_start=on_start, on_log=on_log, resume=True, new_lr=lr, parallel=parallel)
 
 
 def _loop(
@@ -273,7 +324,11 @@ def _loop(
     t = setup.config.train
     optimizer = build_optimizer(setup.params, t, setup.config.resolved_lr())
     scheduler = build_scheduler(optimizer, setup.total_steps, t)
-    writer = RunWriter(setup.run, on_log, keep=t.keep_checkpoints)
+    writer = (
+        RankWriter(setup.run, on_log, t.keep_checkpoints, setup.world, setup.model)
+        if setup.world.distributed
+        else RunWriter(setup.run, on_log, keep=t.keep_checkpoints)
+    )
     progress = _restore(setup, optimizer, scheduler, writer) if resume else Progress()
     if new_lr is not None:
         _record_lr_change(setup.config, progress.step, new_lr)
@@ -420,6 +475,64 @@ class RunWriter:
             self.run.checkpoints.rmdir()
 
 
+class RankWriter(RunWriter):
+    """The writer of one rank of several: rank 0 writes metrics and the summary, and every rank writes
+    its shards of a checkpoint (torch.distributed.checkpoint), which rank 0 then renames into place."""
+
+    def __init__(self, run: RunDir, on_log: LogFn | None, keep: int, world: dist.World, model: Any) -> None:
+        super().__init__(run, on_log if world.is_main else None, keep)
+        self.world = world
+        self.model = model
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.world.is_main:
+            super().log(row)
+
+    def rewind(self, step: int) -> None:
+        if self.world.is_main:
+            super().rewind(step)
+        dist.barrier()
+
+    def write_config(self, config: RunConfig) -> None:
+        if self.world.is_main:
+            super().write_config(config)
+        dist.barrier()
+
+    def checkpoint(
+        self,
+        step: int,
+        params: dict[str, torch.nn.Parameter],
+        optimizer: Any,
+        scheduler: Any,
+        state: dict[str, Any],
+        bad_from: int | None = None,
+    ) -> Path:
+        # while the weights are suspect, one more checkpoint stays so the last good one survives rotation
+        keep = self.keep + (1 if bad_from is not None else 0)
+        return dist.save_sharded(
+            self.run.checkpoints, step, self.model, optimizer, scheduler, state, keep, self.world
+        )
+
+    def discard_checkpoints(self, from_step: int) -> list[Path]:
+        removed = super().discard_checkpoints(from_step) if self.world.is_main else []
+        dist.barrier()
+        return removed
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self.world.is_main:
+            super().finish(summary)
+        dist.barrier()
+
+
+def _load_any(setup: Setup, ckpt: Checkpoint, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """A checkpoint written at any world size: DCP (several processes) or the single-process format."""
+    if ckpt.format == "dcp":
+        return dist.load_sharded(ckpt.path, setup.model, optimizer, scheduler)
+    if setup.world.distributed:
+        return dist.load_single(ckpt.path, setup.model, optimizer, scheduler)
+    return restore_checkpoint(ckpt, setup.params, optimizer, scheduler)
+
+
 def _restore(setup: Setup, optimizer: Any, scheduler: Any, writer: RunWriter) -> Progress:
     """Progress of the run being resumed: its newest checkpoint that verifies, or the start if none does."""
     stale = setup.run.clean_temp_checkpoints()
@@ -436,7 +549,7 @@ def _restore(setup: Setup, optimizer: Any, scheduler: Any, writer: RunWriter) ->
         )
     progress = Progress()
     if ckpt is not None:
-        state = restore_checkpoint(ckpt, setup.params, optimizer, scheduler)
+        state = _load_any(setup, ckpt, optimizer, scheduler)
         progress = Progress(
             step=state["step"],
             tokens_seen=state["tokens_seen"],
@@ -449,13 +562,17 @@ def _restore(setup: Setup, optimizer: Any, scheduler: Any, writer: RunWriter) ->
 
 
 def micro_batches(setup: Setup, step: int) -> list[dict[str, torch.Tensor]]:
-    """The global batch of `step` as grad_accum collated micro-batches of `batch` examples each."""
+    """This rank's share of the global batch of `step`, as collated micro-batches of at most `batch` examples.
+
+    One process: grad_accum micro-batches of `batch`. N ranks: rank r's contiguous 1/N of the same
+    global batch, cut into micro-batches of at most `batch`.
+    """
     t = setup.config.train
     idx = batch_indices(step, len(setup.train_examples), t.batch * t.grad_accum, t.seed)
     pad = setup.tokenizer.pad_token_id
     return [
-        collate([setup.train_examples[i] for i in idx[m * t.batch : (m + 1) * t.batch]], pad)
-        for m in range(t.grad_accum)
+        collate([setup.train_examples[i] for i in chunk], pad)
+        for chunk in dist.micro_batches(dist.rank_slice(idx, setup.world), t.batch)
     ]
 
 
@@ -464,17 +581,23 @@ def train_step(
 ) -> StepResult:
     """One optimizer step over the global batch `micro`: forward and backward per micro-batch, clip, update.
 
-    Each micro-batch's summed loss is divided by the label tokens of the whole global batch, so the
-    accumulated gradient is that of the global batch's mean token loss however it is cut.
+    Each micro-batch's summed loss is divided by the label tokens of the whole global batch (summed
+    over ranks), so the accumulated gradient is that of the global batch's mean token loss however it
+    is cut, over micro-batches or over ranks.
     """
     start = time.perf_counter()
-    labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    device = setup.device
+    labels = int(
+        dist.all_reduce_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro), device)
+    )
     n_labels = max(labels, 1)
+    scale = dist.loss_scale(setup.world) / n_labels
     total_loss = 0.0
-    for b in micro:
-        with autocast(setup.device, setup.precision):
-            loss_sum, _ = token_loss_sum(setup.model, _to(b, setup.device))
-        (loss_sum / n_labels).backward()
+    for m, b in enumerate(micro):
+        with dist.gradient_sync(setup.model, m == len(micro) - 1):
+            with autocast(device, setup.precision):
+                loss_sum, _ = token_loss_sum(setup.model, _to(b, device))
+            (loss_sum * scale).backward()
         total_loss += float(loss_sum.detach())
     norm = grad_norm(list(setup.params.values()), setup.config.train.max_grad_norm)
     lr = optimizer.param_groups[0]["lr"]
@@ -482,10 +605,10 @@ def train_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(
-        loss=total_loss / n_labels,
+        loss=dist.all_reduce_sum(total_loss, device) / n_labels,
         grad_norm=norm,
         lr=lr,
-        tokens=sum(int(b["attention_mask"].sum()) for b in micro),
+        tokens=int(dist.all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in micro), device)),
         labels=labels,
         seconds=time.perf_counter() - start,
     )
@@ -494,8 +617,8 @@ def train_step(
 def grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
     """The global gradient norm, clipping the gradients to max_norm when it is set."""
     if max_norm is not None:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        return dist.as_float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return dist.as_float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
 
 def _stop(setup: Setup, writer: RunWriter, health: Health, problem: UserError, lr: float) -> None:
@@ -610,6 +733,8 @@ def build_summary(
         "lr": cfg.resolved_lr(),
         "train_examples": len(setup.train_examples),
         "versions": versions(),
+        "world_size": setup.world.world_size,
+        "parallel": setup.parallel,
     }
     if cfg.train.lr_changes:
         summary["lr_changes"] = [c.model_dump() for c in cfg.train.lr_changes]
@@ -636,13 +761,21 @@ def _last_train_loss(run: RunDir) -> float | None:
 
 
 def save_artifact(setup: Setup) -> Path:
-    """Write RUN/adapter (PEFT format) for the LoRA family or RUN/model (HF format) for full."""
+    """Write RUN/adapter (PEFT format) for the LoRA family or RUN/model (HF format) for full.
+
+    Under FSDP2 the shards are gathered first (every rank takes part); rank 0 writes the same
+    directory one process would.
+    """
     run = setup.run
-    if setup.config.method.is_lora:
-        target = run.adapter
-        setup.model.save_pretrained(str(target), save_embedding_layers=False)
-    else:
-        target = run.model
-        setup.model.save_pretrained(str(target), safe_serialization=True)
-        setup.tokenizer.save_pretrained(str(target))
+    is_lora = setup.config.method.is_lora
+    target = run.adapter if is_lora else run.model
+    state = dist.full_state(setup.model, trainable_only=is_lora) if setup.parallel == "fsdp" else None
+    if setup.world.is_main:
+        model = dist.unwrap(setup.model)
+        if is_lora:
+            model.save_pretrained(str(target), save_embedding_layers=False, state_dict=state)
+        else:
+            model.save_pretrained(str(target), safe_serialization=True, state_dict=state)
+            setup.tokenizer.save_pretrained(str(target))
+    dist.barrier()
     return target

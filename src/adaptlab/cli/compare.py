@@ -164,11 +164,36 @@ def _finish(results: dict[str, Any], out: str) -> None:
 @click.option(
     "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
 )
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where training runs execute: this machine, or Ray tasks on a cluster.",
+)
+@click.option(
+    "--parallel-runs", type=int, default=1, show_default=True, help="Local: runs at once (one GPU each)."
+)
+@click.option(
+    "--ray-address", help="Ray: cluster address (HOST:PORT, ray://HOST:PORT, auto); default: start one."
+)
+@click.option("--gpus-per-run", type=float, default=0, show_default=True, help="Ray: GPUs per training run.")
+@click.option("--cpus-per-run", type=float, default=1, show_default=True, help="Ray: CPUs per training run.")
 def compare_command(
-    config_path: str | None, out: str, force: tuple[str, ...], overwrite: bool, **flags: Any
+    config_path: str | None,
+    out: str,
+    force: tuple[str, ...],
+    overwrite: bool,
+    executor: str,
+    parallel_runs: int,
+    ray_address: str | None,
+    gpus_per_run: float,
+    cpus_per_run: float,
+    **flags: Any,
 ) -> None:
     """Train LoRA-family and full fine-tuning arms under one budget; report learning, forgetting, cost."""
     from adaptlab.compare import build_spec, compare
+    from adaptlab.compare.executors import make_executor
     from adaptlab.compare.spec import load_spec_file
     from adaptlab.config import merge
     from adaptlab.models import quiet_transformers
@@ -178,10 +203,13 @@ def compare_command(
     if not config_path and "study" not in data:
         data["study"] = "methods"
     spec = build_spec(data, source=config_path or "flags")
+    runner = make_executor(executor, parallel_runs, ray_address, gpus_per_run, cpus_per_run)
     quiet_transformers()
     inputs = [config_path] if config_path else []
     with stop_on_sigterm():
-        results = compare(spec, out, force=force, on_event=Printer(), overwrite=overwrite, inputs=inputs)
+        results = compare(
+            spec, out, force=force, on_event=Printer(), overwrite=overwrite, inputs=inputs, executor=runner
+        )
     _finish(results, out)
 
 

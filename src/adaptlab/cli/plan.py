@@ -124,14 +124,61 @@ def _print(result: dict[str, Any]) -> None:
 @click.option("--epochs", type=float, default=1.0, show_default=True)
 @click.option("--grad-checkpointing", is_flag=True, help="Plan with gradient checkpointing on.")
 @click.option("--no-benchmark", is_flag=True, help="Skip the device micro-benchmark (nominal throughput).")
+@click.option("--gpus", type=int, help="Plan one run on N GPUs: per-device memory under DDP and FSDP2.")
+@click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), help="With --gpus: only this strategy.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan_command(data: tuple[str, ...], ranks: str, no_benchmark: bool, as_json: bool, **flags: Any) -> None:
+def plan_command(
+    data: tuple[str, ...],
+    ranks: str,
+    no_benchmark: bool,
+    as_json: bool,
+    gpus: int | None,
+    parallel: str | None,
+    **flags: Any,
+) -> None:
     """Estimate memory, time and LoRA capacity for full, LoRA, DoRA and QLoRA, and recommend one."""
     from adaptlab.plan import parse_memory, plan
 
     memory = parse_memory(flags.pop("memory")) if flags.get("memory") else flags.pop("memory")
+    world_args = None
+    if gpus is not None or parallel is not None:
+        from adaptlab.plan.world import world_args_from
+
+        world_args = world_args_from(gpus, parallel, memory, flags, _ranks(ranks))
     result = plan(data=list(data), ranks=_ranks(ranks), memory=memory, benchmark=not no_benchmark, **flags)
+    if world_args is not None:
+        from adaptlab.plan.world import plan_world
+
+        result["world"] = plan_world(**world_args)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         _print(result)
+        if world_args is not None:
+            _print_world(result["world"])
+
+
+def _print_world(world: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"{world['gpus']} GPUs, {_size(world['memory_per_device_bytes'])} each: peak memory per device "
+        f"(micro-batch {world['device_micro_batch']} per device)"
+    )
+    table.add_column("method", justify="left")
+    for strategy in world["strategies"]:
+        table.add_column(strategy, justify="right")
+    table.add_column("use", justify="left")
+    for key, m in world["methods"].items():
+        cells = []
+        for strategy in world["strategies"]:
+            e = m.get(strategy)
+            cells.append(
+                "cannot shard"
+                if e is None
+                else _size(e["peak_mem_bytes"]) + ("" if e["fits"] else " [red](no)[/red]")
+            )
+        use = m["strategy"] or "[red]does not fit: more GPUs, QLoRA or --grad-checkpointing[/red]"
+        table.add_row(key + (f" r={m['rank']}" if m["rank"] else ""), *cells, use)
+    Console().print(table)

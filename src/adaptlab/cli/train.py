@@ -4,11 +4,14 @@ adaptlab train --model tiny-random --method lora --data python-stdlib --steps 20
 adaptlab train --config run.yaml            # the same fields as RUN/config.yaml
 adaptlab train --resume runs/lora           # continue from the newest checkpoint that verifies
 adaptlab train --resume runs/lora --lr 1e-4 # ... with a new peak learning rate from there on
+adaptlab train --nproc 2 --parallel fsdp ...  # one run on 2 processes (starts torchrun)
+torchrun --nproc-per-node 2 -m adaptlab train --parallel ddp ...
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import click
@@ -97,34 +100,116 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option(
     "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
 )
+@click.option(
+    "--parallel",
+    type=click.Choice(["ddp", "fsdp", "auto"]),
+    help="Several processes: ddp replicates the model, fsdp shards it (FSDP2), auto: fsdp if it does not fit one GPU.",
+)
+@click.option(
+    "--nproc", type=int, help="Train on N processes of this machine (starts torchrun; one per GPU)."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
 def train_command(
-    config_path: str | None, resume: str | None, quiet: bool, overwrite: bool, **flags: Any
+    ctx: click.Context,
+    config_path: str | None,
+    resume: str | None,
+    quiet: bool,
+    overwrite: bool,
+    parallel: str | None,
+    nproc: int | None,
+    **flags: Any,
 ) -> None:
     """Train full fine-tuning or a LoRA-family adapter and write a run directory."""
+    from adaptlab import distributed as dist
     from adaptlab.config import build_config, load_config, merge
     from adaptlab.errors import UserError
     from adaptlab.train import resume_run, train
 
-    progress = _Progress(quiet)
-    if resume and overwrite:
-        raise UserError("Can't provide both --resume and --overwrite. Choose one.")
-    if resume:
-        given = {k: v for k, v in flags.items() if v not in (None, ()) and k not in RESUME_FLAGS}
-        if given or config_path:
-            names = ", ".join(f"--{k.replace('_', '-')}" for k in given) or "--config"
-            raise UserError(f"--resume takes the run's own config; only --lr may change: drop {names}")
-        lr = flags["lr"]
-        summary = progress.run(lambda start, log: resume_run(resume, on_start=start, on_log=log, lr=lr))
-    else:
-        base = load_config(config_path) if config_path else {}
-        config = build_config(merge(base, _overrides(**flags)))
-        if config.out is None:
-            raise UserError("no run directory: pass --out RUN (or `out:` in the config)")
-        summary = progress.run(
-            lambda start, log: train(config, on_start=start, on_log=log, overwrite=overwrite)
-        )
-    click.echo(json.dumps(summary, indent=2))
+    world = dist.world_from_env()
+    try:
+        if resume and overwrite:
+            raise UserError("Can't provide both --resume and --overwrite. Choose one.")
+        if resume:
+            given = {k: v for k, v in flags.items() if v not in (None, ()) and k not in RESUME_FLAGS}
+            if given or config_path:
+                names = ", ".join(f"--{k.replace('_', '-')}" for k in given) or "--config"
+                raise UserError(f"--resume takes the run's own config; only --lr may change: drop {names}")
+            config = None
+        else:
+            base = load_config(config_path) if config_path else {}
+            config = build_config(merge(base, _overrides(**flags)))
+            if config.out is None:
+                raise UserError("no run directory: pass --out RUN (or `out:` in the config)")
+        if nproc is not None:
+            _launch(ctx, nproc, parallel, config, resume)
+            return
+        progress = _Progress(quiet or not world.is_main)
+        if config is None:
+            lr = flags["lr"]
+            summary = progress.run(
+                lambda start, log: resume_run(resume, on_start=start, on_log=log, lr=lr, parallel=parallel)
+            )
+        else:
+            summary = progress.run(
+                lambda start, log: train(
+                    config, on_start=start, on_log=log, overwrite=overwrite, parallel=parallel
+                )
+            )
+    except UserError as err:
+        # every rank meets the same error, so rank 0 says it once; under --nproc the launcher names a
+        # lost rank itself
+        lost = isinstance(err, dist.RankLost) and os.environ.get(dist.LAUNCHED_ENV)
+        if world.is_main and not lost:
+            raise
+        raise SystemExit(2) from None
+    if world.is_main:
+        click.echo(json.dumps(summary, indent=2))
+
+
+def _launch(ctx: click.Context, nproc: int, parallel: str | None, config: Any, resume: str | None) -> None:
+    """Check what can be checked here, then start `nproc` ranks of this same command under torchrun."""
+    from adaptlab import distributed as dist
+    from adaptlab.config import build_config, load_config
+
+    if dist.launched_by_torchrun():
+        raise click.UsageError("--nproc starts torchrun itself: drop it when launching with torchrun")
+    if config is None:
+        from pathlib import Path
+
+        path = Path(resume or "") / "config.yaml"
+        config = build_config(load_config(path)) if path.exists() else None
+    if config is not None:
+        world = dist.World(0, nproc, 0)
+        dist.check_parallel(parallel, config.method.method, world)
+        dist.check_global_batch(config.train.batch * config.train.grad_accum, world)
+    try:
+        dist.launch(nproc, _argv(ctx, drop=("nproc",)), resume or (config.out if config else None))
+    except dist.RunStopped as stop:
+        if stop.message is None:  # a rank printed its own error line
+            raise SystemExit(stop.code) from None
+        err = click.ClickException(stop.message)
+        err.exit_code = stop.code
+        raise err from None
+
+
+def _argv(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
+    """The command line that gave ctx.params, without the options in `drop`."""
+    out: list[str] = []
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in drop:
+            continue
+        value = ctx.params.get(param.name)
+        if value is None or value == () or (param.is_flag and not param.secondary_opts and not value):
+            continue
+        if param.is_flag:
+            out.append(param.opts[0] if value else param.secondary_opts[0])
+        elif param.multiple:
+            for v in value:
+                out += [param.opts[0], str(v)]
+        else:
+            out += [param.opts[0], str(value)]
+    return out
 
 
 class _Progress:

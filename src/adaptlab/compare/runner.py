@@ -30,6 +30,7 @@ import yaml
 
 from adaptlab import outputs
 from adaptlab.compare.arms import RunPlan, expand, resolve_ranks, study_arms
+from adaptlab.compare.executors import Executor
 from adaptlab.compare.spec import ArmSpec, CompareSpec
 from adaptlab.config import build_config
 from adaptlab.errors import UserError
@@ -213,6 +214,7 @@ def train_run(
     total: int,
     python: str = sys.executable,
     overwrite: bool = False,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume, or skip) one run in a child process; returns {"status", "run_dir", ...}."""
     runs = out / "runs"
@@ -249,7 +251,7 @@ def train_run(
     start = time.perf_counter()
     offset = 0
     with log.open("a") as err:
-        proc = start_child(cmd, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = start_child(cmd, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         try:
             while True:
                 done = proc.poll() is not None
@@ -457,16 +459,29 @@ def compare(
     report: bool = True,
     overwrite: bool = False,
     inputs: Sequence[str | Path] = (),
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and analyse every arm; write OUT/results.json (and the report); return results.
 
     OUT is claimed and locked first (adaptlab.outputs): a folder holding files adaptlab did not write
     is refused unless `overwrite`, a second comparison on OUT is refused while this one runs, and
     `inputs` (the comparison's own --config file) are never written, even when they live in OUT.
+    executor: where training runs execute (compare.executors: local, one or K at a time, or Ray tasks).
     """
+    from adaptlab.compare.executors import LocalExecutor
+
     out = Path(out)
     with outputs.owned(out, "comparison", overwrite=overwrite, inputs=inputs):
-        return _compare(spec, out, force, on_event or (lambda e: None), report, overwrite, inputs)
+        return _compare(
+            spec,
+            out,
+            force,
+            on_event or (lambda e: None),
+            report,
+            overwrite,
+            inputs,
+            executor or LocalExecutor(),
+        )
 
 
 def _compare(
@@ -477,7 +492,9 @@ def _compare(
     report: bool,
     overwrite: bool,
     inputs: Sequence[str | Path],
+    executor: Executor,
 ) -> dict[str, Any]:
+    from adaptlab.compare.executors import Job
     from adaptlab.compare.results import assemble
 
     spec = resolve_spec(spec)
@@ -501,9 +518,10 @@ def _compare(
     later = [p for p in plans if p.lr is None]
     total = len(plans)
     emit({"event": "plan", "runs": [p.run for p in plans], "arms": [a.name for a in arms], "notes": notes})
-    for i, p in enumerate(first):
-        status[p.run] = train_run(p, spec, out, p.run in forced, emit, i + 1, total, overwrite=overwrite)
+    jobs = [Job(p, p.run in forced, i + 1, total, overwrite) for i, p in enumerate(first)]
+    status.update(executor.train_runs(jobs, spec, out, emit))
     sweeps = _sweep_results(plans, status, out)
+    jobs = []
     for i, p in enumerate(later):
         best = sweeps.get(p.arm, {}).get("best_lr")
         if best is None:
@@ -514,9 +532,8 @@ def _compare(
             }
             continue
         p.lr = best
-        status[p.run] = train_run(
-            p, spec, out, p.run in forced, emit, len(first) + i + 1, total, overwrite=overwrite
-        )
+        jobs.append(Job(p, p.run in forced, len(first) + i + 1, total, overwrite))
+    status.update(executor.train_runs(jobs, spec, out, emit))
 
     probes: Probes | None = None
     measured: dict[str, dict[str, Any]] = {}

@@ -1,0 +1,175 @@
+"""Per-device memory of one run on N GPUs under DDP and FSDP2, and which strategy fits.
+
+The global batch (batch x grad-accum) is split over the ranks, so each device runs micro-batches of
+min(batch, global / N) sequences. DDP keeps everything a single device keeps (full weights, gradients,
+AdamW states) plus its gradient buckets (a second copy of the trainable gradients). FSDP2 keeps 1/N
+of the weights, gradients and optimizer states, plus the unsharded parameters of the units it has
+gathered: the root (embeddings, head, final norm) and up to two decoder blocks (the one computing and
+the one prefetched). Activations and logits are per device in both. QLoRA is DDP only (its 4-bit base
+cannot be sharded). Like the rest of plan/, these are estimates from the architecture; the GPU
+constants have not been checked against runs.
+
+    python -c "from adaptlab.plan.world import plan_world; import json; \
+print(json.dumps(plan_world('tiny-random', 4, 80 * 2**30)['recommendation'], indent=1))"
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adaptlab.errors import UserError
+from adaptlab.plan.arch import Arch, load_arch, targets_for
+from adaptlab.plan.estimate import FP32, Arm, Shape, memory_breakdown, trainable_params
+from adaptlab.plan.measure import CUDA_CONTEXT_BYTES
+
+STRATEGIES = ("ddp", "fsdp")
+PREFETCHED_BLOCKS = 2  # FSDP2 holds the block computing and the next one it prefetches
+
+
+def device_micro_batch(batch: int, grad_accum: int, world_size: int) -> int:
+    """Sequences per micro-batch on one device when the global batch is split over world_size ranks."""
+    global_batch = batch * grad_accum
+    if global_batch % world_size:
+        raise UserError(
+            f"--gpus {world_size} does not divide the global batch {global_batch} (batch x grad-accum): "
+            f"choose a batch x grad-accum that is a multiple of {world_size}"
+        )
+    return min(batch, global_batch // world_size)
+
+
+def _param_bytes(shape: Shape) -> int:
+    """Bytes per gathered parameter: bf16 under FSDP2's mixed-precision policy on GPUs, else fp32."""
+    return 2 if shape.precision == "bf16" and shape.device_type == "cuda" else FP32
+
+
+def ddp_bytes(arch: Arch, arm: Arm, shape: Shape, runtime: int) -> dict[str, int]:
+    """One device's memory under DDP: a single device's plus the gradient buckets."""
+    mem = memory_breakdown(arch, arm, shape, runtime)
+    buckets = FP32 * trainable_params(arch, arm)
+    return {**mem, "buckets": buckets, "peak": mem["peak"] + buckets}
+
+
+def fsdp_bytes(arch: Arch, arm: Arm, shape: Shape, runtime: int, world_size: int) -> dict[str, int]:
+    """One device's memory under FSDP2: sharded weights, gradients and optimizer, gathered units."""
+    mem = memory_breakdown(arch, arm, shape, runtime)
+    n = world_size
+    block = (arch.total_params - arch.embedding_params * (1 if arch.tied else 2)) // max(arch.n_layers, 1)
+    root = arch.embedding_params * (1 if arch.tied else 2)
+    gathered = _param_bytes(shape) * (root + PREFETCHED_BLOCKS * block)
+    sharded = {k: -(-mem[k] // n) for k in ("weights", "gradients", "optimizer")}
+    per_device_dynamic = mem["weight_copies"] + mem["activations"] + mem["logits"]
+    peak = mem["runtime"] + sum(sharded.values()) + gathered + per_device_dynamic
+    return {**mem, **sharded, "gathered": gathered, "peak": peak}
+
+
+def _arms(arch: Arch, rank: int, targets: str | list[str]) -> dict[str, Arm]:
+    names = tuple(targets_for(arch, targets))
+    return {
+        "full": Arm("full"),
+        "lora": Arm("lora", rank, names),
+        "dora": Arm("dora", rank, names),
+        "qlora": Arm("qlora", rank, names),
+    }
+
+
+def choose(fits: dict[str, bool | None]) -> str | None:
+    """DDP when it fits (no gathers: fastest), else FSDP when it fits, else None."""
+    for strategy in STRATEGIES:
+        if fits.get(strategy):
+            return strategy
+    return None
+
+
+def plan_world(
+    model: str,
+    gpus: int,
+    memory_per_device: int,
+    parallel: str | None = None,
+    batch: int = 4,
+    grad_accum: int = 1,
+    seq_len: int = 256,
+    rank: int = 16,
+    targets: str | list[str] = "all-linear",
+    precision: str = "bf16",
+    grad_checkpointing: bool = False,
+) -> dict[str, Any]:
+    """Per-device peak memory of every method at `gpus` devices, whether it fits, and the strategy to use."""
+    if gpus < 1:
+        raise UserError(f"--gpus must be at least 1 (got {gpus})")
+    if parallel is not None and parallel not in STRATEGIES:
+        raise UserError(f"--parallel {parallel!r}: choose ddp or fsdp")
+    arch = load_arch(model)
+    micro = device_micro_batch(batch, grad_accum, gpus)
+    shape = Shape(micro, seq_len, 1, precision, grad_checkpointing, "cuda")
+    wanted = [parallel] if parallel else list(STRATEGIES)
+    methods: dict[str, Any] = {}
+    for key, arm in _arms(arch, rank, targets).items():
+        entry: dict[str, Any] = {"method": arm.method, "rank": arm.rank or None}
+        fits: dict[str, bool | None] = {}
+        for strategy in wanted:
+            if strategy == "fsdp" and arm.method == "qlora":
+                entry["fsdp"] = None  # bitsandbytes' 4-bit base cannot be sharded
+                fits["fsdp"] = None
+                continue
+            mem = (
+                ddp_bytes(arch, arm, shape, CUDA_CONTEXT_BYTES)
+                if strategy == "ddp"
+                else fsdp_bytes(arch, arm, shape, CUDA_CONTEXT_BYTES, gpus)
+            )
+            fits[strategy] = mem["peak"] <= memory_per_device
+            entry[strategy] = {"peak_mem_bytes": mem["peak"], "fits": fits[strategy], "memory": mem}
+        entry["strategy"] = choose(fits)
+        methods[key] = entry
+    return {
+        "gpus": gpus,
+        "memory_per_device_bytes": memory_per_device,
+        "device_micro_batch": micro,
+        "strategies": wanted,
+        "methods": methods,
+        "recommendation": {k: v["strategy"] for k, v in methods.items()},
+        "notes": [
+            "per-device estimates for GPUs (bf16 autocast, CUDA context); not yet checked against multi-GPU runs",
+            "auto (`adaptlab train --parallel auto`) uses DDP when it fits one device, FSDP2 otherwise",
+        ],
+    }
+
+
+def fits_one_device(
+    model: str, method: str, batch: int, seq_len: int, precision: str, memory: int, rank: int = 16
+) -> bool:
+    """Whether DDP (a whole replica per device) fits `memory`: what `--parallel auto` asks."""
+    arch = load_arch(model)
+    arm = _arms(arch, rank, "all-linear")[method]
+    shape = Shape(batch, seq_len, 1, precision, False, "cuda")
+    return ddp_bytes(arch, arm, shape, CUDA_CONTEXT_BYTES)["peak"] <= memory
+
+
+def world_args_from(
+    gpus: int | None, parallel: str | None, memory: int | None, flags: dict[str, Any], ranks: list[int]
+) -> dict[str, Any]:
+    """plan_world's arguments from `adaptlab plan` flags; the memory per GPU is --memory or this GPU's."""
+    if gpus is None:
+        raise UserError("--parallel needs --gpus N (the number of GPUs to plan for)")
+    if memory is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(
+                "--gpus: this machine has no GPU to measure; give each GPU's memory with --memory (e.g. 80GiB)"
+            )
+        memory = torch.cuda.get_device_properties(0).total_memory
+    precision = flags.get("precision") or "auto"
+    device_micro_batch(flags.get("batch") or 4, flags.get("grad_accum") or 1, gpus)  # fail before planning
+    return {
+        "model": flags["model"],
+        "gpus": gpus,
+        "memory_per_device": memory,
+        "parallel": parallel,
+        "batch": flags.get("batch") or 4,
+        "grad_accum": flags.get("grad_accum") or 1,
+        "seq_len": flags.get("seq_len") or 256,
+        "rank": 16 if 16 in ranks else ranks[0],
+        "targets": flags.get("targets") or "all-linear",
+        "precision": "fp32" if precision == "fp32" else "bf16",
+        "grad_checkpointing": bool(flags.get("grad_checkpointing")),
+    }
