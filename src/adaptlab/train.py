@@ -338,7 +338,7 @@ def _loop(
     if progress.checkpoint is None:
         seed_everything(t.seed)  # dropout and any other sampling start from the run's seed
     reset_peak(setup.device)
-    health = Health(vocab_size=setup.model.config.vocab_size)
+    health = Health(vocab_size=dist.unwrap(setup.model).config.vocab_size)
     progress.start_clock()
     result = None
     for step in range(progress.step, setup.total_steps):
