@@ -26,12 +26,12 @@ from typing import Any
 import torch
 
 from adaptlab.errors import UserError
+from adaptlab.hub import EMBEDDED_MODELS, missing_model_dir, require_hub
 from adaptlab.quantize import quiet_bitsandbytes
 
 quiet_bitsandbytes()  # before peft is imported anywhere: importing peft imports bitsandbytes
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_MODELS = ("smollm2-135m", "tiny-random")
 # Bump when the way an embedded model is built changes, so stale caches are rebuilt.
 _CACHE_VERSION = "1"
 
@@ -161,12 +161,12 @@ def local_dir(spec: str) -> Path | None:
             raise UserError(f"{spec} is a directory without config.json: not a Hugging Face model directory")
         require_safetensors(path)
         return path
-    looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1
-    if path.exists() or looks_like_path:
+    if path.exists():
         raise UserError(
-            f"model {spec!r}: no such directory. Embedded models: {', '.join(EMBEDDED_MODELS)}; "
-            "or pass a local Hugging Face model directory or a hub id"
+            f"model {spec!r}: not a directory. Pass a local Hugging Face model directory or a hub id"
         )
+    if (err := missing_model_dir(spec)) is not None:
+        raise err
     return None
 
 
@@ -197,23 +197,6 @@ def quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _check_hub_reachable(spec: str) -> None:
-    """Fail fast, in one line, when a hub id is asked for without a network (instead of minutes of retries)."""
-    import socket
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if not offline:
-        try:
-            socket.create_connection(("huggingface.co", 443), timeout=3).close()
-            return
-        except OSError:
-            pass
-    raise UserError(
-        f"{spec!r} is not an embedded model or a local directory, and the Hugging Face Hub cannot be reached "
-        f"(offline). Embedded models that work offline: {', '.join(EMBEDDED_MODELS)}; or pass a local model directory"
-    )
-
-
 def _hub_error(spec: str, err: Exception) -> UserError:
     return UserError(
         f"could not load {spec!r} from the Hugging Face Hub ({type(err).__name__}; offline or unknown id). "
@@ -227,7 +210,7 @@ def load_tokenizer(spec: str) -> Any:
 
     path = local_dir(spec)
     if path is None:
-        _check_hub_reachable(spec)
+        require_hub(spec)
     try:
         tok = AutoTokenizer.from_pretrained(str(path) if path else spec)
     except OSError as err:
@@ -250,7 +233,7 @@ def load_model(
     quiet_transformers()
     path = local_dir(spec)
     if path is None:
-        _check_hub_reachable(spec)
+        require_hub(spec)
     source = str(path) if path else spec
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)

@@ -188,6 +188,9 @@ def eval_command(
 
     from rich.console import Console
 
+    from adaptlab.hub import check_names
+
+    check_names(model_spec, [*data, *general])  # before torch is imported: a wrong name fails at once
     from adaptlab.artifacts import resolve
     from adaptlab.data.corpus import split_documents
     from adaptlab.data.sources import load_documents

@@ -137,6 +137,9 @@ def plan_command(
     **flags: Any,
 ) -> None:
     """Estimate memory, time and LoRA capacity for full, LoRA, DoRA and QLoRA, and recommend one."""
+    from adaptlab.hub import check_names
+
+    check_names(flags.get("model"), list(data))  # before torch is imported: a wrong name fails at once
     from adaptlab.plan import parse_memory, plan
 
     memory = parse_memory(flags.pop("memory")) if flags.get("memory") else flags.pop("memory")

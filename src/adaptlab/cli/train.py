@@ -121,9 +121,14 @@ def train_command(
     **flags: Any,
 ) -> None:
     """Train full fine-tuning or a LoRA-family adapter and write a run directory."""
-    from adaptlab import distributed as dist
     from adaptlab.config import build_config, load_config, merge
     from adaptlab.errors import UserError
+    from adaptlab.hub import check_names
+
+    if not resume:  # before torch is imported: a model or data name that cannot be found fails at once
+        early = build_config(merge(load_config(config_path) if config_path else {}, _overrides(**flags)))
+        check_names(early.model.name, early.data.train)
+    from adaptlab import distributed as dist
     from adaptlab.train import resume_run, train
 
     world = dist.world_from_env()

@@ -153,31 +153,46 @@ def _datasets_dir_documents(path: Path, text_field: str) -> list[Document]:
     ]
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    import socket
+def _hub_unreachable(name: str) -> ConnectionError | None:
+    """Why the hub cannot serve data set `name` (offline mode set, or no answer), or None."""
+    from adaptlab.hub import hub_reachable
 
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
-    except OSError:
-        return False
-    return True
+    if os.environ.get("HF_DATASETS_OFFLINE", "") == "1" or os.environ.get("HF_HUB_OFFLINE", "") == "1":
+        return ConnectionError("offline mode is set")
+    if not hub_reachable():  # without a network the hub client retries for half a minute
+        return ConnectionError("huggingface.co cannot be reached")
+    return None
+
+
+def _not_found(name: str, err: Exception) -> UserError:
+    return UserError(
+        f"data {name!r}: not a local file, directory, glob or embedded corpus "
+        f"({', '.join(EMBEDDED_CORPORA)}), and loading it from the hub failed ({type(err).__name__}; offline?)"
+    )
+
+
+def check_sources(sources: list[str]) -> None:
+    """Refuse, before anything is loaded, a source that is not local while the hub cannot be reached."""
+    for source in sources:
+        if (
+            source in EMBEDDED_CORPORA
+            or Path(source).expanduser().is_dir()
+            or local_files(source) is not None
+        ):
+            continue
+        if (err := _hub_unreachable(source)) is not None:
+            raise _not_found(source, err)
 
 
 def _hub_documents(name: str, text_field: str) -> list[Document]:
-    offline = os.environ.get("HF_DATASETS_OFFLINE", "") == "1" or os.environ.get("HF_HUB_OFFLINE", "") == "1"
     try:
-        if offline:
-            raise ConnectionError("offline mode is set")
-        if not _hub_reachable():  # without a network the hub client retries for half a minute
-            raise ConnectionError("huggingface.co cannot be reached")
+        if (unreachable := _hub_unreachable(name)) is not None:
+            raise unreachable
         import datasets
 
         ds = datasets.load_dataset(name, split="train")
     except Exception as err:  # noqa: BLE001 - any hub failure becomes one line for the user
-        raise UserError(
-            f"data {name!r}: not a local file, directory, glob or embedded corpus "
-            f"({', '.join(EMBEDDED_CORPORA)}), and loading it from the hub failed ({type(err).__name__}; offline?)"
-        ) from err
+        raise _not_found(name, err) from err
     return [
         _record_to_document(rec, f"{name}[{i}]", text_field, default_id=f"{name}:{i}")
         for i, rec in enumerate(ds)

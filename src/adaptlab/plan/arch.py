@@ -93,12 +93,13 @@ def load_model_config(spec: str) -> Any:
     """The transformers config of a model spec; a hub id offline fails at once, in one line."""
     from transformers import AutoConfig
 
-    from adaptlab.models import EMBEDDED_MODELS, _check_hub_reachable, local_dir, quiet_transformers
+    from adaptlab.hub import EMBEDDED_MODELS, require_hub
+    from adaptlab.models import local_dir, quiet_transformers
 
     quiet_transformers()
     path = local_dir(spec)
     if path is None:
-        _check_hub_reachable(spec)
+        require_hub(spec)
     try:
         return AutoConfig.from_pretrained(str(path) if path else spec)
     except (OSError, ValueError) as err:
