@@ -121,13 +121,16 @@ def train_command(
     **flags: Any,
 ) -> None:
     """Train full fine-tuning or a LoRA-family adapter and write a run directory."""
-    from adaptlab.config import build_config, load_config, merge
     from adaptlab.errors import UserError
-    from adaptlab.hub import check_names
 
-    if not resume:  # before torch is imported: a model or data name that cannot be found fails at once
-        early = build_config(merge(load_config(config_path) if config_path else {}, _overrides(**flags)))
-        check_names(early.model.name, early.data.train)
+    config = None
+    if not resume:
+        try:
+            config = _new_run_config(config_path, flags)
+        except UserError:
+            if os.environ.get("RANK", "0") != "0":  # under torchrun every rank meets it: rank 0 says it
+                raise SystemExit(2) from None
+            raise
     from adaptlab import distributed as dist
     from adaptlab.train import resume_run, train
 
@@ -140,12 +143,6 @@ def train_command(
             if given or config_path:
                 names = ", ".join(f"--{k.replace('_', '-')}" for k in given) or "--config"
                 raise UserError(f"--resume takes the run's own config; only --lr may change: drop {names}")
-            config = None
-        else:
-            base = load_config(config_path) if config_path else {}
-            config = build_config(merge(base, _overrides(**flags)))
-            if config.out is None:
-                raise UserError("no run directory: pass --out RUN (or `out:` in the config)")
         if nproc is not None:
             _launch(ctx, nproc, parallel, config, resume)
             return
@@ -170,6 +167,20 @@ def train_command(
         raise SystemExit(2) from None
     if world.is_main:
         click.echo(json.dumps(summary, indent=2))
+
+
+def _new_run_config(config_path: str | None, flags: dict[str, Any]) -> Any:
+    """The config of a new run from --config and flags, its names checked before torch is imported, so
+    a model or data name that cannot be found fails at once."""
+    from adaptlab.config import build_config, load_config, merge
+    from adaptlab.errors import UserError
+    from adaptlab.hub import check_names
+
+    config = build_config(merge(load_config(config_path) if config_path else {}, _overrides(**flags)))
+    if config.out is None:
+        raise UserError("no run directory: pass --out RUN (or `out:` in the config)")
+    check_names(config.model.name, config.data.train)
+    return config
 
 
 def _launch(ctx: click.Context, nproc: int, parallel: str | None, config: Any, resume: str | None) -> None:
