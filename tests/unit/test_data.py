@@ -27,6 +27,25 @@ def test_tiny_corpora_still_get_held_out_documents():
     assert [len(split_documents(docs, s)) for s in ("train", "val", "test")] == [1, 1, 1]
 
 
+def test_one_or_two_documents_all_train():
+    for n in (1, 2):
+        docs = [Document(id=f"only-{i}", text="t") for i in range(n)]
+        assert [len(split_documents(docs, s)) for s in ("train", "val", "test")] == [n, 0, 0]
+
+
+def test_splits_do_not_depend_on_where_the_data_folder_lives(tmp_path):
+    lines = "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(60))
+    for where in ("a", "b/c"):
+        (tmp_path / where / "legal").mkdir(parents=True)
+        (tmp_path / where / "legal" / "train.jsonl").write_text(lines)
+    ids = [
+        {s: [d.id for d in split_documents(load_documents(str(tmp_path / w / "legal" / "train.jsonl")), s)]
+         for s in ("train", "val", "test")}
+        for w in ("a", "b/c")
+    ]  # fmt: skip
+    assert ids[0] == ids[1] and ids[0]["train"][0] == "legal/train.jsonl:1"
+
+
 def test_packing_puts_eos_between_documents(tiny):
     tok = tiny.tokenizer
     docs = [Document(id="a", text="alpha beta gamma " * 5), Document(id="b", text="delta epsilon " * 5)]

@@ -38,7 +38,8 @@ def split_documents(
     """The documents of one split: test is u < test_frac, val the next val_frac, train the rest.
 
     With so few documents that a held-out split would be empty, the documents with the lowest
-    hash positions fill it (one each), so every split is non-empty from 3 documents on.
+    hash positions fill it (one each), so every split is non-empty from 3 documents on. Under 3
+    documents nothing is held out: all of them train.
     """
     if split == "all":
         return list(docs)
@@ -48,7 +49,9 @@ def split_documents(
     u = [split_fraction(d.id) for d in ranked]
     n_test = sum(1 for x in u if x < test_frac)
     n_val = sum(1 for x in u if test_frac <= x < test_frac + val_frac)
-    if len(ranked) >= 3:
+    if len(ranked) < 3:
+        n_test = n_val = 0
+    else:
         n_test, n_val = max(n_test, 1 if test_frac > 0 else 0), max(n_val, 1 if val_frac > 0 else 0)
     bounds = {"test": (0, n_test), "val": (n_test, n_test + n_val), "train": (n_test + n_val, len(ranked))}
     lo, hi = bounds[split]

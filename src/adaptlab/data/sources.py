@@ -124,10 +124,17 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
 
 
+def _portable_name(path: Path) -> str:
+    """A file's name with its folder ("legal/train.jsonl"): the default document ids built from it,
+    and so the splits, stay the same wherever the data folder is copied or moved."""
+    return "/".join(path.parts[-2:])
+
+
 def _file_documents(path: Path, text_field: str) -> list[Document]:
     if path.suffix == ".jsonl":
+        name = _portable_name(path)
         return [
-            _record_to_document(rec, f"{path}:{lineno}", text_field, default_id=f"{path}:{lineno}")
+            _record_to_document(rec, f"{path}:{lineno}", text_field, default_id=f"{name}:{lineno}")
             for lineno, rec in read_jsonl(path)
         ]
     if path.suffix in TEXT_SUFFIXES:
@@ -135,7 +142,7 @@ def _file_documents(path: Path, text_field: str) -> list[Document]:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
             raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
-        return [Document(id=str(path), text=text)] if text.strip() else []
+        return [Document(id=_portable_name(path), text=text)] if text.strip() else []
     raise UserError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
 
 
