@@ -1,0 +1,217 @@
+"""GRPO on tiny-random: advantages and loss against TRL on identical inputs, sampling log-probs, runs, resume."""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from adaptlab.config import build_config
+from adaptlab.models import load_model
+from adaptlab.objectives.grpo import (
+    completion_logps,
+    group_advantages,
+    per_token_loss,
+    rollout_batch,
+    sequence_means,
+)
+from adaptlab.rundir import RunDir
+from adaptlab.sampling import sample
+from adaptlab.train import resume_run, train
+
+trl_utils = pytest.importorskip("trl.trainer.utils")
+TOL = 1e-6
+"""fp32: our loss and TRL's on the same log-probs agree to rounding."""
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-random")
+
+
+def test_group_advantages_equal_trls_group_scaling() -> None:
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 1.0])
+    adv, std = group_advantages(rewards, 4)
+    # TRL's _generate_and_score_completions with scale_rewards="group"
+    grouped = rewards.view(-1, 4)
+    mean = grouped.mean(dim=1).repeat_interleave(4)
+    trl_std = trl_utils.nanstd(grouped, dim=1).repeat_interleave(4)
+    expected = (rewards - mean) / (trl_std + 1e-4)
+    torch.testing.assert_close(adv, expected, atol=TOL, rtol=0)
+    torch.testing.assert_close(std, trl_std, atol=TOL, rtol=0)
+    assert adv[4:8].abs().max() == 0  # a group that agrees carries no signal
+    assert abs(float(adv[:4].sum())) < 1e-6
+
+
+def _trl_loss(logps, old, ref, adv, mask, beta, eps):
+    """TRL's GRPOTrainer._compute_loss (loss_type="grpo") on the given per-token log-probs."""
+    from trl import GRPOTrainer
+
+    stub = object.__new__(GRPOTrainer)
+    accel = SimpleNamespace(gather=lambda x: x, reduce=lambda x, reduction: x, num_processes=1)
+    stub.__dict__.update(
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level="token",
+        beta=beta,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None),
+        loss_type="grpo",
+        epsilon_low=eps,
+        epsilon_high=eps,
+        use_vllm=False,
+        model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        _entropy_bonus_enabled=False,
+        aux_loss_enabled=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        accelerator=accel,
+    )
+    stub._get_per_token_logps_and_entropies = lambda *a, **k: (logps, torch.zeros_like(logps), None)
+    c = logps.size(1)
+    inputs = {
+        "prompt_ids": torch.zeros((logps.size(0), 1), dtype=torch.long),
+        "prompt_mask": torch.ones((logps.size(0), 1), dtype=torch.long),
+        "completion_ids": torch.zeros((logps.size(0), c), dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+    }
+    return stub._compute_loss(None, inputs), stub._metrics["train"]
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_loss_equals_trls_grpo_loss_on_identical_inputs(beta: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    b, c, eps = 6, 5, 0.2
+    old = -torch.rand((b, c), generator=g) * 3
+    logps = (old + torch.randn((b, c), generator=g) * 0.3).requires_grad_()  # some ratios leave [0.8, 1.2]
+    ref = old + torch.randn((b, c), generator=g) * 0.1
+    adv = torch.randn(b, generator=g)
+    mask = torch.ones((b, c))
+    mask[0, 3:] = 0
+    mask[4, 1:] = 0
+    tok, kl, clipped = per_token_loss(logps, old, adv, eps, beta, ref)
+    ours = sequence_means(tok, mask).sum() / b  # the loop divides by the completions of the global batch
+    theirs, metrics = _trl_loss(logps, old, ref, adv, mask, beta, eps)
+    assert abs(float(ours) - float(theirs)) < TOL
+    g_ours = torch.autograd.grad(ours, logps, retain_graph=True)[0]
+    g_theirs = torch.autograd.grad(theirs, logps)[0]
+    torch.testing.assert_close(g_ours, g_theirs, atol=TOL, rtol=0)
+    region = float((clipped * mask).sum() / mask.sum())
+    assert region > 0 and abs(region - metrics["clip_ratio/region_mean"][0]) < TOL
+    if beta:
+        assert abs(float((kl * mask).sum() / mask.sum()) - metrics["kl"][0]) < TOL
+
+
+def test_clipped_tokens_get_no_gradient() -> None:
+    old = torch.zeros((1, 2))
+    logps = torch.tensor([[0.5, 0.0]], requires_grad=True)  # ratio e^0.5 > 1.2, then 1
+    tok, _, clipped = per_token_loss(logps, old, torch.tensor([1.0]), 0.2)
+    tok.sum().backward()
+    assert clipped.tolist() == [[1.0, 0.0]]
+    assert logps.grad.tolist()[0][0] == 0.0 and logps.grad.tolist()[0][1] == pytest.approx(-1.0)
+
+
+def test_training_log_probs_equal_the_sampling_time_log_probs(tiny) -> None:
+    """Prompts of different lengths, left-padded while sampling and in the loss: the same log-probs."""
+    prompts = [(1, 2, 3, 4, 5), (7, 8)]
+    s = sample(
+        tiny.model, prompts, n=3, max_new_tokens=6, temperature=0.7, eos_ids={2}, pad_id=2,
+        generator=torch.Generator().manual_seed(3),
+    )
+    fake = [SimpleNamespace(ids=p) for p in prompts]
+    batch = rollout_batch(fake, s, pad=2)
+    with torch.no_grad():
+        logps = completion_logps(tiny.model, batch, temperature=0.7)
+    mask = batch["completion_mask"]
+    torch.testing.assert_close(logps * mask, batch["old_logps"], atol=2e-5, rtol=0)
+    again = sample(
+        tiny.model, prompts, n=3, max_new_tokens=6, temperature=0.7, eos_ids={2}, pad_id=2,
+        generator=torch.Generator().manual_seed(3),
+    )
+    assert again.completions == s.completions  # the generator alone decides
+
+
+def test_greedy_sampling_equals_transformers_generate(tiny) -> None:
+    prompt = [1, 9, 42, 7]
+    s = sample(tiny.model, [prompt], n=1, max_new_tokens=5, temperature=0.0, eos_ids={2}, pad_id=2)
+    ref = tiny.model.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=2, pad_token_id=2)
+    assert s.completions[0] == ref[0, len(prompt) :].tolist()[: len(s.completions[0])]
+
+
+REWARD_MODULE = "grpo_test_reward"
+
+
+@pytest.fixture
+def reward_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A reward that varies between random completions, so tiny-random gets a learning signal."""
+    (tmp_path / f"{REWARD_MODULE}.py").write_text(
+        "def score(prompt, completion, answer):\n    return float(sum(map(ord, completion)) % 3)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    yield f"python:{REWARD_MODULE}:score"
+    sys.modules.pop(REWARD_MODULE, None)
+
+
+def grpo_config(out: Path, reward: str, method: str = "lora", **train) -> object:
+    fields = {"steps": 3, "batch": 4, "seq_len": 96, "precision": "fp32", "lr": 1e-2, "eval_examples": 4}
+    fields.update(train)
+    return build_config(
+        {
+            "model": {"name": "tiny-random"},
+            "method": {"method": method, "rank": 4},
+            "data": {"train": ["arithmetic"]},
+            "train": fields,
+            "objective": {"task": "grpo", "group_size": 4, "max_new_tokens": 6, "reward": reward,
+                          "prompts_per_step": 2, "kl_beta": 0.05},
+            "out": str(out),
+        }
+    )
+
+
+def _rows(run: RunDir) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mem_bytes", "elapsed_s")} for r in run.read_metrics()]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_grpo_resume_is_bit_exact(tmp_path: Path, reward_module: str, method: str) -> None:
+    whole = train(grpo_config(tmp_path / "whole", reward_module, method, steps=4, save_every=2))
+
+    def stop_at_3(row):
+        if row.get("step") == 3 and "loss" in row:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(grpo_config(tmp_path / "cut", reward_module, method, steps=4, save_every=2), on_log=stop_at_3)
+    resumed = resume_run(tmp_path / "cut")
+    a, b = RunDir(tmp_path / "whole"), RunDir(tmp_path / "cut")
+    assert _rows(a) == _rows(b)
+    steps = [r for r in _rows(a) if "loss" in r]
+    assert len(steps) == 4 and all(r["grad_norm"] > 0 for r in steps)
+    assert {"reward", "reward_std", "accuracy", "completion_len", "kl", "clip_frac"} <= set(steps[0])
+    assert whole["final_val"] == resumed["final_val"] and "task_acc" in whole["final_val"]
+    art = "adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"
+    assert (a.root / art).read_bytes() == (b.root / art).read_bytes()
+
+
+def test_group_size_one_is_one_line(run_cli, tmp_path: Path) -> None:
+    code, _, err = run_cli(
+        "train", "--task", "grpo", "--model", "tiny-random", "--group-size", "1", "--steps", "1",
+        "--out", tmp_path / "r",
+    )
+    assert code == 2 and "group_size" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_prompt_longer_than_seq_len_is_one_line(run_cli, tmp_path: Path) -> None:
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"prompt": "short", "answer": "1"}\n{"prompt": "' + "word " * 200 + '", "answer": "2"}\n')
+    code, _, err = run_cli(
+        "train", "--task", "grpo", "--model", "tiny-random", "--data", task, "--seq-len", "64",
+        "--steps", "1", "--out", tmp_path / "r",
+    )
+    assert code == 2 and "t.jsonl:2" in err and "--seq-len 64" in err and len(err.strip().splitlines()) == 1
