@@ -1,4 +1,4 @@
-"""Validated run configuration: ModelSpec, MethodSpec, DataSpec, TrainSpec and RunConfig.
+"""Validated run configuration: ModelSpec, MethodSpec, DataSpec, TrainSpec, ObjectiveSpec and RunConfig.
 
 A run is fully described by a RunConfig; `adaptlab train` writes the resolved one to RUN/config.yaml
 and re-running that file reproduces the run. User values are validated here, where they enter, and
@@ -28,6 +28,10 @@ Method = Literal["full", "lora", "dora", "qlora"]
 METHODS: tuple[str, ...] = get_args(Method)
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+Task = Literal["sft", "dpo", "grpo"]
+TASKS: tuple[str, ...] = get_args(Task)
+DpoLoss = Literal["sigmoid", "ipo"]
+DPO_LOSSES: tuple[str, ...] = get_args(DpoLoss)
 TARGET_PRESETS = ("attention", "mlp", "all-linear")
 LORA_FAMILY = ("lora", "dora", "qlora")
 FULL_LR = 2e-5
@@ -173,11 +177,39 @@ class TrainSpec(StepSpec):
         return 100
 
 
+class ObjectiveSpec(_Spec):
+    """What a step minimises (adaptlab/objectives): the task and the settings of its loss."""
+
+    task: Task = "sft"
+    """sft: next-token loss on text or responses; dpo: preference pairs; grpo: sampled, rewarded completions."""
+    beta: float = Field(0.1, gt=0)
+    """DPO: strength of the implicit KL to the reference (the rewards are beta x log-ratio)."""
+    loss: DpoLoss = "sigmoid"
+    """DPO loss: sigmoid (Rafailov et al. 2023) or ipo (Azar et al. 2023), as TRL defines them."""
+    group_size: int = Field(8, ge=2)
+    """GRPO: completions sampled per prompt (rewards are normalised within the group, so at least 2)."""
+    max_new_tokens: int = Field(32, gt=0)
+    """GRPO: the longest completion sampled."""
+    temperature: float = Field(1.0, gt=0)
+    """GRPO: sampling temperature."""
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    """GRPO: nucleus sampling mass."""
+    clip_eps: float = Field(0.2, gt=0)
+    """GRPO: the policy ratio is clipped to [1 - clip_eps, 1 + clip_eps]."""
+    kl_beta: float = Field(0.0, ge=0)
+    """GRPO: weight of the KL penalty to the reference (0: none, no reference pass)."""
+    reward: str = "exact"
+    """GRPO: exact | regex (against the row's `answer`) | python:module:function."""
+    prompts_per_step: int | None = Field(None, gt=0)
+    """GRPO: prompts per optimizer step (default: the global batch)."""
+
+
 class RunConfig(_Spec):
     model: ModelSpec = Field(default_factory=ModelSpec)
     method: MethodSpec = Field(default_factory=MethodSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     out: str | None = None
     """Run directory."""
 

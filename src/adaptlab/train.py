@@ -1,18 +1,22 @@
 """The one training loop, for every method: AdamW, warmup + cosine, accumulation, clipping, checkpoints.
 
 Methods differ only in which parameters train (methods.py) and what is saved at the end (an adapter
-or a model); everything else here is shared, so a comparison compares methods, not loops.
+or a model); everything else here is shared, so a comparison compares methods, not loops. What a
+step minimises is the run's objective (adaptlab/objectives: sft, dpo, grpo): it builds the data, cuts
+each step's micro-batches and computes their loss; the loop is the same for all of them.
 
-The unit of a step is the global batch (batch x grad_accum examples). Example order is a pure
-function of (seed, step): epoch e uses randperm(n, seed + e), so a resumed run sees exactly the data
-an uninterrupted one would. The loss of a step is the sum of token losses over the global batch
-divided by its number of label tokens, so batch 4 x accum 1 and batch 1 x accum 4 take the same step.
-Under torchrun (distributed.py) each of N ranks takes its contiguous 1/N of the same global batch and
-the label-token count is summed over ranks, so N processes take the same steps as one.
+The unit of a step is the global batch (batch x grad_accum rows). Row order is a pure function of
+(seed, step) (objectives.batch_indices), so a resumed run sees exactly the data an uninterrupted one
+would. The loss of a step is the sum of the micro-batches' summed losses divided by the objective's
+normaliser for the whole global batch (sft: its label tokens), so batch 4 x accum 1 and batch 1 x
+accum 4 take the same step. Under torchrun (distributed.py) each of N ranks takes its contiguous 1/N
+of the same global batch and the normaliser is summed over ranks, so N processes take the same steps
+as one.
 
-The loop is a sequence of named parts: build_optimizer / build_scheduler, micro_batches (the data of
-a step), train_step (forward, backward, clip, update), the periodic evaluation and checkpoint, and
-build_summary. Every file written while training goes through a RunWriter.
+The loop is a sequence of named parts: build_optimizer / build_scheduler, the objective's
+micro_batches (the data of a step), train_step (forward, backward, clip, update), the periodic
+evaluation and checkpoint, and build_summary. Every file written while training goes through a
+RunWriter.
 
     adaptlab train --model tiny-random --method lora --data python-stdlib --steps 20 --out runs/demo
 """
@@ -27,24 +31,22 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from adaptlab import distributed as dist
 from adaptlab import outputs
 from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, check_against_model, load_config
-from adaptlab.data.corpus import IGNORE_INDEX, Example, build_examples, collate, split_documents
-from adaptlab.data.sources import load_documents
 from adaptlab.errors import UserError
 from adaptlab.hardware import autocast, choose_precision, mem_bytes, peak_mem_bytes, pick_device, reset_peak
 from adaptlab.health import Health, advice
 from adaptlab.methods import ParamReport, apply_method, param_report, trainable_parameters
 from adaptlab.models import load_model
+from adaptlab.objectives import Objective, objective_for, to_device
 from adaptlab.rundir import (
     Checkpoint,
     RunDir,
@@ -69,11 +71,14 @@ class Setup:
     tokenizer: Any
     params: dict[str, torch.nn.Parameter]
     report: ParamReport
-    train_examples: list[Example]
-    val_examples: list[Example]
+    train_examples: list[Any]
+    """The objective's training rows (sft: Example, dpo: PreferencePair, ...)."""
+    val_examples: list[Any]
     device: torch.device
     precision: str
     total_steps: int
+    objective: Objective
+    """What each step minimises (config.objective.task): its data, micro-batches, loss and metrics."""
     world: dist.World = dist.SINGLE
     parallel: str | None = None
     """ddp | fsdp when several processes train this run, else None."""
@@ -92,66 +97,6 @@ def lr_lambda(total_steps: int, warmup: float, min_ratio: float) -> Callable[[in
     return f
 
 
-def batch_indices(step: int, n_examples: int, global_batch: int, seed: int) -> list[int]:
-    """Example indices of the global batch of `step` (0-based), cycling epochs in seeded orders."""
-    out = []
-    for pos in range(step * global_batch, (step + 1) * global_batch):
-        epoch, within = divmod(pos, n_examples)
-        out.append(_epoch_order(n_examples, seed + epoch)[within])
-    return out
-
-
-_ORDER_CACHE: dict[tuple[int, int], list[int]] = {}
-
-
-def _epoch_order(n: int, seed: int) -> list[int]:
-    key = (n, seed)
-    if key not in _ORDER_CACHE:
-        _ORDER_CACHE.clear()
-        _ORDER_CACHE[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return _ORDER_CACHE[key]
-
-
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over label tokens, and their count."""
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
-    # Shift the labels, not the logits: the (B, T, vocab) logits stay contiguous, so they are not copied.
-    labels = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T)
-    loss = F.cross_entropy(
-        logits.float().view(-1, logits.size(-1)),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, int((labels != IGNORE_INDEX).sum())
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-@torch.inference_mode()
-def validation_loss(setup: Setup) -> float | None:
-    """Mean per-token loss over the validation examples."""
-    if not setup.val_examples:
-        return None
-    was_training = setup.model.training
-    setup.model.eval()
-    total, count = 0.0, 0
-    pad = setup.tokenizer.pad_token_id
-    bs = setup.config.train.batch
-    with autocast(setup.device, setup.precision):
-        for i in range(0, len(setup.val_examples), bs):
-            loss, n = token_loss_sum(
-                setup.model, _to(collate(setup.val_examples[i : i + bs], pad), setup.device)
-            )
-            total, count = total + float(loss), count + n
-    setup.model.train(was_training)
-    return total / max(count, 1)
-
-
 def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | None = None) -> Setup:
     """Load the base, apply the method, build the data: the same for fresh runs and resumes.
 
@@ -161,37 +106,13 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
         raise UserError("no run directory: pass --out RUN")
     device = dist.device_for(world) if world.distributed else pick_device()
     precision = choose_precision(config.train.precision, device)
-    docs = load_documents(config.data.train, config.data.text_field)
-    train_docs = split_documents(docs, "train", config.data.val_frac, config.data.test_frac)
-    val_docs = split_documents(docs, "val", config.data.val_frac, config.data.test_frac)
-    if not train_docs:
-        raise UserError(f"data {', '.join(config.data.train)}: no document lands in the train split")
+    objective = objective_for(config)
     strategy = dist.resolve_parallel(parallel, config.method.method, world, _fits_one_device(config, device))
     # FSDP2 loads on the CPU and moves only each rank's shards to its device
     loaded = load_model(config.model.name, device="cpu" if strategy == "fsdp" else device)
     check_against_model(config, loaded.model)
     tokenizer = loaded.tokenizer
-    total_steps = config.train.total_steps()
-    global_batch = config.train.batch * config.train.grad_accum
-    train_examples = build_examples(
-        train_docs,
-        tokenizer,
-        config.train.seq_len,
-        seed=config.train.seed,
-        max_examples=total_steps * global_batch,
-    )
-    val_examples = (
-        build_examples(
-            val_docs,
-            tokenizer,
-            config.train.seq_len,
-            seed=0,
-            max_examples=config.train.eval_examples,
-            split="val",
-        )
-        if val_docs
-        else []
-    )
+    train_examples, val_examples = objective.build_data(config, tokenizer)
     model = apply_method(loaded.model, config.method, base_name=config.model.name, seed=config.train.seed)
     if config.train.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -211,9 +132,10 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
         val_examples=val_examples,
         device=device,
         precision=precision,
-        total_steps=total_steps,
+        total_steps=config.train.total_steps(),
         world=world,
         parallel=strategy,
+        objective=objective,
     )
 
 
@@ -322,6 +244,7 @@ def _loop(
 ) -> dict[str, Any]:
     """Train from the start (or the newest valid checkpoint) to the end of the budget; return the summary."""
     t = setup.config.train
+    setup.objective.prepare(setup)
     optimizer = build_optimizer(setup.params, t, setup.config.resolved_lr())
     scheduler = build_scheduler(optimizer, setup.total_steps, t)
     writer = (
@@ -343,17 +266,17 @@ def _loop(
     result = None
     for step in range(progress.step, setup.total_steps):
         apply_lr_changes(setup.config, step, optimizer, scheduler)
-        result = train_step(setup, micro_batches(setup, step), optimizer, scheduler)
+        result = train_step(setup, setup.objective.micro_batches(setup, step), optimizer, scheduler)
         if (problem := health.check(step + 1, result.loss, result.grad_norm, result.labels)) is not None:
             _stop(setup, writer, health, problem, peak_lr(setup.config, step))
         progress.advance(result)
         _log_step(setup, writer, progress, result)
         _evaluate_if_due(setup, writer, progress)
         _checkpoint_if_due(setup, writer, progress, optimizer, scheduler, health.bad_from())
-    val_loss = _evaluate(setup, writer, progress)
+    val = _evaluate(setup, writer, progress)
     artifact = save_artifact(setup)
     final_loss = result.loss if result is not None else _last_train_loss(setup.run)
-    summary = build_summary(setup, progress, artifact, final_loss, val_loss)
+    summary = build_summary(setup, progress, artifact, final_loss, val)
     writer.finish(summary)
     return summary
 
@@ -416,8 +339,10 @@ class StepResult:
     tokens: int
     """Tokens (attention-mask ones) in the global batch."""
     labels: int
-    """Label tokens in the global batch (the loss is their mean)."""
+    """Loss units in the global batch (the loss is their mean): label tokens for sft, pairs for dpo."""
     seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The objective's own per-step metrics, global-batch means (dpo: rewards/accuracy, ...)."""
 
 
 class RunWriter:
@@ -557,23 +482,9 @@ def _restore(setup: Setup, optimizer: Any, scheduler: Any, writer: RunWriter) ->
             wall_before=state["wall_s"],
             checkpoint=ckpt.path,
         )
+        setup.objective.load_state_dict(state.get("objective", {}))
     writer.rewind(progress.step)
     return progress
-
-
-def micro_batches(setup: Setup, step: int) -> list[dict[str, torch.Tensor]]:
-    """This rank's share of the global batch of `step`, as collated micro-batches of at most `batch` examples.
-
-    One process: grad_accum micro-batches of `batch`. N ranks: rank r's contiguous 1/N of the same
-    global batch, cut into micro-batches of at most `batch`.
-    """
-    t = setup.config.train
-    idx = batch_indices(step, len(setup.train_examples), t.batch * t.grad_accum, t.seed)
-    pad = setup.tokenizer.pad_token_id
-    return [
-        collate([setup.train_examples[i] for i in chunk], pad)
-        for chunk in dist.micro_batches(dist.rank_slice(idx, setup.world), t.batch)
-    ]
 
 
 def train_step(
@@ -581,36 +492,38 @@ def train_step(
 ) -> StepResult:
     """One optimizer step over the global batch `micro`: forward and backward per micro-batch, clip, update.
 
-    Each micro-batch's summed loss is divided by the label tokens of the whole global batch (summed
-    over ranks), so the accumulated gradient is that of the global batch's mean token loss however it
-    is cut, over micro-batches or over ranks.
+    Each micro-batch's summed loss is divided by the objective's normaliser of the whole global batch
+    (summed over ranks; sft: its label tokens), so the accumulated gradient is that of the global
+    batch's mean loss however it is cut, over micro-batches or over ranks.
     """
     start = time.perf_counter()
     device = setup.device
-    labels = int(
-        dist.all_reduce_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro), device)
-    )
-    n_labels = max(labels, 1)
-    scale = dist.loss_scale(setup.world) / n_labels
+    units = setup.objective.normaliser(setup, micro)
+    n_units = max(units, 1)
+    scale = dist.loss_scale(setup.world) / n_units
     total_loss = 0.0
+    sums: dict[str, float] = {}
     for m, b in enumerate(micro):
         with dist.gradient_sync(setup.model, m == len(micro) - 1):
             with autocast(device, setup.precision):
-                loss_sum, _ = token_loss_sum(setup.model, _to(b, device))
+                loss_sum, metric_sums = setup.objective.loss(setup, to_device(b, device))
             (loss_sum * scale).backward()
         total_loss += float(loss_sum.detach())
+        for k, v in metric_sums.items():
+            sums[k] = sums.get(k, 0.0) + v
     norm = grad_norm(list(setup.params.values()), setup.config.train.max_grad_norm)
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(
-        loss=dist.all_reduce_sum(total_loss, device) / n_labels,
+        loss=dist.all_reduce_sum(total_loss, device) / n_units,
         grad_norm=norm,
         lr=lr,
         tokens=int(dist.all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in micro), device)),
-        labels=labels,
+        labels=int(units),
         seconds=time.perf_counter() - start,
+        metrics={k: dist.all_reduce_sum(v, device) / n_units for k, v in sorted(sums.items())},
     )
 
 
@@ -678,6 +591,7 @@ def _log_step(setup: Setup, writer: RunWriter, progress: Progress, result: StepR
             "mem_bytes": mem_bytes(setup.device),
             "elapsed_s": progress.train_time,
             "total_steps": setup.total_steps,
+            **result.metrics,
         }
     )
 
@@ -688,14 +602,12 @@ def _evaluate_if_due(setup: Setup, writer: RunWriter, progress: Progress) -> Non
         _evaluate(setup, writer, progress)
 
 
-def _evaluate(setup: Setup, writer: RunWriter, progress: Progress) -> float | None:
-    """Validation loss now, logged as an eval row."""
-    val_loss = validation_loss(setup)
-    if val_loss is not None:
-        writer.log(
-            {"step": progress.step, "tokens": progress.tokens_seen, "split": "val", "val_loss": val_loss}
-        )
-    return val_loss
+def _evaluate(setup: Setup, writer: RunWriter, progress: Progress) -> dict[str, float]:
+    """The objective's validation metrics now (sft: val_loss), logged as an eval row."""
+    metrics = setup.objective.validation(setup)
+    if metrics:
+        writer.log({"step": progress.step, "tokens": progress.tokens_seen, "split": "val", **metrics})
+    return metrics
 
 
 def _checkpoint_if_due(
@@ -703,13 +615,16 @@ def _checkpoint_if_due(
 ) -> None:
     every = setup.config.train.save_every
     if every and progress.step % every == 0 and progress.step < setup.total_steps:
+        state = progress.state()
+        if objective_state := setup.objective.state_dict():
+            state["objective"] = objective_state
         progress.checkpoint = writer.checkpoint(
-            progress.step, setup.params, optimizer, scheduler, progress.state(), bad_from
+            progress.step, setup.params, optimizer, scheduler, state, bad_from
         )
 
 
 def build_summary(
-    setup: Setup, progress: Progress, artifact: Path, final_loss: float | None, val_loss: float | None
+    setup: Setup, progress: Progress, artifact: Path, final_loss: float | None, val: dict[str, float]
 ) -> dict[str, Any]:
     """summary.json: what trained, what it cost, where the artifact is, and the software that ran it."""
     cfg = setup.config
@@ -725,7 +640,7 @@ def build_summary(
         "tokens_seen": progress.tokens_seen,
         "steps": setup.total_steps,
         "final_train_loss": final_loss,
-        "final_val_loss": val_loss,
+        "final_val_loss": val.get("val_loss"),
         "artifact": artifact.name,
         "artifact_bytes": dir_bytes(artifact),
         "precision": setup.precision,
@@ -736,6 +651,9 @@ def build_summary(
         "world_size": setup.world.world_size,
         "parallel": setup.parallel,
     }
+    if cfg.objective.task != "sft":
+        summary["task"] = cfg.objective.task
+        summary["final_val"] = val
     if cfg.train.lr_changes:
         summary["lr_changes"] = [c.model_dump() for c in cfg.train.lr_changes]
     if cfg.method.method == "qlora":

@@ -1,6 +1,7 @@
 """`adaptlab train`: train one method on one data set and write a run directory.
 
 adaptlab train --model tiny-random --method lora --data python-stdlib --steps 20 --out runs/lora
+adaptlab train --task dpo --data pairs.jsonl --beta 0.1 --out runs/dpo   # preference pairs
 adaptlab train --config run.yaml            # the same fields as RUN/config.yaml
 adaptlab train --resume runs/lora           # continue from the newest checkpoint that verifies
 adaptlab train --resume runs/lora --lr 1e-4 # ... with a new peak learning rate from there on
@@ -16,7 +17,7 @@ from typing import Any
 
 import click
 
-from adaptlab.config import METHODS, PRECISIONS
+from adaptlab.config import DPO_LOSSES, METHODS, PRECISIONS, TASKS
 
 RESUME_FLAGS = ("lr",)
 """Flags `--resume` accepts: they change nothing a checkpoint depends on (config.yaml records them)."""
@@ -53,6 +54,17 @@ def _overrides(**flags: Any) -> dict[str, Any]:
                 "precision",
                 "grad_checkpointing",
             )
+        },
+        "objective": {
+            "task": flags["task"],
+            "beta": flags["beta"],
+            "loss": flags["dpo_loss"],
+            "group_size": flags["group_size"],
+            "max_new_tokens": flags["max_new_tokens"],
+            "temperature": flags["temperature"],
+            "clip_eps": flags["clip_eps"],
+            "kl_beta": flags["kl_beta"],
+            "reward": flags["reward"],
         },
     }
     out: dict[str, Any] = {k: {f: v for f, v in sec.items() if v is not None} for k, sec in sections.items()}
@@ -91,6 +103,15 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option("--seed", type=int)
 @click.option("--precision", type=click.Choice(PRECISIONS), help="auto | fp32 | bf16 (default auto).")
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=None)
+@click.option("--task", type=click.Choice(TASKS), help="What a step minimises: sft (default) | dpo | grpo.")
+@click.option("--beta", type=float, help="DPO: beta, the strength of the KL to the reference (default 0.1).")
+@click.option("--dpo-loss", type=click.Choice(DPO_LOSSES), help="DPO loss: sigmoid (default) | ipo.")
+@click.option("--group-size", type=int, help="GRPO: completions sampled per prompt (default 8).")
+@click.option("--max-new-tokens", type=int, help="GRPO: longest sampled completion (default 32).")
+@click.option("--temperature", type=float, help="GRPO: sampling temperature (default 1.0).")
+@click.option("--clip-eps", type=float, help="GRPO: policy-ratio clip (default 0.2).")
+@click.option("--kl-beta", type=float, help="GRPO: weight of the KL to the reference (default 0).")
+@click.option("--reward", help="GRPO: exact | regex | python:module:function (default exact).")
 @click.option("--out", type=click.Path(), help="Run directory to write.")
 @click.option(
     "--resume",

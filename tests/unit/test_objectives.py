@@ -1,0 +1,63 @@
+"""The objectives interface: config section and flags, the sft objective the loop calls, row order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_config, write_corpus
+
+from adaptlab.cli.train import _overrides, train_command
+from adaptlab.config import build_config
+from adaptlab.errors import UserError
+from adaptlab.objectives import batch_indices, objective_for
+from adaptlab.objectives.sft import SFTObjective, token_loss_sum
+from adaptlab.train import prepare
+
+
+def _flags(**given):
+    """train_command's flags as click passes them when only `given` are on the command line."""
+    flags = {p.name: () if getattr(p, "multiple", False) else None for p in train_command.params}
+    flags.update(given)
+    return flags
+
+
+def test_objective_flags_land_in_the_objective_section():
+    over = _overrides(**_flags(task="dpo", beta=0.3, dpo_loss="ipo", group_size=4, kl_beta=0.05))
+    config = build_config(over)
+    assert config.objective.task == "dpo"
+    assert (config.objective.beta, config.objective.loss) == (0.3, "ipo")
+    assert (config.objective.group_size, config.objective.kl_beta) == (4, 0.05)
+    assert "objective" not in _overrides(**_flags())  # no flag given: the YAML's section stays
+
+
+def test_default_objective_is_sft_and_bad_values_name_the_field():
+    assert build_config({}).objective.task == "sft"
+    assert objective_for(build_config({})).name == "sft"
+    with pytest.raises(UserError, match="objective.group_size"):
+        build_config({"objective": {"task": "grpo", "group_size": 1}})
+    with pytest.raises(UserError, match="objective.task"):
+        build_config({"objective": {"task": "ppo"}})
+    with pytest.raises(UserError, match="objective.beta"):
+        build_config({"objective": {"task": "dpo", "beta": 0}})
+
+
+def test_batch_indices_cover_each_epoch_once_in_a_seeded_order():
+    first = batch_indices(0, 10, 10, seed=3)
+    assert sorted(first) == list(range(10))
+    assert batch_indices(1, 10, 10, seed=3) != first  # the next epoch is another order
+    assert batch_indices(2, 10, 5, seed=3) == batch_indices(1, 10, 10, seed=3)[:5]
+
+
+def test_sft_objective_loss_is_the_summed_token_loss_over_its_normaliser(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", n_docs=12)
+    setup = prepare(tiny_config(corpus, tmp_path / "run", steps=2, grad_accum=2))
+    assert isinstance(setup.objective, SFTObjective)
+    micro = setup.objective.micro_batches(setup, 0)
+    assert len(micro) == 2 and all("attention_mask" in b for b in micro)
+    n = setup.objective.normaliser(setup, micro)
+    assert n == sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    with torch.no_grad():
+        loss, metrics = setup.objective.loss(setup, micro[0])
+        expected, _ = token_loss_sum(setup.model, micro[0])
+    assert metrics == {} and float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert set(setup.objective.validation(setup)) == {"val_loss"}
