@@ -71,9 +71,16 @@ def _choose(
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
-def _forward(model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
+def _forward(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any
+) -> torch.Tensor:
     out = model(
-        input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
     )
     return out.logits[:, -1, :].float().cpu()  # (B, V): sampling runs on the CPU generator
 
@@ -99,7 +106,9 @@ def sample(
     ids, mask = left_pad(rows, pad_id)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): positions ignore the padding
     ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
-    out = Samples([i // n for i in range(len(rows))], [[] for _ in rows], [[] for _ in rows], [False] * len(rows))
+    out = Samples(
+        [i // n for i in range(len(rows))], [[] for _ in rows], [[] for _ in rows], [False] * len(rows)
+    )
     was_training = model.training
     model.eval()
     try:

@@ -267,7 +267,9 @@ def _loop(
     for step in range(progress.step, setup.total_steps):
         apply_lr_changes(setup.config, step, optimizer, scheduler)
         result = train_step(setup, setup.objective.micro_batches(setup, step), optimizer, scheduler)
-        if (problem := health.check(step + 1, result.loss, result.grad_norm, result.labels)) is not None:
+        # an objective whose steps may carry no signal (grpo: every group agrees) is watched for divergence only
+        labels = 0 if getattr(setup.objective, "zero_gradient_ok", False) else result.labels
+        if (problem := health.check(step + 1, result.loss, result.grad_norm, labels)) is not None:
             _stop(setup, writer, health, problem, peak_lr(setup.config, step))
         progress.advance(result)
         _log_step(setup, writer, progress, result)

@@ -121,7 +121,13 @@ def test_training_log_probs_equal_the_sampling_time_log_probs(tiny) -> None:
     """Prompts of different lengths, left-padded while sampling and in the loss: the same log-probs."""
     prompts = [(1, 2, 3, 4, 5), (7, 8)]
     s = sample(
-        tiny.model, prompts, n=3, max_new_tokens=6, temperature=0.7, eos_ids={2}, pad_id=2,
+        tiny.model,
+        prompts,
+        n=3,
+        max_new_tokens=6,
+        temperature=0.7,
+        eos_ids={2},
+        pad_id=2,
         generator=torch.Generator().manual_seed(3),
     )
     fake = [SimpleNamespace(ids=p) for p in prompts]
@@ -131,7 +137,13 @@ def test_training_log_probs_equal_the_sampling_time_log_probs(tiny) -> None:
     mask = batch["completion_mask"]
     torch.testing.assert_close(logps * mask, batch["old_logps"], atol=2e-5, rtol=0)
     again = sample(
-        tiny.model, prompts, n=3, max_new_tokens=6, temperature=0.7, eos_ids={2}, pad_id=2,
+        tiny.model,
+        prompts,
+        n=3,
+        max_new_tokens=6,
+        temperature=0.7,
+        eos_ids={2},
+        pad_id=2,
         generator=torch.Generator().manual_seed(3),
     )
     assert again.completions == s.completions  # the generator alone decides
@@ -140,7 +152,9 @@ def test_training_log_probs_equal_the_sampling_time_log_probs(tiny) -> None:
 def test_greedy_sampling_equals_transformers_generate(tiny) -> None:
     prompt = [1, 9, 42, 7]
     s = sample(tiny.model, [prompt], n=1, max_new_tokens=5, temperature=0.0, eos_ids={2}, pad_id=2)
-    ref = tiny.model.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=2, pad_token_id=2)
+    ref = tiny.model.generate(
+        torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=2, pad_token_id=2
+    )
     assert s.completions[0] == ref[0, len(prompt) :].tolist()[: len(s.completions[0])]
 
 
@@ -167,15 +181,24 @@ def grpo_config(out: Path, reward: str, method: str = "lora", **train) -> object
             "method": {"method": method, "rank": 4},
             "data": {"train": ["arithmetic"]},
             "train": fields,
-            "objective": {"task": "grpo", "group_size": 4, "max_new_tokens": 6, "reward": reward,
-                          "prompts_per_step": 2, "kl_beta": 0.05},
+            "objective": {
+                "task": "grpo",
+                "group_size": 4,
+                "max_new_tokens": 6,
+                "reward": reward,
+                "prompts_per_step": 2,
+                "kl_beta": 0.05,
+            },
             "out": str(out),
         }
     )
 
 
 def _rows(run: RunDir) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mem_bytes", "elapsed_s")} for r in run.read_metrics()]
+    return [
+        {k: v for k, v in r.items() if k not in ("tokens_per_s", "mem_bytes", "elapsed_s")}
+        for r in run.read_metrics()
+    ]
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -201,17 +224,39 @@ def test_grpo_resume_is_bit_exact(tmp_path: Path, reward_module: str, method: st
 
 def test_group_size_one_is_one_line(run_cli, tmp_path: Path) -> None:
     code, _, err = run_cli(
-        "train", "--task", "grpo", "--model", "tiny-random", "--group-size", "1", "--steps", "1",
-        "--out", tmp_path / "r",
+        "train",
+        "--task",
+        "grpo",
+        "--model",
+        "tiny-random",
+        "--group-size",
+        "1",
+        "--steps",
+        "1",
+        "--out",
+        tmp_path / "r",
     )
     assert code == 2 and "group_size" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_prompt_longer_than_seq_len_is_one_line(run_cli, tmp_path: Path) -> None:
     task = tmp_path / "t.jsonl"
-    task.write_text('{"prompt": "short", "answer": "1"}\n{"prompt": "' + "word " * 200 + '", "answer": "2"}\n')
+    task.write_text(
+        '{"prompt": "short", "answer": "1"}\n{"prompt": "' + "word " * 200 + '", "answer": "2"}\n'
+    )
     code, _, err = run_cli(
-        "train", "--task", "grpo", "--model", "tiny-random", "--data", task, "--seq-len", "64",
-        "--steps", "1", "--out", tmp_path / "r",
+        "train",
+        "--task",
+        "grpo",
+        "--model",
+        "tiny-random",
+        "--data",
+        task,
+        "--seq-len",
+        "64",
+        "--steps",
+        "1",
+        "--out",
+        tmp_path / "r",
     )
     assert code == 2 and "t.jsonl:2" in err and "--seq-len 64" in err and len(err.strip().splitlines()) == 1

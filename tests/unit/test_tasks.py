@@ -38,7 +38,10 @@ def _write(path: Path, rows: list[object]) -> Path:
 
 
 def test_jsonl_task_rows_and_their_errors_name_file_and_line(tmp_path: Path) -> None:
-    good = _write(tmp_path / "t.jsonl", [{"prompt": "2+2?", "answer": 4}, {"prompt": "Capital of France?", "answer": "Paris"}])
+    good = _write(
+        tmp_path / "t.jsonl",
+        [{"prompt": "2+2?", "answer": 4}, {"prompt": "Capital of France?", "answer": "Paris"}],
+    )
     items = load_task(str(good))
     assert [(i.prompt, i.answer) for i in items] == [("2+2?", "4"), ("Capital of France?", "Paris")]
     missing = _write(tmp_path / "m.jsonl", [{"prompt": "a", "answer": "b"}, {"prompt": "no answer"}])

@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -150,7 +151,11 @@ def _finish(results: dict[str, Any], out: str) -> None:
 @click.option("--general", multiple=True, help="General-domain text: forgetting as its NLL increase.")
 @click.option("--mc", multiple=True, type=click.Path(), help="General multiple-choice JSONL files.")
 @click.option("--drift/--no-drift", default=None, help="Measure drift KL(base || tuned) (default on).")
-@click.option("--study", type=click.Choice(["methods", "rank", "lr", "batch", "targets", "data-size"]))
+@click.option(
+    "--study",
+    type=click.Choice(["methods", "rank", "lr", "batch", "targets", "data-size", "rl", "sft-vs-rl"]),
+    help="rl: GRPO with LoRA r1/r4/r16 vs full; sft-vs-rl: SFT on the answers vs GRPO (compare/rl.py).",
+)
 @click.option("--tokens", type=int, help="Budget: tokens every arm sees.")
 @click.option("--seeds", type=int, help="Replicates per arm (mean and spread are reported).")
 @click.option("--batch", type=int, help="Sequences per micro-batch (default 4).")
@@ -198,6 +203,9 @@ def compare_command(
     from adaptlab.config import merge
     from adaptlab.models import quiet_transformers
 
+    if flags["study"] in ("rl", "sft-vs-rl"):
+        _rl_study(flags, out, overwrite)
+        return
     base = load_spec_file(config_path) if config_path else {}
     data = merge(base, _overrides(flags))
     if not config_path and "study" not in data:
@@ -211,6 +219,25 @@ def compare_command(
             spec, out, force=force, on_event=Printer(), overwrite=overwrite, inputs=inputs, executor=runner
         )
     _finish(results, out)
+
+
+def _rl_study(flags: dict[str, Any], out: str, overwrite: bool) -> None:
+    """An RL study (compare/rl.py): its own arms, GRPO settings and report."""
+    from adaptlab.compare.rl import RLStudy, run_study
+    from adaptlab.models import quiet_transformers
+    from adaptlab.outputs import owned
+
+    given = {
+        "model": flags["model"],
+        "batch": flags["batch"],
+        "seq_len": flags["seq_len"],
+        "full_lr": flags["lr"],
+    }
+    study = RLStudy(study=flags["study"], **{k: v for k, v in given.items() if v is not None})
+    quiet_transformers()
+    with owned(Path(out), "compare", overwrite=overwrite), stop_on_sigterm():
+        run_study(study, out, on_event=click.echo)
+    click.echo((Path(out) / "report.md").read_text())
 
 
 @click.command("demo")

@@ -1,6 +1,7 @@
 """`adaptlab eval`: learning and forgetting of a tuned model against its base, or a base model alone.
 
     adaptlab eval --model smollm2-135m --adapter RUN --data DOCS --drift --mc ITEMS.jsonl
+    adaptlab eval --adapter RUN --task arithmetic --drift     # task accuracy next to drift
 
 `--drift` takes an optional value: `--drift` alone measures KL(base || tuned) on text sampled from
 the base from the shipped general prompts; `--drift G` measures it over the documents of G. The
@@ -66,6 +67,8 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             )
         )
         rows.append((f"mc {stem} n", "", _fmt(s["n"]), ""))
+    if "task" in result:
+        rows.extend(_task_rows(result["task"]))
     for task, s in result.get("harness", {}).items():
         base, delta = s.get("base", {}), s.get("delta", {})
         for key, value in s.items():
@@ -80,6 +83,26 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 )
             )
     return rows
+
+
+def _task_rows(t: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    base, delta = t.get("base", {}), t.get("delta")
+    name = f"task {t['name']}"
+    return [
+        (
+            f"{name} pass@1",
+            _fmt(base.get("pass1")),
+            _fmt(t["pass1"]),
+            _delta(delta["pass1"], delta["pass1_ci95"]) if delta else "",
+        ),
+        (
+            f"{name} mean reward@{t['k']}",
+            _fmt(base.get("mean_reward_k")),
+            _fmt(t["mean_reward_k"]),
+            _delta(delta["mean_reward_k"], delta["mean_reward_k_ci95"]) if delta else "",
+        ),
+        (f"{name} n", "", _fmt(t["n"]), ""),
+    ]
 
 
 def _print_table(result: dict[str, Any], title: str) -> None:
@@ -147,6 +170,20 @@ def _print_table(result: dict[str, Any], title: str) -> None:
 )
 @click.option("--harness-include", type=click.Path(), help="Directory of local lm-eval task YAMLs.")
 @click.option("--harness-limit", type=int, help="At most this many examples per lm-eval task.")
+@click.option(
+    "--task",
+    "task_source",
+    help="Verifiable task: arithmetic (embedded) or a JSONL of prompt/answer rows; scores its held-out prompts.",
+)
+@click.option(
+    "--task-reward",
+    default="exact",
+    show_default=True,
+    help="Reward for --task: exact | regex:PATTERN | python:module:function.",
+)
+@click.option(
+    "--task-k", type=int, default=4, show_default=True, help="Samples per prompt for the mean reward."
+)
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Window length in tokens.")
 @click.option("--stride", type=int, help="Tokens scored per window (default --seq-len: no overlap).")
 @click.option("--batch", type=int, default=8, show_default=True, help="Windows per forward pass.")
@@ -173,6 +210,9 @@ def eval_command(
     harness_tasks: str | None,
     harness_include: str | None,
     harness_limit: int | None,
+    task_source: str | None,
+    task_reward: str,
+    task_k: int,
     seq_len: int,
     stride: int | None,
     batch: int,
@@ -183,7 +223,7 @@ def eval_command(
     out: str | None,
     overwrite: bool,
 ) -> None:
-    """Perplexity, bits per byte, drift and multiple choice of a model, tuned against its base."""
+    """Perplexity, bits per byte, drift, multiple choice and task accuracy of a model, tuned against its base."""
     import json
 
     from rich.console import Console
@@ -203,8 +243,19 @@ def eval_command(
             "Can't provide both --adapter and --tuned. Choose one (both accept any tuned artifact)."
         )
     tasks = [t.strip() for t in harness_tasks.split(",") if t.strip()] if harness_tasks else []
-    if not (data or general or drift_data is not None or mc or tasks):
-        raise UserError("nothing to evaluate: pass --data, --general, --drift, --mc or --harness")
+    if not (data or general or drift_data is not None or mc or tasks or task_source):
+        raise UserError("nothing to evaluate: pass --data, --general, --drift, --mc, --harness or --task")
+    task_eval = None
+    if task_source:
+        from adaptlab.data.rewards import load_reward
+        from adaptlab.data.tasks import load_task
+        from adaptlab.evaluate.run import TaskEval
+
+        load_task(task_source)  # a bad task or reward fails before the model loads
+        load_reward(task_reward)
+        if task_k < 1:
+            raise UserError(f"--task-k must be at least 1 (got {task_k})")
+        task_eval = TaskEval(task_source, task_reward, task_k, limit=max_docs)
     if out:
         from adaptlab.outputs import check_file_out
 
@@ -259,6 +310,7 @@ def eval_command(
             harness_tasks=tasks or None,
             harness_include=harness_include,
             harness_limit=harness_limit,
+            task=task_eval,
             seq_len=seq_len,
             batch_size=batch,
             stride=stride,

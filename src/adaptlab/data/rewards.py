@@ -93,7 +93,9 @@ def python_reward(spec: str) -> Reward:
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # noqa: BLE001 - any import failure of the user's module is one line
-        raise UserError(f"reward {name}: cannot import {module_name!r} ({type(err).__name__}: {err})") from err
+        raise UserError(
+            f"reward {name}: cannot import {module_name!r} ({type(err).__name__}: {err})"
+        ) from err
     finally:
         if added:
             sys.path.remove(cwd)

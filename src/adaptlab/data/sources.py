@@ -180,9 +180,12 @@ def _not_found(name: str, err: Exception) -> UserError:
 
 def check_sources(sources: list[str]) -> None:
     """Refuse, before anything is loaded, a source that is not local while the hub cannot be reached."""
+    from adaptlab.data.tasks import EMBEDDED_TASKS
+
     for source in sources:
         if (
             source in EMBEDDED_CORPORA
+            or source in EMBEDDED_TASKS
             or Path(source).expanduser().is_dir()
             or local_files(source) is not None
         ):

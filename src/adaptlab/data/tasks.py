@@ -53,11 +53,15 @@ def arithmetic_items() -> list[TaskItem]:
 
 def _record_to_item(record: Any, where: str, default_id: str) -> TaskItem:
     if not isinstance(record, dict):
-        raise UserError(f"{where}: expected a JSON object with `prompt` and `answer`, got {type(record).__name__}")
+        raise UserError(
+            f"{where}: expected a JSON object with `prompt` and `answer`, got {type(record).__name__}"
+        )
     missing = [k for k in ("prompt", "answer") if k not in record]
     if missing:
         keys = ", ".join(sorted(record)) or "none"
-        raise UserError(f"{where}: no field {missing[0]!r} (fields: {keys}); a task row needs prompt and answer")
+        raise UserError(
+            f"{where}: no field {missing[0]!r} (fields: {keys}); a task row needs prompt and answer"
+        )
     prompt, answer = record["prompt"], record["answer"]
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
         raise UserError(f"{where}: `answer` must be a string or a number, got {type(answer).__name__}")

@@ -19,6 +19,8 @@ over documents/items, N_RESAMPLES resamples, seed 0):
                                   "base": {"acc", "acc_norm", "n"},
                                   "delta": {"acc": f, "ci95": [lo, hi], "acc_norm": f, "acc_norm_ci95": [lo, hi]}}},
       "harness": {"<task>": {"<metric>": f, ..., "base": {...}, "delta": {"<metric>": f}}},
+      "task":    {"name", "reward", "n", "k", "pass1", "mean_reward_k", "base": {...},
+                  "delta": {"pass1", "pass1_ci95", "mean_reward_k", "mean_reward_k_ci95"}}  (evaluate/task.py)
       "settings": {"seq_len", "stride", "batch_size", "drift_new_tokens", "seed", "n_resamples"}
     }
 
@@ -259,6 +261,45 @@ def _harness_step(
     return section
 
 
+@dataclass
+class TaskEval:
+    """A verifiable task to score on its held-out prompts (evaluate/task.py)."""
+
+    source: str
+    """arithmetic or a JSONL file of prompt/answer rows."""
+    reward: str = "exact"
+    k: int = 4
+    """Samples per prompt for the mean reward."""
+    limit: int | None = None
+    """At most this many held-out prompts."""
+    max_new_tokens: int = 32
+
+
+def _task_step(s: _Scoring, spec: TaskEval, seed: int) -> dict[str, Any]:
+    """pass@1 and mean reward over k samples of the model (and its base), with paired differences."""
+    from dataclasses import replace
+
+    from adaptlab.evaluate import task
+
+    items = task.task_items(spec.source, spec.limit)
+    key_settings = {"reward": spec.reward, "k": spec.k, "new_tokens": spec.max_new_tokens, "seed": seed}
+    if spec.reward.startswith("python:"):  # the user's function may change under the same name
+        s = replace(s, cache=None)
+
+    def score(m: Any, tok: Any) -> Any:
+        return task.score_task(
+            m, tok, items, spec.reward, spec.k, spec.max_new_tokens, s.batch_size * spec.k, seed
+        ).to_json()
+
+    tuned, base = s.tuned_and_base(f"task {spec.source}", "task", hash_texts(items), key_settings, score)
+    section = task.task_section(
+        task.TaskScores.from_json(tuned),
+        None if base is None else task.TaskScores.from_json(base),
+        s.n_resamples,
+    )
+    return {"name": spec.source, "reward": spec.reward, **section}
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -276,6 +317,7 @@ def evaluate(
     harness_tasks: Sequence[str] | None = None,
     harness_include: str | Path | None = None,
     harness_limit: int | None = None,
+    task: TaskEval | None = None,
     seq_len: int = 512,
     batch_size: int = 8,
     stride: int | None = None,
@@ -338,6 +380,8 @@ def evaluate(
         }
     if harness_tasks:
         result["harness"] = _harness_step(s, list(harness_tasks), harness_include, harness_limit)
+    if task is not None:
+        result["task"] = _task_step(s, task, seed)
     result["settings"] = {
         "seq_len": seq_len,
         "stride": stride or seq_len,

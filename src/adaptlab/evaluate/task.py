@@ -126,7 +126,9 @@ class TaskScores:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TaskScores:
-        return cls(np.asarray(d["pass1"], dtype=np.float64), np.asarray(d["mean_k"], dtype=np.float64), d["k"])
+        return cls(
+            np.asarray(d["pass1"], dtype=np.float64), np.asarray(d["mean_k"], dtype=np.float64), d["k"]
+        )
 
     def summary(self) -> dict[str, float]:
         return {"pass1": float(self.pass1.mean()), "mean_reward_k": float(self.mean_k.mean())}

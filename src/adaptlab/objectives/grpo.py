@@ -138,7 +138,9 @@ def task_source(config: RunConfig) -> str:
     if sources == DataSpec().train:  # no --data given
         return DEFAULT_TASK
     if len(sources) != 1:
-        raise UserError("--task grpo takes one --data source: arithmetic or a JSONL file of prompt/answer rows")
+        raise UserError(
+            "--task grpo takes one --data source: arithmetic or a JSONL file of prompt/answer rows"
+        )
     return sources[0]
 
 
@@ -154,9 +156,7 @@ def pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def rollout_batch(
-    prompts: list[Prompt], samples: Samples, pad: int
-) -> dict[str, torch.Tensor]:
+def rollout_batch(prompts: list[Prompt], samples: Samples, pad: int) -> dict[str, torch.Tensor]:
     """Rows [left-padded prompt | right-padded completion] with masks, positions and sampling log-probs."""
     prompt_ids, prompt_mask = left_pad([prompts[i].ids for i in samples.prompt_index], pad)
     width = max(len(c) for c in samples.completions)
@@ -181,6 +181,8 @@ class GRPOObjective:
     """Group-normalised, clipped policy gradient on sampled completions scored by a verifiable reward."""
 
     name = "grpo"
+    zero_gradient_ok = True
+    """A step whose groups all agree has no advantage and so no gradient: that is not a collapse."""
 
     def __init__(self, spec: ObjectiveSpec) -> None:
         self.spec = spec
@@ -214,12 +216,16 @@ class GRPOObjective:
         t = setup.config.train
         idx = batch_indices(step, len(setup.train_examples), self.prompts_per_step(setup), t.seed)
         prompts = [setup.train_examples[i] for i in dist.rank_slice(idx, setup.world)]
-        generator = torch.Generator().manual_seed(t.seed * SAMPLE_SEED_STRIDE + step + setup.world.rank * 7919)
+        generator = torch.Generator().manual_seed(
+            t.seed * SAMPLE_SEED_STRIDE + step + setup.world.rank * 7919
+        )
         batch = self.rollouts(setup, prompts, generator)
         n = batch["input_ids"].size(0)
         return [{k: v[lo : lo + t.batch] for k, v in batch.items()} for lo in range(0, n, t.batch)]
 
-    def rollouts(self, setup: Any, prompts: list[Prompt], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def rollouts(
+        self, setup: Any, prompts: list[Prompt], generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
         """The scored completions of `prompts` as one batch of rows (advantages, rewards, log-probs)."""
         s, tok = self.spec, setup.tokenizer
         model = dist.unwrap(setup.model)
@@ -237,14 +243,18 @@ class GRPOObjective:
             )
         texts = [tok.decode(c, skip_special_tokens=True) for c in samples.completions]
         items = [prompts[i].item for i in samples.prompt_index]
-        rewards = torch.tensor([self.reward(it.prompt, x, it.answer) for it, x in zip(items, texts, strict=True)])
+        rewards = torch.tensor(
+            [self.reward(it.prompt, x, it.answer) for it, x in zip(items, texts, strict=True)]
+        )
         advantages, group_std = group_advantages(rewards, s.group_size)
         batch = rollout_batch(prompts, samples, pad_id(tok))
         batch.update(
             advantages=advantages,
             reward=rewards,
             group_std=group_std,
-            correct=torch.tensor([exact_reward(it.prompt, x, it.answer) for it, x in zip(items, texts, strict=True)]),
+            correct=torch.tensor(
+                [exact_reward(it.prompt, x, it.answer) for it, x in zip(items, texts, strict=True)]
+            ),
         )
         if s.kl_beta > 0.0:
             batch["ref_logps"] = self.reference_logps(setup, batch)
@@ -281,7 +291,11 @@ class GRPOObjective:
         mask = batch["completion_mask"]
         logps = completion_logps(setup.model, batch, self.spec.temperature)
         tok_loss, kl, clipped = per_token_loss(
-            logps, batch["old_logps"], batch["advantages"], self.spec.clip_eps, self.spec.kl_beta,
+            logps,
+            batch["old_logps"],
+            batch["advantages"],
+            self.spec.clip_eps,
+            self.spec.kl_beta,
             batch.get("ref_logps"),
         )
         per_seq = sequence_means(tok_loss, mask)  # (B,)
@@ -306,7 +320,11 @@ class GRPOObjective:
         model = dist.unwrap(setup.model)
         with autocast(setup.device, setup.precision):
             acc = greedy_accuracy(
-                model, setup.tokenizer, setup.val_examples, self.reward, self.spec.max_new_tokens,
+                model,
+                setup.tokenizer,
+                setup.val_examples,
+                self.reward,
+                self.spec.max_new_tokens,
                 setup.config.train.batch * self.spec.group_size,
             )
         return {"task_acc": acc}

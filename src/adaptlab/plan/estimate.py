@@ -273,3 +273,30 @@ def artifact_bytes(arch: Arch, arm: Arm, tokenizer_bytes: int = 0) -> int:
     per_module = 3 if arm.method == "dora" else 2
     # safetensors: fp32 values + a JSON header (~110 bytes per tensor); adapter_config.json; README.md
     return FP32 * n_train + 110 * per_module * n_modules + 1_100 + 5_200
+
+
+def generation_memory_bytes(arch: Arch, rows: int, context_len: int, precision: str = "fp32") -> int:
+    """What GRPO's sampling adds at its peak: the KV cache of `rows` sequences (prompts x group size)
+    of context_len tokens (prompt + completion), and one decode step's (rows, vocab) fp32 logits."""
+    b = 2 if precision == "bf16" else 4
+    kv_cache = 2 * arch.n_layers * arch.kv_dim * b * rows * context_len  # K and V per layer
+    return kv_cache + FP32 * arch.vocab * rows * 2  # logits and their softmax
+
+
+def generation_time_s(
+    arch: Arch,
+    rows: int,
+    prompt_len: int,
+    new_tokens: int,
+    matmul_flops_per_s: float,
+    mem_bytes_per_s: float,
+    precision: str = "fp32",
+) -> float:
+    """Seconds to sample `new_tokens` for `rows` sequences with a KV cache: the prompt's forward pass,
+    then one step per token, each 2N FLOPs per row or one read of the weights, whichever is slower
+    (small batches are bound by reading the weights)."""
+    n = arch.matmul_params
+    prefill = 2.0 * n * rows * prompt_len / (MATMUL_EFFICIENCY * matmul_flops_per_s)
+    weight_bytes = (2 if precision == "bf16" else FP32) * n
+    per_token = max(2.0 * n * rows / (MATMUL_EFFICIENCY * matmul_flops_per_s), weight_bytes / mem_bytes_per_s)
+    return prefill + new_tokens * (per_token + MICRO_BATCH_OVERHEAD_S)

@@ -1,0 +1,271 @@
+"""The RL studies: GRPO with LoRA ranks 1, 4, 16 against full fine-tuning (`rl`), and SFT on the answers
+against GRPO (`sft-vs-rl`), each arm's task accuracy next to its forgetting.
+
+Every arm trains on the same task prompts in the same seeded order for the same number of steps:
+GRPO samples `group_size` completions of `prompts_per_step` prompts a step, so the arms see equal
+episodes (steps x prompts x group); the SFT arm trains on the same prompts with their answers as
+the response. Each run is evaluated on the task's held-out prompts: pass@1 (greedy) with a bootstrap
+95% interval and its paired difference from the base (evaluate/task.py), and drift, KL(base || tuned)
+over text the base writes from the general prompts, as forgetting (evaluate/drift.py).
+
+Learning rates (RL_LRS): full fine-tuning at FULL_RL_LR, every LoRA rank at 10x that, with alpha
+fixed at 32 so the update scale is alpha/r, the parametrisation under which Schulman et al. (2025,
+"LoRA Without Regret") found the best LR about the same for every rank and ~10x full fine-tuning's.
+The verdict "rank 1 matched full" holds when the paired 95% interval of their pass@1 difference
+contains 0 or lies above it.
+
+    adaptlab compare --study rl --model smollm2-135m --steps 12 --out runs/rl
+    python bench/rl_study.py            # the same study, small enough for a 2-core CPU
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adaptlab.errors import UserError
+
+FULL_RL_LR = 1e-5
+"""GRPO peak LR of full fine-tuning; LoRA arms use LORA_RL_FACTOR x it."""
+LORA_RL_FACTOR = 10.0
+LORA_RL_ALPHA = 32.0
+SFT_LR = {"full": 2e-5, "lora": 2e-4}
+"""SFT arm LRs: the project's default rule (config.default_lr)."""
+RL_STUDIES = ("rl", "sft-vs-rl")
+
+
+@dataclass
+class RLArm:
+    """One arm: the objective (grpo | sft), the method and its rank, and the peak LR."""
+
+    name: str
+    task: str
+    method: str
+    rank: int | None
+    lr: float
+
+
+@dataclass
+class RLStudy:
+    """The shared settings of every arm of an RL study."""
+
+    study: str = "rl"
+    model: str = "smollm2-135m"
+    task: str = "arithmetic"
+    steps: int = 12
+    prompts_per_step: int = 4
+    group_size: int = 8
+    max_new_tokens: int = 16
+    batch: int = 8
+    seq_len: int = 96
+    eval_prompts: int = 100
+    eval_k: int = 1
+    drift_tokens: int = 32
+    seed: int = 0
+    full_lr: float = FULL_RL_LR
+    ranks: tuple[int, ...] = (1, 4, 16)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def arms(self) -> list[RLArm]:
+        lora_lr = self.full_lr * LORA_RL_FACTOR
+        if self.study == "rl":
+            return [RLArm(f"lora-r{r}", "grpo", "lora", r, lora_lr) for r in self.ranks] + [
+                RLArm("full", "grpo", "full", None, self.full_lr)
+            ]
+        if self.study == "sft-vs-rl":
+            r = max(self.ranks)
+            return [
+                RLArm(f"grpo-lora-r{r}", "grpo", "lora", r, lora_lr),
+                RLArm(f"sft-lora-r{r}", "sft", "lora", r, SFT_LR["lora"]),
+                RLArm("grpo-full", "grpo", "full", None, self.full_lr),
+                RLArm("sft-full", "sft", "full", None, SFT_LR["full"]),
+            ]
+        raise UserError(f"unknown RL study {self.study!r}; choose {', '.join(RL_STUDIES)}")
+
+
+def sft_answers_file(task: str, out: Path) -> Path:
+    """The task's train split as prompt/response records (response = the answer), for the SFT arm."""
+    from adaptlab.data.tasks import load_task, split_items
+
+    path = out / "sft-answers.jsonl"
+    with path.open("w") as fh:
+        for it in split_items(load_task(task), "train"):
+            fh.write(json.dumps({"id": it.id, "prompt": it.prompt, "response": it.answer}) + "\n")
+    return path
+
+
+def run_config(study: RLStudy, arm: RLArm, out: Path, sft_data: Path | None) -> dict[str, Any]:
+    """The RunConfig fields of one arm (the SFT arm takes one answer per prompt the GRPO arms sample)."""
+    method: dict[str, Any] = {"method": arm.method}
+    if arm.rank is not None:
+        method.update(rank=arm.rank, alpha=LORA_RL_ALPHA, targets="all-linear")
+    train = {
+        "steps": study.steps,
+        "batch": study.batch,
+        "seq_len": study.seq_len,
+        "lr": arm.lr,
+        "seed": study.seed,
+        "warmup": 0.0,
+        "eval_examples": 8,
+    }
+    if arm.task == "sft":
+        train["batch"] = study.prompts_per_step
+        return {
+            "model": {"name": study.model},
+            "method": method,
+            "data": {"train": [str(sft_data)], "val_frac": 0.0, "test_frac": 0.0},
+            "train": train,
+            "out": str(out),
+        }
+    return {
+        "model": {"name": study.model},
+        "method": method,
+        "data": {"train": [study.task]},
+        "train": train,
+        "objective": {
+            "task": "grpo",
+            "group_size": study.group_size,
+            "max_new_tokens": study.max_new_tokens,
+            "prompts_per_step": study.prompts_per_step,
+        },
+        "out": str(out),
+    }
+
+
+def _load(study: RLStudy, run_dir: Path | None) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, tokenizer, evaluate()'s base arguments) of a run, or of the base when run_dir is None."""
+    from adaptlab.artifacts import load_tuned, resolve
+    from adaptlab.models import load_model
+
+    if run_dir is None:
+        base = load_model(study.model)
+        return base.model, base.tokenizer, {}
+    tuned, ref = load_tuned(resolve(run_dir), study.model)
+    kwargs = {} if ref.kind == "adapter" else {"base_model": load_model(study.model).model}
+    return tuned.model, tuned.tokenizer, kwargs
+
+
+def evaluate_arm(study: RLStudy, run_dir: Path | None, items: list[Any]) -> tuple[Any, dict[str, Any] | None]:
+    """(task scores on the held-out items, drift section) of a run; the base alone has no drift."""
+    from adaptlab.evaluate import evaluate
+    from adaptlab.evaluate.task import score_task
+
+    model, tokenizer, kwargs = _load(study, run_dir)
+    scores = score_task(
+        model, tokenizer, items, k=study.eval_k, max_new_tokens=study.max_new_tokens, seed=study.seed
+    )
+    if run_dir is None:
+        return scores, None
+    drift = evaluate(
+        model, tokenizer, drift_kl=True, drift_new_tokens=study.drift_tokens, seed=study.seed, **kwargs
+    )["drift"]
+    return scores, drift
+
+
+def arm_row(
+    arm: RLArm, scores: Any, base: Any, drift: dict[str, Any], summary: dict[str, Any]
+) -> dict[str, Any]:
+    """One table row: accuracy with its paired gain over the base (95% CI), drift, cost."""
+    from adaptlab.evaluate.task import task_section
+
+    t = task_section(scores, base)
+    return {
+        "arm": arm.name,
+        "task": arm.task,
+        "method": arm.method,
+        "rank": arm.rank,
+        "lr": arm.lr,
+        "pass1": t["pass1"],
+        "delta_pass1": t["delta"]["pass1"],
+        "delta_pass1_ci95": t["delta"]["pass1_ci95"],
+        "mean_reward_k": t["mean_reward_k"],
+        "drift_kl": drift["kl"],
+        "drift_ci95": drift["ci95"],
+        "train_s": summary.get("train_s"),
+        "trainable_params": summary.get("trainable_params"),
+    }
+
+
+def rank1_vs_full(scores: dict[str, Any]) -> dict[str, Any] | None:
+    """Paired bootstrap of pass@1(rank 1) - pass@1(full) over the same held-out prompts."""
+    from adaptlab.evaluate import stats
+
+    if "lora-r1" not in scores or "full" not in scores:
+        return None
+    a, b = scores["lora-r1"].pass1, scores["full"].pass1
+    ones = np.ones(len(a))
+    ci = stats.paired_delta_ci(a, ones, b, ones)
+    return {
+        "delta_pass1": float(a.mean() - b.mean()),
+        "ci95": ci,
+        "matched": bool(ci[1] >= 0.0),
+        "rule": "rank 1 matched full when the 95% interval of pass@1(r1) - pass@1(full) reaches 0 or above",
+    }
+
+
+def run_study(study: RLStudy, out: str | Path, on_event: Any = print) -> dict[str, Any]:
+    """Train every arm, evaluate it and the base, write OUT/results.json and OUT/report.md; return the results."""
+    from adaptlab.config import build_config
+    from adaptlab.evaluate.task import task_items
+    from adaptlab.train import train
+
+    root = Path(out)
+    (root / "runs").mkdir(parents=True, exist_ok=True)
+    arms = study.arms()
+    sft_data = sft_answers_file(study.task, root) if any(a.task == "sft" for a in arms) else None
+    items = task_items(study.task, study.eval_prompts)
+    on_event("evaluate the base")
+    base, _ = evaluate_arm(study, None, items)
+    rows, scores = [], {}
+    for arm in arms:
+        run_dir = root / "runs" / arm.name
+        on_event(f"train {arm.name} ({arm.task}, {arm.method}, lr {arm.lr:g})")
+        summary = train(build_config(run_config(study, arm, run_dir, sft_data)), overwrite=True)
+        on_event(f"evaluate {arm.name}")
+        scores[arm.name], drift = evaluate_arm(study, run_dir, items)
+        rows.append(arm_row(arm, scores[arm.name], base, drift or {}, summary))
+        on_event(json.dumps(rows[-1]))
+    results = {
+        "study": asdict(study),
+        "base": {"pass1": float(base.pass1.mean()), "n": len(items)},
+        "arms": rows,
+        "rank1_vs_full": rank1_vs_full(scores),
+    }
+    (root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (root / "report.md").write_text(render(results))
+    return results
+
+
+def render(results: dict[str, Any]) -> str:
+    """The study as a Markdown table and its verdicts."""
+    s = results["study"]
+    lines = [
+        f"# {s['study']} study: {s['model']} on {s['task']}",
+        "",
+        f"{s['steps']} steps x {s['prompts_per_step']} prompts x {s['group_size']} completions "
+        f"({s['steps'] * s['prompts_per_step'] * s['group_size']} episodes per GRPO arm); "
+        f"held-out prompts: {results['base']['n']}; base pass@1 {results['base']['pass1']:.3f}.",
+        "",
+        "| arm | objective | LR | pass@1 | gain over base [95% CI] | drift KL [95% CI] | train s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results["arms"]:
+        lo, hi = r["delta_pass1_ci95"]
+        dlo, dhi = r["drift_ci95"]
+        lines.append(
+            f"| {r['arm']} | {r['task']} | {r['lr']:.0e} | {r['pass1']:.3f} | {r['delta_pass1']:+.3f} "
+            f"[{lo:+.3f}, {hi:+.3f}] | {r['drift_kl']:.4f} [{dlo:.4f}, {dhi:.4f}] | {r['train_s'] or 0:.0f} |"
+        )
+    verdict = results.get("rank1_vs_full")
+    if verdict:
+        lo, hi = verdict["ci95"]
+        lines += [
+            "",
+            f"rank 1 - full pass@1: {verdict['delta_pass1']:+.3f} [{lo:+.3f}, {hi:+.3f}]: "
+            + ("rank 1 matched full." if verdict["matched"] else "rank 1 did not match full."),
+        ]
+    return "\n".join(lines) + "\n"
