@@ -46,7 +46,9 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "study"
-        results = run_study(study, out, on_event=lambda msg: print(f"[{time.perf_counter() - start:6.0f}s] {msg}"))
+        results = run_study(
+            study, out, on_event=lambda msg: print(f"[{time.perf_counter() - start:6.0f}s] {msg}")
+        )
         report = (out / "report.md").read_text()
     results["wall_s"] = time.perf_counter() - start
     print(report)

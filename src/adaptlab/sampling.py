@@ -9,7 +9,7 @@ uninterrupted one would. temperature 0 is greedy.
 
 It returns, per completion, the log-probability of each chosen token under logits / temperature
 (the distribution it was drawn from, before top-p), which GRPO uses as the sampling-time
-log-probs of its importance ratio. serve/generation.py shares `left_pad` and `top_p_filter`.
+log-probs of its importance ratio. serve/generation.py shares `left_pad`, `top_p_filter` and `next_token_logits`.
 
     python -c "import torch; from adaptlab.models import load_model; from adaptlab.sampling import sample; \\
 m = load_model('tiny-random'); print(sample(m.model, [[1, 2, 3]], n=2, max_new_tokens=4, \\
@@ -71,9 +71,10 @@ def _choose(
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
-def _forward(
-    model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any
+def next_token_logits(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, **kwargs: Any
 ) -> torch.Tensor:
+    """One cached forward step: the fp32 logits (B, V) of the token after each row's last column."""
     out = model(
         input_ids=ids,
         attention_mask=mask,
@@ -81,8 +82,9 @@ def _forward(
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
+        **kwargs,
     )
-    return out.logits[:, -1, :].float().cpu()  # (B, V): sampling runs on the CPU generator
+    return out.logits[:, -1, :].float()
 
 
 @torch.inference_mode()
@@ -113,7 +115,7 @@ def sample(
     model.eval()
     try:
         cache = DynamicCache()
-        logits = _forward(model, ids, mask, pos, cache)
+        logits = next_token_logits(model, ids, mask, pos, cache).cpu()  # the CPU generator samples
         live = list(range(len(rows)))  # the row of each batch position still decoding
         last_pos = pos[:, -1]
         for _ in range(max_new_tokens):
@@ -137,7 +139,7 @@ def sample(
             next_ids = tokens[index].to(device)[:, None]
             mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long, device=device)], dim=1)
             last_pos = last_pos + 1
-            logits = _forward(model, next_ids, mask, last_pos[:, None], cache)
+            logits = next_token_logits(model, next_ids, mask, last_pos[:, None], cache).cpu()
     finally:
         model.train(was_training)
     return out

@@ -26,7 +26,12 @@ def test_grpo_raises_held_out_greedy_accuracy(tmp_path):
             "method": {"method": "lora", "rank": 16, "alpha": 32.0},
             "data": {"train": ["arithmetic"]},
             "train": {"steps": 6, "batch": 8, "seq_len": 96, "lr": 5e-4, "warmup": 0.0, "precision": "fp32"},
-            "objective": {"task": "grpo", "group_size": 8, "max_new_tokens": NEW_TOKENS, "prompts_per_step": 4},
+            "objective": {
+                "task": "grpo",
+                "group_size": 8,
+                "max_new_tokens": NEW_TOKENS,
+                "prompts_per_step": 4,
+            },
             "out": str(tmp_path / "run"),
         }
     )

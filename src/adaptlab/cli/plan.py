@@ -107,7 +107,11 @@ def _print(result: dict[str, Any]) -> None:
     "--model", required=True, help="Base model: smollm2-135m, tiny-random, a local HF dir or a hub id."
 )
 @click.option("--data", multiple=True, required=True, help="Training data: file, dir, glob, python-stdlib.")
-@click.option("--task", type=click.Choice(["cpt", "ift", "dpo"]), help="cpt (text), ift (instructions), dpo.")
+@click.option(
+    "--task",
+    type=click.Choice(["cpt", "ift", "dpo", "grpo"]),
+    help="cpt (text), ift (instructions), dpo, grpo (--data arithmetic or prompt/answer JSONL).",
+)
 @click.option("--text-field", default="text", show_default=True, help="JSONL field holding the text.")
 @click.option("--seq-len", type=int, default=256, show_default=True)
 @click.option("--batch", type=int, default=4, show_default=True, help="Sequences per micro-batch.")

@@ -32,7 +32,7 @@ from adaptlab.plan.estimate import (
 )
 from adaptlab.plan.measure import CUDA_CONTEXT_BYTES, device_throughput, runtime_baseline_bytes
 
-TASKS = ("cpt", "ift", "dpo")
+TASKS = ("cpt", "ift", "dpo", "grpo")
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 _SI = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 # Used when no micro-benchmark is wanted (tests, --no-benchmark): a modest CPU core pair.
@@ -196,6 +196,11 @@ def _notes(task: str) -> list[str]:
         "weight; embeddings and norms stay fp32); on CPU the fp32 base is loaded before quantizing",
         "DoRA/QLoRA estimates are not yet checked against runs; full and LoRA are (bench/plan_accuracy.py)",
     ]
+    if task == "grpo":
+        notes.append(
+            "grpo: each step samples 8 completions of up to 32 tokens per prompt with a KV cache (memory: "
+            "memory.generation; time: time_breakdown_s.generation_s), then trains on them"
+        )
     if task == "dpo":
         notes.append("the training loop has no DPO yet: dpo estimates add a reference forward pass")
     return notes
@@ -237,7 +242,16 @@ def plan(
     arch = load_arch(model)
     target_names = tuple(targets_for(arch, targets))
     _check_against_arch(arch, target_names, seq_len, ranks)
-    size = measure_data(sources, load_tokenizer(model), seq_len, task=task or "cpt", text_field=text_field)
+    if task == "grpo":  # a task of prompts (arithmetic or prompt/answer JSONL), sampled then trained on
+        from adaptlab.plan import grpo as grpo_plan
+
+        if len(sources) != 1:
+            raise UserError("--task grpo takes one --data: arithmetic or a JSONL of prompt/answer rows")
+        size, prompt_len = grpo_plan.task_data_size(sources[0], load_tokenizer(model))
+    else:
+        size = measure_data(
+            sources, load_tokenizer(model), seq_len, task=task or "cpt", text_field=text_field
+        )
     task = task or ("ift" if size.kind == "chat" else "cpt")
     if task == "ift" and size.kind == "text":
         raise UserError(
@@ -261,10 +275,16 @@ def plan(
         "rate": rate,
     }
     steps_per_epoch = max(1, -(-size.tokens_per_epoch // (batch * grad_accum * seq_len * rows)))
+    if task == "grpo":
+        steps_per_epoch = max(1, -(-size.train_documents // (batch * grad_accum)))
+        shape = grpo_plan.train_shape(shape, prompt_len)
     methods = {
         key: _method_entry(arch, arm, shape, task, cost, mem_limit, size, steps_per_epoch)
         for key, arm in _arms(ranks, target_names).items()
     }
+    if task == "grpo":
+        for entry in methods.values():
+            grpo_plan.add_sampling(entry, arch, shape, prompt_len, rate)
     limit_used = _device_limit(methods, dev, mem_limit)
     suggested = advice.suggest_rank(lambda r: arch.lora_params(r, list(target_names)), size.tokens_per_epoch)
     command = _compare_command(model, sources, min(budget, max(size.tokens_per_epoch, 1)))

@@ -30,6 +30,7 @@ import torch
 from adaptlab.artifacts import attach_adapter, resolve_adapter
 from adaptlab.errors import UserError
 from adaptlab.models import LoadedModel, load_model
+from adaptlab.sampling import left_pad, next_token_logits, top_p_filter
 
 BASE = "__base__"  # peft's name for rows of a mixed batch that use no adapter
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -189,27 +190,14 @@ class Engine:
         self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, names: list[str]
     ) -> Any:
         kwargs: dict[str, Any] = {"adapter_names": names} if hasattr(self.model, "peft_config") else {}
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **kwargs,
-        )
-        return out.logits[:, -1, :].float()  # (B, V)
+        return next_token_logits(self.model, ids, mask, pos, cache, **kwargs)  # (B, V)
 
     def _decode(self, jobs: list[Job]) -> None:
         from transformers import DynamicCache
 
         rows = [_Row(job, self) for job in jobs]
-        width = max(len(j.prompt_ids) for j in jobs)
-        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        for i, job in enumerate(jobs):  # left padding: every row's next token is at the last column
-            ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
-            mask[i, width - len(job.prompt_ids) :] = 1
+        # left padding: every row's next token is at the last column
+        ids, mask = left_pad([j.prompt_ids for j in jobs], self.pad_id)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions ignore the padding
         cache = DynamicCache()
         logits = self._forward(ids, mask, pos, cache, [j.adapter for j in jobs])
@@ -250,11 +238,7 @@ class _Row:
         s = self.job.sampling
         if self.generator is None:
             return logits.argmax()
-        probs = torch.softmax(logits / s.temperature, dim=-1)
-        if s.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p >= s.top_p  # keep the smallest set reaching top_p
-            probs = probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
+        probs = top_p_filter(torch.softmax(logits / s.temperature, dim=-1), s.top_p)
         return torch.multinomial(probs, 1, generator=self.generator)[0]
 
     def push(self, token: int) -> bool:

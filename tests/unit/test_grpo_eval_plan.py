@@ -1,0 +1,78 @@
+"""Task accuracy in `adaptlab eval`, GRPO in `adaptlab plan`, and the RL studies' arms (tiny-random)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adaptlab.compare.rl import LORA_RL_ALPHA, RLStudy, run_config, sft_answers_file
+from adaptlab.config import build_config
+from adaptlab.data.tasks import load_task, split_items
+from adaptlab.evaluate.task import TaskScores, task_section
+from adaptlab.plan.arch import load_arch
+from adaptlab.plan.estimate import generation_memory_bytes
+
+
+def test_eval_task_reports_pass1_and_mean_reward(run_cli, tmp_path: Path) -> None:
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"Say {i}.", "answer": str(i)}) + "\n" for i in range(6)))
+    code, out, err = run_cli(
+        "eval", "--model", "tiny-random", "--task", task, "--task-k", "2", "--json", "--no-cache"
+    )
+    assert code == 0, err
+    t = json.loads(out)["task"]
+    assert t["name"] == str(task) and t["reward"] == "exact" and t["k"] == 2
+    assert t["n"] == len(split_items(load_task(str(task)), "test"))
+    assert 0.0 <= t["pass1"] <= 1.0 and 0.0 <= t["mean_reward_k"] <= 1.0
+
+
+def test_eval_task_bad_reward_is_one_line(run_cli) -> None:
+    code, _, err = run_cli("eval", "--model", "tiny-random", "--task", "arithmetic", "--task-reward", "fuzzy")
+    assert code == 2 and "unknown reward 'fuzzy'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_task_section_pairs_tuned_with_base() -> None:
+    tuned = TaskScores(np.array([1.0, 1.0, 0.0, 1.0]), np.array([0.5, 1.0, 0.0, 0.75]), 4)
+    base = TaskScores(np.array([0.0, 1.0, 0.0, 0.0]), np.array([0.25, 0.5, 0.0, 0.0]), 4)
+    s = task_section(tuned, base, n_resamples=200)
+    assert s["pass1"] == 0.75 and s["base"]["pass1"] == 0.25
+    assert s["delta"]["pass1"] == 0.5 and s["delta"]["pass1_ci95"][0] <= 0.5 <= s["delta"]["pass1_ci95"][1]
+    assert s["delta"]["mean_reward_k"] == pytest.approx(0.4375)
+
+
+def test_generation_memory_is_the_kv_cache_of_every_row() -> None:
+    arch = load_arch("smollm2-135m")
+    kv = 2 * 30 * 192 * 4 * 32 * 100  # K and V, 30 layers, 3 KV heads x 64, fp32, 32 rows, 100 tokens
+    assert generation_memory_bytes(arch, 32, 100, "fp32") == kv + 4 * arch.vocab * 32 * 2
+
+
+def test_plan_grpo_adds_sampling_memory_and_time() -> None:
+    from adaptlab.plan import plan
+
+    grpo = plan("tiny-random", ["arithmetic"], task="grpo", benchmark=False, batch=4)
+    lora = grpo["methods"]["lora"]
+    assert grpo["task"] == "grpo" and grpo["data"]["kind"] == "task"
+    assert lora["memory"]["generation"] > 0 and lora["time_breakdown_s"]["generation_s"] > 0
+    assert lora["peak_mem_bytes"] >= lora["memory"]["weights"] + lora["memory"]["generation"]
+    assert grpo["setup"]["steps_per_epoch"] == -(-grpo["data"]["train_documents"] // 4)
+
+
+def test_rl_study_arms_share_everything_but_method_and_lr(tmp_path: Path) -> None:
+    study = RLStudy(model="tiny-random", steps=2)
+    arms = study.arms()
+    assert [a.name for a in arms] == ["lora-r1", "lora-r4", "lora-r16", "full"]
+    configs = [build_config(run_config(study, a, tmp_path / a.name, None)) for a in arms]
+    assert {c.objective.task for c in configs} == {"grpo"}
+    assert len({(c.train.steps, c.objective.prompts_per_step, c.objective.group_size) for c in configs}) == 1
+    assert [c.method.alpha for c in configs[:3]] == [LORA_RL_ALPHA] * 3
+    assert configs[0].train.lr == pytest.approx(10 * configs[-1].train.lr)
+    sft = RLStudy(study="sft-vs-rl", model="tiny-random").arms()
+    assert {a.task for a in sft} == {"sft", "grpo"}
+    data = sft_answers_file("arithmetic", tmp_path)
+    first = json.loads(data.read_text().splitlines()[0])
+    assert set(first) == {"id", "prompt", "response"} and first["response"].isdigit()
+    cfg = build_config(run_config(study, sft[1], tmp_path / "sft", data))
+    assert cfg.objective.task == "sft" and cfg.train.batch == study.prompts_per_step
