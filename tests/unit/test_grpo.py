@@ -260,3 +260,12 @@ def test_a_prompt_longer_than_seq_len_is_one_line(run_cli, tmp_path: Path) -> No
         tmp_path / "r",
     )
     assert code == 2 and "t.jsonl:2" in err and "--seq-len 64" in err and len(err.strip().splitlines()) == 1
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    from adaptlab.sampling import top_p_filter
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]])
+    kept = top_p_filter(probs, 0.75)
+    assert kept.tolist() == [[0.5, 0.3, 0.0, 0.0], [0.0, 0.0, 0.3, 0.4]]
+    assert top_p_filter(probs, 1.0) is probs
