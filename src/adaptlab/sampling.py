@@ -1,8 +1,9 @@
 """Batched sampling with a KV cache: many completions per prompt from one model, reproducibly.
 
-`sample()` decodes a batch of prompts (each repeated `n` times) in one forward pass per token:
-rows are left-padded so every row's next token sits in the last column, the KV cache grows by one
-column per step, and rows that produced an end token leave the batch (and the cache). Randomness
+`sample()` decodes `n` completions of each of a batch of prompts in one forward pass per token: the
+prompts are left-padded so every row's next token sits in the last column, each prompt's forward pass
+runs once and its KV cache is repeated for its n rows, the cache grows by one column per step, and
+rows that produced an end token leave the batch (and the cache). Randomness
 comes only from the `torch.Generator` passed in, so the same generator state, weights and prompts
 give the same completions; GRPO seeds it from (seed, step) so a resumed run samples what an
 uninterrupted one would. temperature 0 is greedy.
@@ -104,19 +105,26 @@ def sample(
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    rows = [list(p) for p in prompts for _ in range(n)]
-    ids, mask = left_pad(rows, pad_id)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): positions ignore the padding
+    ids, mask = left_pad(prompts, pad_id)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (P, T): positions ignore the padding
     ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+    n_rows = len(prompts) * n
     out = Samples(
-        [i // n for i in range(len(rows))], [[] for _ in rows], [[] for _ in rows], [False] * len(rows)
+        [i // n for i in range(n_rows)],
+        [[] for _ in range(n_rows)],
+        [[] for _ in range(n_rows)],
+        [False] * n_rows,
     )
     was_training = model.training
     model.eval()
     try:
         cache = DynamicCache()
-        logits = next_token_logits(model, ids, mask, pos, cache).cpu()  # the CPU generator samples
-        live = list(range(len(rows)))  # the row of each batch position still decoding
+        # each prompt's forward pass runs once; its n rows share the result (cache and logits repeated)
+        logits = next_token_logits(model, ids, mask, pos, cache).cpu().repeat_interleave(n, dim=0)
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            mask, pos = mask.repeat_interleave(n, dim=0), pos.repeat_interleave(n, dim=0)
+        live = list(range(n_rows))  # the row of each batch position still decoding
         last_pos = pos[:, -1]
         for _ in range(max_new_tokens):
             tokens, logps = _choose(logits, temperature, top_p, generator)

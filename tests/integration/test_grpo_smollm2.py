@@ -6,7 +6,8 @@ import pytest
 
 from adaptlab.artifacts import load_tuned, resolve
 from adaptlab.config import build_config
-from adaptlab.evaluate.task import score_task, task_items
+from adaptlab.data.rewards import exact_reward
+from adaptlab.evaluate.task import greedy_accuracy, task_items
 from adaptlab.models import load_model
 from adaptlab.rundir import RunDir
 from adaptlab.train import train
@@ -19,7 +20,7 @@ NEW_TOKENS = 16
 def test_grpo_raises_held_out_greedy_accuracy(tmp_path):
     items = task_items("arithmetic", EVAL_PROMPTS)
     base = load_model("smollm2-135m")
-    before = score_task(base.model, base.tokenizer, items, k=1, max_new_tokens=NEW_TOKENS).pass1.mean()
+    before = greedy_accuracy(base.model, base.tokenizer, items, exact_reward, NEW_TOKENS, batch=EVAL_PROMPTS)
     config = build_config(
         {
             "model": {"name": "smollm2-135m"},
@@ -39,6 +40,6 @@ def test_grpo_raises_held_out_greedy_accuracy(tmp_path):
     rows = [r for r in RunDir(tmp_path / "run").read_metrics() if "reward" in r]
     assert len(rows) == 6 and all(0.0 <= r["reward"] <= 1.0 for r in rows)
     tuned, _ = load_tuned(resolve(tmp_path / "run"), "smollm2-135m")
-    after = score_task(tuned.model, tuned.tokenizer, items, k=1, max_new_tokens=NEW_TOKENS).pass1.mean()
+    after = greedy_accuracy(tuned.model, tuned.tokenizer, items, exact_reward, NEW_TOKENS, batch=EVAL_PROMPTS)
     print(f"greedy accuracy on {EVAL_PROMPTS} held-out sums: {before:.3f} -> {after:.3f}")
     assert after > before + 0.1, (before, after)
