@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -267,5 +268,34 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
 
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]])
     kept = top_p_filter(probs, 0.75)
-    assert kept.tolist() == [[0.5, 0.3, 0.0, 0.0], [0.0, 0.0, 0.3, 0.4]]
+    torch.testing.assert_close(kept, torch.tensor([[0.5, 0.3, 0.0, 0.0], [0.0, 0.0, 0.3, 0.4]]))
     assert top_p_filter(probs, 1.0) is probs
+
+
+def test_train_cli_runs_grpo_on_the_embedded_task(run_cli, tmp_path: Path) -> None:
+    code, _, err = run_cli(
+        "train",
+        "--task",
+        "grpo",
+        "--model",
+        "tiny-random",
+        "--data",
+        "arithmetic",
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--group-size",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--seq-len",
+        "64",
+        "--quiet",
+        "--out",
+        tmp_path / "r",
+    )
+    assert code == 0, err
+    run = RunDir(tmp_path / "r")
+    assert [r["step"] for r in run.read_metrics() if "reward" in r] == [1]
+    assert "task_acc" in json.loads(run.summary.read_text())["final_val"]
