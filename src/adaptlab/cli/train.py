@@ -65,6 +65,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
             "clip_eps": flags["clip_eps"],
             "kl_beta": flags["kl_beta"],
             "reward": flags["reward"],
+            "prompts_per_step": flags["prompts_per_step"],
         },
     }
     out: dict[str, Any] = {k: {f: v for f, v in sec.items() if v is not None} for k, sec in sections.items()}
@@ -112,6 +113,9 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option("--clip-eps", type=float, help="GRPO: policy-ratio clip (default 0.2).")
 @click.option("--kl-beta", type=float, help="GRPO: weight of the KL to the reference (default 0).")
 @click.option("--reward", help="GRPO: exact | regex | python:module:function (default exact).")
+@click.option(
+    "--prompts-per-step", type=int, help="GRPO: prompts sampled per step (default batch x grad-accum)."
+)
 @click.option("--out", type=click.Path(), help="Run directory to write.")
 @click.option(
     "--resume",

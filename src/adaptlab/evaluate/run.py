@@ -336,6 +336,7 @@ def evaluate(
     the model alone in any case. drift_kl: measure drift, over drift_docs when given, else over
     text sampled from the base from drift_prompts. base_identity / model_identity (cache.model_identity): cache the
     figures of the base / of the model under that identity in `cache` (a default BaseCache when None).
+    task: a verifiable task (TaskEval) scored on its held-out prompts, pass@1 and mean reward@k.
     """
     if batch_size < 1 or seq_len < 8:
         raise UserError(f"need --batch >= 1 and --seq-len >= 8 (got {batch_size}, {seq_len})")
