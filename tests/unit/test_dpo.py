@@ -146,3 +146,35 @@ def test_bad_rows_are_one_line_naming_file_and_line(tmp_path, run_cli, row, mess
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert f"{data}:3" in lines[0] and message in lines[0]
+
+
+def test_plan_dpo_has_the_reference_pass_and_no_second_model(pairs, tmp_path):
+    from adaptlab.plan.planner import plan
+
+    result = plan("tiny-random", [str(pairs)], task="dpo", seq_len=SEQ_LEN, batch=2, benchmark=False)
+    full, lora = result["methods"]["full"], result["methods"]["lora"]
+    assert full["memory"]["weights"] == 4 * result["architecture"]["total_params"]  # no frozen copy
+    assert full["reference"].startswith("precomputed") and lora["reference"].startswith("adapter-disabled")
+    for entry, share in ((full, 2 / 6), (lora, 2 / 4)):  # a forward pass against the step's backward
+        t = entry["time_breakdown_s"]
+        assert t["reference_s"] == pytest.approx(t["matmul_s"] * share)
+        assert entry["step_s"] == pytest.approx(sum(t.values()))
+    # conversational rows plan as their string form does
+    chat = tmp_path / "chat.jsonl"
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    chat.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": [{"role": "user", "content": r["prompt"]}],
+                    "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                    "rejected": [{"role": "assistant", "content": r["rejected"]}],
+                }
+            )
+            + "\n"
+            for r in rows
+        )
+    )
+    again = plan("tiny-random", [str(chat)], task="dpo", seq_len=SEQ_LEN, batch=2, benchmark=False)
+    assert again["data"]["tokens_per_epoch"] > 0
+    assert again["data"]["documents"] == result["data"]["documents"] == len(rows)

@@ -124,12 +124,12 @@ class DPOObjective:
         return dist.all_reduce_sum(sum(b["input_ids"].shape[0] // 2 for b in micro), setup.device)
 
     def loss(self, setup: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        logps = sequence_logps(setup.model, batch)
         if "ref_logps" in batch:
             ref_logps = batch["ref_logps"]
-        else:
+        else:  # before the policy's forward, so its transient logits are gone before activations pile up
             with torch.no_grad(), adapter_disabled(setup.model):
                 ref_logps = sequence_logps(setup.model, batch)
+        logps = sequence_logps(setup.model, batch)
         lengths = (batch["labels"] != IGNORE_INDEX).sum(dim=1)
         losses, chosen_rewards, rejected_rewards = dpo_losses(
             logps, ref_logps, lengths, self.spec.beta, self.spec.loss

@@ -273,3 +273,22 @@ def artifact_bytes(arch: Arch, arm: Arm, tokenizer_bytes: int = 0) -> int:
     per_module = 3 if arm.method == "dora" else 2
     # safetensors: fp32 values + a JSON header (~110 bytes per tensor); adapter_config.json; README.md
     return FP32 * n_train + 110 * per_module * n_modules + 1_100 + 5_200
+
+
+def dpo_reference(arm: Arm, timing: dict[str, float]) -> dict[str, object]:
+    """What DPO's reference adds to a step, as `adaptlab train --task dpo` computes it.
+
+    The LoRA family scores each micro-batch again with the adapter disabled (a forward pass, 2N FLOPs
+    per token against the step's 4N); full fine-tuning scores every training pair once before the
+    first step with the untouched model (the same forward FLOPs, paid up front) and keeps 8 bytes per
+    pair. Either way the reference pass runs without autograd before the policy's forward, so it adds
+    no second copy of the weights and no memory at the step's peak.
+    """
+    full = arm.method == "full"
+    return {
+        "reference": "precomputed log-probs of the untouched model"
+        if full
+        else "adapter-disabled forward pass",
+        "reference_s": timing["matmul_s"] * 2 / (6 if full else 4),
+        "reference_bytes": 0,
+    }
