@@ -42,6 +42,7 @@ RUN_OUTPUTS = (
     "model",
     "checkpoints/step-*",
     "checkpoints/.step-*",
+    "reference_logps.safetensors",
     "eval.json",
     "analysis.json",
     "intruders.png",

@@ -61,3 +61,43 @@ def test_sft_objective_loss_is_the_summed_token_loss_over_its_normaliser(tmp_pat
         expected, _ = token_loss_sum(setup.model, micro[0])
     assert metrics == {} and float(loss) == pytest.approx(float(expected), rel=1e-6)
     assert set(setup.objective.validation(setup)) == {"val_loss"}
+
+
+class CountingObjective(SFTObjective):
+    """SFT that counts the micro-batches it built: objective state a resume must restore."""
+
+    def __init__(self, spec=None) -> None:
+        super().__init__(spec)
+        self.built = 0
+
+    def micro_batches(self, setup, step):
+        self.built += 1
+        return super().micro_batches(setup, step)
+
+    def state_dict(self):
+        return {"built": self.built}
+
+    def load_state_dict(self, state):
+        self.built = state["built"]
+
+
+def test_objective_state_goes_into_checkpoints_and_comes_back_on_resume(tmp_path, monkeypatch):
+    import json
+
+    from adaptlab import objectives
+    from adaptlab.train import resume_run, train
+
+    monkeypatch.setitem(objectives.TASKS, "sft", "test_objectives:CountingObjective")
+    corpus = write_corpus(tmp_path / "corpus", n_docs=12)
+    seen = []
+
+    def stop_at_3(row):
+        if row.get("step") == 3 and "loss" in row:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(corpus, tmp_path / "run", steps=4, save_every=2), on_log=stop_at_3)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-2" / "state.json").read_text())
+    assert state["objective"] == {"built": 2}
+    resume_run(tmp_path / "run", on_start=lambda setup: seen.append(setup.objective))
+    assert seen[0].built == 4  # restored at 2, then steps 3 and 4

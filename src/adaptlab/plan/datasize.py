@@ -20,8 +20,7 @@ from typing import Any
 
 from adaptlab.data.corpus import split_documents, tokenize_text
 from adaptlab.data.instruct import encode_chat
-from adaptlab.data.sources import Document, load_documents, local_files, read_jsonl
-from adaptlab.errors import UserError
+from adaptlab.data.sources import Document, load_documents
 
 EXACT_CHARS = 8_000_000
 SAMPLE_DOCS = 1500
@@ -67,34 +66,14 @@ def _doc_tokens(docs: list[Document], tokenizer: Any, seq_len: int) -> list[int]
 
 
 def _preference_documents(sources: list[str]) -> list[Document]:
-    """Preference records {prompt, chosen, rejected} as two chat documents each (chosen, rejected)."""
-    docs: list[Document] = []
-    for source in sources:
-        files = local_files(source)
-        if files is None:
-            raise UserError(
-                f"data {source!r}: --task dpo reads local JSONL files of {{prompt, chosen, rejected}}"
-            )
-        for path in files:
-            if path.suffix != ".jsonl":
-                raise UserError(f"{path}: --task dpo needs JSONL records with prompt, chosen and rejected")
-            for lineno, rec in read_jsonl(path):
-                if not isinstance(rec, dict) or not all(
-                    isinstance(rec.get(k), str) for k in ("prompt", "chosen", "rejected")
-                ):
-                    raise UserError(
-                        f"{path}:{lineno}: --task dpo needs string fields prompt, chosen, rejected"
-                    )
-                pid = str(rec.get("id", f"{path}:{lineno}"))
-                for side in ("chosen", "rejected"):
-                    messages = (
-                        {"role": "user", "content": rec["prompt"]},
-                        {"role": "assistant", "content": rec[side]},
-                    )
-                    docs.append(Document(id=f"{pid}#{side}", messages=messages))
-    if not docs:
-        raise UserError(f"data {', '.join(sources)}: no preference records")
-    return docs
+    """Preference rows (data/preference.py) as two chat documents each (chosen, rejected)."""
+    from adaptlab.data.preference import read_pairs
+
+    return [
+        Document(id=f"{row.id}#{side}", messages=(*row.prompt, response))
+        for row in read_pairs(sources)
+        for side, response in (("chosen", row.chosen), ("rejected", row.rejected))
+    ]
 
 
 def _pair_id(doc: Document) -> str:

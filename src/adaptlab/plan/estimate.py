@@ -300,3 +300,22 @@ def generation_time_s(
     weight_bytes = (2 if precision == "bf16" else FP32) * n
     per_token = max(2.0 * n * rows / (MATMUL_EFFICIENCY * matmul_flops_per_s), weight_bytes / mem_bytes_per_s)
     return prefill + new_tokens * (per_token + MICRO_BATCH_OVERHEAD_S)
+
+
+def dpo_reference(arm: Arm, timing: dict[str, float]) -> dict[str, object]:
+    """What DPO's reference adds to a step, as `adaptlab train --task dpo` computes it.
+
+    The LoRA family scores each micro-batch again with the adapter disabled (a forward pass, 2N FLOPs
+    per token against the step's 4N); full fine-tuning scores every training pair once before the
+    first step with the untouched model (the same forward FLOPs, paid up front) and keeps 8 bytes per
+    pair. Either way the reference pass runs without autograd before the policy's forward, so it adds
+    no second copy of the weights and no memory at the step's peak.
+    """
+    full = arm.method == "full"
+    return {
+        "reference": "precomputed log-probs of the untouched model"
+        if full
+        else "adapter-disabled forward pass",
+        "reference_s": timing["matmul_s"] * 2 / (6 if full else 4),
+        "reference_bytes": 0,
+    }

@@ -26,6 +26,7 @@ from adaptlab.plan.estimate import (
     Arm,
     Shape,
     artifact_bytes,
+    dpo_reference,
     memory_breakdown,
     step_time_s,
     trainable_params,
@@ -116,14 +117,14 @@ def _method_entry(
 ) -> dict[str, Any]:
     """One method's estimates; cost holds runtime, data and tokenizer bytes and the measured rates."""
     n_train = trainable_params(arch, arm)
-    mem = memory_breakdown(
-        arch, arm, shape, cost["runtime"], cost["data_bytes"], reference_model=task == "dpo"
-    )
+    mem = memory_breakdown(arch, arm, shape, cost["runtime"], cost["data_bytes"])
     timing = step_time_s(
         arch, arm, shape, cost["rate"]["matmul_flops_per_s"], cost["rate"]["mem_bytes_per_s"]
     )
-    if task == "dpo":  # the reference policy's forward pass on the same rows
-        timing["step_s"] += timing["matmul_s"] * 2 / (6 if arm.method == "full" else 4)
+    reference = dpo_reference(arm, timing) if task == "dpo" else None
+    if reference is not None:
+        timing["reference_s"] = reference["reference_s"]
+        timing["step_s"] += reference["reference_s"]
     entry: dict[str, Any] = {
         "method": arm.method,
         "rank": arm.rank or None,
@@ -139,6 +140,8 @@ def _method_entry(
         "artifact_bytes": artifact_bytes(arch, arm, cost["tokenizer_bytes"]),
         "lr": default_lr(arm.method),
     }
+    if reference is not None:
+        entry["reference"] = reference["reference"]
     if arm.is_lora:
         entry["capacity"] = advice.capacity(n_train, size.tokens_per_epoch)
     return entry
@@ -202,7 +205,10 @@ def _notes(task: str) -> list[str]:
             "memory.generation; time: time_breakdown_s.generation_s), then trains on them"
         )
     if task == "dpo":
-        notes.append("the training loop has no DPO yet: dpo estimates add a reference forward pass")
+        notes.append(
+            "dpo: two sequences per pair; the reference adds a forward pass per step (LoRA family: adapter "
+            "disabled) or one up-front pass over the pairs (full: precomputed log-probs), and no memory at the peak"
+        )
     return notes
 
 
