@@ -179,6 +179,14 @@ def _finish(results: dict[str, Any], out: str) -> None:
 )
 @click.option("--gpus-per-run", type=float, default=0, show_default=True, help="Ray: GPUs per training run.")
 @click.option("--cpus-per-run", type=float, default=1, show_default=True, help="Ray: CPUs per training run.")
+@click.option(
+    "--report-to",
+    multiple=True,
+    help="Also send every run and the report to tensorboard | mlflow | wandb (comma list or repeat; KIND=URI).",
+)
+@click.option(
+    "--push-to-hub", help="Upload the recommended arm's artifact with a model card to this hub repo."
+)
 def compare_command(
     config_path: str | None,
     out: str,
@@ -189,6 +197,8 @@ def compare_command(
     ray_address: str | None,
     gpus_per_run: float,
     cpus_per_run: float,
+    report_to: tuple[str, ...],
+    push_to_hub: str | None,
     **flags: Any,
 ) -> None:
     """Train LoRA-family and full fine-tuning arms under one budget; report learning, forgetting, cost."""
@@ -197,7 +207,12 @@ def compare_command(
     from adaptlab.compare.spec import load_spec_file
     from adaptlab.config import merge
     from adaptlab.models import quiet_transformers
+    from adaptlab.publish import check_push
+    from adaptlab.tracking import check_targets, parse_report_to
 
+    targets = parse_report_to(report_to)
+    check_targets(targets)
+    check_push(push_to_hub)
     base = load_spec_file(config_path) if config_path else {}
     data = merge(base, _overrides(flags))
     if not config_path and "study" not in data:
@@ -210,7 +225,21 @@ def compare_command(
         results = compare(
             spec, out, force=force, on_event=Printer(), overwrite=overwrite, inputs=inputs, executor=runner
         )
+    _publish(out, targets, push_to_hub)
     _finish(results, out)
+
+
+def _publish(out: str, targets: Any, push_to_hub: str | None) -> None:
+    """Send the finished comparison to the trackers asked for, and its recommended arm to the hub."""
+    if targets:
+        from adaptlab.tracking import report_comparison
+
+        report_comparison(targets, out)
+        click.echo(f"reported to {', '.join(t.kind for t in targets)}", err=True)
+    if push_to_hub:
+        from adaptlab.publish import push_comparison
+
+        click.echo(f"pushed to {push_to_hub}: {push_comparison(out, push_to_hub)}", err=True)
 
 
 @click.command("demo")
