@@ -146,3 +146,18 @@ def comparison_card(out: str | Path) -> tuple[Path, str]:
 def push_comparison(out: str | Path, repo: str) -> str:
     folder, card = comparison_card(out)
     return upload(folder, repo, card)
+
+
+def push_export(out: str | Path, repo: str) -> str:
+    """Upload an export folder (GGUF files, Modelfile, export.json) with a card naming what it holds."""
+    out = Path(out)
+    report = _read_json(out / "export.json")
+    source = Path(str(report.get("source", "")))
+    run_dir = source.parent if source.name in ("adapter", "model") else source
+    summary = _read_json(run_dir / "summary.json") or {"method": report.get("kind", "export")}
+    extra = [
+        f"GGUF ({report.get('quant')}) written by adaptlab export: {Path(str(report.get('gguf'))).name}."
+    ]
+    card = model_card(summary, library="gguf", extra=extra)
+    files = [p for p in sorted(out.iterdir()) if p.is_file() and not p.name.startswith(".adaptlab")]
+    return upload(out, repo, card, files)
