@@ -87,7 +87,7 @@ def test_q8_0_error_is_reported_and_bounded(tmp_path):
     q8 = [c for c in report.checks if c.dtype == "Q8_0"]
     assert len(q8) == 2 * 7 + 1
     assert all(c.max_err_in_steps <= Q8_BOUND_STEPS for c in q8)
-    assert 0 < report.max_abs_err and report.max_rel_err < 1 / 127
+    assert report.max_abs_err > 0 and report.max_rel_err < 1 / 127
 
 
 def make_adapter(tmp_path: Path, tiny, **lora) -> Path:
