@@ -98,7 +98,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def upload(folder: Path, repo: str, card: str, files: Sequence[Path] | None = None) -> str:
-    """Create `repo` if needed and upload `files` (default: every file of `folder`) and README.md (the card)."""
+    """Create `repo` if needed and upload `files` (default: every file of `folder`; adaptlab's marker and lock
+    stay behind) and README.md (the card)."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi()
@@ -107,7 +108,7 @@ def upload(folder: Path, repo: str, card: str, files: Sequence[Path] | None = No
     ops = [
         CommitOperationAdd(path_in_repo=str(p.relative_to(folder)), path_or_fileobj=str(p))
         for p in paths
-        if p.name != "README.md"
+        if p.name != "README.md" and not p.name.startswith(".adaptlab")
     ]
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
     info = api.create_commit(repo, operations=ops, commit_message="Upload from adaptlab")
@@ -159,5 +160,14 @@ def push_export(out: str | Path, repo: str) -> str:
         f"GGUF ({report.get('quant')}) written by adaptlab export: {Path(str(report.get('gguf'))).name}."
     ]
     card = model_card(summary, library="gguf", extra=extra)
-    files = [p for p in sorted(out.iterdir()) if p.is_file() and not p.name.startswith(".adaptlab")]
-    return upload(out, repo, card, files)
+    return upload(out, repo, card, [p for p in sorted(out.iterdir()) if p.is_file()])
+
+
+def push_merged(adapter: str | Path, out: str | Path, repo: str) -> str:
+    """Upload a merged model (`adaptlab merge`) with a card carrying the adapter's run summary."""
+    from adaptlab.artifacts import resolve
+
+    art = resolve(adapter)
+    summary = _read_json((art.run_dir or art.path) / "summary.json") or {"base_model": art.base_model}
+    extra = [f"The adapter was merged into its base with `adaptlab merge` ({summary.get('method', 'LoRA')})."]
+    return upload(Path(out), repo, model_card(summary, library="transformers", extra=extra))

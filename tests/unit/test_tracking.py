@@ -156,3 +156,12 @@ def test_comparison_is_grouped_with_its_report(tmp_path):
         assert by_name[arm].data.tags["mlflow.parentRunId"] == parent.info.run_id
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "results.json"} <= artifacts
+
+
+def test_compare_checks_trackers_before_training(tmp_path, capsys):
+    args = ["compare", "--model", "tiny-random", "--data", "python-stdlib", "--out", str(tmp_path / "cmp")]
+    assert main([*args, "--report-to", "comet"]) == 2
+    assert "choose from tensorboard, mlflow, wandb" in capsys.readouterr().err
+    assert main([*args, "--report-to", "tensorboard,mlflow=http://127.0.0.1:9"]) == 2
+    assert "does not answer" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
