@@ -14,6 +14,7 @@ No torch here: `adaptlab runs` answers in well under a second on a thousand runs
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -242,20 +243,26 @@ def index_path(root: Path) -> Path:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    """The index database; one that is unreadable or of another schema is rebuilt (it is only a cache)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The index database; one that is unreadable or of another schema is rebuilt (it is only a cache).
+    Where the cache cannot be written, an in-memory index serves this listing."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        path = Path(":memory:")
     for _ in range(2):
         try:
-            db = sqlite3.connect(path)
+            db = sqlite3.connect(path, timeout=2.0)
             if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 db.execute("DROP TABLE IF EXISTS runs")
                 db.execute("CREATE TABLE runs (path TEXT PRIMARY KEY, sig TEXT, record TEXT)")
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 db.commit()
             return db
-        except sqlite3.DatabaseError:
+        except sqlite3.OperationalError:  # locked by another listing, or not writable: a private index
+            path = Path(":memory:")
+        except sqlite3.DatabaseError:  # not a database (damaged): rebuild it
             path.unlink(missing_ok=True)
-    raise UserError(f"the runs index {path} cannot be written: remove it or set ADAPTLAB_CACHE elsewhere")
+    return sqlite3.connect(":memory:")
 
 
 def refresh(root: Path) -> list[dict[str, Any]]:
@@ -275,9 +282,10 @@ def refresh(root: Path) -> list[dict[str, Any]]:
                 record = {**read_record(path, kind), "mtime": _mtime(path)}
                 changed.append((key, sig, json.dumps(record)))
             records.append({**record, "path": os.path.normpath(root / key)})
-        db.executemany("INSERT OR REPLACE INTO runs VALUES (?, ?, ?)", changed)
-        db.executemany("DELETE FROM runs WHERE path = ?", [(p,) for p in known])
-        db.commit()
+        with contextlib.suppress(sqlite3.OperationalError):  # another listing holds the index: skip saving
+            db.executemany("INSERT OR REPLACE INTO runs VALUES (?, ?, ?)", changed)
+            db.executemany("DELETE FROM runs WHERE path = ?", [(p,) for p in known])
+            db.commit()
     finally:
         db.close()
     return records

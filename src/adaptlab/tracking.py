@@ -395,6 +395,11 @@ class RunReporter:
         for tr in self.trackers:
             fn(tr)
 
+    def abort(self) -> None:
+        """Close the trackers of a run that stopped with an error (marked failed where the tracker can)."""
+        self._each(lambda tr: tr.close(False))
+        self.trackers = []
+
     def finish(self, summary: dict[str, Any] | None, artifacts: Sequence[Path] = (), ok: bool = True) -> None:
         if not self.targets:
             return

@@ -96,6 +96,7 @@ def test_index_is_reused_until_files_change_and_rebuilt_when_deleted(runs_root):
     assert by_path(list_runs([runs_root]))["run-02"]["method"] == "DORA"
     index_path(runs_root).write_bytes(b"not a database at all" * 100)
     assert len(list_runs([runs_root])) == 14
+    assert index_path(runs_root).read_bytes().startswith(b"SQLite format 3")  # rebuilt, not bypassed
     assert not any(p.name.endswith(".sqlite") for p in runs_root.rglob("*"))  # never among user files
 
 

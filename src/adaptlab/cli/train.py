@@ -167,19 +167,27 @@ def train_command(
         progress = _Progress(quiet or not world.is_main)
         run_dir = resume if config is None else config.out
         reporter = RunReporter(targets if world.is_main else [], run_dir)
-        if config is None:
-            lr = flags["lr"]
-            summary = progress.run(
-                lambda start, log: resume_run(
-                    resume, on_start=start, on_log=reporter.wrap(log), lr=lr, parallel=parallel
+        try:
+            if config is None:
+                lr = flags["lr"]
+                summary = progress.run(
+                    lambda start, log: resume_run(
+                        resume, on_start=start, on_log=reporter.wrap(log), lr=lr, parallel=parallel
+                    )
                 )
-            )
-        else:
-            summary = progress.run(
-                lambda start, log: train(
-                    config, on_start=start, on_log=reporter.wrap(log), overwrite=overwrite, parallel=parallel
+            else:
+                summary = progress.run(
+                    lambda start, log: train(
+                        config,
+                        on_start=start,
+                        on_log=reporter.wrap(log),
+                        overwrite=overwrite,
+                        parallel=parallel,
+                    )
                 )
-            )
+        except BaseException:
+            reporter.abort()
+            raise
         reporter.finish(summary)
     except UserError as err:
         # every rank meets the same error, so rank 0 says it once; under --nproc the launcher names a
