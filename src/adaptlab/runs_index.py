@@ -199,6 +199,8 @@ def read_comparison(path: Path) -> dict[str, Any]:
     results = _json(path / "results.json")
     rec = results.get("recommendation") if isinstance(results.get("recommendation"), dict) else {}
     data = results.get("data")
+    if isinstance(data, dict):  # results.json: {"target": [...], "general": [...], ...}
+        data = data.get("target")
     return {
         "kind": "comparison",
         "status": "finished" if results else "unfinished",

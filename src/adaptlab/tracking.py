@@ -244,8 +244,8 @@ class MlflowTracker:
     def __init__(self, uri: str, name: str, tags: dict[str, str]) -> None:
         self.client = mlflow_client(uri)
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
-        self.run_id = self.client.create_run(experiment_id(self.client, experiment), run_name=name, tags=tags)
-        self.run_id = self.run_id.info.run_id
+        run = self.client.create_run(experiment_id(self.client, experiment), run_name=name, tags=tags)
+        self.run_id: str = run.info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

@@ -31,7 +31,15 @@ def runs_root(tmp_path, monkeypatch) -> Path:
     cmp.mkdir()
     rec = {"pick": "lora", "summary": "Pick lora."}
     (cmp / "results.json").write_text(
-        json.dumps({"study": "methods", "model": "tiny-random", "budget_tokens": 1000, "recommendation": rec})
+        json.dumps(
+            {
+                "study": "methods",
+                "model": "tiny-random",
+                "data": {"target": ["python-stdlib"], "general": []},
+                "budget_tokens": 1000,
+                "recommendation": rec,
+            }
+        )
     )
     write_run(cmp / "runs" / "lora", 1)
     return root
@@ -49,6 +57,7 @@ def test_lists_runs_comparisons_and_corrupt_dirs(runs_root):
     assert records["run-07"]["status"] == "unfinished"
     assert records["run-07"]["final_train_loss"] == pytest.approx(0.1)  # from metrics.jsonl's last row
     assert records["cmp"]["kind"] == "comparison" and records["cmp"]["pick"] == "lora"
+    assert records["cmp"]["data"] == "python-stdlib" and records["cmp"]["tokens"] == 1000
     run = records["run-03"]
     assert (run["method"], run["base"], run["data"], run["tokens"]) == (
         "qlora",
