@@ -47,6 +47,7 @@ RUN_OUTPUTS = (
     "analysis.json",
     "intruders.png",
     "rel_update_norm.png",
+    "tensorboard",
 )
 
 

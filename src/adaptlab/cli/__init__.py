@@ -32,6 +32,8 @@ COMMANDS = {
     "serve": "serve",
     "compare": "compare",
     "demo": "compare",
+    "runs": "runs",
+    "export": "export",
 }
 
 

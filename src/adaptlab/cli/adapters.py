@@ -20,10 +20,15 @@ from adaptlab.errors import UserError
     help="QLoRA adapters only: merge into the full-precision base or the dequantized 4-bit one.",
 )
 @click.option("--tolerance", default=1e-4, show_default=True, help="Max abs logit difference allowed (fp32).")
-def merge_command(adapter: str, out: str, base: str | None, into: str | None, tolerance: float) -> None:
+@click.option("--push-to-hub", help="Upload the merged model with a model card to this hub repo.")
+def merge_command(
+    adapter: str, out: str, base: str | None, into: str | None, tolerance: float, push_to_hub: str | None
+) -> None:
     """Merge an adapter into its base and write a plain HF model (safetensors), verified by logits."""
     from adaptlab.adapters import merge_adapter
+    from adaptlab.publish import check_push
 
+    check_push(push_to_hub)
     report = merge_adapter(adapter, out, base, into=into, tolerance=tolerance)  # type: ignore[arg-type]
     click.echo(
         f"merged {report.adapter} into {report.base} -> {report.out}\n"
@@ -32,6 +37,10 @@ def merge_command(adapter: str, out: str, base: str | None, into: str | None, to
     )
     if report.max_abs_diff_fp64 is not None:
         click.echo(f"       in fp64 (fp32 rounding excluded): {report.max_abs_diff_fp64:.3g}")
+    if push_to_hub:
+        from adaptlab.publish import push_merged
+
+        click.echo(f"pushed to {push_to_hub}: {push_merged(adapter, out, push_to_hub)}")
 
 
 def _weights(value: str | None) -> list[float] | None:

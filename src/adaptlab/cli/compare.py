@@ -184,6 +184,14 @@ def _finish(results: dict[str, Any], out: str) -> None:
 )
 @click.option("--gpus-per-run", type=float, default=0, show_default=True, help="Ray: GPUs per training run.")
 @click.option("--cpus-per-run", type=float, default=1, show_default=True, help="Ray: CPUs per training run.")
+@click.option(
+    "--report-to",
+    multiple=True,
+    help="Also send every run and the report to tensorboard | mlflow | wandb (comma list or repeat; KIND=URI).",
+)
+@click.option(
+    "--push-to-hub", help="Upload the recommended arm's artifact with a model card to this hub repo."
+)
 def compare_command(
     config_path: str | None,
     out: str,
@@ -194,6 +202,8 @@ def compare_command(
     ray_address: str | None,
     gpus_per_run: float,
     cpus_per_run: float,
+    report_to: tuple[str, ...],
+    push_to_hub: str | None,
     **flags: Any,
 ) -> None:
     """Train LoRA-family and full fine-tuning arms under one budget; report learning, forgetting, cost."""
@@ -202,9 +212,15 @@ def compare_command(
     from adaptlab.compare.spec import load_spec_file
     from adaptlab.config import merge
     from adaptlab.models import quiet_transformers
+    from adaptlab.publish import check_push
+    from adaptlab.tracking import check_targets, parse_report_to
 
+    targets = parse_report_to(report_to)
+    check_targets(targets)
+    check_push(push_to_hub)
     if flags["study"] in ("rl", "sft-vs-rl"):
         _rl_study(flags, out, overwrite)
+        _publish(out, targets, push_to_hub)
         return
     base = load_spec_file(config_path) if config_path else {}
     data = merge(base, _overrides(flags))
@@ -218,6 +234,7 @@ def compare_command(
         results = compare(
             spec, out, force=force, on_event=Printer(), overwrite=overwrite, inputs=inputs, executor=runner
         )
+    _publish(out, targets, push_to_hub)
     _finish(results, out)
 
 
@@ -238,6 +255,19 @@ def _rl_study(flags: dict[str, Any], out: str, overwrite: bool) -> None:
     with owned(Path(out), "compare", overwrite=overwrite), stop_on_sigterm():
         run_study(study, out, on_event=click.echo)
     click.echo((Path(out) / "report.md").read_text())
+
+
+def _publish(out: str, targets: Any, push_to_hub: str | None) -> None:
+    """Send the finished comparison to the trackers asked for, and its recommended arm to the hub."""
+    if targets:
+        from adaptlab.tracking import report_comparison
+
+        report_comparison(targets, out)
+        click.echo(f"reported to {', '.join(t.kind for t in targets)}", err=True)
+    if push_to_hub:
+        from adaptlab.publish import push_comparison
+
+        click.echo(f"pushed to {push_to_hub}: {push_comparison(out, push_to_hub)}", err=True)
 
 
 @click.command("demo")

@@ -134,6 +134,14 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     "--nproc", type=int, help="Train on N processes of this machine (starts torchrun; one per GPU)."
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--report-to",
+    multiple=True,
+    help="Also send metrics to tensorboard | mlflow | wandb (comma list or repeat; KIND=URI for a location).",
+)
+@click.option(
+    "--push-to-hub", help="Upload the finished run's adapter/model with a model card to this hub repo."
+)
 @click.pass_context
 def train_command(
     ctx: click.Context,
@@ -143,11 +151,21 @@ def train_command(
     overwrite: bool,
     parallel: str | None,
     nproc: int | None,
+    report_to: tuple[str, ...],
+    push_to_hub: str | None,
     **flags: Any,
 ) -> None:
     """Train full fine-tuning or a LoRA-family adapter and write a run directory."""
     from adaptlab.errors import UserError
+    from adaptlab.publish import check_push
+    from adaptlab.tracking import RunReporter, check_targets, parse_report_to
 
+    targets = parse_report_to(report_to)
+    if os.environ.get("RANK", "0") == "0":  # only rank 0 reports or uploads
+        check_targets(targets)
+        check_push(push_to_hub)
+    else:
+        targets, push_to_hub = [], None
     config = None
     if not resume:
         try:
@@ -172,17 +190,30 @@ def train_command(
             _launch(ctx, nproc, parallel, config, resume)
             return
         progress = _Progress(quiet or not world.is_main)
-        if config is None:
-            lr = flags["lr"]
-            summary = progress.run(
-                lambda start, log: resume_run(resume, on_start=start, on_log=log, lr=lr, parallel=parallel)
-            )
-        else:
-            summary = progress.run(
-                lambda start, log: train(
-                    config, on_start=start, on_log=log, overwrite=overwrite, parallel=parallel
+        run_dir = resume if config is None else config.out
+        reporter = RunReporter(targets if world.is_main else [], run_dir)
+        try:
+            if config is None:
+                lr = flags["lr"]
+                summary = progress.run(
+                    lambda start, log: resume_run(
+                        resume, on_start=start, on_log=reporter.wrap(log), lr=lr, parallel=parallel
+                    )
                 )
-            )
+            else:
+                summary = progress.run(
+                    lambda start, log: train(
+                        config,
+                        on_start=start,
+                        on_log=reporter.wrap(log),
+                        overwrite=overwrite,
+                        parallel=parallel,
+                    )
+                )
+        except BaseException:
+            reporter.abort()
+            raise
+        reporter.finish(summary)
     except UserError as err:
         # every rank meets the same error, so rank 0 says it once; under --nproc the launcher names a
         # lost rank itself
@@ -192,6 +223,10 @@ def train_command(
         raise SystemExit(2) from None
     if world.is_main:
         click.echo(json.dumps(summary, indent=2))
+        if push_to_hub:
+            from adaptlab.publish import push_run
+
+            click.echo(f"pushed to {push_to_hub}: {push_run(run_dir, push_to_hub)}", err=True)
 
 
 def _new_run_config(config_path: str | None, flags: dict[str, Any]) -> Any:
