@@ -71,3 +71,81 @@ def paired_delta_ci(
     nt, dt, nb, db = _resample_sums(cols, n_resamples, seed)
     with np.errstate(divide="ignore", invalid="ignore"):
         return _interval(nt / dt - nb / db)
+
+
+def _seed_draws(n_seeds: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_resamples, n_seeds) seed indices drawn with replacement; one seed is always itself."""
+    if n_seeds == 1:
+        return np.zeros((n_resamples, 1), dtype=np.int64)
+    return rng.integers(0, n_seeds, size=(n_resamples, n_seeds))
+
+
+def _contrast_value(terms: list[tuple[float, np.ndarray, np.ndarray]]) -> float:
+    total = 0.0
+    for w, num, den in terms:
+        total += w * float(np.mean(num.sum(axis=1) / den.sum(axis=1)))
+    return total
+
+
+def contrast_ci(
+    terms: list[tuple[float, np.ndarray, np.ndarray]],
+    n_resamples: int = N_RESAMPLES,
+    seed: int = SEED,
+) -> dict[str, float | list[float]]:
+    """sum_i w_i * mean over seeds of sum(num_i)/sum(den_i), with its paired bootstrap 95% interval.
+
+    terms: (weight, num (S, N), den (S, N)) per figure: S seeds (replicates) of the same N documents.
+    Every resample draws one set of documents for all terms (the documents are shared: that is the
+    pairing), and seed indices with replacement; terms with the same number of seeds share the seed
+    draw (seed s of every arm saw the same data order). A difference A - B is [(1, A), (-1, B)].
+    """
+    terms = [
+        (float(w), np.atleast_2d(np.asarray(n, float)), np.atleast_2d(np.asarray(d, float)))
+        for w, n, d in terms
+    ]
+    n_docs = {t[1].shape[1] for t in terms} | {t[2].shape[1] for t in terms}
+    if len(n_docs) != 1:
+        raise ValueError("every figure of a contrast must cover the same documents")
+    n = n_docs.pop()
+    value = _contrast_value(terms)
+    if n < 2:
+        return {"value": value, "ci95": [value, value]}
+    rng = np.random.default_rng(seed)
+    seed_idx = {s: _seed_draws(s, n_resamples, rng) for s in sorted({t[1].shape[0] for t in terms})}
+    samples = np.zeros(n_resamples, dtype=np.float64)
+    per_chunk = max(1, _CHUNK // max(n, 1))
+    for lo in range(0, n_resamples, per_chunk):
+        hi = min(lo + per_chunk, n_resamples)
+        idx = rng.integers(0, n, size=(hi - lo, n))
+        for w, num, den in terms:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios = num[:, idx].sum(axis=2) / den[:, idx].sum(axis=2)  # (S, R)
+            picks = seed_idx[num.shape[0]][lo:hi]  # (R, S)
+            samples[lo:hi] += w * np.take_along_axis(ratios.T, picks, axis=1).mean(axis=1)
+    return {"value": value, "ci95": _interval(samples)}
+
+
+def paired_difference(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], sign: float = 1.0, **kw: int
+) -> dict[str, float | list[float]]:
+    """sign * (figure of A - figure of B), each a ratio of sums per seed, paired over documents and seeds."""
+    return contrast_ci([(sign, *a), (-sign, *b)], **kw)
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
+    rx, ry = _ranks(np.asarray(x, float)), _ranks(np.asarray(y, float))
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    order = v.argsort(kind="stable")
+    ranks = np.empty(len(v), dtype=np.float64)
+    ranks[order] = np.arange(len(v), dtype=np.float64)
+    for value in np.unique(v):  # ties share their average rank
+        tied = v == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
