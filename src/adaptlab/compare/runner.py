@@ -119,6 +119,7 @@ def load_probes(spec: CompareSpec) -> Probes:
         "mc": [str(Path(f).resolve()) for f in spec.mc],
         "mc_limit": e.mc_limit,
         "seq_len": e.seq_len,
+        "per_doc": 1,  # per-document numbers and the target KL are kept (paired differences, predictor)
     }
     return Probes(target, general, drift_docs, prompts, key)
 
@@ -410,6 +411,8 @@ def evaluate_run(spec: CompareSpec, run_dir: Path, probes: Probes, on_event: OnE
         drift_new_tokens=e.drift_tokens,
         mc_files=spec.mc or None,
         mc_limit=e.mc_limit,
+        per_doc=True,
+        target_kl=True,
         **kwargs,
     )
     if method == "qlora" and (probes.target or probes.general):
