@@ -14,11 +14,19 @@ Schema (nats per token throughout; ci95 = [lo, hi]):
                "cost": {"trainable_params", "total_params", "peak_mem_bytes", "wall_s",
                         "tokens_per_s", "artifact_bytes", "tokens_seen"},
                "final_train_loss", "final_val_loss",
+               "per_doc": {"target": {"tokens", "base_nll", "nll": [per seed]}, "general"?: {...},
+                           "drift"?: {"kl": [per seed], "tokens": [per seed]},
+                           "target_kl"?: {"kl", "kl_reverse", "tokens": [per seed]},
+                           "mc"?: {stem: {"base_acc", "acc": [per seed]}}} | null,
+               "target_kl": {"base_tuned", "tuned_base"} | null,
                "analysis": {"layers", "intruders", "layers_with_intruders", "intruders_per_layer",
                             "rel_update_norm", "mean_effective_rank", "mean_stable_rank",
                             "by_module_type", "heatmaps": [paths relative to OUT]} | null,
                "lr_sweep": {"points": [{"lr", "run", "final_val_loss", "chosen"}], "best_lr"} | null}],
+     "kl_predictor": {see adaptlab.report.predictor}, "extrapolation": {see adaptlab.report.extrapolate} | null,
      "recommendation": {see adaptlab.report.recommend}}
+
+Differences between arms are paired over the documents (and seeds): adaptlab.report.paired, from "per_doc".
 
 learning = base NLL - tuned NLL on the held-out target test split; forgetting = tuned - base NLL on
 general text, or drift KL(base || tuned), or the drop in multiple-choice accuracy.
@@ -33,6 +41,7 @@ from typing import Any
 
 from adaptlab.compare.arms import RunPlan
 from adaptlab.compare.spec import ArmSpec, CompareSpec
+from adaptlab.report.paired import FALLBACK_NOTE, per_doc_of
 from adaptlab.rundir import RunDir
 
 # two-sided 95% Student t quantiles by degrees of freedom, for the spread over seeds
@@ -150,6 +159,13 @@ def _combine(figures: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _target_kl(evs: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Mean over seeds of KL both ways on the held-out target text (None: not measured)."""
+    if not all("target_kl" in e for e in evs):
+        return None
+    return {k: statistics.fmean(e["target_kl"][k] for e in evs) for k in ("base_tuned", "tuned_base")}
+
+
 def _analysis_summary(an: dict[str, Any] | None, run_dir: Path, out: Path) -> dict[str, Any] | None:
     if not an:
         return None
@@ -200,6 +216,8 @@ def _cost(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens_seen": s0["tokens_seen"],
         "precision": s0.get("precision"),
         "device": s0.get("device"),
+        "noisy_machine": any((s.get("step_time") or {}).get("noisy") for s in summaries),
+        "step_time_cv": max(((s.get("step_time") or {}).get("cv") or 0.0) for s in summaries),
     }
 
 
@@ -213,6 +231,7 @@ def assemble(
     out: Path,
     notes: list[str],
 ) -> dict[str, Any]:
+    from adaptlab.report.predictor import kl_predictor
     from adaptlab.report.recommend import recommend
 
     metric = forgetting_metric(spec)
@@ -266,6 +285,8 @@ def assemble(
                 else None
             ),
             analysis=_analysis_summary(measured[reps[0].run]["analysis"], out / "runs" / reps[0].run, out),
+            per_doc=per_doc_of(evs),
+            target_kl=_target_kl(evs),
         )
         quantized = [e["quantized_base"] for e in evs if "quantized_base" in e]
         if quantized and len(quantized) == len(evs):
@@ -316,5 +337,8 @@ def assemble(
         "notes": notes,
         "arms": records,
     }
+    if any(r.get("status") == "ok" and not r.get("per_doc") for r in records):
+        notes.append(FALLBACK_NOTE)
+    results["kl_predictor"] = kl_predictor(records, metric)
     results["recommendation"] = recommend(results)
     return results

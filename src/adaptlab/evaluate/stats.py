@@ -32,7 +32,8 @@ def _resample_sums(columns: list[np.ndarray], n_resamples: int, seed: int) -> li
     return out
 
 
-def _interval(samples: np.ndarray) -> list[float]:
+def interval95(samples: np.ndarray) -> list[float]:
+    """2.5th and 97.5th percentiles of the finite samples (nan, nan when there are none)."""
     samples = samples[np.isfinite(samples)]
     if samples.size == 0:
         return [float("nan"), float("nan")]
@@ -50,7 +51,7 @@ def ratio_ci(
         return [value, value]
     s_num, s_den = _resample_sums([num, den], n_resamples, seed)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return _interval(s_num / s_den)
+        return interval95(s_num / s_den)
 
 
 def paired_delta_ci(
@@ -70,7 +71,7 @@ def paired_delta_ci(
         return [float(value), float(value)]
     nt, dt, nb, db = _resample_sums(cols, n_resamples, seed)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return _interval(nt / dt - nb / db)
+        return interval95(nt / dt - nb / db)
 
 
 def _seed_draws(n_seeds: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -122,7 +123,7 @@ def contrast_ci(
                 ratios = num[:, idx].sum(axis=2) / den[:, idx].sum(axis=2)  # (S, R)
             picks = seed_idx[num.shape[0]][lo:hi]  # (R, S)
             samples[lo:hi] += w * np.take_along_axis(ratios.T, picks, axis=1).mean(axis=1)
-    return {"value": value, "ci95": _interval(samples)}
+    return {"value": value, "ci95": interval95(samples)}
 
 
 def paired_difference(
