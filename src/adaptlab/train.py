@@ -712,6 +712,8 @@ def build_summary(
     setup: Setup, progress: Progress, artifact: Path, final_loss: float | None, val_loss: float | None
 ) -> dict[str, Any]:
     """summary.json: what trained, what it cost, where the artifact is, and the software that ran it."""
+    from adaptlab.evaluate.stats import step_time_spread
+
     cfg = setup.config
     summary = {
         "method": cfg.method.method,
@@ -735,6 +737,9 @@ def build_summary(
         "versions": versions(),
         "world_size": setup.world.world_size,
         "parallel": setup.parallel,
+        "step_time": step_time_spread(
+            [r["tokens_per_s"] for r in setup.run.read_metrics() if "tokens_per_s" in r]
+        ),
     }
     if cfg.train.lr_changes:
         summary["lr_changes"] = [c.model_dump() for c in cfg.train.lr_changes]

@@ -231,6 +231,7 @@ def assemble(
     out: Path,
     notes: list[str],
 ) -> dict[str, Any]:
+    from adaptlab.report.extrapolate import extrapolate
     from adaptlab.report.predictor import kl_predictor
     from adaptlab.report.recommend import recommend
 
@@ -241,6 +242,7 @@ def assemble(
     for a in arms:
         arm_plans = [p for p in plans if p.arm == a.name]
         reps = [p for p in arm_plans if (not p.sweep or p.run == sweeps.get(a.name, {}).get("best_run"))]
+        reps.sort(key=lambda p: p.seed_index)  # seed s of every arm saw the same data order: pairs
         p0 = reps[0] if reps else arm_plans[0]
         config = {
             **p0.method_fields,
@@ -332,6 +334,7 @@ def assemble(
         "budget_note": budget_note,
         "lr_rule": lr_rule,
         "seeds": spec.seeds,
+        "target_tokens": spec.target_tokens,
         "forgetting_metric": metric,
         "limits": spec.limits.model_dump(),
         "notes": notes,
@@ -340,5 +343,6 @@ def assemble(
     if any(r.get("status") == "ok" and not r.get("per_doc") for r in records):
         notes.append(FALLBACK_NOTE)
     results["kl_predictor"] = kl_predictor(records, metric)
+    results["extrapolation"] = extrapolate(records, metric, spec.target_tokens)
     results["recommendation"] = recommend(results)
     return results
