@@ -206,6 +206,7 @@ def _analysis_summary(an: dict[str, Any] | None, run_dir: Path, out: Path) -> di
 def _cost(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     mean = lambda key: statistics.fmean(s.get(key) or 0.0 for s in summaries)  # noqa: E731
     s0 = summaries[0]
+    spreads = [s["step_time"] for s in summaries if s.get("step_time")]
     return {
         "trainable_params": s0["trainable_params"],
         "total_params": s0["total_params"],
@@ -216,8 +217,8 @@ def _cost(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens_seen": s0["tokens_seen"],
         "precision": s0.get("precision"),
         "device": s0.get("device"),
-        "noisy_machine": any((s.get("step_time") or {}).get("noisy") for s in summaries),
-        "step_time_cv": max(((s.get("step_time") or {}).get("cv") or 0.0) for s in summaries),
+        "noisy_machine": any(x.get("noisy") for x in spreads) if spreads else None,
+        "step_time_cv": max((x.get("cv") or 0.0) for x in spreads) if spreads else None,
     }
 
 

@@ -191,13 +191,14 @@ def _summary(out: dict[str, Any]) -> list[str]:
         for what, verb in (("learning", "learn"), ("forgetting", "forget")):
             if what in d:
                 v, (lo, hi) = d[what]["value"], d[what]["ci95"]
-                word = "more" if v > 0 else "less"
-                parts.append(f"{verb} {abs(v):.4f} [{lo:+.4f}, {hi:+.4f}] nats {word}")
+                word, (lo, hi) = ("more", (lo, hi)) if v > 0 else ("less", (-hi, -lo))
+                tell = "" if lo > 0 else ", not distinguishable from no difference"
+                parts.append(f"{verb} {word} by {abs(v):.4f} [{lo:.4f}, {hi:.4f}] nats/token{tell}")
         if parts:
             lines.append(
-                f"At {n:,} tokens, {d['family']} is expected to "
-                + " and ".join(parts)
-                + f" than {d['reference']}."
+                f"At {n:,} tokens, against {d['reference']}, {d['family']} is expected to "
+                + "; and to ".join(parts)
+                + "."
             )
     if out["far"]:
         lines.append(
