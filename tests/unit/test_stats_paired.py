@@ -83,3 +83,16 @@ def test_spearman_of_monotone_and_tied_data() -> None:
     assert spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 35, 90])) == pytest.approx(1.0)
     assert spearman(np.array([1, 2, 3, 4]), np.array([4, 3, 2, 1])) == pytest.approx(-1.0)
     assert np.isnan(spearman(np.array([1, 2, 3]), np.array([5, 5, 5])))
+
+
+def test_two_seeds_add_their_spread_with_students_t() -> None:
+    rng = np.random.default_rng(7)
+    tokens, difficulty = _docs(rng, 64)
+    t = np.tile(tokens, (2, 1))
+    b = np.stack([tokens * difficulty, tokens * difficulty])
+    a = np.stack([tokens * (difficulty + 0.010), tokens * (difficulty + 0.014)])  # per-seed differences
+    d = paired_difference((a, t), (b, t))
+    assert d["value"] == pytest.approx(0.012)
+    half = 12.71 * np.std([0.010, 0.014], ddof=1) / np.sqrt(2)  # t with 1 degree of freedom
+    assert d["ci95"][0] == pytest.approx(0.012 - half, rel=1e-6)
+    assert d["ci95"][1] == pytest.approx(0.012 + half, rel=1e-6)

@@ -41,11 +41,9 @@ from typing import Any
 
 from adaptlab.compare.arms import RunPlan
 from adaptlab.compare.spec import ArmSpec, CompareSpec
+from adaptlab.evaluate.stats import t95
 from adaptlab.report.paired import FALLBACK_NOTE, per_doc_of
 from adaptlab.rundir import RunDir
-
-# two-sided 95% Student t quantiles by degrees of freedom, for the spread over seeds
-_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
 
 def forgetting_metric(spec: CompareSpec) -> str:
@@ -148,7 +146,7 @@ def _combine(figures: list[dict[str, Any]]) -> dict[str, Any]:
     mean = statistics.fmean(values)
     sd = statistics.stdev(values)
     half_eval = statistics.fmean((f["ci95"][1] - f["ci95"][0]) / 2 for f in figures)
-    half_seed = _T95.get(len(values) - 1, 1.96) * sd / math.sqrt(len(values))
+    half_seed = t95(len(values) - 1) * sd / math.sqrt(len(values))
     half = math.hypot(half_eval, half_seed)
     out = dict(figures[0])
     out.update(

@@ -74,18 +74,44 @@ def paired_delta_ci(
         return interval95(nt / dt - nb / db)
 
 
-def _seed_draws(n_seeds: int, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_resamples, n_seeds) seed indices drawn with replacement; one seed is always itself."""
-    if n_seeds == 1:
-        return np.zeros((n_resamples, 1), dtype=np.int64)
-    return rng.integers(0, n_seeds, size=(n_resamples, n_seeds))
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+"""Two-sided 95% Student t quantiles by degrees of freedom (1.96 beyond), for the spread over seeds."""
 
 
-def _contrast_value(terms: list[tuple[float, np.ndarray, np.ndarray]]) -> float:
-    total = 0.0
-    for w, num, den in terms:
-        total += w * float(np.mean(num.sum(axis=1) / den.sum(axis=1)))
-    return total
+def t95(df: int) -> float:
+    return T95.get(df, 1.96)
+
+
+def _seed_mean(num: np.ndarray, den: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray | float:
+    """Mean over seeds of sum(num)/sum(den) per seed; with idx (R, N) one value per resample."""
+    if idx is None:
+        return float(np.mean(num.sum(axis=1) / den.sum(axis=1)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (num[:, idx].sum(axis=2) / den[:, idx].sum(axis=2)).mean(axis=0)  # (R,)
+
+
+def _seed_half(terms: list[tuple[float, np.ndarray, np.ndarray]]) -> float:
+    """Half-width of the 95% interval that the seed-to-seed spread adds (0 with one seed per term).
+
+    With the same number of seeds S in every term, seed s of each arm saw the same data order, so
+    the contrast is computed per seed and its spread taken (paired); otherwise each term's own
+    spread adds up. Student t with S - 1 degrees of freedom: a bootstrap over 2 or 3 seeds would
+    understate the spread.
+    """
+    seeds = {num.shape[0] for _, num, _ in terms}
+    if max(seeds) < 2:
+        return 0.0
+    per_seed = lambda num, den: num.sum(axis=1) / den.sum(axis=1)  # noqa: E731
+    if len(seeds) == 1:
+        (n,) = seeds
+        values = sum(w * per_seed(num, den) for w, num, den in terms)
+        return t95(n - 1) * float(np.std(values, ddof=1)) / np.sqrt(n)
+    var = sum(
+        w**2 * float(np.var(per_seed(num, den), ddof=1)) / num.shape[0]
+        for w, num, den in terms
+        if num.shape[0] > 1
+    )
+    return t95(min(s for s in seeds if s > 1) - 1) * float(np.sqrt(var))
 
 
 def contrast_ci(
@@ -93,12 +119,12 @@ def contrast_ci(
     n_resamples: int = N_RESAMPLES,
     seed: int = SEED,
 ) -> dict[str, float | list[float]]:
-    """sum_i w_i * mean over seeds of sum(num_i)/sum(den_i), with its paired bootstrap 95% interval.
+    """sum_i w_i * mean over seeds of sum(num_i)/sum(den_i), with its paired 95% interval.
 
     terms: (weight, num (S, N), den (S, N)) per figure: S seeds (replicates) of the same N documents.
     Every resample draws one set of documents for all terms (the documents are shared: that is the
-    pairing), and seed indices with replacement; terms with the same number of seeds share the seed
-    draw (seed s of every arm saw the same data order). A difference A - B is [(1, A), (-1, B)].
+    pairing); the seed-to-seed spread (_seed_half) widens each side of that interval in quadrature.
+    A difference A - B is [(1, A), (-1, B)].
     """
     terms = [
         (float(w), np.atleast_2d(np.asarray(n, float)), np.atleast_2d(np.asarray(d, float)))
@@ -108,22 +134,26 @@ def contrast_ci(
     if len(n_docs) != 1:
         raise ValueError("every figure of a contrast must cover the same documents")
     n = n_docs.pop()
-    value = _contrast_value(terms)
+    value = float(sum(w * _seed_mean(num, den) for w, num, den in terms))
+    seed_half = _seed_half(terms)
     if n < 2:
-        return {"value": value, "ci95": [value, value]}
+        return {"value": value, "ci95": [value - seed_half, value + seed_half]}
     rng = np.random.default_rng(seed)
-    seed_idx = {s: _seed_draws(s, n_resamples, rng) for s in sorted({t[1].shape[0] for t in terms})}
     samples = np.zeros(n_resamples, dtype=np.float64)
     per_chunk = max(1, _CHUNK // max(n, 1))
     for lo in range(0, n_resamples, per_chunk):
         hi = min(lo + per_chunk, n_resamples)
         idx = rng.integers(0, n, size=(hi - lo, n))
         for w, num, den in terms:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratios = num[:, idx].sum(axis=2) / den[:, idx].sum(axis=2)  # (S, R)
-            picks = seed_idx[num.shape[0]][lo:hi]  # (R, S)
-            samples[lo:hi] += w * np.take_along_axis(ratios.T, picks, axis=1).mean(axis=1)
-    return {"value": value, "ci95": interval95(samples)}
+            samples[lo:hi] += w * _seed_mean(num, den, idx)
+    doc_lo, doc_hi = interval95(samples)
+    return {
+        "value": value,
+        "ci95": [
+            value - float(np.hypot(value - doc_lo, seed_half)),
+            value + float(np.hypot(doc_hi - value, seed_half)),
+        ],
+    }
 
 
 def paired_difference(
