@@ -67,6 +67,8 @@ def test_seeds_and_sweep_then_replicate_end_to_end(run_cli, tmp_path: Path) -> N
     assert 1 <= sweep["grid_extensions"] <= MAX_SWEEP_EXTENSIONS
     assert len(lrs) == len(grid) + sweep["grid_extensions"]
     assert lrs[len(grid)] == pytest.approx(9e-4)
+    assert sum(p["beyond_grid"] for p in sweep["points"]) == sweep["grid_extensions"]
+    assert "beyond the grid" in (out / "report.md").read_text()
     assert not sweep["best_at_edge"] or sweep["grid_extensions"] == MAX_SWEEP_EXTENSIONS
     # the replicate (seed 1) trains at the LR the sweep chose; both seeds stand for the arm
     runs = by["lora"]["runs"]

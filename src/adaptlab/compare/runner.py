@@ -633,7 +633,13 @@ def _sweep_results(
         if status.get(p.run, {}).get("status") == "ok":
             val = RunDir(out / "runs" / p.run).read_summary().get("final_val_loss")
         entry["points"].append(
-            {"lr": p.lr, "run": p.run, "final_val_loss": val, "status": status[p.run]["status"]}
+            {
+                "lr": p.lr,
+                "run": p.run,
+                "final_val_loss": val,
+                "status": status[p.run]["status"],
+                "beyond_grid": EXTENSION_NOTE in p.notes,
+            }
         )
     for entry in sweeps.values():
         ok = [

@@ -211,7 +211,14 @@ def context(results: dict[str, Any], images: dict[str, str]) -> dict[str, Any]:
                         "val": f"{p['final_val_loss']:.4f}"
                         if p.get("final_val_loss") is not None
                         else p.get("status"),
-                        "chosen": "best" if p.get("chosen") else "",
+                        "chosen": ", ".join(
+                            x
+                            for x, on in (
+                                ("best", p.get("chosen")),
+                                ("beyond the grid", p.get("beyond_grid")),
+                            )
+                            if on
+                        ),
                     }
                 )
     first_an = next((a["analysis"] for a in results["arms"] if a.get("analysis")), None)
