@@ -89,4 +89,5 @@ def test_noisy_machine_extrapolation_and_predictor_are_said(tmp_path: Path) -> N
         and "At 64,000 tokens, against full, lora is expected to learn less by" in md
     )
     assert "extrapolates 16x beyond the largest budget" in md
+    assert "Check on full: fitted without its largest budget" in md
     assert "Forgetting predictor" in md and res["kl_predictor"]["verdict"].startswith("cannot tell")

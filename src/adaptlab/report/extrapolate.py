@@ -9,7 +9,8 @@ the reference (full fine-tuning when present, else the family expected to learn 
 its 95% interval, and flags a target far beyond the largest budget measured (FAR_FACTOR).
 
 The intervals are those of the fit given the measured points; they do not include the error of the
-power-law form itself, which only data at more budgets can check.
+power-law form itself. With three or more budgets the report checks it: the fit without the largest
+budget predicts that budget, and the report says whether the measurement fell within the interval.
 
     python -c "from adaptlab.report.extrapolate import extrapolate; help(extrapolate)"
 """
@@ -141,16 +142,14 @@ def extrapolate(
                 fam[what] = entry
                 continue
             n = cols[0][0].shape[1]
-            entry.update(a=fit[0], b=fit[1], expected=_predict(fit, target))
-            draws[name][what] = np.empty(n_resamples)
             if what not in doc_draws:
                 doc_draws[what] = rng.integers(0, n, size=(n_resamples, n))
-            for r, idx in enumerate(doc_draws[what]):
-                resampled = np.array([_figure(c, idx) for c in cols])
-                draws[name][what][r] = _predict(fit_power_law(tokens, resampled), target)
-            d = draws[name][what]
-            entry["ci95"] = interval95(d)
+            d = _bootstrap(tokens, cols, target, doc_draws[what])
+            draws[name][what] = d
+            entry.update(a=fit[0], b=fit[1], expected=_predict(fit, target), ci95=interval95(d))
             entry["failed_resamples"] = int(np.sum(~np.isfinite(d)))
+            if len(tokens) >= 3:
+                entry["holdout"] = _holdout(tokens, cols, doc_draws[what])
             fam[what] = entry
         out["families"].append(fam)
     factor = target / largest
@@ -159,6 +158,28 @@ def extrapolate(
     out["differences"] = _differences(out["families"], draws)
     out["summary"] = _summary(out)
     return out
+
+
+def _bootstrap(tokens: np.ndarray, cols: list[Any], target: float, doc_draws: np.ndarray) -> np.ndarray:
+    """The power law's prediction at target, refitted on each resample of the documents."""
+    out = np.empty(len(doc_draws))
+    for r, idx in enumerate(doc_draws):
+        out[r] = _predict(fit_power_law(tokens, np.array([_figure(c, idx) for c in cols])), target)
+    return out
+
+
+def _holdout(tokens: np.ndarray, cols: list[Any], doc_draws: np.ndarray) -> dict[str, Any]:
+    """The check the data allow: fitted without the largest budget, is that budget's figure predicted?"""
+    fit = fit_power_law(tokens[:-1], np.array([_figure(c, None) for c in cols[:-1]]))
+    lo, hi = interval95(_bootstrap(tokens[:-1], cols[:-1], tokens[-1], doc_draws))
+    measured = _figure(cols[-1], None)
+    return {
+        "tokens": int(tokens[-1]),
+        "predicted": _predict(fit, tokens[-1]),
+        "ci95": [lo, hi],
+        "measured": measured,
+        "within": bool(lo <= measured <= hi),
+    }
 
 
 def _differences(
@@ -199,6 +220,19 @@ def _summary(out: dict[str, Any]) -> list[str]:
                 f"At {n:,} tokens, against {d['reference']}, {d['family']} is expected to "
                 + "; and to ".join(parts)
                 + "."
+            )
+    for f in out["families"]:
+        h = f.get("learning", {}).get("holdout")
+        if h:
+            lo, hi = h["ci95"]
+            lines.append(
+                f"Check on {f['name']}: fitted without its largest budget, learning at {h['tokens']:,} tokens was "
+                f"predicted {h['predicted']:.4f} [{lo:.4f}, {hi:.4f}] and measured {h['measured']:.4f}: "
+                + (
+                    "within the interval."
+                    if h["within"]
+                    else "outside it, so the power law does not hold here."
+                )
             )
     if out["far"]:
         lines.append(
