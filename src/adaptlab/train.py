@@ -629,6 +629,8 @@ def build_summary(
     setup: Setup, progress: Progress, artifact: Path, final_loss: float | None, val: dict[str, float]
 ) -> dict[str, Any]:
     """summary.json: what trained, what it cost, where the artifact is, and the software that ran it."""
+    from adaptlab.evaluate.stats import step_time_spread
+
     cfg = setup.config
     summary = {
         "method": cfg.method.method,
@@ -652,6 +654,9 @@ def build_summary(
         "versions": versions(),
         "world_size": setup.world.world_size,
         "parallel": setup.parallel,
+        "step_time": step_time_spread(
+            [r["tokens_per_s"] for r in setup.run.read_metrics() if "tokens_per_s" in r]
+        ),
     }
     if cfg.objective.task != "sft":
         summary["task"] = cfg.objective.task

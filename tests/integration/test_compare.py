@@ -71,16 +71,18 @@ def _figures_come_from_the_arms_evaluation(out: Path, arm: dict) -> None:
     assert arm["forgetting"]["ci95"] == pytest.approx(ev["general"]["delta"]["ci95"])
 
 
-def _expected_verdict(arms: list[dict], metric: str) -> str:
-    """The verdict of "LoRA learns less / forgets less", recomputed from the arms' 95% intervals."""
+def _expected_verdict(arms: list[dict], metric: str, forgetting_metric: str) -> str:
+    """The verdict of "LoRA learns less / forgets less", recomputed from the paired differences."""
+    from adaptlab.report.paired import difference, sign_of
+
     full = next(a for a in arms if a["method"] == "full")
-    f_lo, f_hi = full[metric]["ci95"]
     verdicts = set()
     for a in arms:
         if a is full:
             continue
-        lo, hi = a[metric]["ci95"]
-        verdicts.add("agrees" if f_lo > hi else "disagrees" if f_hi < lo else "inconclusive")
+        d = difference(full, a, metric, forgetting_metric)
+        assert d is not None and d["paired"]  # every arm keeps its per-document numbers
+        verdicts.add({"above": "agrees", "below": "disagrees", "overlap": "inconclusive"}[sign_of(d)])
     if {"agrees", "disagrees"} <= verdicts:
         return "mixed"
     for side in ("agrees", "disagrees"):
@@ -139,7 +141,9 @@ def test_compare_end_to_end_then_idempotent(run_cli, tmp_path: Path) -> None:
     findings = {f["id"]: f for f in rec["findings"]}
     ok = [a for a in results["arms"] if a["status"] == "ok"]
     for fid, metric in (("learns_less", "learning"), ("forgets_less", "forgetting")):
-        assert findings[fid]["verdict"] == _expected_verdict(ok, metric), findings[fid]
+        assert findings[fid]["verdict"] == _expected_verdict(ok, metric, results["forgetting_metric"]), (
+            findings[fid]
+        )
         assert len(findings[fid]["evidence"]) == len(ok) - 1  # full against each LoRA-family arm
     assert rec["summary"].splitlines()[0] in stdout
 

@@ -28,7 +28,7 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
     for key in ("general", "mc"):
         if flags[key]:
             out[key] = list(flags[key])
-    for key in ("tokens", "seeds", "study"):
+    for key in ("tokens", "seeds", "study", "target_tokens"):
         if flags[key] is not None:
             out[key] = flags[key]
     if flags["drift"] is not None:
@@ -158,6 +158,9 @@ def _finish(results: dict[str, Any], out: str) -> None:
 )
 @click.option("--tokens", type=int, help="Budget: tokens every arm sees.")
 @click.option("--seeds", type=int, help="Replicates per arm (mean and spread are reported).")
+@click.option(
+    "--target-tokens", type=int, help="Extrapolate arms measured at several budgets to this many tokens."
+)
 @click.option("--batch", type=int, help="Sequences per micro-batch (default 4).")
 @click.option("--seq-len", type=int, help="Tokens per sequence (default 256).")
 @click.option("--lr", type=float, help="Base LR: full uses it, the LoRA family 10x (default 2e-5).")

@@ -131,6 +131,9 @@ def _print(result: dict[str, Any]) -> None:
 @click.option("--gpus", type=int, help="Plan one run on N GPUs: per-device memory under DDP and FSDP2.")
 @click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), help="With --gpus: only this strategy.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option(
+    "--compare-root", default="runs", show_default=True, help="Quote comparisons of this base found here."
+)
 def plan_command(
     data: tuple[str, ...],
     ranks: str,

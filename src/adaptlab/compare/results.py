@@ -14,11 +14,19 @@ Schema (nats per token throughout; ci95 = [lo, hi]):
                "cost": {"trainable_params", "total_params", "peak_mem_bytes", "wall_s",
                         "tokens_per_s", "artifact_bytes", "tokens_seen"},
                "final_train_loss", "final_val_loss",
+               "per_doc": {"target": {"tokens", "base_nll", "nll": [per seed]}, "general"?: {...},
+                           "drift"?: {"kl": [per seed], "tokens": [per seed]},
+                           "target_kl"?: {"kl", "kl_reverse", "tokens": [per seed]},
+                           "mc"?: {stem: {"base_acc", "acc": [per seed]}}} | null,
+               "target_kl": {"base_tuned", "tuned_base"} | null,
                "analysis": {"layers", "intruders", "layers_with_intruders", "intruders_per_layer",
                             "rel_update_norm", "mean_effective_rank", "mean_stable_rank",
                             "by_module_type", "heatmaps": [paths relative to OUT]} | null,
                "lr_sweep": {"points": [{"lr", "run", "final_val_loss", "chosen"}], "best_lr"} | null}],
+     "kl_predictor": {see adaptlab.report.predictor}, "extrapolation": {see adaptlab.report.extrapolate} | null,
      "recommendation": {see adaptlab.report.recommend}}
+
+Differences between arms are paired over the documents (and seeds): adaptlab.report.paired, from "per_doc".
 
 learning = base NLL - tuned NLL on the held-out target test split; forgetting = tuned - base NLL on
 general text, or drift KL(base || tuned), or the drop in multiple-choice accuracy.
@@ -33,10 +41,9 @@ from typing import Any
 
 from adaptlab.compare.arms import RunPlan
 from adaptlab.compare.spec import ArmSpec, CompareSpec
+from adaptlab.evaluate.stats import t95
+from adaptlab.report.paired import FALLBACK_NOTE, per_doc_of
 from adaptlab.rundir import RunDir
-
-# two-sided 95% Student t quantiles by degrees of freedom, for the spread over seeds
-_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
 
 def forgetting_metric(spec: CompareSpec) -> str:
@@ -139,7 +146,7 @@ def _combine(figures: list[dict[str, Any]]) -> dict[str, Any]:
     mean = statistics.fmean(values)
     sd = statistics.stdev(values)
     half_eval = statistics.fmean((f["ci95"][1] - f["ci95"][0]) / 2 for f in figures)
-    half_seed = _T95.get(len(values) - 1, 1.96) * sd / math.sqrt(len(values))
+    half_seed = t95(len(values) - 1) * sd / math.sqrt(len(values))
     half = math.hypot(half_eval, half_seed)
     out = dict(figures[0])
     out.update(
@@ -148,6 +155,13 @@ def _combine(figures: list[dict[str, Any]]) -> dict[str, Any]:
         spread={"n": len(values), "std": sd, "min": min(values), "max": max(values), "values": values},
     )
     return out
+
+
+def _target_kl(evs: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Mean over seeds of KL both ways on the held-out target text (None: not measured)."""
+    if not all("target_kl" in e for e in evs):
+        return None
+    return {k: statistics.fmean(e["target_kl"][k] for e in evs) for k in ("base_tuned", "tuned_base")}
 
 
 def _analysis_summary(an: dict[str, Any] | None, run_dir: Path, out: Path) -> dict[str, Any] | None:
@@ -190,6 +204,7 @@ def _analysis_summary(an: dict[str, Any] | None, run_dir: Path, out: Path) -> di
 def _cost(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     mean = lambda key: statistics.fmean(s.get(key) or 0.0 for s in summaries)  # noqa: E731
     s0 = summaries[0]
+    spreads = [s["step_time"] for s in summaries if s.get("step_time")]
     return {
         "trainable_params": s0["trainable_params"],
         "total_params": s0["total_params"],
@@ -200,6 +215,8 @@ def _cost(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens_seen": s0["tokens_seen"],
         "precision": s0.get("precision"),
         "device": s0.get("device"),
+        "noisy_machine": any(x.get("noisy") for x in spreads) if spreads else None,
+        "step_time_cv": max((x.get("cv") or 0.0) for x in spreads) if spreads else None,
     }
 
 
@@ -213,6 +230,8 @@ def assemble(
     out: Path,
     notes: list[str],
 ) -> dict[str, Any]:
+    from adaptlab.report.extrapolate import extrapolate
+    from adaptlab.report.predictor import kl_predictor
     from adaptlab.report.recommend import recommend
 
     metric = forgetting_metric(spec)
@@ -222,6 +241,7 @@ def assemble(
     for a in arms:
         arm_plans = [p for p in plans if p.arm == a.name]
         reps = [p for p in arm_plans if (not p.sweep or p.run == sweeps.get(a.name, {}).get("best_run"))]
+        reps.sort(key=lambda p: p.seed_index)  # seed s of every arm saw the same data order: pairs
         p0 = reps[0] if reps else arm_plans[0]
         config = {
             **p0.method_fields,
@@ -266,6 +286,8 @@ def assemble(
                 else None
             ),
             analysis=_analysis_summary(measured[reps[0].run]["analysis"], out / "runs" / reps[0].run, out),
+            per_doc=per_doc_of(evs),
+            target_kl=_target_kl(evs),
         )
         quantized = [e["quantized_base"] for e in evs if "quantized_base" in e]
         if quantized and len(quantized) == len(evs):
@@ -311,10 +333,15 @@ def assemble(
         "budget_note": budget_note,
         "lr_rule": lr_rule,
         "seeds": spec.seeds,
+        "target_tokens": spec.target_tokens,
         "forgetting_metric": metric,
         "limits": spec.limits.model_dump(),
         "notes": notes,
         "arms": records,
     }
+    if any(r.get("status") == "ok" and not r.get("per_doc") for r in records):
+        notes.append(FALLBACK_NOTE)
+    results["kl_predictor"] = kl_predictor(records, metric)
+    results["extrapolation"] = extrapolate(records, metric, spec.target_tokens)
     results["recommendation"] = recommend(results)
     return results

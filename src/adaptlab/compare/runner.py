@@ -13,6 +13,7 @@ run under a key of their settings, so a second invocation recomputes nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -29,7 +30,7 @@ from typing import Any
 import yaml
 
 from adaptlab import outputs
-from adaptlab.compare.arms import RunPlan, expand, resolve_ranks, study_arms
+from adaptlab.compare.arms import RunPlan, expand, lr_text, resolve_ranks, study_arms
 from adaptlab.compare.executors import Executor
 from adaptlab.compare.spec import ArmSpec, CompareSpec
 from adaptlab.config import build_config
@@ -38,6 +39,9 @@ from adaptlab.rundir import RunDir
 
 OnEvent = Callable[[dict[str, Any]], None]
 DEFAULT_EPOCHS = 2.0
+MAX_SWEEP_EXTENSIONS = 2
+"""Extra LRs an LR sweep may try beyond its grid's edge when its best LR lies on that edge."""
+EXTENSION_NOTE = "beyond the sweep's grid"
 
 
 def _atomic_json(path: Path, data: Any) -> None:
@@ -119,6 +123,7 @@ def load_probes(spec: CompareSpec) -> Probes:
         "mc": [str(Path(f).resolve()) for f in spec.mc],
         "mc_limit": e.mc_limit,
         "seq_len": e.seq_len,
+        "per_doc": 1,  # per-document numbers and the target KL are kept (paired differences, predictor)
     }
     return Probes(target, general, drift_docs, prompts, key)
 
@@ -410,6 +415,8 @@ def evaluate_run(spec: CompareSpec, run_dir: Path, probes: Probes, on_event: OnE
         drift_new_tokens=e.drift_tokens,
         mc_files=spec.mc or None,
         mc_limit=e.mc_limit,
+        per_doc=True,
+        target_kl=True,
         **kwargs,
     )
     if method == "qlora" and (probes.target or probes.general):
@@ -521,6 +528,16 @@ def _compare(
     jobs = [Job(p, p.run in forced, i + 1, total, overwrite) for i, p in enumerate(first)]
     status.update(executor.train_runs(jobs, spec, out, emit))
     sweeps = _sweep_results(plans, status, out)
+    extended: dict[str, int] = {}
+    while extra := _extend_sweeps(spec, plans, sweeps, extended):
+        plans += extra
+        total += len(extra)
+        jobs = [
+            Job(p, p.arm in force, total - len(extra) + i + 1, total, overwrite) for i, p in enumerate(extra)
+        ]
+        status.update(executor.train_runs(jobs, spec, out, emit))
+        sweeps = _sweep_results(plans, status, out)
+    done = total - len(later)
     jobs = []
     for i, p in enumerate(later):
         best = sweeps.get(p.arm, {}).get("best_lr")
@@ -532,7 +549,7 @@ def _compare(
             }
             continue
         p.lr = best
-        jobs.append(Job(p, p.run in forced, len(first) + i + 1, total, overwrite))
+        jobs.append(Job(p, p.run in forced, done + i + 1, total, overwrite))
     status.update(executor.train_runs(jobs, spec, out, emit))
 
     probes: Probes | None = None
@@ -580,6 +597,26 @@ def _representative_runs(arm: str, plans: list[RunPlan], sweeps: dict[str, dict[
     return out
 
 
+def _extend_sweeps(
+    spec: CompareSpec, plans: list[RunPlan], sweeps: dict[str, dict[str, Any]], extended: dict[str, int]
+) -> list[RunPlan]:
+    """One more LR beyond the edge of each sweep whose best LR lies on that edge (at most
+    MAX_SWEEP_EXTENSIONS per arm), a grid step further (the ratio of the two LRs nearest that edge)."""
+    new = []
+    for arm, entry in sweeps.items():
+        if not entry.get("best_at_edge") or extended.get(arm, 0) >= MAX_SWEEP_EXTENSIONS:
+            continue
+        lrs = sorted(pt["lr"] for pt in entry["points"])
+        lr = lrs[-1] ** 2 / lrs[-2] if entry["best_lr"] == lrs[-1] else lrs[0] ** 2 / lrs[1]
+        template = next(p for p in plans if p.arm == arm and p.sweep)
+        suffix = "-s0" if spec.seeds > 1 else ""
+        new.append(
+            dataclasses.replace(template, run=f"{arm}-lr{lr_text(lr)}{suffix}", lr=lr, notes=[EXTENSION_NOTE])
+        )
+        extended[arm] = extended.get(arm, 0) + 1
+    return new
+
+
 def _sweep_results(
     plans: list[RunPlan], status: dict[str, dict[str, Any]], out: Path
 ) -> dict[str, dict[str, Any]]:
@@ -588,12 +625,21 @@ def _sweep_results(
     for p in plans:
         if not p.sweep:
             continue
-        entry = sweeps.setdefault(p.arm, {"points": [], "best_lr": None, "best_run": None})
+        entry = sweeps.setdefault(
+            p.arm, {"points": [], "best_lr": None, "best_run": None, "grid_extensions": 0}
+        )
+        entry["grid_extensions"] += EXTENSION_NOTE in p.notes
         val = None
         if status.get(p.run, {}).get("status") == "ok":
             val = RunDir(out / "runs" / p.run).read_summary().get("final_val_loss")
         entry["points"].append(
-            {"lr": p.lr, "run": p.run, "final_val_loss": val, "status": status[p.run]["status"]}
+            {
+                "lr": p.lr,
+                "run": p.run,
+                "final_val_loss": val,
+                "status": status[p.run]["status"],
+                "beyond_grid": EXTENSION_NOTE in p.notes,
+            }
         )
     for entry in sweeps.values():
         ok = [

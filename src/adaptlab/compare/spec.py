@@ -181,6 +181,8 @@ class CompareSpec(_Spec):
     tokens: int = Field(gt=0)
     """The budget: tokens every arm sees (equal across arms unless the study is about budget)."""
     seeds: int = Field(1, ge=1)
+    target_tokens: int | None = Field(None, gt=0)
+    """Extrapolate arms measured at several budgets (e.g. the data-size study) to this many tokens."""
     study: str | None = None
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)

@@ -46,6 +46,7 @@ class DriftScores:
 
     kl: np.ndarray  # (N,)
     tokens: np.ndarray  # (N,)
+    kl_reverse: np.ndarray | None = None  # (N,) KL(tuned || base), when asked for
 
 
 def is_peft(model: Any) -> bool:
@@ -139,12 +140,17 @@ def drift_scores(
     batch_size: int = 8,
     stride: int | None = None,
     progress: Progress | None = None,
+    reverse: bool = False,
 ) -> DriftScores:
-    """Summed KL(base || tuned) and positions per sequence; base=None uses the tuned PeftModel's base."""
+    """Summed KL(base || tuned) and positions per sequence; base=None uses the tuned PeftModel's base.
+
+    reverse: also sum KL(tuned || base) (DriftScores.kl_reverse) over the same positions.
+    """
     if base is None and not is_peft(tuned):
         raise ValueError("drift needs a base model, or a PeftModel whose adapters can be disabled")
     windows = make_windows(seqs, masks, seq_len, stride)
     kl = np.zeros(len(seqs), dtype=np.float64)
+    kl_rev = np.zeros(len(seqs), dtype=np.float64) if reverse else None
     tokens = np.zeros(len(seqs), dtype=np.int64)
     device = model_device(tuned)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_token(tokenizer)
@@ -165,14 +171,20 @@ def drift_scores(
                     base_logits = logits_of(base, bt).to(device)
                 for r, w in enumerate(batch):
                     end = len(w.ids) - 1  # slices are views: no copy, no work on pad or context positions
-                    row_kl = kl_per_position(base_logits[r, w.first : end], tuned_logits[r, w.first : end])
-                    if w.mask is not None:
-                        row_kl = row_kl * torch.tensor(w.mask, device=row_kl.device)
-                    kl[w.doc] += float(row_kl.double().sum())
+                    b_rows, t_rows = base_logits[r, w.first : end], tuned_logits[r, w.first : end]
+                    kl[w.doc] += _masked_sum(kl_per_position(b_rows, t_rows), w.mask)
+                    if kl_rev is not None:
+                        kl_rev[w.doc] += _masked_sum(kl_per_position(t_rows, b_rows), w.mask)
                     tokens[w.doc] += w.n_scored
                 if progress:
                     progress(int(t["attention_mask"].sum()))
     finally:
         for m, mode in zip(models, modes, strict=True):
             m.train(mode)
-    return DriftScores(kl=kl, tokens=tokens)
+    return DriftScores(kl=kl, tokens=tokens, kl_reverse=kl_rev)
+
+
+def _masked_sum(values: torch.Tensor, mask: list[bool] | None) -> float:
+    if mask is not None:
+        values = values * torch.tensor(mask, device=values.device)
+    return float(values.double().sum())

@@ -21,8 +21,14 @@ over documents/items, N_RESAMPLES resamples, seed 0):
       "harness": {"<task>": {"<metric>": f, ..., "base": {...}, "delta": {"<metric>": f}}},
       "task":    {"name", "reward", "n", "k", "pass1", "mean_reward_k", "base": {...},
                   "delta": {"pass1", "pass1_ci95", "mean_reward_k", "mean_reward_k_ci95"}}  (evaluate/task.py)
+      "target_kl": {"base_tuned": f, "tuned_base": f, "ci95_base_tuned", "ci95_tuned_base", "tokens", "docs"},
       "settings": {"seq_len", "stride", "batch_size", "drift_new_tokens", "seed", "n_resamples"}
     }
+
+With per_doc=True every section also keeps its per-document (per-item) numbers, the inputs of paired
+comparisons between models scored on the same documents: target/general "per_doc": {"nll", "base_nll",
+"tokens"}; drift and target_kl "per_doc": {"kl", "kl_reverse"?, "tokens"}; mc "per_item": {"acc", "base_acc"}.
+target_kl (KL both ways on the held-out target text) is measured when asked for with target_kl=True.
 
 learning = -target.delta.nll; forgetting = general.delta.nll, drift.kl, -mc.<general task>.delta.acc.
 
@@ -60,20 +66,28 @@ def _check_same_vocab(model: Any, base: Any, tokenizer: Any, base_tokenizer: Any
 
 
 def _nll_section(
-    tuned: perplexity.DocScores, base: perplexity.DocScores | None, n_resamples: int
+    tuned: perplexity.DocScores, base: perplexity.DocScores | None, n_resamples: int, per_doc: bool = False
 ) -> dict[str, Any]:
     section: dict[str, Any] = perplexity.summarize(tuned)
     if base is not None:
         section["base"] = perplexity.summarize(base)
         ci = stats.paired_delta_ci(tuned.nll, tuned.tokens, base.nll, base.tokens, n_resamples)
         section["delta"] = {"nll": section["nll"] - section["base"]["nll"], "ci95": ci}
+    if per_doc:
+        section["per_doc"] = {"nll": tuned.nll.tolist(), "tokens": tuned.tokens.tolist()}
+        if base is not None:
+            section["per_doc"]["base_nll"] = base.nll.tolist()
     return section
 
 
 def _mc_section(
-    tuned: choice.ChoiceScores, base: choice.ChoiceScores | None, n_resamples: int
+    tuned: choice.ChoiceScores, base: choice.ChoiceScores | None, n_resamples: int, per_doc: bool = False
 ) -> dict[str, Any]:
     section: dict[str, Any] = choice.summarize(tuned)
+    if per_doc:
+        section["per_item"] = {"acc": np.asarray(tuned.acc, float).tolist()}
+        if base is not None:
+            section["per_item"]["base_acc"] = np.asarray(base.acc, float).tolist()
     if base is not None:
         section["base"] = choice.summarize(base)
         ones = np.ones(len(tuned.acc))
@@ -112,6 +126,7 @@ class _Scoring:
     stride: int | None
     n_resamples: int
     say: Progress
+    per_doc: bool = False
 
     def cached(
         self, identity: str | None, kind: str, data_hash: str, key_settings: dict[str, Any], compute: Any
@@ -167,6 +182,7 @@ def _nll_step(s: _Scoring, name: str, docs_in: Sequence[str | Document]) -> dict
         perplexity.DocScores.from_json(tuned),
         None if base is None else perplexity.DocScores.from_json(base),
         s.n_resamples,
+        s.per_doc,
     )
 
 
@@ -198,8 +214,46 @@ def _drift_texts(
 
 def _drift_step(s: _Scoring, seqs: Any, masks: Any, source: str) -> dict[str, Any]:
     """Mean per-token KL(base || tuned) over the sequences, with its bootstrap interval."""
-    s.say("drift", 0)
-    scores = drift.drift_scores(
+    scores = _kl_scores(s, seqs, masks, "drift", reverse=False)
+    total = int(scores.tokens.sum())
+    out = {
+        "kl": float(scores.kl.sum() / total) if total else float("nan"),
+        "tokens": total,
+        "docs": len(seqs),
+        "ci95": stats.ratio_ci(scores.kl, scores.tokens, s.n_resamples),
+        "source": source,
+    }
+    if s.per_doc:
+        out["per_doc"] = {"kl": scores.kl.tolist(), "tokens": scores.tokens.tolist()}
+    return out
+
+
+def _target_kl_step(s: _Scoring, docs_in: Sequence[str | Document]) -> dict[str, Any]:
+    """KL(base || tuned) and KL(tuned || base) per token on the held-out target text."""
+    seqs, masks, _ = perplexity.encode_documents(perplexity.as_documents(docs_in), s.base_tok, s.seq_len)
+    scores = _kl_scores(s, seqs, masks, "target KL", reverse=True)
+    assert scores.kl_reverse is not None
+    total = int(scores.tokens.sum())
+    out: dict[str, Any] = {
+        "base_tuned": float(scores.kl.sum() / total) if total else float("nan"),
+        "tuned_base": float(scores.kl_reverse.sum() / total) if total else float("nan"),
+        "ci95_base_tuned": stats.ratio_ci(scores.kl, scores.tokens, s.n_resamples),
+        "ci95_tuned_base": stats.ratio_ci(scores.kl_reverse, scores.tokens, s.n_resamples),
+        "tokens": total,
+        "docs": len(seqs),
+    }
+    if s.per_doc:
+        out["per_doc"] = {
+            "kl": scores.kl.tolist(),
+            "kl_reverse": scores.kl_reverse.tolist(),
+            "tokens": scores.tokens.tolist(),
+        }
+    return out
+
+
+def _kl_scores(s: _Scoring, seqs: Any, masks: Any, stage: str, reverse: bool) -> drift.DriftScores:
+    s.say(stage, 0)
+    return drift.drift_scores(
         s.model,
         s.tokenizer,
         seqs,
@@ -208,16 +262,9 @@ def _drift_step(s: _Scoring, seqs: Any, masks: Any, source: str) -> dict[str, An
         seq_len=s.seq_len,
         batch_size=s.batch_size,
         stride=s.stride,
-        progress=lambda n: s.say("drift", n),
+        progress=lambda n: s.say(stage, n),
+        reverse=reverse,
     )
-    total = int(scores.tokens.sum())
-    return {
-        "kl": float(scores.kl.sum() / total) if total else float("nan"),
-        "tokens": total,
-        "docs": len(seqs),
-        "ci95": stats.ratio_ci(scores.kl, scores.tokens, s.n_resamples),
-        "source": source,
-    }
 
 
 def _mc_step(s: _Scoring, stem: str, path: str | Path, limit: int | None) -> dict[str, Any]:
@@ -234,6 +281,7 @@ def _mc_step(s: _Scoring, stem: str, path: str | Path, limit: int | None) -> dic
         choice.ChoiceScores.from_json(tuned),
         None if base is None else choice.ChoiceScores.from_json(base),
         s.n_resamples,
+        s.per_doc,
     )
 
 
@@ -328,6 +376,8 @@ def evaluate(
     base_identity: str | None = None,
     model_identity: str | None = None,
     progress: Progress | None = None,
+    per_doc: bool = False,
+    target_kl: bool = False,
 ) -> dict[str, Any]:
     """All asked-for figures of `model` (see the module docstring for the schema).
 
@@ -337,6 +387,7 @@ def evaluate(
     text sampled from the base from drift_prompts. base_identity / model_identity (cache.model_identity): cache the
     figures of the base / of the model under that identity in `cache` (a default BaseCache when None).
     task: a verifiable task (TaskEval) scored on its held-out prompts, pass@1 and mean reward@k.
+    per_doc: keep the per-document numbers in each section; target_kl: KL both ways on target_docs.
     """
     if batch_size < 1 or seq_len < 8:
         raise UserError(f"need --batch >= 1 and --seq-len >= 8 (got {batch_size}, {seq_len})")
@@ -366,12 +417,15 @@ def evaluate(
         stride=stride,
         n_resamples=n_resamples,
         say=progress or (lambda stage, n: None),
+        per_doc=per_doc,
     )
     result: dict[str, Any] = {}
     if target_docs is not None:
         result["target"] = _nll_step(s, "target", target_docs)
     if general_docs is not None:
         result["general"] = _nll_step(s, "general", general_docs)
+    if target_kl and target_docs is not None and has_base:
+        result["target_kl"] = _target_kl_step(s, target_docs)
     if drift_kl:
         result["drift"] = _drift_step(s, *_drift_texts(s, drift_docs, drift_prompts, drift_new_tokens, seed))
     if mc_files:

@@ -32,7 +32,8 @@ def _resample_sums(columns: list[np.ndarray], n_resamples: int, seed: int) -> li
     return out
 
 
-def _interval(samples: np.ndarray) -> list[float]:
+def interval95(samples: np.ndarray) -> list[float]:
+    """2.5th and 97.5th percentiles of the finite samples (nan, nan when there are none)."""
     samples = samples[np.isfinite(samples)]
     if samples.size == 0:
         return [float("nan"), float("nan")]
@@ -50,7 +51,7 @@ def ratio_ci(
         return [value, value]
     s_num, s_den = _resample_sums([num, den], n_resamples, seed)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return _interval(s_num / s_den)
+        return interval95(s_num / s_den)
 
 
 def paired_delta_ci(
@@ -70,4 +71,135 @@ def paired_delta_ci(
         return [float(value), float(value)]
     nt, dt, nb, db = _resample_sums(cols, n_resamples, seed)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return _interval(nt / dt - nb / db)
+        return interval95(nt / dt - nb / db)
+
+
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+"""Two-sided 95% Student t quantiles by degrees of freedom (1.96 beyond), for the spread over seeds."""
+
+
+def t95(df: int) -> float:
+    return T95.get(df, 1.96)
+
+
+def _seed_mean(num: np.ndarray, den: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray | float:
+    """Mean over seeds of sum(num)/sum(den) per seed; with idx (R, N) one value per resample."""
+    if idx is None:
+        return float(np.mean(num.sum(axis=1) / den.sum(axis=1)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (num[:, idx].sum(axis=2) / den[:, idx].sum(axis=2)).mean(axis=0)  # (R,)
+
+
+def _seed_half(terms: list[tuple[float, np.ndarray, np.ndarray]]) -> float:
+    """Half-width of the 95% interval that the seed-to-seed spread adds (0 with one seed per term).
+
+    With the same number of seeds S in every term, seed s of each arm saw the same data order, so
+    the contrast is computed per seed and its spread taken (paired); otherwise each term's own
+    spread adds up. Student t with S - 1 degrees of freedom: a bootstrap over 2 or 3 seeds would
+    understate the spread.
+    """
+    seeds = {num.shape[0] for _, num, _ in terms}
+    if max(seeds) < 2:
+        return 0.0
+    per_seed = lambda num, den: num.sum(axis=1) / den.sum(axis=1)  # noqa: E731
+    if len(seeds) == 1:
+        (n,) = seeds
+        values = sum(w * per_seed(num, den) for w, num, den in terms)
+        return t95(n - 1) * float(np.std(values, ddof=1)) / np.sqrt(n)
+    var = sum(
+        w**2 * float(np.var(per_seed(num, den), ddof=1)) / num.shape[0]
+        for w, num, den in terms
+        if num.shape[0] > 1
+    )
+    return t95(min(s for s in seeds if s > 1) - 1) * float(np.sqrt(var))
+
+
+def contrast_ci(
+    terms: list[tuple[float, np.ndarray, np.ndarray]],
+    n_resamples: int = N_RESAMPLES,
+    seed: int = SEED,
+) -> dict[str, float | list[float]]:
+    """sum_i w_i * mean over seeds of sum(num_i)/sum(den_i), with its paired 95% interval.
+
+    terms: (weight, num (S, N), den (S, N)) per figure: S seeds (replicates) of the same N documents.
+    Every resample draws one set of documents for all terms (the documents are shared: that is the
+    pairing); the seed-to-seed spread (_seed_half) widens each side of that interval in quadrature.
+    A difference A - B is [(1, A), (-1, B)].
+    """
+    terms = [
+        (float(w), np.atleast_2d(np.asarray(n, float)), np.atleast_2d(np.asarray(d, float)))
+        for w, n, d in terms
+    ]
+    n_docs = {t[1].shape[1] for t in terms} | {t[2].shape[1] for t in terms}
+    if len(n_docs) != 1:
+        raise ValueError("every figure of a contrast must cover the same documents")
+    n = n_docs.pop()
+    value = float(sum(w * _seed_mean(num, den) for w, num, den in terms))
+    seed_half = _seed_half(terms)
+    if n < 2:
+        return {"value": value, "ci95": [value - seed_half, value + seed_half]}
+    rng = np.random.default_rng(seed)
+    samples = np.zeros(n_resamples, dtype=np.float64)
+    per_chunk = max(1, _CHUNK // max(n, 1))
+    for lo in range(0, n_resamples, per_chunk):
+        hi = min(lo + per_chunk, n_resamples)
+        idx = rng.integers(0, n, size=(hi - lo, n))
+        for w, num, den in terms:
+            samples[lo:hi] += w * _seed_mean(num, den, idx)
+    doc_lo, doc_hi = interval95(samples)
+    return {
+        "value": value,
+        "ci95": [
+            value - float(np.hypot(value - doc_lo, seed_half)),
+            value + float(np.hypot(doc_hi - value, seed_half)),
+        ],
+    }
+
+
+def paired_difference(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], sign: float = 1.0, **kw: int
+) -> dict[str, float | list[float]]:
+    """sign * (figure of A - figure of B), each a ratio of sums per seed, paired over documents and seeds."""
+    return contrast_ci([(sign, *a), (-sign, *b)], **kw)
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
+    rx, ry = _ranks(np.asarray(x, float)), _ranks(np.asarray(y, float))
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    order = v.argsort(kind="stable")
+    ranks = np.empty(len(v), dtype=np.float64)
+    ranks[order] = np.arange(len(v), dtype=np.float64)
+    for value in np.unique(v):  # ties share their average rank
+        tied = v == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+NOISY_CV = 0.3
+"""Step times varying more than this (std / mean) mean the machine, not the method, set the pace:
+on a quiet machine a run's steps take the same time to within a few percent."""
+
+
+def step_time_spread(tokens_per_s: list[float], warmup: int = 1) -> dict[str, float | int | bool | None]:
+    """How much a run's step times vary: {"steps", "cv", "slowest_over_median", "noisy"}.
+
+    Steps process equal token counts, so a step's time is proportional to 1 / its tokens per second.
+    The first `warmup` logged steps (allocation, compilation) are left out.
+    """
+    seconds = np.array([1.0 / x for x in tokens_per_s[warmup:] if x and x > 0], dtype=np.float64)
+    if len(seconds) < 3:
+        return {"steps": len(seconds), "cv": None, "slowest_over_median": None, "noisy": False}
+    cv = float(seconds.std() / seconds.mean())
+    return {
+        "steps": len(seconds),
+        "cv": cv,
+        "slowest_over_median": float(seconds.max() / np.median(seconds)),
+        "noisy": cv > NOISY_CV,
+    }

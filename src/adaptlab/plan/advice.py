@@ -7,11 +7,15 @@ parameters in unique training tokens. "LoRA Without Regret" (Schulman et al., Th
 found LoRA matches full fine-tuning until the data's information exceeds the adapter's capacity, and
 that the optimal LoRA learning rate is ~10x full fine-tuning's and that LoRA pays more than full
 fine-tuning at large batch sizes; "LoRA Learns Less and Forgets Less" (Biderman et al. 2024) found
-LoRA keeps more general ability.
+LoRA keeps more general ability. Published findings enter the plan as priors with their mixed
+evidence, never as facts about the user's run; comparisons already measured for the same base
+(results.json under the compare root) are quoted instead.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from adaptlab.config import FULL_LR, LORA_LR_FACTOR, default_lr
@@ -23,6 +27,13 @@ HEURISTIC = (
     "<= 1 bit of new information per unique training token; LoRA falls behind full fine-tuning once data "
     "exceeds adapter capacity (Schulman et al., 'LoRA Without Regret', Thinking Machines 2025)"
 )
+FORGETTING_PRIOR = (
+    "prior, not a measurement of your data: Biderman et al. 2024 found LoRA learns less and forgets less; "
+    "the evidence is mixed (adaptlab's own comparisons on two domains measured LoRA forgetting more than full "
+    "fine-tuning), so which one forgets less here is for the compare command to measure"
+)
+MAX_MEASURED = 3
+"""Comparisons quoted at most (the most recent first)."""
 LORA_MAX_GLOBAL_BATCH = 32  # sequences per optimizer step
 SEARCH_RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -83,8 +94,14 @@ def recommend(
     unique_tokens: int,
     memory: int | None,
     command: str,
+    measured: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Pick a method and say why in plain words; `methods` holds the per-method plans."""
+    """Pick a method and say why in plain words; `methods` holds the per-method plans.
+
+    measured: sentences quoting comparisons already run for this base (measured_comparisons); when
+    there are none, the published forgetting finding is stated as a prior with its mixed evidence.
+    """
+    measured = measured or []
     full, lora, qlora = methods["full"], methods[default_lora], methods["qlora"]
     reasons: list[str] = []
     lora_keys = [k for k in methods if k.startswith("lora")]
@@ -142,19 +159,48 @@ def recommend(
             f"LoRA needs {_gib(lora['peak_mem_bytes'])} vs {_gib(full['peak_mem_bytes'])} for full fine-tuning "
             f"and runs ~{full['time_per_epoch_s'] / max(lora['time_per_epoch_s'], 1e-9):.1f}x faster per epoch"
         )
+    reasons += measured or [FORGETTING_PRIOR]
     if method != "full":
-        reasons.append(
-            "it keeps more of the base model's general ability (LoRA learns less and forgets less; Biderman et "
-            "al. 2024)"
-        )
         reasons.append(
             f"one base serves many domains: each adapter is {lora['artifact_bytes'] / 2**20:.1f} MiB on disk vs "
             f"{full['artifact_bytes'] / 2**20:.0f} MiB for a fully fine-tuned copy"
         )
-    else:
-        reasons.append(
-            "if keeping general ability matters more than learning the domain, confirm with the compare "
-            "command: full fine-tuning usually forgets more"
-        )
     reasons.append("these are estimates and heuristics: the compare command below measures it on your data")
-    return {"method": method, "reasons": reasons, "command": command}
+    return {
+        "method": method,
+        "reasons": reasons,
+        "priors": [FORGETTING_PRIOR],
+        "measured": measured,
+        "command": command,
+    }
+
+
+def measured_comparisons(model: str, root: str | Path | None) -> list[str]:
+    """One sentence per finished comparison of this base under root (results.json up to two levels down)."""
+    if root is None or not Path(root).is_dir():
+        return []
+    found = []
+    for path in [*Path(root).glob("*/results.json"), *Path(root).glob("*/*/results.json")]:
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if results.get("model") == model and (results.get("recommendation") or {}).get("pick"):
+            found.append((path.stat().st_mtime, path, results))
+    return [_measured_sentence(p, r) for _, p, r in sorted(found, key=lambda x: -x[0])[:MAX_MEASURED]]
+
+
+def _measured_sentence(path: Path, results: dict[str, Any]) -> str:
+    rec = results["recommendation"]
+    ok = [a for a in results.get("arms", []) if a.get("status") == "ok"]
+    arms = ", ".join(
+        f"{a['name']} learning {a['learning']['value']:.4f} / forgetting {a['forgetting'].get('value', float('nan')):.4f}"
+        for a in ok[:6]
+    )
+    verdicts = {f["id"]: f["verdict"] for f in rec.get("findings", [])}
+    target = ", ".join(results.get("data", {}).get("target") or [])
+    return (
+        f"measured on this base ({path.parent}, target {target}, {results.get('forgetting_metric')}): "
+        f"{arms}; pick {rec['pick']}; LoRA learns less: {verdicts.get('learns_less', 'not tested')}, "
+        f"LoRA forgets less: {verdicts.get('forgets_less', 'not tested')}"
+    )

@@ -230,11 +230,13 @@ def plan(
     text_field: str = "text",
     benchmark: bool = True,
     refresh: bool = False,
+    compare_root: str | None = None,
 ) -> dict[str, Any]:
     """Estimates for full, LoRA (each rank), DoRA and QLoRA, and a recommendation (see the module docstring).
 
     tokens: a token budget instead of `epochs` passes over the data. benchmark=False skips the device
     micro-benchmark (times then use a nominal throughput and say so). refresh re-measures cached values.
+    compare_root: a folder of comparisons (OUT dirs); those of the same base are quoted as measurements.
     """
     from adaptlab.hardware import choose_precision, pick_device
     from adaptlab.models import load_tokenizer
@@ -323,7 +325,15 @@ def plan(
             "lr": advice.suggested_lrs(),
             "batch": advice.suggested_batch(batch, grad_accum, seq_len),
         },
-        "recommendation": advice.recommend(methods, "lora", task, size.tokens_per_epoch, limit_used, command),
+        "recommendation": advice.recommend(
+            methods,
+            "lora",
+            task,
+            size.tokens_per_epoch,
+            limit_used,
+            command,
+            advice.measured_comparisons(model, compare_root),
+        ),
         "notes": _notes(task),
     }
 

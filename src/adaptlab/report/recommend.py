@@ -1,10 +1,11 @@
 """The recommendation, computed from the measured numbers only: frontier, picks under limits, findings.
 
-Nothing here is written in advance. Two figures are "distinguishable" only when their 95%
-intervals do not overlap (a conservative test: the intervals are per arm, not of the difference),
-and every published finding gets a verdict from the measurements: agrees, disagrees, partly agrees
-(or disagrees: some pairs distinguishable, the rest not), mixed,
-inconclusive (intervals overlap) or not tested (the comparison has no arms that test it).
+Nothing here is written in advance. Two arms are "distinguishable" when the 95% interval of their
+difference, paired over the same held-out documents and seeds (report.paired), excludes 0; results
+without per-document numbers fall back to per-arm intervals that do not overlap. Every published
+finding gets a verdict from those differences: agrees, disagrees, partly agrees (or disagrees: some
+pairs distinguishable, the rest not), mixed, inconclusive (the difference's interval contains 0) or
+not tested (the comparison has no arms that test it).
 
     python -c "from adaptlab.report.recommend import pareto_frontier as p; print(p([('a', 1, 1), ('b', 2, 2)]))"
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any, Literal
+
+from adaptlab.report.paired import contrast, difference, fmt_diff, resolve, sign_of
 
 Relation = Literal["above", "below", "overlap"]
 
@@ -98,29 +101,29 @@ def _finding(fid: str, claim: str, source: str, verdict: str, evidence: list[str
     return {"id": fid, "claim": claim, "source": source, "verdict": verdict, "evidence": evidence}
 
 
-def _full_vs_lora(arms: list[dict[str, Any]], metric: str) -> tuple[list[str], list[str]]:
+def _full_vs_lora(arms: list[dict[str, Any]], metric: str, fm: str) -> tuple[list[str], list[str]]:
     """Verdicts and evidence for full vs each LoRA-family arm trained on the same batch and data."""
     verdicts, evidence = [], []
+    verb = "learned" if metric == "learning" else "forgot"
     for f in (a for a in arms if a["method"] == "full"):
         for lo in (a for a in arms if a["method"] != "full" and _context(a) == _context(f)):
-            rel = relation(f[metric]["ci95"], lo[metric]["ci95"])
-            if metric == "learning":
-                verdict = {"above": "agrees", "below": "disagrees", "overlap": "inconclusive"}[rel]
-                word = {
-                    "above": "learned more than",
-                    "below": "learned less than",
-                    "overlap": "is not distinguishable from",
-                }[rel]
-            else:
-                verdict = {"above": "agrees", "below": "disagrees", "overlap": "inconclusive"}[rel]
-                word = {
-                    "above": "forgot more than",
-                    "below": "forgot less than",
-                    "overlap": "is not distinguishable from",
-                }[rel]
-            verdicts.append(verdict)
-            evidence.append(f"{f['name']} {_fig(f[metric])} {word} {lo['name']} {_fig(lo[metric])}")
+            d = difference(f, lo, metric, fm)
+            rel = sign_of(d)
+            verdicts.append({"above": "agrees", "below": "disagrees", "overlap": "inconclusive"}[rel])
+            word = {
+                "above": f"{verb} more than",
+                "below": f"{verb} less than",
+                "overlap": "is not distinguishable from",
+            }[rel]
+            evidence.append(f"{f['name']} {word} {lo['name']}: {f['name']} - {lo['name']} = {_diff(d)}")
     return verdicts, evidence
+
+
+def _diff(d: dict[str, Any] | None) -> str:
+    """A difference with its interval, saying whether it is paired."""
+    if d is None:
+        return "n/a"
+    return fmt_diff(d) + ("" if d.get("paired") else " (unpaired)")
 
 
 def _lr_ratio(results: dict[str, Any], arms: list[dict[str, Any]]) -> dict[str, Any]:
@@ -157,7 +160,7 @@ def _lr_ratio(results: dict[str, Any], arms: list[dict[str, Any]]) -> dict[str, 
     return _finding("lr_ratio", claim, REGRET, _overall(verdicts), evidence)
 
 
-def _targets(arms: list[dict[str, Any]]) -> dict[str, Any]:
+def _targets(arms: list[dict[str, Any]], fm: str) -> dict[str, Any]:
     claim = "LoRA on all layers (incl. MLP) learns more than attention-only LoRA at matched trainable params"
     lora = [a for a in arms if a["method"] in ("lora", "lora+rslora", "dora", "qlora")]
     alls = [a for a in lora if a["config"].get("targets") == "all-linear" and a["method"] == "lora"]
@@ -170,20 +173,22 @@ def _targets(arms: list[dict[str, Any]]) -> dict[str, Any]:
     for at in attn:
         same = [a for a in alls if _context(a) == _context(at) and a["method"] == at["method"]] or alls
         al = same[0]
-        rel = relation(al["learning"]["ci95"], at["learning"]["ci95"])
-        verdicts.append({"above": "agrees", "below": "disagrees", "overlap": "inconclusive"}[rel])
+        d = difference(al, at, "learning", fm)
+        verdicts.append({"above": "agrees", "below": "disagrees", "overlap": "inconclusive"}[sign_of(d)])
         evidence.append(
             f"{al['name']} (all-linear, {al['cost']['trainable_params']:,} params) {_fig(al['learning'])} vs "
-            f"{at['name']} (attention, {at['cost']['trainable_params']:,} params) {_fig(at['learning'])}"
+            f"{at['name']} (attention, {at['cost']['trainable_params']:,} params) {_fig(at['learning'])}; "
+            f"difference {_diff(d)}"
         )
     for m in (a for a in lora if a["config"].get("targets") == "mlp"):
         evidence.append(f"MLP-only {m['name']}: {_fig(m['learning'])}")
     return _finding("targets", claim, REGRET, _overall(verdicts), evidence)
 
 
-def _batch(arms: list[dict[str, Any]]) -> dict[str, Any]:
+def _batch(arms: list[dict[str, Any]], fm: str) -> dict[str, Any]:
     claim = "LoRA loses more than full fine-tuning when the batch grows (batch-size sensitivity)"
-    drops: dict[str, tuple[float, float, str]] = {}
+    ends: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    evidence = []
     for family in ("full", "lora"):
         group = [
             a
@@ -196,29 +201,24 @@ def _batch(arms: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         small = next(a for a in group if _global_batch(a) == sizes[0])
         large = next(a for a in group if _global_batch(a) == sizes[-1])
-        drop = small["learning"]["value"] - large["learning"]["value"]
-        drops[family] = (
-            drop,
-            _half(small["learning"]) + _half(large["learning"]),
+        ends[family] = (small, large)
+        drop = difference(small, large, "learning", fm)
+        evidence.append(
             f"{family}: learning at batch {sizes[0]} {_fig(small['learning'])}, at batch {sizes[-1]} "
-            f"{_fig(large['learning'])}, drop {drop:+.4f}",
+            f"{_fig(large['learning'])}, drop {_diff(drop)}"
         )
-    if len(drops) < 2:
+    if len(ends) < 2:
         return _finding(
             "batch", claim, REGRET, "not tested", ["needs full and LoRA arms at two or more batch sizes"]
         )
-    d = drops["lora"][0] - drops["full"][0]
-    u = drops["lora"][1] + drops["full"][1]
-    verdict = "agrees" if d > u else "disagrees" if d < -u else "inconclusive"
-    evidence = [
-        drops["full"][2],
-        drops["lora"][2],
-        f"LoRA's drop minus full's: {d:+.4f} (uncertainty +-{u:.4f})",
-    ]
+    (ls, ll), (fs, fl) = ends["lora"], ends["full"]
+    d = contrast([(1.0, ls), (-1.0, ll), (-1.0, fs), (1.0, fl)], "learning", fm)
+    verdict = {"above": "agrees", "below": "disagrees", "overlap": "inconclusive"}[sign_of(d)]
+    evidence.append(f"LoRA's drop minus full's: {_diff(d)}")
     return _finding("batch", claim, REGRET, verdict, evidence)
 
 
-def _data_size(arms: list[dict[str, Any]]) -> dict[str, Any]:
+def _data_size(arms: list[dict[str, Any]], fm: str) -> dict[str, Any]:
     claim = "LoRA matches or beats full fine-tuning on small data; full fine-tuning pulls ahead as data grows"
     sized = [a for a in arms if a["config"].get("data_fraction") is not None]
     fracs = sorted({a["config"]["data_fraction"] for a in sized})
@@ -231,7 +231,7 @@ def _data_size(arms: list[dict[str, Any]]) -> dict[str, Any]:
         {(a["method"], a["config"].get("rank")) for a in sized if a["method"] != "full"}, key=str
     )
     for method, rank in lora_keys:
-        gaps = []
+        pairs = []
         for fr in fracs:
             f = next((a for a in sized if a["method"] == "full" and a["config"]["data_fraction"] == fr), None)
             lo = next(
@@ -245,23 +245,18 @@ def _data_size(arms: list[dict[str, Any]]) -> dict[str, Any]:
                 None,
             )
             if f and lo:
-                gaps.append(
-                    (
-                        fr,
-                        f["learning"]["value"] - lo["learning"]["value"],
-                        _half(f["learning"]) + _half(lo["learning"]),
-                    )
-                )
-        if len(gaps) < 2:
+                pairs.append((fr, f, lo, difference(f, lo, "learning", fm)))
+        if len(pairs) < 2:
             continue
-        (_, g0, u0), (_, g1, u1) = gaps[0], gaps[-1]
-        change, u = g1 - g0, u0 + u1
-        verdicts.append("agrees" if change > u else "disagrees" if change < -u else "inconclusive")
+        (_, f0, l0, _), (_, f1, l1, _) = pairs[0], pairs[-1]
+        change = contrast([(1.0, f1), (-1.0, l1), (-1.0, f0), (1.0, l0)], "learning", fm)
+        verdicts.append({"above": "agrees", "below": "disagrees", "overlap": "inconclusive"}[sign_of(change)])
+        gaps = [(fr, d["value"] if d else float("nan")) for fr, _, _, d in pairs]
         cross = [b[0] for a, b in zip(gaps, gaps[1:], strict=False) if (a[1] <= 0) != (b[1] <= 0)]
         evidence.append(
             f"full minus {method} r{rank}: "
-            + ", ".join(f"{100 * fr:g}% {g:+.4f}" for fr, g, _ in gaps)
-            + f"; change {change:+.4f} (uncertainty +-{u:.4f})"
+            + ", ".join(f"{100 * fr:g}% {_diff(d)}" for fr, _, _, d in pairs)
+            + f"; change {_diff(change)}"
             + (
                 f"; the sign flips at {100 * cross[0]:g}% of the data"
                 if cross
@@ -273,7 +268,7 @@ def _data_size(arms: list[dict[str, Any]]) -> dict[str, Any]:
     )
 
 
-def _rank(arms: list[dict[str, Any]]) -> dict[str, Any]:
+def _rank(arms: list[dict[str, Any]], fm: str) -> dict[str, Any]:
     claim = "Higher LoRA rank learns more (capacity), approaching full fine-tuning"
     plain = [a for a in arms if a["method"] == "lora" and a["config"].get("targets") == "all-linear"]
     plain = [a for a in plain if a["config"].get("data_fraction") is None]
@@ -282,16 +277,18 @@ def _rank(arms: list[dict[str, Any]]) -> dict[str, Any]:
         return _finding("rank", claim, BIDERMAN, "not tested", ["needs LoRA arms at three or more ranks"])
     low = next(a for a in plain if a["config"]["rank"] == ranks[0])
     high = next(a for a in plain if a["config"]["rank"] == ranks[-1])
-    rel = relation(high["learning"]["ci95"], low["learning"]["ci95"])
+    d = difference(high, low, "learning", fm)
+    rel = sign_of(d)
     evidence = [
         ", ".join(
             f"r{a['config']['rank']} {a['learning']['value']:.4f}"
             for a in sorted(plain, key=lambda a: a["config"]["rank"])
         )
+        + f"; r{ranks[-1]} - r{ranks[0]} = {_diff(d)}"
     ]
     full = [a for a in arms if a["method"] == "full"]
     if full:
-        match = [a for a in plain if relation(a["learning"]["ci95"], full[0]["learning"]["ci95"]) != "below"]
+        match = [a for a in plain if sign_of(difference(a, full[0], "learning", fm)) != "below"]
         evidence.append(
             f"smallest rank not distinguishable from (or above) {full[0]['name']}: "
             + (f"r{min(a['config']['rank'] for a in match)}" if match else "none")
@@ -358,6 +355,28 @@ def _best_under(ok: list[dict[str, Any]], fits: Any) -> dict[str, Any] | None:
     return max(cands, key=lambda a: a["learning"]["value"]) if cands else None
 
 
+def _vs_pick(ok: list[dict[str, Any]], pick: dict[str, Any], fm: str) -> list[dict[str, Any]]:
+    """Each other arm minus the pick: learning, forgetting and every other forgetting measure, paired."""
+    rows = []
+    extra = ["general_nll", "drift_kl"] + [f"mc:{k}" for k in (pick.get("forgetting") or {}).get("mc") or {}]
+    for a in ok:
+        if a is pick:
+            continue
+        row: dict[str, Any] = {
+            "arm": a["name"],
+            "learning": difference(a, pick, "learning", fm),
+            "forgetting": difference(a, pick, "forgetting", fm),
+        }
+        primary = resolve("forgetting", fm, pick)
+        for m in extra:
+            if m != primary:
+                d = difference(a, pick, m, fm)
+                if d is not None:
+                    row[m] = d
+        rows.append(row)
+    return rows
+
+
 def recommend(results: dict[str, Any]) -> dict[str, Any]:
     """Frontier, pick, picks under limits and per-finding verdicts, with the reasons in words."""
     ok = [
@@ -378,20 +397,22 @@ def recommend(results: dict[str, Any]) -> dict[str, Any]:
         }
     frontier = pareto_frontier([(a["name"], a["learning"]["value"], a["forgetting"]["value"]) for a in ok])
     best = max(ok, key=lambda a: a["learning"]["value"])
-    ties = [a for a in ok if relation(a["learning"]["ci95"], best["learning"]["ci95"]) == "overlap"]
+    ties = [a for a in ok if a is best or sign_of(difference(best, a, "learning", metric)) != "above"]
     pick = min(ties, key=lambda a: (a["forgetting"]["value"], a["cost"]["peak_mem_bytes"]))
     if pick is best:
         reason = f"{pick['name']} learned the most ({_fig(pick['learning'])} nats/token)"
         others = [a["name"] for a in ties if a is not best]
         if others:
-            reason += f"; {', '.join(others)} {'is' if len(others) == 1 else 'are'} not distinguishable from it in learning but forget more"
+            reason += f"; {', '.join(others)} {'is' if len(others) == 1 else 'are'} not distinguishable from it in learning (paired difference) but forget more"
         elif len(ok) > 1:
-            reason += ", distinguishably more than every other arm"
+            reason += ", distinguishably more than every other arm (paired differences)"
     else:
+        d = difference(pick, best, "learning", metric)
         reason = (
             f"{pick['name']} learned {_fig(pick['learning'])}, not distinguishable from the best "
-            f"({best['name']}, {_fig(best['learning'])}), and forgets least among those "
-            f"({unit} {_fig(pick['forgetting'])} vs {_fig(best['forgetting'])})"
+            f"({best['name']}, {_fig(best['learning'])}; {pick['name']} - {best['name']} = {_diff(d)}), "
+            f"and forgets least among those ({pick['name']} - {best['name']} in {unit}: "
+            f"{_diff(difference(pick, best, 'forgetting', metric))})"
         )
     rec: dict[str, Any] = {
         "frontier": frontier,
@@ -403,6 +424,7 @@ def recommend(results: dict[str, Any]) -> dict[str, Any]:
         "forgetting_metric": metric,
         "forgetting_ladder": _ladder_forgetting(ok, frontier),
         "memory_ladder": _ladder_memory(ok),
+        "vs_pick": _vs_pick(ok, pick, metric),
     }
     limits = results.get("limits") or {}
     if limits.get("forgetting") is not None:
@@ -417,8 +439,8 @@ def recommend(results: dict[str, Any]) -> dict[str, Any]:
         lim_b = limits["memory_gb"] * BYTES_PER_GB
         a = _best_under(ok, lambda a: a["cost"]["peak_mem_bytes"] <= lim_b)
         rec["under_memory_limit"] = {"limit_gb": limits["memory_gb"], "pick": a["name"] if a else None}
-    learn_v, learn_e = _full_vs_lora(ok, "learning")
-    forget_v, forget_e = _full_vs_lora(ok, "forgetting")
+    learn_v, learn_e = _full_vs_lora(ok, "learning", metric)
+    forget_v, forget_e = _full_vs_lora(ok, "forgetting", metric)
     findings = [
         _finding(
             "learns_less",
@@ -435,10 +457,10 @@ def recommend(results: dict[str, Any]) -> dict[str, Any]:
             forget_e or ["needs a full and a LoRA arm on the same batch and data"],
         ),
         _lr_ratio(results, ok),
-        _targets(ok),
-        _batch(ok),
-        _data_size(ok),
-        _rank(ok),
+        _targets(ok, metric),
+        _batch(ok, metric),
+        _data_size(ok, metric),
+        _rank(ok, metric),
         _intruders(ok),
     ]
     rec["findings"] = findings

@@ -14,8 +14,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from adaptlab.report.paired import fmt_diff, resolve
 from adaptlab.report.plots import METRIC_LABEL, all_plots
 from adaptlab.report.templates import HTML, MARKDOWN
+
+MEASURES = {"general_nll": "general NLL increase", "drift_kl": "drift KL"}
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -71,32 +74,84 @@ def _describe_arm(a: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _columns(results: dict[str, Any], ok: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(metric, header) of the forgetting measures besides the primary one that some arm measured."""
+    metric = results.get("forgetting_metric", "drift_kl")
+    primary = resolve("forgetting", metric, ok[0]) if ok else metric
+    cols = []
+    for m, label in MEASURES.items():
+        key = {"general_nll": "general_nll", "drift_kl": "drift"}[m]
+        if m != primary and any((a["forgetting"].get(key) or {}).get("value") is not None for a in ok):
+            cols.append((m, label))
+    stems = sorted({k for a in ok for k in (a["forgetting"].get("mc") or {})})
+    cols += [(f"mc:{k}", f"{k} accuracy drop") for k in stems if f"mc:{k}" != primary]
+    return cols
+
+
+def _other(f: dict[str, Any], metric: str) -> dict[str, Any] | None:
+    if metric.startswith("mc:"):
+        return (f.get("mc") or {}).get(metric[3:])
+    return f.get({"general_nll": "general_nll", "drift_kl": "drift"}[metric])
+
+
+def fmt_fit(entry: dict[str, Any] | None) -> str:
+    """An extrapolated figure with its interval, or why there is none."""
+    if not entry:
+        return "n/a"
+    if entry.get("expected") is None:
+        return entry.get("note", "n/a")
+    lo, hi = entry["ci95"]
+    return f"{entry['expected']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def _noisy(c: dict[str, Any]) -> str:
+    if c.get("noisy_machine"):
+        return f"noisy (step-time cv {c.get('step_time_cv', 0):.2f}): times are the machine's"
+    return "" if c.get("noisy_machine") is None else "steady"
+
+
 def context(results: dict[str, Any], images: dict[str, str]) -> dict[str, Any]:
     """Everything the templates show, formatted."""
     rec = results.get("recommendation") or {}
     frontier = set(rec.get("frontier", []))
-    rows, cost, intr, failed, heatmaps, sweeps = [], [], [], [], [], []
+    ok = [a for a in results["arms"] if a.get("status") == "ok"]
+    others = _columns(results, ok)
+    vs_pick = {row["arm"]: row for row in rec.get("vs_pick", [])}
+    rows, arms, cost, intr, failed, heatmaps, sweeps = [], [], [], [], [], [], []
     for a in results["arms"]:
         if a.get("status") != "ok":
             failed.append({"name": a["name"], "error": a.get("error", "")})
             continue
         f = a["forgetting"]
+        d = vs_pick.get(a["name"], {})
+        is_pick = a["name"] == rec.get("pick")
         rows.append(
             {
                 "name": a["name"],
-                "desc": _describe_arm(a),
+                "d_learning": "pick" if is_pick else fmt_diff(d.get("learning")),
+                "d_forgetting": "pick" if is_pick else fmt_diff(d.get("forgetting")),
                 "learning": fmt_ci(a["learning"]),
                 "forgetting": fmt_ci(f),
-                "general": fmt_ci(f.get("general_nll")),
-                "drift": fmt_ci(f.get("drift")),
-                "mc": "; ".join(f"{k} {fmt_ci(v, 3)}" for k, v in (f.get("mc") or {}).items()) or "n/a",
-                "val_loss": f"{a['final_val_loss']:.4f}" if a.get("final_val_loss") is not None else "n/a",
+                "others": [fmt_ci(_other(f, m)) for m, _ in others],
                 "frontier": "yes" if a["name"] in frontier else "",
-                "pick": a["name"] == rec.get("pick"),
+                "pick": is_pick,
+            }
+        )
+        tkl = a.get("target_kl") or {}
+        arms.append(
+            {
+                "name": a["name"],
+                "desc": _describe_arm(a),
+                "val_loss": f"{a['final_val_loss']:.4f}" if a.get("final_val_loss") is not None else "n/a",
+                "target_kl": (
+                    f"{tkl['base_tuned']:.4f} / {tkl['tuned_base']:.4f}"
+                    if tkl.get("base_tuned") is not None
+                    else "n/a"
+                ),
                 "seeds": (
                     f"{a['learning']['spread']['n']} seeds, sd {a['learning']['spread']['std']:.4f}"
                     if a["learning"].get("spread")
-                    else ""
+                    else "1"
                 ),
             }
         )
@@ -113,6 +168,7 @@ def context(results: dict[str, Any], images: dict[str, str]) -> dict[str, Any]:
                 "tps": f"{c['tokens_per_s']:,.0f}",
                 "artifact": fmt_bytes(c["artifact_bytes"]),
                 "tokens": f"{c['tokens_seen']:,}",
+                "machine": _noisy(c),
             }
         )
         an = a.get("analysis")
@@ -155,7 +211,14 @@ def context(results: dict[str, Any], images: dict[str, str]) -> dict[str, Any]:
                         "val": f"{p['final_val_loss']:.4f}"
                         if p.get("final_val_loss") is not None
                         else p.get("status"),
-                        "chosen": "best" if p.get("chosen") else "",
+                        "chosen": ", ".join(
+                            x
+                            for x, on in (
+                                ("best", p.get("chosen")),
+                                ("beyond the grid", p.get("beyond_grid")),
+                            )
+                            if on
+                        ),
                     }
                 )
     first_an = next((a["analysis"] for a in results["arms"] if a.get("analysis")), None)
@@ -163,6 +226,12 @@ def context(results: dict[str, Any], images: dict[str, str]) -> dict[str, Any]:
         "r": results,
         "rec": rec,
         "rows": rows,
+        "others": [label for _, label in others],
+        "arms": arms,
+        "any_paired": any((row.get("learning") or {}).get("paired") for row in rec.get("vs_pick", [])),
+        "noisy": [x["name"] for x in cost if x["machine"].startswith("noisy")],
+        "predictor": results.get("kl_predictor"),
+        "extrapolation": results.get("extrapolation"),
         "cost": cost,
         "intr": intr,
         "failed": failed,
@@ -174,6 +243,7 @@ def context(results: dict[str, Any], images: dict[str, str]) -> dict[str, Any]:
         "eps": first_an.get("eps") if first_an else None,
         "summary_lines": (rec.get("summary") or "").splitlines(),
         "fmt_bytes": fmt_bytes,
+        "fmt_fit": fmt_fit,
     }
 
 

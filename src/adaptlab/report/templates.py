@@ -23,18 +23,46 @@ first {{ r.data.eval_docs }} documents{% if r.data.eval_max_chars %}, each cut t
 {{ line }}
 
 {% endfor %}
-## Learning vs forgetting
+## Against the pick
+
+{% if any_paired %}Each arm minus the pick, paired over the same held-out documents{% if r.seeds > 1 %} and seeds{% endif %}: an interval that excludes 0 is a difference this run can tell.{% else %}Each arm minus the pick; intervals from the per-arm intervals (no per-document numbers: a conservative test).{% endif %} Learning = base NLL - tuned NLL per token on held-out target text; {{ metric_label }}.
+
+| arm | learning - pick | forgetting - pick | learning | forgetting |{% for h in others %} {{ h }} |{% endfor %} frontier |
+| --- | ---: | ---: | ---: | ---: |{% for h in others %} ---: |{% endfor %} :---: |
+{% for x in rows %}
+| {% if x.pick %}**{{ x.name }}** (pick){% else %}{{ x.name }}{% endif %} | {{ x.d_learning }} | {{ x.d_forgetting }} | {{ x.learning }} | {{ x.forgetting }} |{% for o in x.others %} {{ o }} |{% endfor %} {{ x.frontier }} |
+{% endfor %}
 
 ![learning vs forgetting]({{ images.scatter }})
 
-Learning = base NLL - tuned NLL per token on held-out target text; forgetting axis: {{ metric_label }}. \
-Brackets are 95% bootstrap intervals; two arms are distinguishable only when their intervals do not overlap.
+## Arms
 
-| arm | setup | learning | forgetting | general NLL delta | drift KL | MC drop | final val loss | frontier |
-| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: |
-{% for x in rows %}
-| {% if x.pick %}**{{ x.name }}** (pick){% else %}{{ x.name }}{% endif %} | {{ x.desc }} | {{ x.learning }}{% if x.seeds %} ({{ x.seeds }}){% endif %} | {{ x.forgetting }} | {{ x.general }} | {{ x.drift }} | {{ x.mc }} | {{ x.val_loss }} | {{ x.frontier }} |
+| arm | setup | seeds | final val loss | target KL base‖tuned / tuned‖base |
+| --- | --- | --- | ---: | ---: |
+{% for x in arms %}
+| {{ x.name }} | {{ x.desc }} | {{ x.seeds }} | {{ x.val_loss }} | {{ x.target_kl }} |
 {% endfor %}
+{% if predictor %}
+
+Forgetting predictor (KL on the target text, Shenfeld et al. 2025, RL's Razor): {{ predictor.verdict }}.
+{% endif %}
+{% if extrapolation %}
+
+## Budget extrapolation
+
+Power law y = a * tokens^b per arm family, fitted on its budgets; 95% intervals from refitting on resampled documents (the power-law form itself is assumed). Target: {{ "{:,}".format(extrapolation.target_tokens) }} tokens ({{ "%.1f" | format(extrapolation.factor) }}x the largest budget measured).
+
+| family | budgets | learning at target | forgetting at target |
+| --- | --- | ---: | ---: |
+{% for f in extrapolation.families %}
+| {{ f.name }} | {{ f.learning.tokens | default([]) | map("int") | join(", ") }} | {{ fmt_fit(f.learning) }} | {{ fmt_fit(f.forgetting) }} |
+{% endfor %}
+
+{% for line in extrapolation.summary %}
+{{ line }}
+
+{% endfor %}
+{% endif %}
 
 ## Training and validation loss
 
@@ -42,10 +70,14 @@ Brackets are 95% bootstrap intervals; two arms are distinguishable only when the
 
 ## Cost
 
-| arm | trainable params | of total | peak memory | wall time | tokens/s | artifact | tokens seen |
-| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+{% if noisy %}
+Step times of {{ noisy | join(", ") }} varied far more than on a quiet machine (another process shared the cores): their wall time and tokens/s are the machine's, not the method's.
+
+{% endif %}
+| arm | trainable params | of total | peak memory | wall time | tokens/s | artifact | tokens seen | machine |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |
 {% for x in cost %}
-| {{ x.name }} | {{ x.trainable }} | {{ x.fraction }} | {{ x.peak_mem }} | {{ x.wall }} | {{ x.tps }} | {{ x.artifact }} | {{ x.tokens }} |
+| {{ x.name }} | {{ x.trainable }} | {{ x.fraction }} | {{ x.peak_mem }} | {{ x.wall }} | {{ x.tps }} | {{ x.artifact }} | {{ x.tokens }} | {{ x.machine }} |
 {% endfor %}
 
 ## Published findings, checked against this run
@@ -121,6 +153,8 @@ img.plot { max-width: 100%; height: auto; display: block; margin: 8px 0; }
 .verdict-agrees { color: #1f7a1f; font-weight: 600; } .verdict-disagrees { color: #b02a2a; font-weight: 600; }
 .verdict-inconclusive, .verdict-mixed { color: #8a6d00; font-weight: 600; } .verdict-not { color: #777; }
 ul.setup li { margin: 2px 0; } .small { font-size: 0.85em; color: #555; }
+span.ci { font-size: 0.82em; color: #666; } .warn { color: #8a4b00; }
+table.main td.num { min-width: 8em; }
 </style>
 </head>
 <body>
@@ -141,28 +175,58 @@ ul.setup li { margin: 2px 0; } .small { font-size: 0.85em; color: #555; }
 {% endfor %}
 </div>
 
-<h2>Learning vs forgetting</h2>
-<img class="plot" src="{{ images.scatter }}" alt="learning vs forgetting">
-<p class="small">Learning = base NLL - tuned NLL per token on held-out target text; forgetting axis: {{ metric_label }}.
-Brackets are 95% bootstrap intervals; two arms are distinguishable only when their intervals do not overlap.</p>
-<table>
-<tr><th>arm</th><th>setup</th><th>learning</th><th>forgetting</th><th>general NLL delta</th><th>drift KL</th><th>MC drop</th><th>final val loss</th><th>frontier</th></tr>
+{% macro num(v) %}{% if ' [' in v %}{{ v.split(' [')[0] }}<br><span class="ci">[{{ v.split(' [')[1] }}</span>{% else %}{{ v }}{% endif %}{% endmacro %}
+<h2>Against the pick</h2>
+<p class="small">{% if any_paired %}Each arm minus the pick, paired over the same held-out documents{% if r.seeds > 1 %} and seeds{% endif %}:
+an interval that excludes 0 is a difference this run can tell.{% else %}Each arm minus the pick; intervals from the per-arm intervals
+(no per-document numbers: a conservative test).{% endif %} Learning = base NLL - tuned NLL per token on held-out target text;
+{{ metric_label }}.</p>
+<table class="main">
+<tr><th>arm</th><th>learning &minus; pick</th><th>forgetting &minus; pick</th><th>learning</th><th>forgetting</th>{% for h in others %}<th>{{ h }}</th>{% endfor %}<th>frontier</th></tr>
 {% for x in rows %}
-<tr{% if x.pick %} class="pick"{% endif %}><td>{{ x.name }}{% if x.pick %} (pick){% endif %}</td><td>{{ x.desc }}</td>
-<td class="num">{{ x.learning }}{% if x.seeds %}<br><span class="small">{{ x.seeds }}</span>{% endif %}</td><td class="num">{{ x.forgetting }}</td>
-<td class="num">{{ x.general }}</td><td class="num">{{ x.drift }}</td><td class="num">{{ x.mc }}</td><td class="num">{{ x.val_loss }}</td><td>{{ x.frontier }}</td></tr>
+<tr{% if x.pick %} class="pick"{% endif %}><td>{{ x.name }}{% if x.pick %} (pick){% endif %}</td>
+<td class="num">{{ num(x.d_learning) }}</td><td class="num">{{ num(x.d_forgetting) }}</td><td class="num">{{ num(x.learning) }}</td><td class="num">{{ num(x.forgetting) }}</td>
+{% for o in x.others %}<td class="num">{{ num(o) }}</td>{% endfor %}<td>{{ x.frontier }}</td></tr>
 {% endfor %}
 </table>
+<img class="plot" src="{{ images.scatter }}" alt="learning vs forgetting">
+
+<h2>Arms</h2>
+<table>
+<tr><th>arm</th><th>setup</th><th>seeds</th><th>final val loss</th><th>target KL base&#8214;tuned / tuned&#8214;base</th></tr>
+{% for x in arms %}
+<tr><td>{{ x.name }}</td><td>{{ x.desc }}</td><td>{{ x.seeds }}</td><td class="num">{{ x.val_loss }}</td><td class="num">{{ x.target_kl }}</td></tr>
+{% endfor %}
+</table>
+{% if predictor %}
+<p class="small">Forgetting predictor (KL on the target text, Shenfeld et al. 2025, RL's Razor): {{ predictor.verdict }}.</p>
+{% endif %}
+{% if extrapolation %}
+
+<h2>Budget extrapolation</h2>
+<p class="small">Power law y = a &middot; tokens<sup>b</sup> per arm family, fitted on its budgets; 95% intervals from refitting on resampled
+documents (the power-law form itself is assumed). Target: {{ "{:,}".format(extrapolation.target_tokens) }} tokens
+({{ "%.1f" | format(extrapolation.factor) }}x the largest budget measured).</p>
+<table>
+<tr><th>family</th><th>budgets</th><th>learning at target</th><th>forgetting at target</th></tr>
+{% for f in extrapolation.families %}
+<tr><td>{{ f.name }}</td><td>{{ f.learning.tokens | default([]) | map("int") | join(", ") }}</td><td class="num">{{ num(fmt_fit(f.learning)) }}</td><td class="num">{{ num(fmt_fit(f.forgetting)) }}</td></tr>
+{% endfor %}
+</table>
+<div class="rec">{% for line in extrapolation.summary %}<p>{{ line }}</p>{% endfor %}</div>
+{% endif %}
 
 <h2>Training and validation loss</h2>
 <img class="plot" src="{{ images.loss }}" alt="loss curves">
 
 <h2>Cost</h2>
+{% if noisy %}<p class="warn">Step times of {{ noisy | join(", ") }} varied far more than on a quiet machine (another process shared the cores):
+their wall time and tokens/s are the machine's, not the method's.</p>{% endif %}
 <table>
-<tr><th>arm</th><th>trainable params</th><th>of total</th><th>peak memory</th><th>wall time</th><th>tokens/s</th><th>artifact</th><th>tokens seen</th></tr>
+<tr><th>arm</th><th>trainable params</th><th>of total</th><th>peak memory</th><th>wall time</th><th>tokens/s</th><th>artifact</th><th>tokens seen</th><th>machine</th></tr>
 {% for x in cost %}
 <tr><td>{{ x.name }}</td><td class="num">{{ x.trainable }}</td><td class="num">{{ x.fraction }}</td><td class="num">{{ x.peak_mem }}</td>
-<td class="num">{{ x.wall }}</td><td class="num">{{ x.tps }}</td><td class="num">{{ x.artifact }}</td><td class="num">{{ x.tokens }}</td></tr>
+<td class="num">{{ x.wall }}</td><td class="num">{{ x.tps }}</td><td class="num">{{ x.artifact }}</td><td class="num">{{ x.tokens }}</td><td{% if x.machine.startswith("noisy") %} class="warn"{% endif %}>{{ x.machine }}</td></tr>
 {% endfor %}
 </table>
 
