@@ -193,6 +193,10 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
         else []
     )
     model = apply_method(loaded.model, config.method, base_name=config.model.name, seed=config.train.seed)
+    if config.model.init_from:  # another run's weights (init_from.py)
+        from adaptlab import init_from
+
+        model = init_from.load_into(model, config)
     if config.train.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if strategy != "fsdp":
@@ -736,6 +740,10 @@ def build_summary(
         "world_size": setup.world.world_size,
         "parallel": setup.parallel,
     }
+    if cfg.model.init_from:
+        from adaptlab.init_from import chain
+
+        summary["init_from"] = chain(cfg)
     if cfg.train.lr_changes:
         summary["lr_changes"] = [c.model_dump() for c in cfg.train.lr_changes]
     if cfg.method.method == "qlora":
