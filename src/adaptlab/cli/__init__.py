@@ -32,6 +32,7 @@ COMMANDS = {
     "serve": "serve",
     "compare": "compare",
     "demo": "compare",
+    "reproduce": "reproduce",
 }
 
 

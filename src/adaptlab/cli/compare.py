@@ -24,7 +24,7 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
         out["model"] = flags["model"]
     if flags["data"]:
         out["data"] = {"train": list(flags["data"])}
-    for key in ("general", "mc"):
+    for key in ("general", "mc", "study_data"):
         if flags[key]:
             out[key] = list(flags[key])
     for key in ("tokens", "seeds", "study"):
@@ -150,7 +150,15 @@ def _finish(results: dict[str, Any], out: str) -> None:
 @click.option("--general", multiple=True, help="General-domain text: forgetting as its NLL increase.")
 @click.option("--mc", multiple=True, type=click.Path(), help="General multiple-choice JSONL files.")
 @click.option("--drift/--no-drift", default=None, help="Measure drift KL(base || tuned) (default on).")
-@click.option("--study", type=click.Choice(["methods", "rank", "lr", "batch", "targets", "data-size"]))
+@click.option(
+    "--study",
+    type=click.Choice(["methods", "rank", "lr", "batch", "targets", "data-size", "regime", "continual"]),
+)
+@click.option(
+    "--study-data",
+    multiple=True,
+    help="regime: the domain as instruction pairs; continual: domain B (trained after --data).",
+)
 @click.option("--tokens", type=int, help="Budget: tokens every arm sees.")
 @click.option("--seeds", type=int, help="Replicates per arm (mean and spread are reported).")
 @click.option("--batch", type=int, help="Sequences per micro-batch (default 4).")

@@ -236,6 +236,8 @@ def assemble(
             * p0.train_fields["grad_accum"]
             * p0.train_fields["seq_len"],
             "data_fraction": a.data_fraction,
+            "data": a.data,
+            "init_from": a.init_from,
         }
         budgets.add(config["tokens"])
         rec: dict[str, Any] = {
@@ -267,6 +269,11 @@ def assemble(
             ),
             analysis=_analysis_summary(measured[reps[0].run]["analysis"], out / "runs" / reps[0].run, out),
         )
+        own = [measured[p.run].get("own") for p in reps]
+        if all(
+            o is not None for o in own
+        ):  # an arm on data of its own: learning on that data's held-out split
+            rec["own_learning"] = _combine([learning_of(o) for o in own])  # type: ignore[arg-type]
         quantized = [e["quantized_base"] for e in evs if "quantized_base" in e]
         if quantized and len(quantized) == len(evs):
             rec["quantized_base"] = _quantized_base(quantized)
