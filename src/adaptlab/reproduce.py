@@ -27,6 +27,7 @@ from typing import Any
 
 from adaptlab.compare.studies import _diff
 from adaptlab.errors import UserError
+from adaptlab.healed import RECIPES
 
 # the shipped data layout (DATA.md): domain name -> file under the data root
 DOMAINS = {"legal": "legal/spdx_licenses.jsonl", "systems": "systems/man_pages.jsonl"}
@@ -148,6 +149,10 @@ def estimate_s(comparisons: list[Comparison]) -> float:
             tokens = t["steps"] * t["batch"] * t["grad_accum"] * t["seq_len"]
             total += tokens * SECONDS_PER_TOKEN["full" if p.method_fields["method"] == "full" else "lora"]
         total += EVAL_SECONDS_PER_ARM * len(arms)
+    healed = {c.spec["model"] for c in comparisons if c.study == "healed"}
+    for name in healed:  # built once on first use: a short full fine-tuning (healed.py)
+        r = RECIPES.get(name.removesuffix("-healed"), {"steps": 0, "batch": 0, "seq_len": 0})
+        total += r["steps"] * r["batch"] * r["seq_len"] * SECONDS_PER_TOKEN["full"]
     return total
 
 

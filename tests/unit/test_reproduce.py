@@ -16,7 +16,7 @@ import pytest
 from adaptlab import reproduce as rep
 from adaptlab.compare.inline import InlineExecutor
 
-TINY = rep.Scale(tokens=128, batch=2, seq_len=32, eval_docs=2, eval_chars=300, eval_seq_len=64)
+TINY = rep.Scale(tokens=64, batch=2, seq_len=32, eval_docs=2, eval_chars=300, eval_seq_len=64)
 EXPECTED_ARMS = {
     "methods": {"full", "lora", "lora-attn", "rslora", "dora"},
     "lr": {"full", "lora"},

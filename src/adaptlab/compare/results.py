@@ -6,9 +6,10 @@ Schema (nats per token throughout; ci95 = [lo, hi]):
      "forgetting_metric": "general_nll" | "drift_kl" | "mc_acc_drop", "notes": [...],
      "arms": [{"name", "method", "status": "ok" | "failed", "error"?, "label",
                "config": {method, rank, alpha, rslora, targets, lr, lr_source, batch, grad_accum,
-                          seq_len, steps, tokens, data_fraction},
+                          seq_len, steps, tokens, data_fraction, data, init_from},
                "runs": [{"run", "dir", "seed"}],
                "learning": {"value", "ci95", "base_nll", "tuned_nll", "tokens", "docs", "spread"?},
+               "own_learning"?: {as learning, on the held-out split of the arm's own data},
                "forgetting": {"metric", "value", "ci95", "general_nll"?: {...}, "drift"?: {...},
                               "mc"?: {stem: {"value", "ci95", "base_acc", "acc"}}},
                "cost": {"trainable_params", "total_params", "peak_mem_bytes", "wall_s",
@@ -18,7 +19,8 @@ Schema (nats per token throughout; ci95 = [lo, hi]):
                             "rel_update_norm", "mean_effective_rank", "mean_stable_rank",
                             "by_module_type", "heatmaps": [paths relative to OUT]} | null,
                "lr_sweep": {"points": [{"lr", "run", "final_val_loss", "chosen"}], "best_lr"} | null}],
-     "recommendation": {see adaptlab.report.recommend}}
+     "recommendation": {see adaptlab.report.recommend},
+     "regime"? | "continual"?: {"rows": [...]} (see adaptlab.compare.studies)}
 
 learning = base NLL - tuned NLL on the held-out target test split; forgetting = tuned - base NLL on
 general text, or drift KL(base || tuned), or the drop in multiple-choice accuracy.

@@ -546,7 +546,8 @@ def _compare(
                 "trained": False,
             }
             continue
-        jobs.append(Job(p, p.run in forced, len(first) + len(later) + i + 1, total, overwrite))
+        again = p.run in forced or _start_is_newer(out, p)  # its start retrained since: train it again
+        jobs.append(Job(p, again, len(first) + len(later) + i + 1, total, overwrite))
     status.update(executor.train_runs(jobs, spec, out, emit))
 
     probes: Probes | None = None
@@ -586,6 +587,12 @@ def _compare(
         results["report"] = {k: str(v) for k, v in write_report(results, out).items()}
         _atomic_json(out / "results.json", results)
     return results
+
+
+def _start_is_newer(out: Path, plan: RunPlan) -> bool:
+    """Whether the run `plan` starts from finished after `plan`'s own run did."""
+    own, start = (out / "runs" / r / "summary.json" for r in (plan.run, plan.init_from or ""))
+    return own.exists() and start.exists() and start.stat().st_mtime_ns > own.stat().st_mtime_ns
 
 
 def _representative_runs(arm: str, plans: list[RunPlan], sweeps: dict[str, dict[str, Any]]) -> list[str]:
