@@ -161,13 +161,22 @@ def run(
     out: str | Path,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     executor: Any = None,
+    judge_only: bool = False,
 ) -> dict[str, Any]:
-    """Run (or reuse) every comparison, then judge every finding; write OUT/findings.json."""
+    """Run (or reuse) every comparison, then judge every finding; write OUT/findings.json.
+
+    judge_only: run nothing; judge the comparisons whose OUT/<key>/results.json exists (the others'
+    findings read "not run")."""
     from adaptlab.compare import build_spec, compare
 
     out = Path(out)
     results: dict[str, dict[str, Any]] = {}
     for c in comparisons:
+        if judge_only:
+            path = out / c.key / "results.json"
+            if path.exists():
+                results[c.key] = json.loads(path.read_text())
+            continue
         say = on_event or (lambda e: None)
         say({"event": "comparison", "key": c.key})
         spec = build_spec(c.spec, source=c.key)
@@ -175,6 +184,7 @@ def run(
     verdicts = judge(comparisons, results)
     data = {"comparisons": [{"key": c.key, "study": c.study, "domain": c.domain} for c in comparisons]}
     data["findings"] = verdicts
+    out.mkdir(parents=True, exist_ok=True)
     (out / "findings.json").write_text(json.dumps(data, indent=1) + "\n")
     return data
 
@@ -190,6 +200,7 @@ class Finding:
     study: str  # which comparison's results it reads
     rule: Callable[[dict[str, Any]], dict[str, Any]]
     note: str = ""
+    also: tuple[str, ...] = ()  # other studies whose results hold the arms it compares
     domains: list[str] = field(default_factory=list)
 
 
@@ -240,7 +251,7 @@ def lora_lr_10x(r: dict[str, Any]) -> dict[str, Any]:
 
 def all_layers_beat_attention(r: dict[str, Any]) -> dict[str, Any]:
     a = _arms(r)
-    d = _diff(_fig(a.get("lora-all"), "learning"), _fig(a.get("lora-attn"), "learning"))
+    d = _diff(_fig(a.get("lora-all") or a.get("lora"), "learning"), _fig(a.get("lora-attn"), "learning"))
     return _verdict_of(d, "learning all-linear - attention-only LoRA at matched parameters")
 
 
@@ -294,7 +305,11 @@ def lora_has_intruders(r: dict[str, Any]) -> dict[str, Any]:
 
 def qlora_matches_lora(r: dict[str, Any]) -> dict[str, Any]:
     a = _arms(r)
-    d = _diff(_fig(a.get("lora"), "learning"), _fig(a.get("qlora"), "learning"))
+    qlora = _fig(a.get("qlora"), "learning")
+    base4 = ((a.get("qlora") or {}).get("quantized_base") or {}).get("learning")
+    if qlora is not None and base4 is not None:  # the adapter's own gain, over the 4-bit base it trained on
+        qlora = _diff(qlora, base4)
+    d = _diff(_fig(a.get("lora"), "learning"), qlora)
     if d is None:
         return _verdict_of(None, "learning LoRA - QLoRA (bitsandbytes needed)")
     margin = 0.1 * abs(a["lora"]["learning"]["value"])
@@ -306,7 +321,8 @@ def qlora_matches_lora(r: dict[str, Any]) -> dict[str, Any]:
         if lo > margin or hi < -margin
         else "inconclusive"
     )
-    detail = f"learning LoRA - QLoRA; agrees within +-{margin:.4f} (10% of LoRA's learning)"
+    over = " (QLoRA's over its 4-bit base)" if base4 is not None else ""
+    detail = f"learning LoRA - QLoRA{over}; agrees within +-{margin:.4f} (10% of LoRA's learning)"
     return {"verdict": verdict, "value": d["value"], "ci95": [lo, hi], "detail": detail}
 
 
@@ -361,6 +377,7 @@ FINDINGS = [
         "Thinking Machines 2025",
         "targets",
         all_layers_beat_attention,
+        also=("methods",),
     ),
     Finding(
         "lora-batch",
@@ -420,7 +437,7 @@ def judge(comparisons: list[Comparison], results: dict[str, dict[str, Any]]) -> 
     for f in FINDINGS:
         rows = []
         for c in comparisons:
-            if c.study == f.study:
+            if (c.study == f.study or c.study in f.also) and c.key in results:
                 rows.append({"comparison": c.key, "domain": c.domain, **f.rule(results[c.key])})
         verdicts = {r["verdict"] for r in rows}
         overall = (
@@ -468,10 +485,13 @@ def write_findings(data: dict[str, Any], path: str | Path, header: str = "") -> 
             ci = "-" if not r.get("ci95") else f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]"
             head = (f"`{f['id']}`", f["claim"], f"**{f['overall']}**") if i == 0 else ("", "", "")
             lines.append(
-                f"| {' | '.join(head)} | {r['comparison']} | {_num(r.get('value'))} ({r.get('detail', '')}) "
+                f"| {' | '.join(head)} | {r['comparison']} | {_num(r.get('value'))}"
+                + (f" ({r['detail']})" if r.get("detail") else "")
+                + " "
                 f"| {ci} | {r['verdict']} |"
             )
-    lines += ["", "Sources: " + "; ".join(sorted({f["source"] for f in data["findings"]})) + ".", ""]
+    sources = sorted({s for f in data["findings"] for s in f["source"].split("; ")})
+    lines += ["", "Sources: " + "; ".join(sources) + ".", ""]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))

@@ -38,6 +38,7 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 @click.option(
     "--findings", type=click.Path(), default="docs/findings.md", show_default=True, help="Markdown to write."
 )
+@click.option("--judge-only", is_flag=True, help="Train nothing: judge the comparisons OUT already holds.")
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -52,6 +53,7 @@ def reproduce_command(
     tokens: int,
     eval_docs: int,
     findings: str,
+    judge_only: bool,
     dry_run: bool,
 ) -> None:
     """Test the LoRA-vs-full findings on the embedded model; verdicts with numbers and CIs."""
@@ -74,7 +76,7 @@ def reproduce_command(
         return
     quiet_transformers()
     with stop_on_sigterm():
-        data = rep.run(comparisons, out, on_event=Printer())
+        data = rep.run(comparisons, out, on_event=Printer(), judge_only=judge_only)
     path = rep.write_findings(data, findings)
     counts: dict[str, int] = {}
     for f in data["findings"]:
