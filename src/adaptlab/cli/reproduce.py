@@ -8,6 +8,7 @@ adaptlab reproduce --data-root ../shared/data --out repro --studies methods,heal
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -75,8 +76,15 @@ def reproduce_command(
     if dry_run:
         return
     quiet_transformers()
+    printer = Printer()
+
+    def on_event(e: dict[str, Any]) -> None:
+        if e["event"] == "comparison":
+            printer.echo(f"comparison {e['key']}")
+        printer(e)
+
     with stop_on_sigterm():
-        data = rep.run(comparisons, out, on_event=Printer(), judge_only=judge_only)
+        data = rep.run(comparisons, out, on_event=on_event, judge_only=judge_only)
     path = rep.write_findings(data, findings)
     counts: dict[str, int] = {}
     for f in data["findings"]:
