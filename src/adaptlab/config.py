@@ -63,6 +63,8 @@ class _Spec(BaseModel):
 class ModelSpec(_Spec):
     name: str = "tiny-random"
     """Embedded name (smollm2-135m, tiny-random), local HF directory or hub id."""
+    init_from: str | None = None
+    """A finished run directory on the same base whose weights this run starts from (init_from.py)."""
 
 
 class MethodSpec(_Spec):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from adaptlab.errors import UserError
 
-EMBEDDED_MODELS = ("smollm2-135m", "tiny-random")
+EMBEDDED_MODELS = ("smollm2-135m", "tiny-random", "smollm2-135m-healed", "tiny-random-healed")
 PROBE_TIMEOUT_S = 3.0
 
 

@@ -149,6 +149,10 @@ def local_dir(spec: str) -> Path | None:
         return _smollm2_dir()
     if spec == "tiny-random":
         return _tiny_random_dir()
+    if spec.endswith("-healed") and spec in EMBEDDED_MODELS:
+        from adaptlab.healed import healed_dir
+
+        return healed_dir(spec)  # built once: the embedded model after a short full fine-tuning
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "adapter_config.json").exists() or (path / "adapter").is_dir():

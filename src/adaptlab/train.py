@@ -114,6 +114,10 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
     tokenizer = loaded.tokenizer
     train_examples, val_examples = objective.build_data(config, tokenizer)
     model = apply_method(loaded.model, config.method, base_name=config.model.name, seed=config.train.seed)
+    if config.model.init_from:  # another run's weights (init_from.py)
+        from adaptlab import init_from
+
+        model = init_from.load_into(model, config)
     if config.train.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if strategy != "fsdp":
@@ -661,6 +665,10 @@ def build_summary(
     if cfg.objective.task != "sft":
         summary["task"] = cfg.objective.task
         summary["final_val"] = val
+    if cfg.model.init_from:
+        from adaptlab.init_from import chain
+
+        summary["init_from"] = chain(cfg)
     if cfg.train.lr_changes:
         summary["lr_changes"] = [c.model_dump() for c in cfg.train.lr_changes]
     if cfg.method.method == "qlora":

@@ -65,8 +65,9 @@ def test_unknown_force_arm_lists_the_arms(run_cli, tmp_path) -> None:
 
 @pytest.mark.parametrize("study", STUDIES)
 def test_every_study_builds_runs(study: str) -> None:
-    spec = build_spec({**BASE, "study": study})
-    spec = spec.model_copy(update={"arms": study_arms(study, spec.model, spec.tokens, spec.train.lr)})
+    spec = build_spec({**BASE, "study": study, "study_data": ["b.jsonl"]})  # regime, continual need it
+    arms = study_arms(study, spec.model, spec.tokens, spec.train.lr, spec.study_data)
+    spec = spec.model_copy(update={"arms": arms})
     arms, _ = resolve_ranks(spec)
     plans = expand(spec, arms)
     assert plans and len({p.run for p in plans}) == len(plans)

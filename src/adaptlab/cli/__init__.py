@@ -34,6 +34,7 @@ COMMANDS = {
     "demo": "compare",
     "runs": "runs",
     "export": "export",
+    "reproduce": "reproduce",
 }
 
 

@@ -1,9 +1,13 @@
 """`adaptlab analyze --tuned RUN [--base M]`: how a LoRA-family adapter or a full fine-tuning changed the weights.
 
 Writes OUT/analysis.json and two heatmaps (intruder counts, relative update norms), prints a table
-per module type, or the JSON itself with --json.
+per module type, or the JSON itself with --json. With --mitigate LAMBDA it writes instead a PEFT
+adapter whose intruder directions are scaled by LAMBDA (mitigate.py); with --mitigate sweep it
+evaluates a grid of lambdas, learning vs forgetting (mitigate_sweep.py).
 
     adaptlab analyze --base smollm2-135m --tuned runs/lora --out runs/lora/analysis
+    adaptlab analyze --tuned runs/lora --mitigate 0.7            # -> runs/lora/mitigated-0.7/
+    adaptlab analyze --tuned runs/lora --mitigate sweep --general ../shared/data/general/wordnet_glosses.jsonl
 """
 
 from __future__ import annotations
@@ -62,6 +66,95 @@ def _print_summary(result: dict[str, Any], out: Path) -> None:
     console.print(f"wrote {out / 'analysis.json'} and {', '.join(Path(p).name for p in result['heatmaps'])}")
 
 
+def _mitigation_out(tuned: str, what: str) -> Path:
+    """RUN/<what> for a run directory (or its adapter/), else ./<what>-<name>."""
+    from adaptlab.artifacts import resolve
+
+    art = resolve(tuned)
+    if art.run_dir is not None:
+        return art.run_dir / what
+    return Path(f"{what}-{Path(tuned).expanduser().resolve().name}")
+
+
+def _parse_mitigate(value: str) -> float | str:
+    if value == "sweep":
+        return value
+    try:
+        lam = float(value)
+    except ValueError:
+        raise click.BadParameter(
+            "give a number between 0 and 1, or `sweep`", param_hint="--mitigate"
+        ) from None
+    if not 0.0 <= lam <= 1.0:
+        raise click.BadParameter(f"{value} is not between 0 and 1", param_hint="--mitigate")
+    return lam
+
+
+def _print_mitigation(report: dict[str, Any]) -> None:
+    t = report["totals"]
+    click.echo(
+        f"lambda {report['lambda']:g}: {t['intruders']} intruder directions in {t['layers_with_intruders']} of "
+        f"{t['layers']} layers scaled; largest relative change of a layer's dW {t['max_rel_change']:.3g}; "
+        f"rank mode {report['rank_mode']} (largest rank written {t['max_rank_written']}"
+        + (
+            f", largest truncation error {t['max_truncation_error']:.3g}"
+            if "max_truncation_error" in t
+            else ""
+        )
+        + ")"
+    )
+    click.echo(f"wrote the adapter to {report['adapter']}")
+
+
+def _print_sweep(result: dict[str, Any], out: Path) -> None:
+    click.echo("lambda  learning  [95% CI]            forgetting  [95% CI]")
+    for p in result["points"]:
+        lo, hi = p["learning_ci95"]
+        flo, fhi = p["forgetting_ci95"]
+        click.echo(
+            f"{p['lambda']:<6g}  {p['learning']:+.4f}  [{lo:+.4f}, {hi:+.4f}]  "
+            f"{p['forgetting']:+.4f}  [{flo:+.4f}, {fhi:+.4f}]"
+        )
+    metric = result["points"][0]["forgetting_metric"] if result["points"] else ""
+    click.echo(f"forgetting is {metric}; wrote {out / 'sweep.json'} and {result['plot']}")
+
+
+def _mitigate(
+    tuned: str, base: str | None, value: float | str, out: str | None, overwrite: bool, **kw: Any
+) -> None:
+    from adaptlab.outputs import owned
+
+    if value == "sweep":
+        from adaptlab.mitigate_sweep import DEFAULT_GRID, parse_grid, sweep
+
+        grid = parse_grid(kw["lambdas"]) if kw["lambdas"] else list(DEFAULT_GRID)
+        out_dir = Path(out) if out else _mitigation_out(tuned, "mitigate-sweep")
+        with owned(out_dir, "mitigation sweep", overwrite=overwrite):
+            result = sweep(
+                tuned,
+                out_dir,
+                base=base,
+                lambdas=grid,
+                data=kw["data"] or None,
+                general=kw["general"] or None,
+                k=kw["k"],
+                eps=kw["eps"],
+                rank_mode=kw["rank_mode"],
+                max_docs=kw["eval_docs"],
+                say=lambda text: click.echo(text, err=True),
+            )
+        _print_sweep(result, out_dir)
+        return
+    from adaptlab.mitigate import mitigate
+
+    out_dir = Path(out) if out else _mitigation_out(tuned, f"mitigated-{value:g}")
+    with owned(out_dir, "mitigated adapter", overwrite=overwrite):
+        report = mitigate(
+            tuned, float(value), out_dir, base=base, k=kw["k"], eps=kw["eps"], rank_mode=kw["rank_mode"]
+        )
+    _print_mitigation(report)
+
+
 @click.command("analyze")
 @click.option("--tuned", required=True, help="Run directory, PEFT adapter directory or HF model directory.")
 @click.option(
@@ -82,11 +175,41 @@ def _print_summary(result: dict[str, Any], out: Path) -> None:
 @click.option(
     "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
 )
+@click.option(
+    "--mitigate",
+    "mitigate_value",
+    help="Scale the adapter's intruder directions by LAMBDA (0..1) and write the adapter; `sweep`: a grid.",
+)
+@click.option(
+    "--rank-mode",
+    type=click.Choice(["exact", "keep"]),
+    default="exact",
+    show_default=True,
+    help="exact: rank grows by the intruders removed (dW' exact); keep: rank r by truncated SVD (as PEFT).",
+)
+@click.option("--lambdas", help="Sweep: comma-separated lambdas (default 0,0.25,0.5,0.7,0.85,1).")
+@click.option("--data", multiple=True, help="Sweep: target data (default: the run's own test split).")
+@click.option("--general", multiple=True, help="Sweep: general text for forgetting (default: drift KL).")
+@click.option(
+    "--eval-docs", type=click.IntRange(min=1), default=16, show_default=True, help="Sweep: docs scored."
+)
 def analyze_command(
-    tuned: str, base: str | None, k: int, eps: float, as_json: bool, out: str | None, overwrite: bool
+    tuned: str,
+    base: str | None,
+    k: int,
+    eps: float,
+    as_json: bool,
+    out: str | None,
+    overwrite: bool,
+    mitigate_value: str | None,
+    **kw: Any,
 ) -> None:
-    """Per-layer weight updates: norms, effective rank, stable rank, intruder dimensions."""
+    """Per-layer weight updates: norms, effective rank, stable rank, intruder dimensions (and mitigation)."""
     from adaptlab.analysis import analyze
+
+    if mitigate_value is not None:
+        _mitigate(tuned, base, _parse_mitigate(mitigate_value), out, overwrite, k=k, eps=eps, **kw)
+        return
     from adaptlab.outputs import owned
 
     out_dir = Path(out) if out else _default_out(tuned)

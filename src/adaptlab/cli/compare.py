@@ -25,7 +25,7 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
         out["model"] = flags["model"]
     if flags["data"]:
         out["data"] = {"train": list(flags["data"])}
-    for key in ("general", "mc"):
+    for key in ("general", "mc", "study_data"):
         if flags[key]:
             out[key] = list(flags[key])
     for key in ("tokens", "seeds", "study", "target_tokens"):
@@ -153,8 +153,15 @@ def _finish(results: dict[str, Any], out: str) -> None:
 @click.option("--drift/--no-drift", default=None, help="Measure drift KL(base || tuned) (default on).")
 @click.option(
     "--study",
-    type=click.Choice(["methods", "rank", "lr", "batch", "targets", "data-size", "rl", "sft-vs-rl"]),
+    type=click.Choice(
+        ["methods", "rank", "lr", "batch", "targets", "data-size", "regime", "continual", "rl", "sft-vs-rl"]
+    ),
     help="rl: GRPO with LoRA r1/r4/r16 vs full; sft-vs-rl: SFT on the answers vs GRPO (compare/rl.py).",
+)
+@click.option(
+    "--study-data",
+    multiple=True,
+    help="regime: the domain as instruction pairs; continual: domain B (trained after --data).",
 )
 @click.option("--tokens", type=int, help="Budget: tokens every arm sees.")
 @click.option("--seeds", type=int, help="Replicates per arm (mean and spread are reported).")

@@ -26,7 +26,7 @@ RESUME_FLAGS = ("lr",)
 def _overrides(**flags: Any) -> dict[str, Any]:
     """Nested config overrides from the flags the user actually gave."""
     sections = {
-        "model": {"name": flags["model"]},
+        "model": {"name": flags["model"], "init_from": flags["init_from"]},
         "method": {
             "method": flags["method"],
             "rank": flags["rank"],
@@ -80,6 +80,9 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     "--config", "config_path", type=click.Path(), help="YAML with model/method/data/train sections."
 )
 @click.option("--model", help="Base model: smollm2-135m, tiny-random, a local HF dir or a hub id.")
+@click.option(
+    "--init-from", type=click.Path(), help="Start from this finished run's weights (adapter or full model)."
+)
 @click.option("--method", type=click.Choice(METHODS), help="full | lora | dora | qlora.")
 @click.option("--rank", type=int, help="LoRA rank r (default 16).")
 @click.option("--alpha", type=float, help="LoRA alpha (default 2 x rank).")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from adaptlab.compare.spec import ArmSpec, CompareSpec
@@ -69,10 +70,17 @@ def min_linear_dim(model: str) -> int:
     return min(min(s) for s in linear_shapes(model).values())
 
 
-def study_arms(study: str, model: str, tokens: int = 0, base_lr: float = FULL_LR) -> list[ArmSpec]:
+def study_arms(
+    study: str, model: str, tokens: int = 0, base_lr: float = FULL_LR, study_data: list[str] | None = None
+) -> list[ArmSpec]:
     """The ready-made arm list of a study (sized to the model and, for rank, to the budget)."""
     r = min(DEFAULT_RANK, min_linear_dim(model))
     arm = ArmSpec.model_validate
+    if study in ("regime", "continual"):
+        from adaptlab.compare.studies import continual_arms, regime_arms
+
+        make = regime_arms if study == "regime" else continual_arms
+        return make(r, tokens, list(study_data or []))
     if study == "methods":
         arms = [
             arm({"name": "full", "method": "full"}),
@@ -221,13 +229,17 @@ class RunPlan:
     lr: float | None  # None: the arm's LR sweep decides (filled in once the sweep has run)
     lr_source: str  # explicit | rule | sweep
     sweep: bool = False  # one point of an LR sweep (seed 0)
+    init_from: str | None = None  # the run (same seed, same comparison) whose weights this run starts from
     notes: list[str] = field(default_factory=list)
 
     def run_config(self, spec: CompareSpec, out: str) -> dict[str, Any]:
         if self.lr is None:
             raise AssertionError(f"run {self.run}: LR not resolved")
+        model: dict[str, Any] = {"name": spec.model}
+        if self.init_from is not None:
+            model["init_from"] = str(Path(out).parent / self.init_from)
         return {
-            "model": {"name": spec.model},
+            "model": model,
             "method": self.method_fields,
             "data": {
                 "train": self.data_sources,
@@ -279,12 +291,13 @@ def expand(
     """Every run of the comparison. data_for maps an arm with data_fraction to (sources, tokens)."""
     plans: list[RunPlan] = []
     for a in arms:
-        sources, tokens = (data_for or {}).get(a.name, (spec.data.train, a.tokens or spec.tokens))
+        sources, tokens = (data_for or {}).get(a.name, (a.data or spec.data.train, a.tokens or spec.tokens))
         fields = train_fields(spec, a, tokens)
         for s in range(spec.seeds):
             seed = spec.train.seed + s
             suffix = f"-s{s}" if spec.seeds > 1 else ""
             common = {
+                "init_from": a.init_from + suffix if a.init_from else None,
                 "arm": a.name,
                 "seed_index": s,
                 "seed": seed,

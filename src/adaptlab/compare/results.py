@@ -6,9 +6,10 @@ Schema (nats per token throughout; ci95 = [lo, hi]):
      "forgetting_metric": "general_nll" | "drift_kl" | "mc_acc_drop", "notes": [...],
      "arms": [{"name", "method", "status": "ok" | "failed", "error"?, "label",
                "config": {method, rank, alpha, rslora, targets, lr, lr_source, batch, grad_accum,
-                          seq_len, steps, tokens, data_fraction},
+                          seq_len, steps, tokens, data_fraction, data, init_from},
                "runs": [{"run", "dir", "seed"}],
                "learning": {"value", "ci95", "base_nll", "tuned_nll", "tokens", "docs", "spread"?},
+               "own_learning"?: {as learning, on the held-out split of the arm's own data},
                "forgetting": {"metric", "value", "ci95", "general_nll"?: {...}, "drift"?: {...},
                               "mc"?: {stem: {"value", "ci95", "base_acc", "acc"}}},
                "cost": {"trainable_params", "total_params", "peak_mem_bytes", "wall_s",
@@ -24,7 +25,8 @@ Schema (nats per token throughout; ci95 = [lo, hi]):
                             "by_module_type", "heatmaps": [paths relative to OUT]} | null,
                "lr_sweep": {"points": [{"lr", "run", "final_val_loss", "chosen"}], "best_lr"} | null}],
      "kl_predictor": {see adaptlab.report.predictor}, "extrapolation": {see adaptlab.report.extrapolate} | null,
-     "recommendation": {see adaptlab.report.recommend}}
+     "recommendation": {see adaptlab.report.recommend},
+     "regime"? | "continual"?: {"rows": [...]} (see adaptlab.compare.studies)}
 
 Differences between arms are paired over the documents (and seeds): adaptlab.report.paired, from "per_doc".
 
@@ -256,6 +258,8 @@ def assemble(
             * p0.train_fields["grad_accum"]
             * p0.train_fields["seq_len"],
             "data_fraction": a.data_fraction,
+            "data": a.data,
+            "init_from": a.init_from,
         }
         budgets.add(config["tokens"])
         rec: dict[str, Any] = {
@@ -289,6 +293,11 @@ def assemble(
             per_doc=per_doc_of(evs),
             target_kl=_target_kl(evs),
         )
+        own = [measured[p.run].get("own") for p in reps]
+        if all(
+            o is not None for o in own
+        ):  # an arm on data of its own: learning on that data's held-out split
+            rec["own_learning"] = _combine([learning_of(o) for o in own])  # type: ignore[arg-type]
         quantized = [e["quantized_base"] for e in evs if "quantized_base" in e]
         if quantized and len(quantized) == len(evs):
             rec["quantized_base"] = _quantized_base(quantized)

@@ -355,9 +355,11 @@ def _stream_metrics(path: Path, offset: int, emit: Callable[[dict[str, Any]], No
 # ----------------------------------------------------------------------------- evaluation and analysis
 
 
-def evaluate_run(spec: CompareSpec, run_dir: Path, probes: Probes, on_event: OnEvent) -> dict[str, Any]:
-    """Learning and forgetting of one run (cached in RUN/eval.json under the probes' key)."""
-    path = run_dir / "eval.json"
+def evaluate_run(
+    spec: CompareSpec, run_dir: Path, probes: Probes, on_event: OnEvent, name: str = "eval.json"
+) -> dict[str, Any]:
+    """Learning and forgetting of one run (cached in RUN/<name> under the probes' key)."""
+    path = run_dir / name
     summary_mtime = (run_dir / "summary.json").stat().st_mtime_ns
     method = RunDir(run_dir).read_summary().get("method")
     if path.exists():
@@ -454,7 +456,7 @@ def resolve_spec(spec: CompareSpec) -> CompareSpec:
     """The spec with a study's preset arms filled in (explicit arms win over the study's)."""
     if spec.arms or spec.study is None:
         return spec
-    arms = study_arms(spec.study, spec.model, spec.tokens, spec.train.lr)
+    arms = study_arms(spec.study, spec.model, spec.tokens, spec.train.lr, spec.study_data)
     return spec.model_copy(update={"arms": arms})
 
 
@@ -521,8 +523,9 @@ def _compare(
         outputs.check_out(out / "runs" / p.run, "run", overwrite=overwrite)
 
     status: dict[str, dict[str, Any]] = {}
-    first = [p for p in plans if p.lr is not None]
+    first = [p for p in plans if p.lr is not None and p.init_from is None]
     later = [p for p in plans if p.lr is None]
+    chained = [p for p in plans if p.lr is not None and p.init_from is not None]  # after their sources
     total = len(plans)
     emit({"event": "plan", "runs": [p.run for p in plans], "arms": [a.name for a in arms], "notes": notes})
     jobs = [Job(p, p.run in forced, i + 1, total, overwrite) for i, p in enumerate(first)]
@@ -551,6 +554,18 @@ def _compare(
         p.lr = best
         jobs.append(Job(p, p.run in forced, done + i + 1, total, overwrite))
     status.update(executor.train_runs(jobs, spec, out, emit))
+    jobs = []
+    for i, p in enumerate(chained):
+        if status.get(p.init_from or "", {}).get("status") != "ok":
+            status[p.run] = {
+                "status": "failed",
+                "error": f"{p.init_from}, its start, failed",
+                "trained": False,
+            }
+            continue
+        again = p.run in forced or _start_is_newer(out, p)  # its start retrained since: train it again
+        jobs.append(Job(p, again, len(first) + len(later) + i + 1, total, overwrite))
+    status.update(executor.train_runs(jobs, spec, out, emit))
 
     probes: Probes | None = None
     measured: dict[str, dict[str, Any]] = {}
@@ -569,11 +584,19 @@ def _compare(
                     emit({"event": "analysis_start", "run": run})
                     an = analyze_run(spec, run_dir)
                 measured[run] = {"eval": ev, "analysis": an}
+                if a.data is not None:  # an arm on data of its own is measured on it too
+                    from adaptlab.compare.studies import evaluate_own
+
+                    measured[run]["own"] = evaluate_own(spec, run_dir, a.data, emit)
                 emit({"event": "eval_done", "run": run})
             except UserError as err:
                 status[run] = {"status": "failed", "error": f"evaluation: {err}", "trained": False}
                 emit({"event": "eval_failed", "run": run, "error": str(err)})
     results = assemble(spec, arms, plans, status, sweeps, measured, out, notes)
+    from adaptlab.compare.studies import study_results
+
+    if (table := study_results(spec, out, results, emit)) is not None:
+        results[spec.study or "study"] = table
     _atomic_json(out / "results.json", results)
     if report:
         from adaptlab.report.render import write_report
@@ -581,6 +604,12 @@ def _compare(
         results["report"] = {k: str(v) for k, v in write_report(results, out).items()}
         _atomic_json(out / "results.json", results)
     return results
+
+
+def _start_is_newer(out: Path, plan: RunPlan) -> bool:
+    """Whether the run `plan` starts from finished after `plan`'s own run did."""
+    own, start = (out / "runs" / r / "summary.json" for r in (plan.run, plan.init_from or ""))
+    return own.exists() and start.exists() and start.stat().st_mtime_ns > own.stat().st_mtime_ns
 
 
 def _representative_runs(arm: str, plans: list[RunPlan], sweeps: dict[str, dict[str, Any]]) -> list[str]:

@@ -36,7 +36,7 @@ from adaptlab.config import (
 )
 from adaptlab.errors import UserError
 
-STUDIES = ("methods", "rank", "lr", "batch", "targets", "data-size")
+STUDIES = ("methods", "rank", "lr", "batch", "targets", "data-size", "regime", "continual")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -70,6 +70,11 @@ class ArmSpec(MethodSpec):
     """With data_fraction: epochs over the subset (the budget follows from the subset's size)."""
     label: str | None = None
     """What the arm varies, for study plots (e.g. the rank or the batch size)."""
+    data: list[str] | None = None
+    """Train this arm on these sources instead of the comparison's data; it is then measured on the
+    comparison's target and on its own data's held-out split (own_learning)."""
+    init_from: str | None = None
+    """Name of another arm: each run of this arm starts from that arm's run of the same seed."""
 
     @field_validator("name")
     @classmethod
@@ -98,6 +103,8 @@ class ArmSpec(MethodSpec):
             raise ValueError("can't provide both lr and lr_sweep: choose one")
         if self.epochs is not None and self.data_fraction is None:
             raise ValueError("epochs needs data_fraction (epochs over a subset of the data)")
+        if self.data is not None and self.data_fraction is not None:
+            raise ValueError("can't provide both data and data_fraction: choose one")
         if self.data_fraction is not None and self.tokens is not None:
             raise ValueError(
                 "can't provide both data_fraction and tokens: the subset and its epochs set the budget"
@@ -189,8 +196,11 @@ class CompareSpec(_Spec):
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
     limits: Limits = Field(default_factory=Limits)
     arms: list[ArmSpec] = Field(default_factory=list)
+    study_data: list[str] = Field(default_factory=list)
+    """The second data set a study needs: regime: the target domain as instruction pairs (data is the
+    same domain as raw text); continual: domain B, trained after data (domain A)."""
 
-    @field_validator("general", "mc", mode="before")
+    @field_validator("general", "mc", "study_data", mode="before")
     @classmethod
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
@@ -214,11 +224,30 @@ class CompareSpec(_Spec):
                     raise ValueError(f"arm {arm.name}: match_params names no arm ({arm.match_params!r})")
                 if not arm.is_lora:
                     raise ValueError(f"arm {arm.name}: match_params applies to LoRA-family arms only")
+        for arm in self.arms:
+            if arm.init_from is not None:
+                _check_init_from(arm, {a.name: a for a in self.arms})
+        if self.study in ("regime", "continual") and not self.arms and not self.study_data:
+            raise ValueError(f"study {self.study} needs study_data (--study-data): see compare/arms.py")
         if not self.arms and self.study is None:
             raise ValueError("give a list of arms or a study")
         if not (self.general or self.drift or self.mc):
             raise ValueError("no general probe: set drift: true, or give general text or mc files")
         return self
+
+
+def _check_init_from(arm: ArmSpec, by_name: dict[str, ArmSpec]) -> None:
+    src = by_name.get(arm.init_from or "")
+    if src is None or src.name == arm.name:
+        raise ValueError(f"arm {arm.name}: init_from names no other arm ({arm.init_from!r})")
+    if src.init_from is not None:
+        raise ValueError(
+            f"arm {arm.name}: init_from points at {src.name}, which itself starts from another arm"
+        )
+    if src.lr_sweep is not None or arm.lr_sweep is not None:
+        raise ValueError(f"arm {arm.name}: init_from and lr_sweep do not go together")
+    if arm.is_lora and not src.is_lora:
+        raise ValueError(f"arm {arm.name}: a LoRA-family arm can start from a LoRA-family arm only")
 
 
 def describe(err: ValidationError, source: str = "compare.yaml") -> str:
