@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from adaptlab import distributed as dist
-from adaptlab import outputs
+from adaptlab import losses, outputs
 from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, check_against_model, load_config
-from adaptlab.data.corpus import IGNORE_INDEX, Example, build_examples, collate, split_documents
+from adaptlab.data.corpus import IGNORE_INDEX, Example, build_examples, split_documents
+from adaptlab.data.packing import collate_micro_batch
 from adaptlab.data.sources import load_documents
 from adaptlab.errors import UserError
 from adaptlab.hardware import autocast, choose_precision, mem_bytes, peak_mem_bytes, pick_device, reset_peak
@@ -113,19 +113,8 @@ def _epoch_order(n: int, seed: int) -> list[int]:
 
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over label tokens, and their count."""
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
-    # Shift the labels, not the logits: the (B, T, vocab) logits stay contiguous, so they are not copied.
-    labels = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T)
-    loss = F.cross_entropy(
-        logits.float().view(-1, logits.size(-1)),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, int((labels != IGNORE_INDEX).sum())
+    """Summed next-token cross-entropy over label tokens, and their count (chunked: no full logits)."""
+    return losses.token_loss_sum(model, batch)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -145,7 +134,7 @@ def validation_loss(setup: Setup) -> float | None:
     with autocast(setup.device, setup.precision):
         for i in range(0, len(setup.val_examples), bs):
             loss, n = token_loss_sum(
-                setup.model, _to(collate(setup.val_examples[i : i + bs], pad), setup.device)
+                setup.model, _to(collate_micro_batch(setup.val_examples[i : i + bs], pad), setup.device)
             )
             total, count = total + float(loss), count + n
     setup.model.train(was_training)
@@ -571,7 +560,7 @@ def micro_batches(setup: Setup, step: int) -> list[dict[str, torch.Tensor]]:
     idx = batch_indices(step, len(setup.train_examples), t.batch * t.grad_accum, t.seed)
     pad = setup.tokenizer.pad_token_id
     return [
-        collate([setup.train_examples[i] for i in chunk], pad)
+        collate_micro_batch([setup.train_examples[i] for i in chunk], pad)
         for chunk in dist.micro_batches(dist.rank_slice(idx, setup.world), t.batch)
     ]
 

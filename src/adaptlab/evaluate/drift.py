@@ -8,7 +8,9 @@ KL is taken at every scored position, from fp32 log_softmax of both models' logi
     seed in batches of SAMPLE_BATCH; KL is taken on the sampled tokens only.
 
 Figure: kl = sum of per-position KL / positions (nats per token). Per-position values are
-clamped at 0 to drop float rounding below zero; identical logits give exactly 0. When the tuned
+clamped at 0 to drop float rounding below zero; identical logits give exactly 0. Windows are packed
+several to a row (attention kept inside each) and the logits of both models exist only for a chunk
+of scored positions at a time (from their final hidden states, adaptlab.losses). When the tuned
 model is a PeftModel and no separate base is given, each batch runs once with the adapters and
 once inside `disable_adapter()`: one model in memory, base and tuned logits of the same batch.
 
@@ -26,15 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adaptlab.evaluate.perplexity import (
-    Progress,
-    batches,
-    collate_windows,
-    logits_of,
-    make_windows,
-    model_device,
-    start_token,
-)
+from adaptlab.data.example import IGNORE_INDEX
+from adaptlab.evaluate.perplexity import Progress, make_windows, model_device, start_token, window_batches
+from adaptlab.losses import HeadFn, chunk_tokens, hidden_states, model_inputs, output_head
 
 SAMPLE_BATCH = 16  # fixed, so the sampled text does not depend on --batch
 NEW_TOKENS = 64
@@ -129,6 +125,38 @@ def kl_per_position(base_logits: torch.Tensor, tuned_logits: torch.Tensor) -> to
     return (lp_b.exp() * (lp_b - lp_t)).sum(dim=-1).clamp_min(0.0)
 
 
+def kl_chunked(
+    base_hidden: torch.Tensor, base_head: HeadFn, tuned_hidden: torch.Tensor, tuned_head: HeadFn, chunk: int
+) -> torch.Tensor:
+    """(N, H), (N, H) hidden states and their heads -> (N,) KL(base || tuned), logits a chunk at a time."""
+    out = torch.empty(base_hidden.shape[0], dtype=torch.float32, device=tuned_hidden.device)
+    for lo in range(0, base_hidden.shape[0], chunk):
+        b = base_head(base_hidden[lo : lo + chunk]).to(tuned_hidden.device)
+        out[lo : lo + chunk] = kl_per_position(b, tuned_head(tuned_hidden[lo : lo + chunk]))
+    return out
+
+
+def final_hidden(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, HeadFn]:
+    """The model's final hidden states (B, T, H) over the batch and its output head (no logits)."""
+    with hidden_states(model) as head:
+        return model(**model_inputs(batch), use_cache=False).logits, head
+
+
+def _base_hidden(tuned: Any, base: Any | None, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, HeadFn]:
+    """The base's hidden states and head: a separate model, or the PeftModel with adapters disabled
+    (its head applied with them disabled too, in case a LoRA sits on lm_head)."""
+    if base is not None:
+        return final_hidden(base, {k: v.to(model_device(base)) for k, v in t.items()})
+    with as_base(tuned):
+        hidden, head = final_hidden(tuned, t)
+
+    def head_as_base(h: torch.Tensor) -> torch.Tensor:
+        with as_base(tuned):
+            return head(h)
+
+    return hidden, head_as_base
+
+
 def drift_scores(
     tuned: Any,
     tokenizer: Any,
@@ -140,7 +168,11 @@ def drift_scores(
     stride: int | None = None,
     progress: Progress | None = None,
 ) -> DriftScores:
-    """Summed KL(base || tuned) and positions per sequence; base=None uses the tuned PeftModel's base."""
+    """Summed KL(base || tuned) and positions per sequence; base=None uses the tuned PeftModel's base.
+
+    Windows are packed several to a row; KL is taken at scored positions only, from both models'
+    final hidden states a chunk of positions at a time (never full (B, T, V) logits).
+    """
     if base is None and not is_peft(tuned):
         raise ValueError("drift needs a base model, or a PeftModel whose adapters can be disabled")
     windows = make_windows(seqs, masks, seq_len, stride)
@@ -154,21 +186,24 @@ def drift_scores(
         m.eval()
     try:
         with torch.inference_mode():
-            for batch in batches(windows, batch_size, seq_len):
-                t = collate_windows(batch, pad, device)
-                tuned_logits = logits_of(tuned, t)  # (B, T, V)
-                if base is None:
-                    with as_base(tuned):
-                        base_logits = logits_of(tuned, t)
-                else:
-                    bt = {k: v.to(model_device(base)) for k, v in t.items()}
-                    base_logits = logits_of(base, bt).to(device)
-                for r, w in enumerate(batch):
-                    end = len(w.ids) - 1  # slices are views: no copy, no work on pad or context positions
-                    row_kl = kl_per_position(base_logits[r, w.first : end], tuned_logits[r, w.first : end])
-                    if w.mask is not None:
-                        row_kl = row_kl * torch.tensor(w.mask, device=row_kl.device)
-                    kl[w.doc] += float(row_kl.double().sum())
+            for t, spans in window_batches(windows, batch_size, seq_len, pad, device):
+                tuned_hidden, tuned_head = final_hidden(tuned, t)  # (B, T, H)
+                base_hidden, base_head = _base_hidden(tuned, base, t)
+                scored = (t["targets"] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+                per_position = torch.zeros(t["targets"].numel(), dtype=torch.float64, device=device)
+                vocab = int(getattr(output_head(tuned), "out_features", 65536))
+                values = kl_chunked(
+                    base_hidden.flatten(0, 1).index_select(0, scored.to(base_hidden.device)),
+                    base_head,
+                    tuned_hidden.flatten(0, 1).index_select(0, scored),
+                    tuned_head,
+                    chunk_tokens(vocab),
+                )
+                per_position.index_copy_(0, scored, values.double())
+                per_position = per_position.view(t["targets"].shape)
+                for s in spans:
+                    w = windows[s.item]
+                    kl[w.doc] += float(per_position[s.row, s.start : s.end].sum())
                     tokens[w.doc] += w.n_scored
                 if progress:
                     progress(int(t["attention_mask"].sum()))
