@@ -158,11 +158,12 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def _liger() -> Callable[..., Any] | None:
+    """liger-kernel's fused linear cross-entropy (its functional API), or None when not installed."""
     try:
-        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     except ImportError:
         return None
-    return LigerFusedLinearCrossEntropyFunction.apply
+    return liger_fused_linear_cross_entropy
 
 
 def linear_cross_entropy_sum(
@@ -172,7 +173,8 @@ def linear_cross_entropy_sum(
     chunk = chunk or chunk_tokens(head.out_features)
     weight, bias = head.weight, head.bias
     if hidden.is_cuda and (liger := _liger()) is not None:
-        return liger(hidden, weight, labels, bias, None, IGNORE_INDEX, 0.0, 0.0, "sum")[0]
+        out = liger(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX, reduction="sum")
+        return out[0] if isinstance(out, tuple) else out  # some versions also return the z-loss
     grad = torch.is_grad_enabled()
     want = (
         grad and hidden.requires_grad,

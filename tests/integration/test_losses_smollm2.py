@@ -2,7 +2,9 @@
 
 The losses below were recorded by the loop that took the cross-entropy of full fp32 logits (same
 config, same data, 1 thread and 2 threads gave the same first loss to every digit). The chunked loss
-sums in another order, so the run must match them within fp32 noise, not bit for bit.
+sums in another order, so the run must match them within fp32 noise, not bit for bit: on the first
+batch the full-logits loss was 5.2e-6 relative from a float64 reference and the chunked one 5e-9,
+and over the 20 steps the two runs differed by at most 2.3e-5 relative.
 """
 
 from __future__ import annotations
