@@ -8,6 +8,7 @@ within +-15%, time within +-30%.
 
     python bench/plan_accuracy.py                 # tiny-random and smollm2-135m at 2 x 128 (~10 min idle)
     python bench/plan_accuracy.py --shapes 2x128,4x256 --steps 4
+    python bench/plan_accuracy.py --models smollm2-135m --shapes 4x256 --precisions fp32,bf16
     python bench/plan_accuracy.py --replan bench/results/plan_accuracy.json   # today's model, recorded runs
 """
 
@@ -32,10 +33,11 @@ import json, sys, warnings
 warnings.filterwarnings("ignore")
 from adaptlab.config import RunConfig
 from adaptlab.train import train
-model, method, batch, seq_len, steps, data, out = sys.argv[1:8]
+model, method, batch, seq_len, steps, data, out, precision = sys.argv[1:9]
 cfg = RunConfig(model={"name": model}, method={"method": method, "rank": 16},
                 data={"train": [data]}, out=out,
-                train={"steps": int(steps), "batch": int(batch), "seq_len": int(seq_len), "eval_examples": 1})
+                train={"steps": int(steps), "batch": int(batch), "seq_len": int(seq_len), "eval_examples": 1,
+                       "precision": precision})
 summary = train(cfg)
 rows = [json.loads(l) for l in open(out + "/metrics.jsonl") if '"loss"' in l]
 elapsed = [r["elapsed_s"] for r in rows]
@@ -43,7 +45,7 @@ print("RESULT " + json.dumps({"summary": summary, "elapsed": elapsed}))
 """
 
 
-def run_arm(model: str, method: str, batch: int, seq_len: int, steps: int) -> dict:
+def run_arm(model: str, method: str, batch: int, seq_len: int, steps: int, precision: str = "auto") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "run")
         cmd = [
@@ -57,6 +59,7 @@ def run_arm(model: str, method: str, batch: int, seq_len: int, steps: int) -> di
             str(steps),
             str(DATA),
             out,
+            precision,
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -77,7 +80,7 @@ def run_arm(model: str, method: str, batch: int, seq_len: int, steps: int) -> di
 
 def _print_row(row: dict) -> None:
     print(
-        f"{row['model']:13s} {row['method']:5s} {row['batch']}x{row['seq_len']:<4d} mem "
+        f"{row['model']:13s} {row['method']:5s} {row['precision']:4s} {row['batch']}x{row['seq_len']:<4d} mem "
         f"{row['measured_peak_mem_bytes'] / 2**20:7.0f} MiB plan {row['planned_peak_mem_bytes'] / 2**20:7.0f} "
         f"({100 * row['mem_error']:+5.1f}%)  step {row['measured_step_s']:7.2f} s plan "
         f"{row['planned_step_s']:7.2f} ({100 * row['time_error']:+5.1f}%)",
@@ -126,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default="2x128", help="comma list of BATCHxSEQ_LEN")
     parser.add_argument("--methods", default="full,lora,qlora")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--precisions",
+        default="auto",
+        help="comma list of auto|fp32|bf16 (bf16 is emulated on avx2-only CPUs)",
+    )
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument(
         "--replan", type=Path, help="re-estimate the runs recorded in this JSON, train nothing"
@@ -137,15 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     from adaptlab.plan import plan
 
     rows = []
-    refreshed: set[tuple[str, str]] = set()
+    refreshed: set[tuple[str, str, str]] = set()
     for model in args.models.split(","):
         for shape in args.shapes.split(","):
             batch, seq_len = (int(x) for x in shape.split("x"))
-            for method in args.methods.split(","):
+            for method, precision in [
+                (m, p) for p in args.precisions.split(",") for m in args.methods.split(",")
+            ]:
                 t0 = time.perf_counter()
-                measured = run_arm(model, method, batch, seq_len, args.steps)
+                measured = run_arm(model, method, batch, seq_len, args.steps, precision)
                 # re-measure the device right after the run, once per model/shape, so load hits both sides
-                key = (model, shape)
+                key = (model, shape, measured["precision"])
                 est = plan(
                     model,
                     [str(DATA)],
@@ -153,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                     seq_len=seq_len,
                     ranks=[16],
                     tokens=args.steps * batch * seq_len,
+                    precision=measured["precision"],
                     refresh=key not in refreshed,
                 )
                 refreshed.add(key)

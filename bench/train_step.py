@@ -20,7 +20,7 @@ skips it.
 
 Prints a table and writes bench/results/train_step.json.
 
-    python bench/train_step.py [--quick] [--steps N] [--only lora,qlora] [--precisions fp32,bf16]
+    python bench/train_step.py [--quick] [--steps N] [--only lora,qlora] [--precisions fp32,bf16] [--profile]
 """
 
 from __future__ import annotations
@@ -97,6 +97,39 @@ def run_adaptlab(
         "trainable_params": summary["trainable_params"],
         "final_loss": summary["final_train_loss"],
     }
+
+
+def profile_step(method: str, precision: str, batch: int, seq_len: int, tmp: Path, rows: int = 20) -> str:
+    """torch.profiler table (self CPU time) of one adaptlab training step after two warm-up steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from adaptlab.config import build_config
+    from adaptlab.train import build_optimizer, build_scheduler, micro_batches, prepare, train_step
+
+    config = build_config(
+        {
+            "model": {"name": BASE},
+            "method": {"method": method, "rank": RANK, "targets": "all-linear"},
+            "data": {"train": [str(_corpus(tmp))], "val_frac": 0.0, "test_frac": 0.0},
+            "train": {
+                "steps": 3,
+                "batch": batch,
+                "seq_len": seq_len,
+                "precision": precision,
+                "lr": _lr(method),
+            },
+            "out": str(tmp / "run"),
+        }
+    )
+    setup = prepare(config)
+    optimizer = build_optimizer(setup.params, config.train, _lr(method))
+    scheduler = build_scheduler(optimizer, 3, config.train)
+    for step in range(2):
+        train_step(setup, micro_batches(setup, step), optimizer, scheduler)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        train_step(setup, micro_batches(setup, 2), optimizer, scheduler)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def _blocks(tokenizer: Any, path: Path, batch: int, seq_len: int, steps: int) -> list[torch.Tensor]:
@@ -179,6 +212,7 @@ def _in_subprocess(
 ) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--one", f"{loop},{method},{precision}"]
     cmd += ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
     done = subprocess.run(
         cmd,
         capture_output=True,
@@ -203,13 +237,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-live", dest="live", action="store_false", help="skip the live-memory rerun on CPU"
     )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per config (default: torch's)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print a torch.profiler table of one adaptlab step per config",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.seq_len = args.seq_len or (128 if args.quick else 256)
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step is an untimed warm-up)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.one:
         loop, method, precision = args.one.split(",")
+        if loop == "profile":
+            with tempfile.TemporaryDirectory() as tmp:
+                table = profile_step(method, precision, args.batch, args.seq_len, Path(tmp))
+            print(json.dumps({"table": table}))
+            return 0
         print(json.dumps(one(loop, method, precision, args.batch, args.seq_len, args.steps)))
         return 0
 
@@ -229,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
                 again = _in_subprocess(loop, method, precision, args, env=LIVE_ENV)
                 if "error" not in again and "error" not in results[loop]:
                     results[loop]["live_peak_mem_bytes"] = again["peak_mem_bytes"]
+            if args.profile:
+                prof = _in_subprocess("profile", method, precision, args)
+                results["adaptlab"]["profile"] = prof.get("table", prof.get("error"))
+                print(
+                    f"profile of one adaptlab step, {method} {precision}:\n{results['adaptlab']['profile']}"
+                )
             ref, ours = results["reference"], results["adaptlab"]
             for loop in LOOPS:
                 r = results[loop]
@@ -266,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu": platform.processor() or platform.machine(),
                 "cpu_count": os.cpu_count(),
                 "torch": torch.__version__,
+                "threads": args.threads or torch.get_num_threads(),
+                "load_avg": os.getloadavg(),
                 "command": "python bench/train_step.py "
                 + " ".join(argv if argv is not None else sys.argv[1:]),
                 "live_memory_env": LIVE_ENV if live else None,

@@ -86,13 +86,14 @@ def test_memory_breakdown_hand_computed():
     mem = memory_breakdown(arch, lora, gpu_fp32, runtime_bytes=1000)
     assert mem["weights"] == 4 * 1624 and mem["gradients"] == 4 * 56 and mem["optimizer"] == 8 * 56
     assert mem["activations"] == 400 * 8 + 4 * 8 * 8  # + the final norm's input
-    assert mem["logits"] == 8 * 128 * (4 + 8)
-    assert mem["peak"] == 1000 + 6496 + 448 + 3456 + 12288
+    # the chunked loss: one chunk of fp32 logits (all 8 tokens fit one) + the hidden states' gradient
+    assert mem["logits"] == 8 * 128 * 4 + 4 * 8 * 8
+    assert mem["peak"] == 1000 + 6496 + 448 + 3456 + 4352
     full = memory_breakdown(arch, Arm("full"), gpu_fp32, runtime_bytes=1000)
     # norms with trainable weights 128 + sdpa 96 + mlp 192 + two norm outputs 64 + down input 64;
     # final norm input, output and head input 3*4*8; the head's gradient 4*128*8 arrives early
     assert full["activations"] == 544 * 8 + 96 * 8
-    assert full["peak"] == 1000 + 6496 + 12992 + 5120 + 12288 + 4096
+    assert full["peak"] == 1000 + 6496 + 12992 + 5120 + 4352 + 4096
     bf16 = memory_breakdown(arch, Arm("full"), Shape(2, 4, precision="bf16", device_type="cuda"), 0)
     assert bf16["weight_copies"] == 2 * (576 + 1024)
     assert bf16["activations"] == (128 + 48 + 96 + 2 * (5 * 8 + 16)) * 8 + (32 + 32 + 16) * 8

@@ -10,6 +10,8 @@ index of the right choice). For each choice:
     score is the summed log-probability of the continuation's tokens.
 acc: the argmax of the summed log-probabilities is the answer (ties: the first). acc_norm: the
 argmax of summed log-probability / len(choice) in characters (without the leading space) is.
+Requests are packed several to a row (data/packing.py: attention stays inside each request) and scored
+from the final hidden states a chunk of positions at a time (adaptlab.losses), never full logits.
 
     python -c "from adaptlab.evaluate.choice import load_items; print(len(load_items('items.jsonl')))"
 """
@@ -23,9 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from adaptlab.data.example import IGNORE_INDEX
+from adaptlab.data.packing import pack_rows, pack_sequences
 from adaptlab.data.sources import read_jsonl
 from adaptlab.errors import UserError
 from adaptlab.evaluate.perplexity import Progress, model_device, start_token
+from adaptlab.losses import next_token_nll
+
+PACK_WIDTH = 256
+"""Input tokens per packed row: several short choices share one row (attention kept inside each)."""
 
 
 @dataclass(frozen=True)
@@ -133,29 +141,24 @@ def score_items(
     loglik = [[0.0] * len(it.choices) for it in items]
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start_token(tokenizer)
-    order = sorted(range(len(rows)), key=lambda k: -len(rows[k][2]))
+    inputs = [r[2] for r in rows]
+    targets = [[IGNORE_INDEX] * (len(r[2]) - len(r[3])) + list(r[3]) for r in rows]
+    width = max(max(len(x) for x in inputs), min(seq_len, PACK_WIDTH))
+    packed = pack_rows([len(x) for x in inputs], width)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for lo in range(0, len(order), batch_size):
-                chunk = [rows[k] for k in order[lo : lo + batch_size]]
-                width = max(len(r[2]) for r in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                attn = torch.zeros((len(chunk), width), dtype=torch.long)
-                for r, (_, _, inp, _) in enumerate(chunk):
-                    ids[r, : len(inp)] = torch.tensor(inp)
-                    attn[r, : len(inp)] = 1
-                logits = model(
-                    input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False
-                ).logits  # (B, T, V)
-                for r, (i, j, inp, cont) in enumerate(chunk):
-                    n = len(cont)
-                    lp = torch.log_softmax(logits[r, len(inp) - n : len(inp)].float(), dim=-1)  # (n, V)
-                    target = torch.tensor(cont, device=lp.device)
-                    loglik[i][j] = float(lp.gather(1, target[:, None]).sum())
+            for lo in range(0, len(packed), batch_size):
+                group = packed[lo : lo + batch_size]
+                batch, spans = pack_sequences(inputs, targets, group, width, pad)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                nll = next_token_nll(model, batch, batch["targets"]).double()  # (B, T)
+                for sp in spans:
+                    i, j = rows[sp.item][0], rows[sp.item][1]
+                    loglik[i][j] = -float(nll[sp.row, sp.start : sp.end].sum())
                 if progress:
-                    progress(int(attn.sum()))
+                    progress(int(batch["attention_mask"].sum()))
     finally:
         model.train(was_training)
     acc = np.zeros(len(items))

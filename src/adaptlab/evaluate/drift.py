@@ -8,7 +8,9 @@ KL is taken at every scored position, from fp32 log_softmax of both models' logi
     seed in batches of SAMPLE_BATCH; KL is taken on the sampled tokens only.
 
 Figure: kl = sum of per-position KL / positions (nats per token). Per-position values are
-clamped at 0 to drop float rounding below zero; identical logits give exactly 0. When the tuned
+clamped at 0 to drop float rounding below zero; identical logits give exactly 0. Windows are packed
+several to a row (attention kept inside each) and the logits of both models exist only for a chunk
+of scored positions at a time (from their final hidden states, adaptlab.losses). When the tuned
 model is a PeftModel and no separate base is given, each batch runs once with the adapters and
 once inside `disable_adapter()`: one model in memory, base and tuned logits of the same batch.
 
@@ -26,15 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adaptlab.evaluate.perplexity import (
-    Progress,
-    batches,
-    collate_windows,
-    logits_of,
-    make_windows,
-    model_device,
-    start_token,
-)
+from adaptlab.data.example import IGNORE_INDEX
+from adaptlab.evaluate.perplexity import Progress, make_windows, model_device, start_token, window_batches
+from adaptlab.losses import HeadFn, chunk_tokens, hidden_states, model_inputs, output_head
 
 SAMPLE_BATCH = 16  # fixed, so the sampled text does not depend on --batch
 NEW_TOKENS = 64
@@ -130,6 +126,48 @@ def kl_per_position(base_logits: torch.Tensor, tuned_logits: torch.Tensor) -> to
     return (lp_b.exp() * (lp_b - lp_t)).sum(dim=-1).clamp_min(0.0)
 
 
+def kl_chunked(
+    base_hidden: torch.Tensor,
+    base_head: HeadFn,
+    tuned_hidden: torch.Tensor,
+    tuned_head: HeadFn,
+    chunk: int,
+    reverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, H), (N, H) hidden states and their heads -> (N,) KL(base || tuned), and (N,) KL(tuned || base)
+    when `reverse`, logits a chunk at a time."""
+    out = torch.empty(base_hidden.shape[0], dtype=torch.float32, device=tuned_hidden.device)
+    out_rev = torch.empty_like(out) if reverse else None
+    for lo in range(0, base_hidden.shape[0], chunk):
+        b = base_head(base_hidden[lo : lo + chunk]).to(tuned_hidden.device)
+        t = tuned_head(tuned_hidden[lo : lo + chunk])
+        out[lo : lo + chunk] = kl_per_position(b, t)
+        if out_rev is not None:
+            out_rev[lo : lo + chunk] = kl_per_position(t, b)
+    return out, out_rev
+
+
+def final_hidden(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, HeadFn]:
+    """The model's final hidden states (B, T, H) over the batch and its output head (no logits)."""
+    with hidden_states(model) as head:
+        return model(**model_inputs(batch), use_cache=False).logits, head
+
+
+def _base_hidden(tuned: Any, base: Any | None, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, HeadFn]:
+    """The base's hidden states and head: a separate model, or the PeftModel with adapters disabled
+    (its head applied with them disabled too, in case a LoRA sits on lm_head)."""
+    if base is not None:
+        return final_hidden(base, {k: v.to(model_device(base)) for k, v in t.items()})
+    with as_base(tuned):
+        hidden, head = final_hidden(tuned, t)
+
+    def head_as_base(h: torch.Tensor) -> torch.Tensor:
+        with as_base(tuned):
+            return head(h)
+
+    return hidden, head_as_base
+
+
 def drift_scores(
     tuned: Any,
     tokenizer: Any,
@@ -144,6 +182,8 @@ def drift_scores(
 ) -> DriftScores:
     """Summed KL(base || tuned) and positions per sequence; base=None uses the tuned PeftModel's base.
 
+    Windows are packed several to a row; KL is taken at scored positions only, from both models'
+    final hidden states a chunk of positions at a time (never full (B, T, V) logits).
     reverse: also sum KL(tuned || base) (DriftScores.kl_reverse) over the same positions.
     """
     if base is None and not is_peft(tuned):
@@ -160,21 +200,32 @@ def drift_scores(
         m.eval()
     try:
         with torch.inference_mode():
-            for batch in batches(windows, batch_size, seq_len):
-                t = collate_windows(batch, pad, device)
-                tuned_logits = logits_of(tuned, t)  # (B, T, V)
-                if base is None:
-                    with as_base(tuned):
-                        base_logits = logits_of(tuned, t)
-                else:
-                    bt = {k: v.to(model_device(base)) for k, v in t.items()}
-                    base_logits = logits_of(base, bt).to(device)
-                for r, w in enumerate(batch):
-                    end = len(w.ids) - 1  # slices are views: no copy, no work on pad or context positions
-                    b_rows, t_rows = base_logits[r, w.first : end], tuned_logits[r, w.first : end]
-                    kl[w.doc] += _masked_sum(kl_per_position(b_rows, t_rows), w.mask)
-                    if kl_rev is not None:
-                        kl_rev[w.doc] += _masked_sum(kl_per_position(t_rows, b_rows), w.mask)
+            for t, spans in window_batches(windows, batch_size, seq_len, pad, device):
+                tuned_hidden, tuned_head = final_hidden(tuned, t)  # (B, T, H)
+                base_hidden, base_head = _base_hidden(tuned, base, t)
+                scored = (t["targets"] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+                per_position = torch.zeros(t["targets"].numel(), dtype=torch.float64, device=device)
+                vocab = int(getattr(output_head(tuned), "out_features", 65536))
+                values, values_rev = kl_chunked(
+                    base_hidden.flatten(0, 1).index_select(0, scored.to(base_hidden.device)),
+                    base_head,
+                    tuned_hidden.flatten(0, 1).index_select(0, scored),
+                    tuned_head,
+                    chunk_tokens(vocab),
+                    reverse=kl_rev is not None,
+                )
+                per_position.index_copy_(0, scored, values.double())
+                per_position = per_position.view(t["targets"].shape)
+                per_position_rev = None
+                if values_rev is not None:
+                    per_position_rev = torch.zeros_like(per_position).flatten()
+                    per_position_rev.index_copy_(0, scored, values_rev.double())
+                    per_position_rev = per_position_rev.view(t["targets"].shape)
+                for s in spans:
+                    w = windows[s.item]
+                    kl[w.doc] += float(per_position[s.row, s.start : s.end].sum())
+                    if kl_rev is not None and per_position_rev is not None:
+                        kl_rev[w.doc] += float(per_position_rev[s.row, s.start : s.end].sum())
                     tokens[w.doc] += w.n_scored
                 if progress:
                     progress(int(t["attention_mask"].sum()))
@@ -182,9 +233,3 @@ def drift_scores(
         for m, mode in zip(models, modes, strict=True):
             m.train(mode)
     return DriftScores(kl=kl, tokens=tokens, kl_reverse=kl_rev)
-
-
-def _masked_sum(values: torch.Tensor, mask: list[bool] | None) -> float:
-    if mask is not None:
-        values = values * torch.tensor(mask, device=values.device)
-    return float(values.double().sum())

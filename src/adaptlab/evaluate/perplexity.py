@@ -13,8 +13,9 @@ Token conventions (what is scored, and on what context):
     smaller stride each window scores `stride` new tokens with up to seq_len tokens of context.
 
 Figures: nll = total NLL / scored tokens (nats), ppl = exp(nll), bpb = total NLL / ln 2 / UTF-8
-bytes. Windows are sorted by length and batched with right padding (causal attention means real
-tokens never see the pad), under torch.inference_mode.
+bytes. Windows are packed several to a row (attention kept inside each window, positions restarting:
+data/packing.py), so short documents cost their own tokens and no padding; the per-token NLL is taken
+from the final hidden states chunk by chunk (adaptlab.losses), under torch.inference_mode.
 
     python -c "from adaptlab.evaluate.perplexity import *; from adaptlab.models import load_model as l; \\
 m = l('tiny-random'); print(summarize(score_documents(m.model, m.tokenizer, ['Hello world.'])))"
@@ -29,11 +30,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from adaptlab.data.example import IGNORE_INDEX
 from adaptlab.data.instruct import encode_chat
+from adaptlab.data.packing import Span, pack_rows, pack_sequences
 from adaptlab.data.sources import Document
 from adaptlab.errors import UserError
+from adaptlab.losses import next_token_nll
 
 Progress = Callable[[int], None]  # called with the number of tokens just processed
 
@@ -179,20 +182,36 @@ def model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def logits_of(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+def window_targets(w: Window) -> list[int]:
+    """What each input position of a window predicts, IGNORE_INDEX where nothing is scored."""
+    scored = w.ids[w.first + 1 :]
+    keep = w.mask if w.mask is not None else [True] * len(scored)
+    return [IGNORE_INDEX] * w.first + [t if k else IGNORE_INDEX for t, k in zip(scored, keep, strict=True)]
 
 
-def window_nll(logits: torch.Tensor, targets: torch.Tensor, window: Window) -> torch.Tensor:
-    """(T, V) logits and (T,) targets of one row -> summed fp32 NLL of the window's scored positions.
+def window_batches(
+    windows: list[Window], batch_size: int, seq_len: int, pad: int, device: torch.device, pack: bool = True
+) -> Iterator[tuple[dict[str, torch.Tensor], list[Span]]]:
+    """Model batches over the windows, each with every window's span (row, columns).
 
-    Only the scored slice is read (a view: no copy, no work on pad or context-only positions).
+    pack=True: windows share rows of seq_len input tokens (data/packing.py: attention kept inside each
+    window, positions restarting), batch_size rows a batch. pack=False: one window a row, right-padded,
+    with an attention mask (the batches of `batches`).
     """
-    end = len(window.ids) - 1
-    nll = F.cross_entropy(logits[window.first : end].float(), targets[window.first : end], reduction="none")
-    if window.mask is not None:
-        nll = nll * torch.tensor(window.mask, device=nll.device)
-    return nll.double().sum()
+    inputs = [w.ids[:-1] for w in windows]
+    targets = [window_targets(w) for w in windows]
+    if pack:
+        rows = pack_rows([len(x) for x in inputs], seq_len)
+        groups = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    else:
+        index = {id(w): i for i, w in enumerate(windows)}
+        groups = [[[index[id(w)]] for w in b] for b in batches(windows, batch_size, seq_len)]
+    for group in groups:
+        width = max(sum(len(inputs[i]) for i in row) for row in group)
+        batch, spans = pack_sequences(inputs, targets, group, width, pad)
+        if not pack:
+            del batch["position_ids"]  # padded rows: the attention mask keeps pad out of sight
+        yield {k: v.to(device) for k, v in batch.items()}, spans
 
 
 def score_documents(
@@ -203,8 +222,13 @@ def score_documents(
     batch_size: int = 8,
     stride: int | None = None,
     progress: Progress | None = None,
+    pack: bool = True,
 ) -> DocScores:
-    """Summed NLL, scored tokens and bytes per document (see the module docstring for conventions)."""
+    """Summed NLL, scored tokens and bytes per document (see the module docstring for conventions).
+
+    Windows are packed several to a row (pack=False: one a row, padded); the NLL is taken chunk by
+    chunk from the final hidden states (adaptlab.losses), never from full (B, T, V) logits.
+    """
     seqs, masks, nbytes = encode_documents(docs, tokenizer, seq_len)
     windows = make_windows(seqs, masks, seq_len, stride)
     nll = np.zeros(len(seqs), dtype=np.float64)
@@ -215,11 +239,11 @@ def score_documents(
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in batches(windows, batch_size, seq_len):
-                t = collate_windows(batch, pad, device)
-                logits = logits_of(model, t)  # (B, T, V)
-                for r, w in enumerate(batch):
-                    nll[w.doc] += float(window_nll(logits[r], t["targets"][r], w))
+            for t, spans in window_batches(windows, batch_size, seq_len, pad, device, pack):
+                per_position = next_token_nll(model, t, t["targets"]).double()  # (B, T)
+                for s in spans:
+                    w = windows[s.item]
+                    nll[w.doc] += float(per_position[s.row, s.start : s.end].sum())
                     tokens[w.doc] += w.n_scored
                 if progress:
                     progress(int(t["attention_mask"].sum()))

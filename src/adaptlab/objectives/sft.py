@@ -13,11 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from adaptlab import distributed as dist
+from adaptlab import losses
 from adaptlab.config import ObjectiveSpec, RunConfig
-from adaptlab.data.corpus import IGNORE_INDEX, Example, build_examples, collate, split_documents
+from adaptlab.data.corpus import IGNORE_INDEX, Example, build_examples, split_documents
+from adaptlab.data.packing import collate_micro_batch
 from adaptlab.data.sources import load_documents
 from adaptlab.errors import UserError
 from adaptlab.hardware import autocast
@@ -25,19 +26,8 @@ from adaptlab.objectives import rank_chunks, to_device
 
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over label tokens, and their count."""
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
-    # Shift the labels, not the logits: the (B, T, vocab) logits stay contiguous, so they are not copied.
-    labels = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T)
-    loss = F.cross_entropy(
-        logits.float().view(-1, logits.size(-1)),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, int((labels != IGNORE_INDEX).sum())
+    """Summed next-token cross-entropy over label tokens, and their count (chunked: no full logits)."""
+    return losses.token_loss_sum(model, batch)
 
 
 def sft_examples(config: RunConfig, tokenizer: Any) -> tuple[list[Example], list[Example]]:
@@ -72,7 +62,7 @@ def validation_loss(setup: Any) -> float | None:
     with autocast(setup.device, setup.precision):
         for i in range(0, len(setup.val_examples), bs):
             loss, n = token_loss_sum(
-                setup.model, to_device(collate(setup.val_examples[i : i + bs], pad), setup.device)
+                setup.model, to_device(collate_micro_batch(setup.val_examples[i : i + bs], pad), setup.device)
             )
             total, count = total + float(loss), count + n
     setup.model.train(was_training)
@@ -95,7 +85,10 @@ class SFTObjective:
 
     def micro_batches(self, setup: Any, step: int) -> list[dict[str, torch.Tensor]]:
         pad = setup.tokenizer.pad_token_id
-        return [collate([setup.train_examples[i] for i in chunk], pad) for chunk in rank_chunks(setup, step)]
+        return [
+            collate_micro_batch([setup.train_examples[i] for i in chunk], pad)
+            for chunk in rank_chunks(setup, step)
+        ]
 
     def normaliser(self, setup: Any, micro: list[dict[str, torch.Tensor]]) -> float:
         local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)

@@ -3,8 +3,8 @@
 Memory is what `adaptlab train` holds at its peak (fp32 master weights, bf16 autocast where chosen):
 weights, gradients and AdamW states (two fp32 moments) of the trainable parameters, the bf16 weight
 copies autocast keeps for the backward pass, the activations autograd saves (counted tensor by tensor
-for a Llama-style block, see `layer_activation_bytes`), the logits (B, T, vocab) that the loss turns
-into fp32, the data held in Python, and the runtime itself (peak RSS of the imported stack on CPU,
+for a Llama-style block, see `layer_activation_bytes`), what the chunked cross-entropy holds (one
+chunk of logits, never the whole (B, T, vocab): `loss_bytes`), the data held in Python, and the runtime itself (peak RSS of the imported stack on CPU,
 the CUDA context on GPU). The peak is the larger of the forward/backward peak (activations alive)
 and the optimizer-step peak (gradients alive).
 
@@ -134,6 +134,18 @@ def layer_activation_bytes(arch: Arch, arm: Arm, precision: str) -> int:
     return total
 
 
+def loss_bytes(arch: Arch, shape: Shape) -> int:
+    """What the chunked cross-entropy (adaptlab.losses) holds at its peak: one chunk's fp32 logits
+    (turned into the softmax gradient in place), their matmul-dtype copy under bf16, and the gradient
+    of the hidden states it hands to backward (the head's weight gradient is `early_grads`)."""
+    from adaptlab.losses import chunk_tokens
+
+    tokens = shape.tokens_per_micro
+    chunk = min(tokens, chunk_tokens(arch.vocab))
+    per_logit = FP32 + (2 if shape.precision == "bf16" else 0)
+    return chunk * arch.vocab * per_logit + FP32 * arch.hidden * tokens
+
+
 def memory_breakdown(
     arch: Arch,
     arm: Arm,
@@ -161,7 +173,7 @@ def memory_breakdown(
     acts_full = per_layer * tokens * arch.n_layers + edge
     acts_ckpt = FP32 * arch.hidden * tokens * arch.n_layers + per_layer * tokens + edge
     activations = acts_ckpt if shape.grad_checkpointing else acts_full
-    logits = tokens * arch.vocab * (b + LOSS_BYTES_PER_LOGIT + (FP32 if b == 2 else 0))
+    logits = loss_bytes(arch, shape)
     head = arch.vocab * arch.hidden
     layer_linear = arch.linear_params // max(arch.n_layers, 1)
     if b == 2:
