@@ -22,6 +22,7 @@ EXPECTED_ARMS = {
     "lr": {"full", "lora"},
     "targets": {"lora-all", "lora-attn", "lora-mlp"},
     "batch": {f"{m}-{b}" for m in ("full", "lora") for b in ("small", "default", "large")},
+    "rank": {"full", "lora-r1"},
     "data-size": {"full-1pct", "full-10pct", "full-100pct"},
     "regime": {f"{r}-{m}-{b}" for r in ("cpt", "ift") for m in ("full", "lora") for b in ("small", "large")},
     "continual": {"full-a", "lora-a", "full-a-then-b", "lora-a-then-b", "lora-b"},
@@ -44,8 +45,10 @@ def _head(src: Path, dst: Path, n: int) -> None:
 def root(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     """The shipped layout, cut to a few records per file."""
     root = tmp_path_factory.mktemp("shared")
-    for rel in (*rep.DOMAINS.values(), rep.GENERAL, rep.REGIME_PAIRS):
+    for rel in (*rep.DOMAINS.values(), rep.REGIME_PAIRS):
         _head(shared_data / rel, root / rel, 24)
+    # glosses are one line each: the regime study's raw text needs enough of them for a validation block
+    _head(shared_data / rep.GENERAL, root / rep.GENERAL, 400)
     return root
 
 
