@@ -86,9 +86,9 @@ def test_seeds_and_sweep_then_replicate_end_to_end(run_cli, tmp_path: Path) -> N
 
 
 def test_power_law_fitted_on_a_quarter_and_a_half_predicts_the_full_budget(run_cli, tmp_path: Path) -> None:
-    full_budget = 4096
+    full_budget = 2048
     arms = [
-        {"name": f"lora-{tag}", "method": "lora", "rank": 4, "lr": 3e-3, "tokens": full_budget // div}
+        {"name": f"full-{tag}", "method": "full", "lr": 1e-3, "tokens": full_budget // div}
         for tag, div in (("q", 4), ("h", 2), ("all", 1))
     ]
     out = tmp_path / "out"
@@ -97,12 +97,15 @@ def test_power_law_fitted_on_a_quarter_and_a_half_predicts_the_full_budget(run_c
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     by = {a["name"]: a for a in results["arms"]}
-    ex = extrapolate([by["lora-q"], by["lora-h"]], results["forgetting_metric"], target_tokens=full_budget)
+    ex = extrapolate([by["full-q"], by["full-h"]], results["forgetting_metric"], target_tokens=full_budget)
     (fam,) = ex["families"]
     lo, hi = fam["learning"]["ci95"]
-    measured = by["lora-all"]["learning"]["value"]
+    measured = by["full-all"]["learning"]["value"]
     assert lo <= measured <= hi, (fam["learning"], measured)
     assert not ex["far"] and ex["factor"] == pytest.approx(2.0)
-    # the comparison itself fits all three budgets and extrapolates to --target-tokens
+    # the comparison fits all three budgets, extrapolates to --target-tokens and runs the same check
     full = results["extrapolation"]
-    assert full["target_tokens"] == 4 * full_budget and full["families"][0]["arms"] == list(by)
+    (fam_all,) = full["families"]
+    assert full["target_tokens"] == 4 * full_budget and fam_all["arms"] == list(by)
+    assert fam_all["learning"]["holdout"]["ci95"] == pytest.approx([lo, hi])
+    assert fam_all["learning"]["holdout"]["within"]

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_report_paired import arm
 
 from adaptlab.report.extrapolate import extrapolate
@@ -64,24 +65,31 @@ def _results() -> dict[str, Any]:
     return res
 
 
-def test_main_table_starts_with_paired_differences_and_repeats_no_column(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    """One comparison's results and the folder its report was written to (rendered once)."""
+    out = tmp_path_factory.mktemp("report")
     res = _results()
-    write_report(res, tmp_path)
-    html = (tmp_path / "report.html").read_text()
+    write_report(res, out)
+    return res, out
+
+
+def test_main_table_starts_with_paired_differences_and_repeats_no_column(report) -> None:
+    _, out = report
+    html = (out / "report.html").read_text()
     header = re.search(r'<table class="main">\s*<tr>(.*?)</tr>', html, re.S).group(1)
     cols = re.findall(r"<th>(.*?)</th>", header)
     assert cols[:3] == ["arm", "learning &minus; pick", "forgetting &minus; pick"]
     assert "general NLL increase" not in cols  # general text is the forgetting measure: one column
     assert "drift KL" in cols and len(cols) == len(set(cols))
     assert "final val loss" not in cols  # with the setup, in the arms table
-    md = (tmp_path / "report.md").read_text()
+    md = (out / "report.md").read_text()
     assert "| arm | learning - pick | forgetting - pick |" in md
 
 
-def test_noisy_machine_extrapolation_and_predictor_are_said(tmp_path: Path) -> None:
-    res = _results()
-    write_report(res, tmp_path)
-    md = (tmp_path / "report.md").read_text()
+def test_noisy_machine_extrapolation_and_predictor_are_said(report) -> None:
+    res, out = report
+    md = (out / "report.md").read_text()
     assert "Step times of full-1000, full-2000, full-4000 varied far more" in md
     assert "noisy (step-time cv 0.60)" in md and "| steady |" in md
     assert (
