@@ -10,9 +10,8 @@ never change between runs and never appear in training. With under 3 items nothi
 
 The embedded task is sized for smollm2-135m (chat template, greedy): it mostly starts to work the
 sum out in words ("To solve this, we need to add ..."), so how many answers are right depends on the
-completion length: 10% of 150 random sums within 12 new tokens (measured on a 2-core CPU). Single
-digits are nearly always right, three digits rarely; two digits leave a reward room to rise (in the
-answer and in its format), and a group of 8 samples often holds both right and wrong answers.
+completion length: 10% of 150 random sums within 12 new tokens (measured on a 2-core CPU). That
+leaves a reward room to rise, in the answer and in its format (answering at once fits the budget).
 
     python -c "from adaptlab.data.tasks import load_task; print(load_task('arithmetic')[:2])"
 """
