@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--prompts-per-step", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--eval-prompts", type=int, default=60)
     parser.add_argument("--full-lr", type=float, default=5e-5)
     parser.add_argument("--out", help="Keep the study directory here (default: a temp dir).")

@@ -14,7 +14,7 @@ from adaptlab.train import train
 
 pytestmark = pytest.mark.integration
 EVAL_PROMPTS = 60
-NEW_TOKENS = 16
+NEW_TOKENS = 32
 
 
 def test_grpo_raises_held_out_greedy_accuracy(tmp_path):
@@ -31,6 +31,7 @@ def test_grpo_raises_held_out_greedy_accuracy(tmp_path):
                 "task": "grpo",
                 "group_size": 8,
                 "max_new_tokens": NEW_TOKENS,
+                "temperature": 0.7,
                 "prompts_per_step": 4,
             },
             "out": str(tmp_path / "run"),

@@ -268,7 +268,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
 
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]])
     kept = top_p_filter(probs, 0.75)
-    torch.testing.assert_close(kept, torch.tensor([[0.5, 0.3, 0.0, 0.0], [0.0, 0.0, 0.3, 0.4]]))
+    torch.testing.assert_close(kept, torch.tensor([[0.5, 0.3, 0.0, 0.0], [0.0, 0.2, 0.3, 0.4]]))
     assert top_p_filter(probs, 1.0) is probs
 
 

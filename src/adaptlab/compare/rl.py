@@ -59,7 +59,8 @@ class RLStudy:
     steps: int = 12
     prompts_per_step: int = 4
     group_size: int = 8
-    max_new_tokens: int = 16
+    max_new_tokens: int = 32
+    temperature: float = 0.7
     batch: int = 8
     seq_len: int = 96
     eval_prompts: int = 100
@@ -130,6 +131,7 @@ def run_config(study: RLStudy, arm: RLArm, out: Path, sft_data: Path | None) -> 
             "task": "grpo",
             "group_size": study.group_size,
             "max_new_tokens": study.max_new_tokens,
+            "temperature": study.temperature,
             "prompts_per_step": study.prompts_per_step,
         },
         "out": str(out),

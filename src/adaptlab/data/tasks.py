@@ -8,9 +8,10 @@ A task source is one of:
 Items split train/test by a stable hash of their id (corpus.split_fraction), so the held-out prompts
 never change between runs and never appear in training. With under 3 items nothing is held out.
 
-The embedded task is sized for smollm2-135m (chat template, greedy): about a third of the held-out
-sums are right before training (bench/rl_study.py measures it), so a reward has room to rise and
-a group of 8 samples usually holds both right and wrong answers.
+The embedded task is sized for smollm2-135m (chat template, greedy): it mostly starts to work the
+sum out in words ("To solve this, we need to add ..."), so how many answers are right depends on the
+completion length: 10% of 150 random sums within 12 new tokens (measured on a 2-core CPU). That
+leaves a reward room to rise, in the answer and in its format (answering at once fits the budget).
 
     python -c "from adaptlab.data.tasks import load_task; print(load_task('arithmetic')[:2])"
 """
