@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also print a torch.profiler table of one adaptlab step per config",
     )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.seq_len = args.seq_len or (128 if args.quick else 256)
@@ -308,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['peak_mem_bytes'] / 2**20:>8.0f} {live_mb} {ratios}",
                     flush=True,
                 )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
         json.dumps(
             {
                 "model": BASE,
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         + "\n"
     )
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
     return 0
 
 
