@@ -136,7 +136,7 @@ class DPOObjective:
         )
         return losses.sum(), pair_metric_sums(chosen_rewards, rejected_rewards, logps)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP2 must not allocate its unsharded weights as inference tensors
     def validation(self, setup: Any) -> dict[str, float]:
         """Mean loss and DPO metrics over the held-out pairs, prefixed `val_`."""
         if not setup.val_examples:
@@ -187,7 +187,7 @@ def load_or_compute_reference(setup: Any) -> dict[str, torch.Tensor]:
     return reference
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: under FSDP2 this is the first forward, which allocates its buffers
 def _reference_logps(setup: Any, split: str) -> torch.Tensor:
     """(pairs, 2) log-probs [chosen, rejected] of a split's pairs under the model as it is now.
 
