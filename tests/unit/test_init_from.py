@@ -16,8 +16,9 @@ from helpers import tiny_config, write_corpus
 
 from adaptlab.artifacts import load_tuned
 from adaptlab.errors import UserError
+from adaptlab.objectives.sft import SFTObjective, token_loss_sum
 from adaptlab.rundir import RunDir
-from adaptlab.train import micro_batches, prepare, token_loss_sum, train
+from adaptlab.train import prepare, train
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_first_step_loss_is_the_previous_runs_loss_on_that_batch(
 ) -> None:
     cfg = tiny_config(corpus, tmp_path / "next", method=method, steps=1, seed=7)
     cfg.model.init_from = str(runs[before])
-    batches = micro_batches(prepare(cfg), 0)  # the new run's first batch (its data order, its seed)
+    batches = SFTObjective().micro_batches(prepare(cfg), 0)  # the new run's first batch (its data order, its seed)
     tuned, _ = load_tuned(runs[before])
     want = _loss_of(tuned.model, batches)
 
