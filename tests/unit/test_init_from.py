@@ -51,7 +51,9 @@ def test_first_step_loss_is_the_previous_runs_loss_on_that_batch(
 ) -> None:
     cfg = tiny_config(corpus, tmp_path / "next", method=method, steps=1, seed=7)
     cfg.model.init_from = str(runs[before])
-    batches = SFTObjective().micro_batches(prepare(cfg), 0)  # the new run's first batch (its data order, its seed)
+    batches = SFTObjective().micro_batches(
+        prepare(cfg), 0
+    )  # the new run's first batch (its data order, its seed)
     tuned, _ = load_tuned(runs[before])
     want = _loss_of(tuned.model, batches)
 

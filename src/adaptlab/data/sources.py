@@ -26,6 +26,8 @@ from typing import Any
 from adaptlab.errors import UserError
 
 EMBEDDED_CORPORA = ("python-stdlib",)
+EMBEDDED_TASKS = ("arithmetic",)
+"""Verifiable tasks built in (data/tasks.py); named here so checking names needs no torch."""
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")
 # Parts of the standard library that are tests, demos or vendored third-party code.
@@ -180,8 +182,6 @@ def _not_found(name: str, err: Exception) -> UserError:
 
 def check_sources(sources: list[str]) -> None:
     """Refuse, before anything is loaded, a source that is not local while the hub cannot be reached."""
-    from adaptlab.data.tasks import EMBEDDED_TASKS
-
     for source in sources:
         if (
             source in EMBEDDED_CORPORA

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from adaptlab.data.corpus import split_fraction
-from adaptlab.data.sources import read_jsonl
+from adaptlab.data.sources import EMBEDDED_TASKS, read_jsonl
 from adaptlab.errors import UserError
 
-EMBEDDED_TASKS = ("arithmetic",)
 TEST_FRAC = 0.1
 """Fraction of a task's items held out for evaluation."""
 TaskSplit = Literal["train", "test", "all"]
