@@ -1,4 +1,5 @@
-"""`adaptlab compare --executor ray` (a local Ray cluster) and `--parallel-runs 2` give the results of\nthe default executor, one run at a time."""
+"""`adaptlab compare --executor ray` (a local Ray cluster), `--parallel-runs 2` and `--executor inline` give
+the results of the default executor, one run at a time."""
 
 from __future__ import annotations
 
@@ -72,6 +73,10 @@ def test_every_executor_gives_the_local_results(run_cli, tmp_path: Path, ray_shu
     code, _, err = run_cli("compare", "--config", spec, "--out", tmp_path / "two", "--parallel-runs", "2")
     assert code == 0, err
     assert _measured(tmp_path / "two") == local
+    # every run in this process, one after another
+    code, _, err = run_cli("compare", "--config", spec, "--out", tmp_path / "inline", "--executor", "inline")
+    assert code == 0, err
+    assert _measured(tmp_path / "inline") == local
 
 
 def test_ray_address_that_does_not_answer(run_cli, tmp_path: Path) -> None:

@@ -57,7 +57,9 @@ def test_seeds_and_sweep_then_replicate_end_to_end(run_cli, tmp_path: Path) -> N
         {"name": "full", "method": "full"},
     ]
     out = tmp_path / "out"
-    code, _, err = run_cli("compare", "--config", _spec(tmp_path, arms, seeds=2), "--out", out)
+    code, _, err = run_cli(
+        "compare", "--config", _spec(tmp_path, arms, seeds=2), "--out", out, "--executor", "inline"
+    )
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     by = {a["name"]: a for a in results["arms"]}
@@ -93,7 +95,7 @@ def test_power_law_fitted_on_a_quarter_and_a_half_predicts_the_full_budget(run_c
     ]
     out = tmp_path / "out"
     cfg = _spec(tmp_path, arms, tokens=full_budget, target_tokens=4 * full_budget)
-    code, _, err = run_cli("compare", "--config", cfg, "--out", out)
+    code, _, err = run_cli("compare", "--config", cfg, "--out", out, "--executor", "inline")
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     by = {a["name"]: a for a in results["arms"]}

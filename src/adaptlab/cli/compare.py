@@ -181,10 +181,11 @@ def _finish(results: dict[str, Any], out: str) -> None:
 )
 @click.option(
     "--executor",
-    type=click.Choice(["local", "ray"]),
+    type=click.Choice(["local", "ray", "inline"]),
     default="local",
     show_default=True,
-    help="Where training runs execute: this machine, or Ray tasks on a cluster.",
+    help="Where training runs execute: child processes on this machine, Ray tasks on a cluster, or "
+    "inline (this process, one after another: for tiny models and smoke runs; memory figures are not per run).",
 )
 @click.option(
     "--parallel-runs", type=int, default=1, show_default=True, help="Local: runs at once (one GPU each)."

@@ -33,7 +33,8 @@ def qlora_available() -> bool:
 
 @cache
 def _meta_model(model: str) -> Any:
-    """The model's module tree on the meta device: Linear shapes without loading weights."""
+    """The model's module tree on the meta device: Linear shapes without loading weights (built once per
+    model name in a process; nothing writes to it)."""
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from adaptlab.errors import UserError
 
 OnEvent = Callable[[dict[str, Any]], None]
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("local", "ray", "inline")
 PROBE_TIMEOUT_S = 5.0
 
 
@@ -254,10 +254,18 @@ def make_executor(
     ray_address: str | None = None,
     gpus_per_run: float = 0,
     cpus_per_run: float = 1,
-) -> LocalExecutor | RayExecutor:
+) -> Executor:
     """The executor a comparison's flags ask for (connecting to Ray at once, so a bad address fails first)."""
     if name not in EXECUTORS:
         raise UserError(f"--executor {name!r}: choose one of {', '.join(EXECUTORS)}")
+    if name == "inline":
+        if ray_address or parallel_runs != 1:
+            raise UserError(
+                "--executor inline trains one run at a time in this process; drop --ray-address/--parallel-runs"
+            )
+        from adaptlab.compare.inline import InlineExecutor
+
+        return InlineExecutor()
     if name == "local":
         if ray_address:
             raise UserError("--ray-address needs --executor ray")
