@@ -17,6 +17,8 @@ from typing import Any
 
 import click
 
+from adaptlab.cli.options import push_to_hub_option, report_to_option
+
 
 def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
     """Nested spec fields from the flags the user gave."""
@@ -194,14 +196,8 @@ def _finish(results: dict[str, Any], out: str) -> None:
 )
 @click.option("--gpus-per-run", type=float, default=0, show_default=True, help="Ray: GPUs per training run.")
 @click.option("--cpus-per-run", type=float, default=1, show_default=True, help="Ray: CPUs per training run.")
-@click.option(
-    "--report-to",
-    multiple=True,
-    help="Also send every run and the report to tensorboard | mlflow | wandb (comma list or repeat; KIND=URI).",
-)
-@click.option(
-    "--push-to-hub", help="Upload the recommended arm's artifact with a model card to this hub repo."
-)
+@report_to_option("every run and the report")
+@push_to_hub_option("the recommended arm's artifact")
 def compare_command(
     config_path: str | None,
     out: str,

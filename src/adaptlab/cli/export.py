@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import click
 
+from adaptlab.cli.options import push_to_hub_option
+
 
 @click.command("export")
 @click.argument("source")
@@ -24,7 +26,7 @@ import click
 @click.option(
     "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
 )
-@click.option("--push-to-hub", help="Upload the exported files with a model card to this hub repo.")
+@push_to_hub_option("the exported files")
 def export_command(
     source: str,
     out: str,

@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from adaptlab.cli.options import push_to_hub_option, report_to_option
 from adaptlab.config import DPO_LOSSES, METHODS, PRECISIONS, TASKS
 
 RESUME_FLAGS = ("lr",)
@@ -137,14 +138,8 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     "--nproc", type=int, help="Train on N processes of this machine (starts torchrun; one per GPU)."
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option(
-    "--report-to",
-    multiple=True,
-    help="Also send metrics to tensorboard | mlflow | wandb (comma list or repeat; KIND=URI for a location).",
-)
-@click.option(
-    "--push-to-hub", help="Upload the finished run's adapter/model with a model card to this hub repo."
-)
+@report_to_option("metrics", kind_uri="KIND=URI for a location")
+@push_to_hub_option("the finished run's adapter/model")
 @click.pass_context
 def train_command(
     ctx: click.Context,
