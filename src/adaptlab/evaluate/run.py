@@ -90,13 +90,13 @@ def _mc_section(
             section["per_item"]["base_acc"] = np.asarray(base.acc, float).tolist()
     if base is not None:
         section["base"] = choice.summarize(base)
-        ones = np.ones(len(tuned.acc))
-        section["delta"] = {
-            "acc": section["acc"] - section["base"]["acc"],
-            "ci95": stats.paired_delta_ci(tuned.acc, ones, base.acc, ones, n_resamples),
-            "acc_norm": section["acc_norm"] - section["base"]["acc_norm"],
-            "acc_norm_ci95": stats.paired_delta_ci(tuned.acc_norm, ones, base.acc_norm, ones, n_resamples),
-        }
+        section["delta"] = stats.item_deltas(
+            [
+                ("acc", "ci95", tuned.acc, base.acc),
+                ("acc_norm", "acc_norm_ci95", tuned.acc_norm, base.acc_norm),
+            ],
+            n_resamples,
+        )
     return section
 
 
