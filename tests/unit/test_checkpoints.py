@@ -88,7 +88,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_continues_bit_exact(
 ):
     run = _copy(cut_run, tmp_path)
     corrupt(run.checkpoints / "step-3")
-    with caplog.at_level(logging.WARNING, logger="adaptlab.train"):
+    with caplog.at_level(logging.WARNING, logger="adaptlab.checkpoint"):
         summary = resume_run(run.root)
     assert f"step-3: {reason}" in caplog.text and "resuming from step-2" in caplog.text
     assert summary["steps"] == 5
@@ -117,7 +117,7 @@ def test_unfinished_checkpoint_writes_are_removed_at_resume(cut_run, tmp_path, c
     def stop_at_start(row):
         raise KeyboardInterrupt  # the first row: the cleanup already ran
 
-    with caplog.at_level(logging.WARNING, logger="adaptlab.train"), pytest.raises(KeyboardInterrupt):
+    with caplog.at_level(logging.WARNING, logger="adaptlab.checkpoint"), pytest.raises(KeyboardInterrupt):
         resume_run(run.root, on_log=stop_at_start)
     assert not stale.exists()
     assert "removed 1 unfinished checkpoint write" in caplog.text
