@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from adaptlab.cli.options import push_to_hub_option
+from adaptlab.cli.options import overwrite_option, push_to_hub_option
 
 
 @click.command("export")
@@ -23,9 +23,7 @@ from adaptlab.cli.options import push_to_hub_option
     "--ollama", is_flag=True, help="Also write an Ollama Modelfile (an adapter: with its base GGUF)."
 )
 @click.option("--base", help="Base model of an adapter (default: the one it records).")
-@click.option(
-    "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
-)
+@overwrite_option
 @push_to_hub_option("the exported files")
 def export_command(
     source: str,

@@ -1,8 +1,9 @@
 """Click options that several commands share, declared once so their names and help read the same.
 
+@overwrite_option
 @report_to_option("metrics", kind_uri="KIND=URI for a location")
 @push_to_hub_option("the finished run's adapter/model")
-def train_command(..., report_to: tuple[str, ...], push_to_hub: str | None) -> None: ...
+def train_command(..., overwrite: bool, report_to: tuple[str, ...], push_to_hub: str | None): ...
 """
 
 from __future__ import annotations
@@ -27,3 +28,9 @@ def report_to_option(what: str, kind_uri: str = "KIND=URI") -> Callable[[F], F]:
 def push_to_hub_option(what: str) -> Callable[[F], F]:
     """`--push-to-hub`: the hub repo that receives `what` with a model card (checked by publish.check_push)."""
     return click.option("--push-to-hub", help=f"Upload {what} with a model card to this hub repo.")
+
+
+overwrite_option = click.option(
+    "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
+)
+"""`--overwrite`: write into a directory adaptlab did not write (outputs.py keeps every other file)."""

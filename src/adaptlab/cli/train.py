@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from adaptlab.cli.options import push_to_hub_option, report_to_option
+from adaptlab.cli.options import overwrite_option, push_to_hub_option, report_to_option
 from adaptlab.config import DPO_LOSSES, METHODS, PRECISIONS, TASKS
 
 RESUME_FLAGS = ("lr",)
@@ -126,9 +126,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     type=click.Path(),
     help="Continue the run in this directory from its newest valid checkpoint (with --lr: a new peak LR).",
 )
-@click.option(
-    "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
-)
+@overwrite_option
 @click.option(
     "--parallel",
     type=click.Choice(["ddp", "fsdp", "auto"]),
