@@ -5,7 +5,8 @@
 - `combine_adapters`: several adapters on one base -> one adapter (peft's `add_weighted_adapter`:
   linear, cat or ties), then the NLL per token of base, each source adapter and the combination on
   each domain's held-out text and on a general probe, so the interference is measured, not guessed.
-Adapters are resolved, their base loaded and attached through artifacts.py.
+Adapters are resolved, their base loaded and attached through artifacts.py. Both claim and lock their
+output directory (outputs.py) while they write it, so two processes never share one.
 
     adaptlab merge --base tiny-random --adapter RUN --out merged/
     adaptlab combine --base tiny-random --adapter A --adapter B --how cat --data a.jsonl --data b.jsonl --out ab/
@@ -13,13 +14,14 @@ Adapters are resolved, their base loaded and attached through artifacts.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -56,23 +58,35 @@ CHECK_TEXTS: tuple[tuple[str, ...], ...] = (
 # output directories
 
 
-def _fresh_dir(out: Path) -> Path:
-    """A temp dir beside `out`, renamed onto it when the result is verified (no half-written output)."""
-    outputs.not_a_file(out)
-    if out.exists() and any(out.iterdir()):
+def _check_empty(out: Path) -> None:
+    """Raise UserError when `out` holds anything beyond adaptlab's marker and lock."""
+    if out.exists() and any(p.name not in (outputs.MARKER, outputs.LOCK) for p in out.iterdir()):
         raise UserError(f"{out} exists and is not empty: choose a new --out directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    outputs.mark(tmp, "artifact")
-    return tmp
+
+
+@contextlib.contextmanager
+def _claimed(out: Path) -> Iterator[Path]:
+    """Claim `out` and hold its lock (adaptlab.outputs) while the block builds the result in a temp dir
+    beside it, which _publish moves into `out` once verified: a second writer is refused while this one
+    runs, and a failure leaves no half-written output."""
+    outputs.not_a_file(out)
+    _check_empty(out)
+    with outputs.owned(out, "artifact"):
+        _check_empty(out)  # again under the lock: another writer may have finished in the meantime
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _publish(tmp: Path, out: Path, report_name: str, report: Any) -> None:
-    """Write the report (a dataclass) beside the result and rename the temp dir onto `out`."""
+    """Move the verified result from `tmp` into `out`, the report (a dataclass) last: an output with its
+    report is complete."""
+    for item in tmp.iterdir():
+        os.replace(item, out / item.name)
     (tmp / report_name).write_text(json.dumps(asdict(report), indent=2) + "\n")
-    if out.exists():
-        out.rmdir()  # empty, checked by _fresh_dir
-    os.replace(tmp, out)
+    os.replace(tmp / report_name, out / report_name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,8 +180,7 @@ def merge_adapter(
         )
     spec = base_spec([art], base)
     out = Path(out)
-    tmp = _fresh_dir(out)
-    try:
+    with _claimed(out) as tmp:
         loaded = load_base(art, spec, weights=_merge_base(into))
         model = attach_adapter(loaded.model, art, spec)
         tokenizer = loaded.tokenizer
@@ -207,9 +220,6 @@ def merge_adapter(
             tokens_checked=tokens,
         )
         _publish(tmp, out, "adaptlab_merge.json", report)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 
@@ -362,8 +372,7 @@ def combine_adapters(
     if general is not None:
         datasets["general"] = read_texts(general, max_texts)
     out = Path(out)
-    tmp = _fresh_dir(out)
-    try:
+    with _claimed(out) as tmp:
         loaded = load_model(spec, dtype=torch.float32)
         names = _adapter_names(refs)
         model: Any = loaded.model
@@ -420,7 +429,4 @@ def combine_adapters(
                     ds: mean_nll(model, tok, t, batch_size, max_length) for ds, t in datasets.items()
                 }
         _publish(tmp, out, "adaptlab_combine.json", report)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return report

@@ -327,7 +327,7 @@ def save_sharded(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from adaptlab.rundir import rng_state, write_manifest
+    from adaptlab.rundir import replace_dir, rng_state, write_manifest
 
     final = checkpoints / f"step-{step}"
     tmp = checkpoints / f".step-{step}.tmp"
@@ -344,9 +344,7 @@ def save_sharded(
             json.dumps({"step": step, "world_size": world.world_size, "format": "dcp", **state}, indent=2)
         )
         write_manifest(tmp, "dcp")  # last: the checkpoint verifies only when every shard was written
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
         older = sorted(
             (p for p in checkpoints.glob("step-*") if p != final), key=lambda p: int(p.name.split("-")[1])
         )

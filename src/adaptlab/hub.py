@@ -1,6 +1,7 @@
 """The Hugging Face Hub seen from a machine that may be offline: whether it answers, and model and data
 names checked before torch is imported, so a name that cannot be found fails in about a second
-instead of after the imports and half a minute of the hub client's retries.
+instead of after the imports and half a minute of the hub client's retries; and cache_dir(), where
+the embedded models that stand in for hub models offline are built.
 
     python -c "from adaptlab.hub import check_names; check_names('not-a-model', ['python-stdlib'])"
 """
@@ -16,6 +17,16 @@ from adaptlab.errors import UserError
 
 EMBEDDED_MODELS = ("smollm2-135m", "tiny-random", "smollm2-135m-healed", "tiny-random-healed")
 PROBE_TIMEOUT_S = 3.0
+
+
+def cache_dir() -> Path:
+    """Where adaptlab keeps what it builds once (embedded models, measurements, the runs index):
+    $ADAPTLAB_CACHE, else $XDG_CACHE_HOME/adaptlab, else ~/.cache/adaptlab."""
+    root = os.environ.get("ADAPTLAB_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "adaptlab"
 
 
 def hub_reachable(timeout_s: float = PROBE_TIMEOUT_S) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from adaptlab.errors import UserError
-from adaptlab.hub import EMBEDDED_MODELS, missing_model_dir, require_hub
+from adaptlab.hub import EMBEDDED_MODELS, cache_dir, missing_model_dir, require_hub
 from adaptlab.quantize import quiet_bitsandbytes
 
 quiet_bitsandbytes()  # before peft is imported anywhere: importing peft imports bitsandbytes
@@ -44,15 +44,6 @@ class LoadedModel:
     tokenizer: Any
     spec: str  # what the user asked for (embedded name, directory or hub id)
     path: Path | None  # local directory the weights came from, when there is one
-
-
-def cache_dir() -> Path:
-    """Where embedded models are built once: $ADAPTLAB_CACHE or ~/.cache/adaptlab."""
-    root = os.environ.get("ADAPTLAB_CACHE")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "adaptlab"
 
 
 def _smollm2_gguf_dir() -> str:

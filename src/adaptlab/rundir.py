@@ -9,11 +9,14 @@
 Checkpoints hold only trainable parameters (the frozen base is rebuilt from the config), the optimizer
 and scheduler state, every RNG state and the step, so a resumed run continues bit-for-bit on CPU.
 manifest.json, written last, holds each file's size and sha256: a resume takes the newest checkpoint
-that verifies and skips (and names) the others.
+that verifies and skips (and names) the others. Checkpoints, config.yaml and summary.json are flushed to
+disk (fsync) before they are renamed into place, and their directory after, so a power loss leaves the
+old file or the new one, never an empty one.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -74,10 +77,10 @@ class RunDir:
         self.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def write_config(self, text: str) -> None:
-        _atomic_write(self.config, text)
+        atomic_write(self.config, text)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        _atomic_write(self.summary, json.dumps(summary, indent=2) + "\n")
+        atomic_write(self.summary, json.dumps(summary, indent=2) + "\n")
 
     def read_summary(self) -> dict[str, Any]:
         return json.loads(self.summary.read_text())
@@ -103,10 +106,42 @@ class RunDir:
         return stale
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's bytes, or a directory's entries, to the disk (so a power loss keeps them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if not (path.is_dir() and err.errno == errno.EINVAL):  # some file systems cannot sync a directory
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a temp file, flushed to disk, renamed over it, the rename flushed."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+    with tmp.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished directory `tmp` to `final` durably: its files and entries are flushed to
+    disk before the rename, and the parent's entry after it."""
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            fsync_path(file)
+    for directory in sorted((d for d in tmp.rglob("*") if d.is_dir()), reverse=True):
+        fsync_path(directory)
+    fsync_path(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
 
 
 def rng_state() -> dict[str, Any]:
@@ -185,9 +220,7 @@ def save_checkpoint(
         )
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         write_manifest(tmp, "single")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from adaptlab.errors import UserError
+from adaptlab.hub import cache_dir
 
 SCHEMA_VERSION = 1
 WATCHED = ("config.yaml", "metrics.jsonl", "summary.json", "eval.json", "results.json", "compare.yaml")
@@ -229,19 +230,10 @@ def read_record(path: Path, kind: str) -> dict[str, Any]:
 # the SQLite index
 
 
-def cache_root() -> Path:
-    """$ADAPTLAB_CACHE or $XDG_CACHE_HOME/adaptlab or ~/.cache/adaptlab (as adaptlab.models)."""
-    root = os.environ.get("ADAPTLAB_CACHE")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "adaptlab"
-
-
 def index_path(root: Path) -> Path:
     """One index file per root directory, named by a hash of its absolute path."""
     key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24]
-    return cache_root() / "runs-index" / f"{key}.sqlite"
+    return cache_dir() / "runs-index" / f"{key}.sqlite"
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -16,18 +16,16 @@ as one.
 The loop is a sequence of named parts: build_optimizer / build_scheduler, the objective's
 micro_batches (the data of a step), train_step (forward, backward, clip, update), the periodic
 evaluation and checkpoint, and build_summary. Every file written while training goes through a
-RunWriter.
+RunWriter, and a resume starts from checkpoint.restore (checkpoint.py).
 
     adaptlab train --model tiny-random --method lora --data python-stdlib --steps 20 --out runs/demo
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -40,6 +38,7 @@ import torch
 
 from adaptlab import distributed as dist
 from adaptlab import outputs
+from adaptlab.checkpoint import LogFn, RankWriter, RunWriter, restore
 from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, check_against_model, load_config
 from adaptlab.errors import UserError
 from adaptlab.hardware import autocast, choose_precision, mem_bytes, peak_mem_bytes, pick_device, reset_peak
@@ -47,17 +46,8 @@ from adaptlab.health import Health, advice
 from adaptlab.methods import ParamReport, apply_method, param_report, trainable_parameters
 from adaptlab.models import load_model
 from adaptlab.objectives import Objective, objective_for, to_device
-from adaptlab.rundir import (
-    Checkpoint,
-    RunDir,
-    dir_bytes,
-    newest_valid_checkpoint,
-    restore_checkpoint,
-    save_checkpoint,
-    versions,
-)
+from adaptlab.rundir import RunDir, dir_bytes, versions
 
-LogFn = Callable[[dict[str, Any]], None]
 log = logging.getLogger(__name__)
 
 
@@ -256,7 +246,7 @@ def _loop(
         if setup.world.distributed
         else RunWriter(setup.run, on_log, keep=t.keep_checkpoints)
     )
-    progress = _restore(setup, optimizer, scheduler, writer) if resume else Progress()
+    progress = _resume(setup, optimizer, scheduler, writer) if resume else Progress()
     if new_lr is not None:
         _record_lr_change(setup.config, progress.step, new_lr)
         writer.write_config(setup.config)
@@ -285,6 +275,12 @@ def _loop(
     summary = build_summary(setup, progress, artifact, final_loss, val)
     writer.finish(summary)
     return summary
+
+
+def _resume(setup: Setup, optimizer: Any, scheduler: Any, writer: RunWriter) -> Progress:
+    """Progress of the run being resumed: its newest checkpoint that verifies, or the start if none does."""
+    found = restore(setup, optimizer, scheduler, writer)
+    return Progress() if found is None else Progress.resumed(*found)
 
 
 def build_optimizer(params: dict[str, torch.nn.Parameter], t: TrainSpec, lr: float) -> torch.optim.Optimizer:
@@ -322,6 +318,17 @@ class Progress:
     """The newest checkpoint written or resumed from."""
     wall_start: float = 0.0
 
+    @classmethod
+    def resumed(cls, checkpoint: Path, state: dict[str, Any]) -> Progress:
+        """Where a run stood at `checkpoint`, from its state.json (what state() wrote)."""
+        return cls(
+            step=state["step"],
+            tokens_seen=state["tokens_seen"],
+            train_time=state["train_time_s"],
+            wall_before=state["wall_s"],
+            checkpoint=checkpoint,
+        )
+
     def start_clock(self) -> None:
         self.wall_start = time.perf_counter()
 
@@ -354,148 +361,6 @@ class StepResult:
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
     """The objective's own per-step metrics, global-batch means (dpo: rewards/accuracy, ...)."""
-
-
-class RunWriter:
-    """Every file a run writes while it trains: metrics rows, checkpoints, then the summary.
-
-    The loop writes nothing else, so a run of several processes gives all but one of them a writer
-    that writes nothing.
-    """
-
-    def __init__(self, run: RunDir, on_log: LogFn | None = None, keep: int = 2) -> None:
-        self.run = run
-        self.on_log = on_log
-        self.keep = keep
-
-    def log(self, row: dict[str, Any]) -> None:
-        self.run.append_metrics(row)
-        if self.on_log:
-            self.on_log(row)
-
-    def rewind(self, step: int) -> None:
-        """Drop the metrics rows logged after `step` (a resume repeats those steps)."""
-        self.run.truncate_metrics(step)
-
-    def write_config(self, config: RunConfig) -> None:
-        self.run.write_config(config.to_yaml())
-
-    def checkpoint(
-        self,
-        step: int,
-        params: dict[str, torch.nn.Parameter],
-        optimizer: Any,
-        scheduler: Any,
-        state: dict[str, Any],
-        bad_from: int | None = None,
-    ) -> Path:
-        """Write checkpoint `step`; while weights are suspect since `bad_from`, the newest older one stays."""
-        good = [p for p in self.run.checkpoint_dirs() if bad_from is not None and _step_of(p) < bad_from]
-        protect = good[0] if good else None
-        return save_checkpoint(self.run, step, params, optimizer, scheduler, state, self.keep, protect)
-
-    def discard_checkpoints(self, from_step: int) -> list[Path]:
-        """Remove the checkpoints of `from_step` and later; return them."""
-        bad = [p for p in self.run.checkpoint_dirs() if _step_of(p) >= from_step]
-        for p in bad:
-            shutil.rmtree(p)
-        return bad
-
-    def finish(self, summary: dict[str, Any]) -> None:
-        """Write summary.json; the finished artifact supersedes the resumable state."""
-        self.run.write_summary(summary)
-        for p in self.run.checkpoint_dirs():
-            shutil.rmtree(p)
-        self.run.clean_temp_checkpoints()
-        with contextlib.suppress(OSError):  # only when nothing else is in it
-            self.run.checkpoints.rmdir()
-
-
-class RankWriter(RunWriter):
-    """The writer of one rank of several: rank 0 writes metrics and the summary, and every rank writes
-    its shards of a checkpoint (torch.distributed.checkpoint), which rank 0 then renames into place."""
-
-    def __init__(self, run: RunDir, on_log: LogFn | None, keep: int, world: dist.World, model: Any) -> None:
-        super().__init__(run, on_log if world.is_main else None, keep)
-        self.world = world
-        self.model = model
-
-    def log(self, row: dict[str, Any]) -> None:
-        if self.world.is_main:
-            super().log(row)
-
-    def rewind(self, step: int) -> None:
-        if self.world.is_main:
-            super().rewind(step)
-        dist.barrier()
-
-    def write_config(self, config: RunConfig) -> None:
-        if self.world.is_main:
-            super().write_config(config)
-        dist.barrier()
-
-    def checkpoint(
-        self,
-        step: int,
-        params: dict[str, torch.nn.Parameter],
-        optimizer: Any,
-        scheduler: Any,
-        state: dict[str, Any],
-        bad_from: int | None = None,
-    ) -> Path:
-        # while the weights are suspect, one more checkpoint stays so the last good one survives rotation
-        keep = self.keep + (1 if bad_from is not None else 0)
-        return dist.save_sharded(
-            self.run.checkpoints, step, self.model, optimizer, scheduler, state, keep, self.world
-        )
-
-    def discard_checkpoints(self, from_step: int) -> list[Path]:
-        removed = super().discard_checkpoints(from_step) if self.world.is_main else []
-        dist.barrier()
-        return removed
-
-    def finish(self, summary: dict[str, Any]) -> None:
-        if self.world.is_main:
-            super().finish(summary)
-        dist.barrier()
-
-
-def _load_any(setup: Setup, ckpt: Checkpoint, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """A checkpoint written at any world size: DCP (several processes) or the single-process format."""
-    if ckpt.format == "dcp":
-        return dist.load_sharded(ckpt.path, setup.model, optimizer, scheduler)
-    if setup.world.distributed:
-        return dist.load_single(ckpt.path, setup.model, optimizer, scheduler)
-    return restore_checkpoint(ckpt, setup.params, optimizer, scheduler)
-
-
-def _restore(setup: Setup, optimizer: Any, scheduler: Any, writer: RunWriter) -> Progress:
-    """Progress of the run being resumed: its newest checkpoint that verifies, or the start if none does."""
-    stale = setup.run.clean_temp_checkpoints()
-    if stale:
-        log.warning(
-            "removed %d unfinished checkpoint write(s): %s", len(stale), ", ".join(p.name for p in stale)
-        )
-    ckpt, skipped = newest_valid_checkpoint(setup.run)
-    if skipped:
-        log.warning(
-            "skipped checkpoint(s) that do not verify: %s; resuming from %s",
-            "; ".join(f"{p.name}: {why}" for p, why in skipped),
-            ckpt.path.name if ckpt else "the start",
-        )
-    progress = Progress()
-    if ckpt is not None:
-        state = _load_any(setup, ckpt, optimizer, scheduler)
-        progress = Progress(
-            step=state["step"],
-            tokens_seen=state["tokens_seen"],
-            train_time=state["train_time_s"],
-            wall_before=state["wall_s"],
-            checkpoint=ckpt.path,
-        )
-        setup.objective.load_state_dict(state.get("objective", {}))
-    writer.rewind(progress.step)
-    return progress
 
 
 def train_step(
@@ -681,10 +546,6 @@ def build_summary(
 
         summary["quantization"] = quantization_info(setup.model)
     return summary
-
-
-def _step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("-")[1])
 
 
 def seed_everything(seed: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,27 @@ def test_merge_bad_inputs_exit_2_with_one_line(tmp_path, run_cli):
         assert code == 2, (args, err)
         assert expected in err and len(err.strip().splitlines()) == 1, (args, err)
         assert "Traceback" not in err
+
+
+def test_merge_and_combine_refuse_an_out_another_writer_holds(tmp_path, run_cli):
+    from adaptlab import outputs
+
+    adapters = [make_adapter(tmp_path / f"ad{i}", seed=10 + i) for i in range(2)]
+    out = tmp_path / "out"
+    with outputs.owned(out, "artifact"):  # what a merge or combine holds while it writes `out`
+        for cmd in (
+            ("merge", "--adapter", adapters[0]),
+            ("combine", "--adapter", adapters[0], "--adapter", adapters[1]),
+        ):
+            code, _, err = run_cli(*cmd, "--out", out)
+            assert code == 2 and len(err.strip().splitlines()) == 1, err
+            assert f"{out} is in use by pid {os.getpid()}" in err
+        assert sorted(p.name for p in out.iterdir()) == [outputs.MARKER, outputs.LOCK]  # nothing written
+    # the holder is gone: its marker and lock do not block the output
+    code, _, err = run_cli("merge", "--adapter", adapters[0], "--out", out)
+    assert code == 0, err
+    assert (out / "model.safetensors").exists() and (out / "adaptlab_merge.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dir left
 
 
 # -- combine -------------------------------------------------------------------------------------

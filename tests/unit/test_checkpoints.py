@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 
 import pytest
+import torch
 from helpers import tiny_config, write_corpus
 
-from adaptlab.rundir import RunDir, verify_checkpoint
+from adaptlab.rundir import RunDir, save_checkpoint, verify_checkpoint
 from adaptlab.train import resume_run, train
 
 
@@ -88,7 +90,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_continues_bit_exact(
 ):
     run = _copy(cut_run, tmp_path)
     corrupt(run.checkpoints / "step-3")
-    with caplog.at_level(logging.WARNING, logger="adaptlab.train"):
+    with caplog.at_level(logging.WARNING, logger="adaptlab.checkpoint"):
         summary = resume_run(run.root)
     assert f"step-3: {reason}" in caplog.text and "resuming from step-2" in caplog.text
     assert summary["steps"] == 5
@@ -117,8 +119,37 @@ def test_unfinished_checkpoint_writes_are_removed_at_resume(cut_run, tmp_path, c
     def stop_at_start(row):
         raise KeyboardInterrupt  # the first row: the cleanup already ran
 
-    with caplog.at_level(logging.WARNING, logger="adaptlab.train"), pytest.raises(KeyboardInterrupt):
+    with caplog.at_level(logging.WARNING, logger="adaptlab.checkpoint"), pytest.raises(KeyboardInterrupt):
         resume_run(run.root, on_log=stop_at_start)
     assert not stale.exists()
     assert "removed 1 unfinished checkpoint write" in caplog.text
     assert [p.name for p in run.checkpoint_dirs()] == ["step-3", "step-2"]  # real checkpoints stay
+
+
+@pytest.fixture
+def synced(monkeypatch):
+    """The inodes os.fsync flushes (the call still goes through)."""
+    inodes: set[int] = set()
+    real = os.fsync
+
+    def record(fd):
+        inodes.add(os.fstat(fd).st_ino)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    return inodes
+
+
+def test_checkpoint_and_summary_are_flushed_to_disk_before_and_after_the_rename(tmp_path, synced):
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    weight = torch.nn.Parameter(torch.ones(2, 2))
+    optimizer = torch.optim.AdamW([weight])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    final = save_checkpoint(run, 1, {"w": weight}, optimizer, scheduler, {"tokens_seen": 0})
+    run.write_summary({"method": "full"})
+    files = list(final.iterdir())
+    assert {p.name for p in files} == {"trainable.safetensors", "optimizer.pt", "state.json", "manifest.json"}
+    # every file of the checkpoint, the checkpoint directory, and the directories the renames changed
+    wanted = [*files, final, run.checkpoints, run.summary, run.root]
+    assert [p.name for p in wanted if p.stat().st_ino not in synced] == []

@@ -10,7 +10,7 @@ import torch
 
 from adaptlab.evaluate import evaluate
 from adaptlab.evaluate.cache import BaseCache, model_identity
-from adaptlab.evaluate.stats import paired_delta_ci, ratio_ci
+from adaptlab.evaluate.stats import item_deltas, paired_delta_ci, ratio_ci
 
 
 def test_ratio_ci_covers_the_mean_and_shrinks_with_n():
@@ -32,6 +32,17 @@ def test_paired_ci_detects_a_shift_that_unpaired_noise_hides():
     assert hi < 0 and lo < tuned.mean() - base.mean() < hi
     zero = paired_delta_ci(base, ones, base, ones)
     assert zero == [0.0, 0.0]
+
+
+def test_item_deltas_name_each_figure_and_pair_the_items():
+    rng = np.random.default_rng(3)
+    base = (rng.random(40) < 0.5).astype(float)
+    tuned = base.copy()
+    tuned[np.flatnonzero(base == 0)[:10]] = 1.0  # ten items turn right, none turn wrong
+    d = item_deltas([("acc", "ci95", tuned, base), ("acc_norm", "acc_norm_ci95", base, base)], 200)
+    assert list(d) == ["acc", "ci95", "acc_norm", "acc_norm_ci95"]
+    assert d["acc"] == pytest.approx(0.25) and 0 < d["ci95"][0] < 0.25 < d["ci95"][1]
+    assert d["acc_norm"] == 0.0 and d["acc_norm_ci95"] == [0.0, 0.0]
 
 
 def test_base_figures_come_from_the_cache_the_second_time(tiny, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import tiny_config, write_corpus
 
-from adaptlab.cli.train import _overrides, train_command
+from adaptlab.cli.train import FLAG_FIELDS, _overrides, train_command
 from adaptlab.config import build_config
 from adaptlab.errors import UserError
 from adaptlab.objectives import batch_indices, objective_for
@@ -28,6 +28,31 @@ def test_objective_flags_land_in_the_objective_section():
     assert (config.objective.beta, config.objective.loss) == (0.3, "ipo")
     assert (config.objective.group_size, config.objective.kl_beta) == (4, 0.05)
     assert "objective" not in _overrides(**_flags())  # no flag given: the YAML's section stays
+
+
+def test_every_config_flag_of_train_lands_in_the_config():
+    """A flag of `adaptlab train` either sets a config field (FLAG_FIELDS) or is the command's own."""
+    own = {
+        "config_path",
+        "resume",
+        "quiet",
+        "overwrite",
+        "parallel",
+        "nproc",
+        "report_to",
+        "push_to_hub",
+        "out",
+    }
+    mapped = {flag for fields in FLAG_FIELDS.values() for flag in fields.values()}
+    assert {p.name for p in train_command.params} - own == mapped
+    values = {"data": ("a.txt", "b.txt"), "rank": 4, "rslora": False, "lr": 1e-3, "text_field": "body"}
+    over = _overrides(**_flags(**values, out="run"))
+    assert over == {
+        "method": {"rank": 4, "rslora": False},
+        "data": {"train": ["a.txt", "b.txt"], "text_field": "body"},
+        "train": {"lr": 1e-3},
+        "out": "run",
+    }
 
 
 def test_default_objective_is_sft_and_bad_values_name_the_field():

@@ -61,6 +61,15 @@ def test_separated_cis_full_learns_more_and_forgets_more_agrees_with_biderman() 
     assert finding(rec, "forgets_less")["verdict"] == "agrees"
 
 
+def test_summary_names_the_pick_under_each_forgetting_and_memory_limit() -> None:
+    rec = recommend(
+        results(arm("full", "full", 0.50, 0.20, mem=4e9), arm("lora", "lora", 0.30, 0.05, mem=1e9))
+    )
+    lines = rec["summary"].splitlines()
+    assert "Under a forgetting limit: drift KL <= 0.0500: lora; drift KL <= 0.2000: full." in lines
+    assert "Under a memory limit: >= 1.00 GB: lora; >= 4.00 GB: full." in lines
+
+
 def test_overlapping_learning_cis_pick_the_arm_that_forgets_less_and_say_inconclusive() -> None:
     rec = recommend(
         results(arm("full", "full", 0.31, 0.20, half=0.05), arm("lora", "lora", 0.30, 0.05, half=0.05))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from adaptlab.cli.options import push_to_hub_option
 from adaptlab.errors import UserError
 
 
@@ -20,7 +21,7 @@ from adaptlab.errors import UserError
     help="QLoRA adapters only: merge into the full-precision base or the dequantized 4-bit one.",
 )
 @click.option("--tolerance", default=1e-4, show_default=True, help="Max abs logit difference allowed (fp32).")
-@click.option("--push-to-hub", help="Upload the merged model with a model card to this hub repo.")
+@push_to_hub_option("the merged model")
 def merge_command(
     adapter: str, out: str, base: str | None, into: str | None, tolerance: float, push_to_hub: str | None
 ) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 
 import click
 
+from adaptlab.cli.options import overwrite_option
+
 
 def _default_out(tuned: str) -> Path:
     """RUN/analysis for a run directory (or its adapter/ or model/), else ./analysis-<name>."""
@@ -172,9 +174,7 @@ def _mitigate(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON result to stdout instead of a table.")
 @click.option("--out", type=click.Path(), default=None, help="Output folder. Default: RUN/analysis.")
-@click.option(
-    "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
-)
+@overwrite_option
 @click.option(
     "--mitigate",
     "mitigate_value",

@@ -17,6 +17,8 @@ from typing import Any
 
 import click
 
+from adaptlab.cli.options import overwrite_option, push_to_hub_option, report_to_option
+
 
 def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
     """Nested spec fields from the flags the user gave."""
@@ -176,9 +178,7 @@ def _finish(results: dict[str, Any], out: str) -> None:
 @click.option("--forgetting-limit", type=float, help="Largest acceptable forgetting (nats/token).")
 @click.option("--memory-limit-gb", type=float, help="Largest acceptable peak training memory (GB).")
 @click.option("--force", multiple=True, help="Retrain this arm (or run) even if finished; repeatable.")
-@click.option(
-    "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
-)
+@overwrite_option
 @click.option(
     "--executor",
     type=click.Choice(["local", "ray", "inline"]),
@@ -195,14 +195,8 @@ def _finish(results: dict[str, Any], out: str) -> None:
 )
 @click.option("--gpus-per-run", type=float, default=0, show_default=True, help="Ray: GPUs per training run.")
 @click.option("--cpus-per-run", type=float, default=1, show_default=True, help="Ray: CPUs per training run.")
-@click.option(
-    "--report-to",
-    multiple=True,
-    help="Also send every run and the report to tensorboard | mlflow | wandb (comma list or repeat; KIND=URI).",
-)
-@click.option(
-    "--push-to-hub", help="Upload the recommended arm's artifact with a model card to this hub repo."
-)
+@report_to_option("every run and the report")
+@push_to_hub_option("the recommended arm's artifact")
 def compare_command(
     config_path: str | None,
     out: str,
@@ -289,9 +283,7 @@ def _publish(out: str, targets: Any, push_to_hub: str | None) -> None:
     "--tokens", type=int, help="Budget per arm in tokens (default sized for ~15 min on 2 CPU cores)."
 )
 @click.option("--force", multiple=True, help="Retrain this arm even if finished; repeatable.")
-@click.option(
-    "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
-)
+@overwrite_option
 def demo_command(out: str, tokens: int | None, force: tuple[str, ...], overwrite: bool) -> None:
     """LoRA vs full fine-tuning on smollm2-135m with Python source as the target domain."""
     from adaptlab.compare import build_spec, compare

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import click
 
+from adaptlab.cli.options import overwrite_option, push_to_hub_option
+
 
 @click.command("export")
 @click.argument("source")
@@ -21,10 +23,8 @@ import click
     "--ollama", is_flag=True, help="Also write an Ollama Modelfile (an adapter: with its base GGUF)."
 )
 @click.option("--base", help="Base model of an adapter (default: the one it records).")
-@click.option(
-    "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
-)
-@click.option("--push-to-hub", help="Upload the exported files with a model card to this hub repo.")
+@overwrite_option
+@push_to_hub_option("the exported files")
 def export_command(
     source: str,
     out: str,

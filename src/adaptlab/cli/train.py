@@ -17,59 +17,60 @@ from typing import Any
 
 import click
 
+from adaptlab.cli.options import overwrite_option, push_to_hub_option, report_to_option
 from adaptlab.config import DPO_LOSSES, METHODS, PRECISIONS, TASKS
 
 RESUME_FLAGS = ("lr",)
 """Flags `--resume` accepts: they change nothing a checkpoint depends on (config.yaml records them)."""
 
 
+def _same(*names: str) -> dict[str, str]:
+    return {name: name for name in names}
+
+
+FLAG_FIELDS: dict[str, dict[str, str]] = {
+    "model": {"name": "model", "init_from": "init_from"},
+    "method": _same("method", "rank", "alpha", "dropout", "rslora", "targets"),
+    "data": {"train": "data", "text_field": "text_field"},
+    "train": _same(
+        "steps",
+        "tokens",
+        "batch",
+        "grad_accum",
+        "seq_len",
+        "lr",
+        "warmup",
+        "weight_decay",
+        "max_grad_norm",
+        "save_every",
+        "eval_every",
+        "seed",
+        "precision",
+        "grad_checkpointing",
+    ),
+    "objective": {
+        "task": "task",
+        "beta": "beta",
+        "loss": "dpo_loss",
+        **_same(
+            "group_size", "max_new_tokens", "temperature", "clip_eps", "kl_beta", "reward", "prompts_per_step"
+        ),
+    },
+}
+"""Config section -> {field: the flag (click parameter name) that sets it}."""
+
+
 def _overrides(**flags: Any) -> dict[str, Any]:
-    """Nested config overrides from the flags the user actually gave."""
-    sections = {
-        "model": {"name": flags["model"], "init_from": flags["init_from"]},
-        "method": {
-            "method": flags["method"],
-            "rank": flags["rank"],
-            "alpha": flags["alpha"],
-            "dropout": flags["dropout"],
-            "rslora": flags["rslora"],
-            "targets": flags["targets"],
-        },
-        "data": {"train": list(flags["data"]) or None, "text_field": flags["text_field"]},
-        "train": {
-            k: flags[k]
-            for k in (
-                "steps",
-                "tokens",
-                "batch",
-                "grad_accum",
-                "seq_len",
-                "lr",
-                "warmup",
-                "weight_decay",
-                "max_grad_norm",
-                "save_every",
-                "eval_every",
-                "seed",
-                "precision",
-                "grad_checkpointing",
-            )
-        },
-        "objective": {
-            "task": flags["task"],
-            "beta": flags["beta"],
-            "loss": flags["dpo_loss"],
-            "group_size": flags["group_size"],
-            "max_new_tokens": flags["max_new_tokens"],
-            "temperature": flags["temperature"],
-            "clip_eps": flags["clip_eps"],
-            "kl_beta": flags["kl_beta"],
-            "reward": flags["reward"],
-            "prompts_per_step": flags["prompts_per_step"],
-        },
-    }
-    out: dict[str, Any] = {k: {f: v for f, v in sec.items() if v is not None} for k, sec in sections.items()}
-    out = {k: v for k, v in out.items() if v}
+    """Nested config overrides from the flags the user actually gave (a repeated flag: a list)."""
+    out: dict[str, Any] = {}
+    for section, fields in FLAG_FIELDS.items():
+        given = {
+            field: list(value) if isinstance(value, tuple) else value
+            for field, flag in fields.items()
+            if (value := flags[flag]) not in (None, ())
+        }
+        if given:
+            out[section] = given
     if flags["out"] is not None:
         out["out"] = flags["out"]
     return out
@@ -125,9 +126,7 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     type=click.Path(),
     help="Continue the run in this directory from its newest valid checkpoint (with --lr: a new peak LR).",
 )
-@click.option(
-    "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
-)
+@overwrite_option
 @click.option(
     "--parallel",
     type=click.Choice(["ddp", "fsdp", "auto"]),
@@ -137,14 +136,8 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     "--nproc", type=int, help="Train on N processes of this machine (starts torchrun; one per GPU)."
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option(
-    "--report-to",
-    multiple=True,
-    help="Also send metrics to tensorboard | mlflow | wandb (comma list or repeat; KIND=URI for a location).",
-)
-@click.option(
-    "--push-to-hub", help="Upload the finished run's adapter/model with a model card to this hub repo."
-)
+@report_to_option("metrics", kind_uri="KIND=URI for a location")
+@push_to_hub_option("the finished run's adapter/model")
 @click.pass_context
 def train_command(
     ctx: click.Context,

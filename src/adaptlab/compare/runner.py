@@ -35,7 +35,7 @@ from adaptlab.compare.executors import Executor
 from adaptlab.compare.spec import ArmSpec, CompareSpec
 from adaptlab.config import build_config
 from adaptlab.errors import UserError
-from adaptlab.rundir import RunDir
+from adaptlab.rundir import RunDir, atomic_write
 
 OnEvent = Callable[[dict[str, Any]], None]
 DEFAULT_EPOCHS = 2.0
@@ -45,9 +45,7 @@ EXTENSION_NOTE = "beyond the sweep's grid"
 
 
 def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1, default=_json_default) + "\n")
 
 
 def _json_default(obj: Any) -> Any:

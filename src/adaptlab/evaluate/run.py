@@ -90,13 +90,13 @@ def _mc_section(
             section["per_item"]["base_acc"] = np.asarray(base.acc, float).tolist()
     if base is not None:
         section["base"] = choice.summarize(base)
-        ones = np.ones(len(tuned.acc))
-        section["delta"] = {
-            "acc": section["acc"] - section["base"]["acc"],
-            "ci95": stats.paired_delta_ci(tuned.acc, ones, base.acc, ones, n_resamples),
-            "acc_norm": section["acc_norm"] - section["base"]["acc_norm"],
-            "acc_norm_ci95": stats.paired_delta_ci(tuned.acc_norm, ones, base.acc_norm, ones, n_resamples),
-        }
+        section["delta"] = stats.item_deltas(
+            [
+                ("acc", "ci95", tuned.acc, base.acc),
+                ("acc_norm", "acc_norm_ci95", tuned.acc_norm, base.acc_norm),
+            ],
+            n_resamples,
+        )
     return section
 
 
@@ -150,18 +150,25 @@ class _Scoring:
         return fn(self.base_model, self.base_tok)
 
     def tuned_and_base(
-        self, stage: str, kind: str, data_hash: str, key_settings: dict[str, Any], score: Any
+        self,
+        stage: str,
+        kind: str,
+        data_hash: str,
+        key_settings: dict[str, Any],
+        score: Callable[[Any, Any], Any],
+        parse: Callable[[Any], Any],
     ) -> tuple[Any, Any | None]:
-        """score(model, tokenizer) of the model and, when compared, of its base; each through the cache."""
+        """parse(score(model, tokenizer)) of the model and, when compared, of its base; each score (JSON)
+        through the cache."""
         self.say(stage, 0)
         tuned = self.cached(
             self.model_identity, kind, data_hash, key_settings, lambda: score(self.model, self.tokenizer)
         )
         if not self.has_base:
-            return tuned, None
+            return parse(tuned), None
         self.say(f"{stage} (base)", 0)
         base = self.cached(self.base_identity, kind, data_hash, key_settings, lambda: self.run_base(score))
-        return tuned, base
+        return parse(tuned), parse(base)
 
 
 def _nll_step(s: _Scoring, name: str, docs_in: Sequence[str | Document]) -> dict[str, Any]:
@@ -177,13 +184,9 @@ def _nll_step(s: _Scoring, name: str, docs_in: Sequence[str | Document]) -> dict
             m, tok, docs, s.seq_len, s.batch_size, s.stride, progress=lambda n: s.say(name, n)
         ).to_json()
 
-    tuned, base = s.tuned_and_base(name, "nll", data_hash, key_settings, score)
-    return _nll_section(
-        perplexity.DocScores.from_json(tuned),
-        None if base is None else perplexity.DocScores.from_json(base),
-        s.n_resamples,
-        s.per_doc,
-    )
+    parse = perplexity.DocScores.from_json
+    tuned, base = s.tuned_and_base(name, "nll", data_hash, key_settings, score, parse)
+    return _nll_section(tuned, base, s.n_resamples, s.per_doc)
 
 
 def _drift_texts(
@@ -276,13 +279,9 @@ def _mc_step(s: _Scoring, stem: str, path: str | Path, limit: int | None) -> dic
     def score(m: Any, tok: Any) -> Any:
         return choice.score_items(m, tok, items, s.seq_len, s.batch_size, lambda n: s.say(stem, n)).to_json()
 
-    tuned, base = s.tuned_and_base(f"mc {stem}", "mc", data_hash, key_settings, score)
-    return _mc_section(
-        choice.ChoiceScores.from_json(tuned),
-        None if base is None else choice.ChoiceScores.from_json(base),
-        s.n_resamples,
-        s.per_doc,
-    )
+    parse = choice.ChoiceScores.from_json
+    tuned, base = s.tuned_and_base(f"mc {stem}", "mc", data_hash, key_settings, score, parse)
+    return _mc_section(tuned, base, s.n_resamples, s.per_doc)
 
 
 def _harness_step(
@@ -339,12 +338,11 @@ def _task_step(s: _Scoring, spec: TaskEval, seed: int) -> dict[str, Any]:
             m, tok, items, spec.reward, spec.k, spec.max_new_tokens, s.batch_size * spec.k, seed
         ).to_json()
 
-    tuned, base = s.tuned_and_base(f"task {spec.source}", "task", hash_texts(items), key_settings, score)
-    section = task.task_section(
-        task.TaskScores.from_json(tuned),
-        None if base is None else task.TaskScores.from_json(base),
-        s.n_resamples,
+    parse = task.TaskScores.from_json
+    tuned, base = s.tuned_and_base(
+        f"task {spec.source}", "task", hash_texts(items), key_settings, score, parse
     )
+    section = task.task_section(tuned, base, s.n_resamples)
     return {"name": spec.source, "reward": spec.reward, **section}
 
 

@@ -74,6 +74,23 @@ def paired_delta_ci(
         return interval95(nt / dt - nb / db)
 
 
+def item_deltas(
+    figures: list[tuple[str, str, np.ndarray, np.ndarray]], n_resamples: int = N_RESAMPLES
+) -> dict[str, float | list[float]]:
+    """Per-item figures of a model and its base as {name: mean(tuned) - mean(base), ci_key: paired 95% CI}.
+
+    Each entry of `figures` is (name, ci_key, tuned, base), tuned and base one value per item on the
+    same items (accuracy, reward); every item weighs the same.
+    """
+    out: dict[str, float | list[float]] = {}
+    for name, ci_key, tuned, base in figures:
+        t, b = np.asarray(tuned, dtype=np.float64), np.asarray(base, dtype=np.float64)
+        ones = np.ones(len(t))
+        out[name] = float(t.mean()) - float(b.mean())
+        out[ci_key] = paired_delta_ci(t, ones, b, ones, n_resamples)
+    return out
+
+
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 """Two-sided 95% Student t quantiles by degrees of freedom (1.96 beyond), for the spread over seeds."""
 

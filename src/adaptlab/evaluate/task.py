@@ -162,11 +162,11 @@ def task_section(
     section: dict[str, Any] = {"n": len(tuned.pass1), "k": tuned.k, **tuned.summary()}
     if base is not None:
         section["base"] = base.summary()
-        ones = np.ones(len(tuned.pass1))
-        section["delta"] = {
-            "pass1": section["pass1"] - section["base"]["pass1"],
-            "pass1_ci95": stats.paired_delta_ci(tuned.pass1, ones, base.pass1, ones, n_resamples),
-            "mean_reward_k": section["mean_reward_k"] - section["base"]["mean_reward_k"],
-            "mean_reward_k_ci95": stats.paired_delta_ci(tuned.mean_k, ones, base.mean_k, ones, n_resamples),
-        }
+        section["delta"] = stats.item_deltas(
+            [
+                ("pass1", "pass1_ci95", tuned.pass1, base.pass1),
+                ("mean_reward_k", "mean_reward_k_ci95", tuned.mean_k, base.mean_k),
+            ],
+            n_resamples,
+        )
     return section

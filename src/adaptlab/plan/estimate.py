@@ -52,9 +52,6 @@ PY_BYTES_PER_TOKEN = 44
 NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8  # 4-bit values + double-quantized blockwise absmax constants
 FP32 = 4
 ADAM_BYTES_PER_PARAM = 8  # exp_avg + exp_avg_sq in fp32
-# Bytes the loss holds per logit beyond the model's own output: the saved log-softmax and, in
-# backward, its gradient; under bf16 also the fp32 copy of the bf16 logits.
-LOSS_BYTES_PER_LOGIT = 8
 
 
 @dataclass(frozen=True)

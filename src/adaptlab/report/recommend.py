@@ -12,7 +12,7 @@ not tested (the comparison has no arms that test it).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from adaptlab.report.paired import contrast, difference, fmt_diff, resolve, sign_of
@@ -481,20 +481,15 @@ def _summary(rec: dict[str, Any], ok: list[dict[str, Any]], unit: str) -> str:
         )
         + "."
     )
-    ladder = rec["forgetting_ladder"]
-    if len(ladder) > 1:
-        lines.append(
-            "Under a forgetting limit: "
-            + "; ".join(f"{unit} <= {s['limit_from']:.4f}: {s['pick']}" for s in ladder)
-            + "."
-        )
-    mem = rec["memory_ladder"]
-    if len(mem) > 1:
-        lines.append(
-            "Under a memory limit: "
-            + "; ".join(f">= {s['limit_from_bytes'] / BYTES_PER_GB:.2f} GB: {s['pick']}" for s in mem)
-            + "."
-        )
+    ladders: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+        ("forgetting", lambda s: f"{unit} <= {s['limit_from']:.4f}"),
+        ("memory", lambda s: f">= {s['limit_from_bytes'] / BYTES_PER_GB:.2f} GB"),
+    ]
+    for name, limit in ladders:
+        if len(ladder := rec[f"{name}_ladder"]) > 1:
+            lines.append(
+                f"Under a {name} limit: " + "; ".join(f"{limit(s)}: {s['pick']}" for s in ladder) + "."
+            )
     for key, what in (("under_forgetting_limit", "limit"), ("under_memory_limit", "limit_gb")):
         if key in rec:
             r = rec[key]

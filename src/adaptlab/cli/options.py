@@ -1,0 +1,36 @@
+"""Click options that several commands share, declared once so their names and help read the same.
+
+@overwrite_option
+@report_to_option("metrics", kind_uri="KIND=URI for a location")
+@push_to_hub_option("the finished run's adapter/model")
+def train_command(..., overwrite: bool, report_to: tuple[str, ...], push_to_hub: str | None): ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def report_to_option(what: str, kind_uri: str = "KIND=URI") -> Callable[[F], F]:
+    """`--report-to`: the experiment trackers that also receive `what` (parsed by tracking.parse_report_to)."""
+    return click.option(
+        "--report-to",
+        multiple=True,
+        help=f"Also send {what} to tensorboard | mlflow | wandb (comma list or repeat; {kind_uri}).",
+    )
+
+
+def push_to_hub_option(what: str) -> Callable[[F], F]:
+    """`--push-to-hub`: the hub repo that receives `what` with a model card (checked by publish.check_push)."""
+    return click.option("--push-to-hub", help=f"Upload {what} with a model card to this hub repo.")
+
+
+overwrite_option = click.option(
+    "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
+)
+"""`--overwrite`: write into a directory adaptlab did not write (outputs.py keeps every other file)."""
