@@ -22,8 +22,11 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/adaptlab demo
 
+# two pytest workers (one torch thread each on 2 cores); distributed tests run one after another
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest -q -x tests
+	$(BIN)/python -m pytest -q -x -n $(TEST_WORKERS) --dist loadgroup tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration" tests/unit

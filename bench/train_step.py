@@ -104,7 +104,7 @@ def profile_step(method: str, precision: str, batch: int, seq_len: int, tmp: Pat
     from torch.profiler import ProfilerActivity, profile
 
     from adaptlab.config import build_config
-    from adaptlab.train import build_optimizer, build_scheduler, micro_batches, prepare, train_step
+    from adaptlab.train import build_optimizer, build_scheduler, prepare, train_step
 
     config = build_config(
         {
@@ -122,13 +122,14 @@ def profile_step(method: str, precision: str, batch: int, seq_len: int, tmp: Pat
         }
     )
     setup = prepare(config)
+    setup.objective.prepare(setup)
     optimizer = build_optimizer(setup.params, config.train, _lr(method))
     scheduler = build_scheduler(optimizer, 3, config.train)
     for step in range(2):
-        train_step(setup, micro_batches(setup, step), optimizer, scheduler)
+        train_step(setup, setup.objective.micro_batches(setup, step), optimizer, scheduler)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
-        train_step(setup, micro_batches(setup, 2), optimizer, scheduler)
+        train_step(setup, setup.objective.micro_batches(setup, 2), optimizer, scheduler)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 

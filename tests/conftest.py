@@ -10,6 +10,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    # several pytest workers share the cores: torch threads (and those of child processes) split them
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -42,3 +45,11 @@ def run_cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (--dist loadgroup): a file's tests stay on one worker (module fixtures are built
+    once), and the distributed tests, which start processes of their own, run one after another."""
+    for item in items:
+        group = "distributed" if item.get_closest_marker("distributed") else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -95,6 +95,9 @@ def test_power_law_fitted_on_a_quarter_and_a_half_predicts_the_full_budget(run_c
     ]
     out = tmp_path / "out"
     cfg = _spec(tmp_path, arms, tokens=full_budget, target_tokens=4 * full_budget)
+    spec = yaml.safe_load(cfg.read_text())
+    spec["eval"]["target_kl"] = False  # not needed here: the target KL is opt-out
+    cfg.write_text(yaml.safe_dump(spec))
     code, _, err = run_cli("compare", "--config", cfg, "--out", out, "--executor", "inline")
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
@@ -111,3 +114,5 @@ def test_power_law_fitted_on_a_quarter_and_a_half_predicts_the_full_budget(run_c
     assert full["target_tokens"] == 4 * full_budget and fam_all["arms"] == list(by)
     assert fam_all["learning"]["holdout"]["ci95"] == pytest.approx([lo, hi])
     assert fam_all["learning"]["holdout"]["within"]
+    ev = json.loads((out / by["full-all"]["runs"][0]["dir"] / "eval.json").read_text())
+    assert "target_kl" not in ev and "target" in ev

@@ -14,7 +14,7 @@ from adaptlab.train import train
 
 pytestmark = pytest.mark.integration
 EVAL_PROMPTS = 60
-NEW_TOKENS = 32
+NEW_TOKENS = 16  # the base answers within 16 tokens as often as within 32 (0.217 of these 60)
 
 
 def test_grpo_raises_held_out_greedy_accuracy(tmp_path):

@@ -219,3 +219,15 @@ def test_matched_rank_is_capped_at_the_targeted_modules_dimension() -> None:
     arms, notes = resolve_ranks(spec)
     assert next(a for a in arms if a.name == "attn").rank == 32
     assert "capped at 32" in notes[0]
+
+
+def test_demo_is_a_valid_comparison_at_its_swept_lrs() -> None:
+    from adaptlab.compare import build_spec
+    from adaptlab.compare.spec import DEMO_FULL_LR, demo_spec
+
+    spec = build_spec(demo_spec(), source="demo")
+    assert [a.name for a in spec.arms] == ["full", "lora", "lora-attn", "dora"]
+    assert spec.train.default_lr("full") == DEMO_FULL_LR == 1e-4
+    assert spec.train.default_lr("lora") == pytest.approx(1e-3)
+    assert spec.train.default_lr("dora") == pytest.approx(1e-3)
+    assert spec.drift and not spec.eval.target_kl

@@ -37,3 +37,9 @@ def test_fewer_than_four_measured_arms_cannot_tell() -> None:
     arms = [_with_kl(arm(f"a{i}", "lora", 0.2, f, seed=i), f, i) for i, f in enumerate((0.02, 0.05, 0.1))]
     p = kl_predictor(arms, "general_nll")
     assert len(arms) < MIN_ARMS and "cannot tell" in p["verdict"] and "base_tuned" not in p
+
+
+def test_arms_without_the_target_kl_say_it_was_not_measured() -> None:
+    arms = [arm(f"a{i}", "lora", 0.2, f, seed=i) for i, f in enumerate((0.02, 0.05, 0.1, 0.2))]
+    p = kl_predictor(arms, "general_nll")
+    assert p["arms"] == [] and p["verdict"].startswith("not measured") and "base_tuned" not in p

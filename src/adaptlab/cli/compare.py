@@ -2,7 +2,7 @@
 
 adaptlab compare --config examples/compare.yaml --out runs/cmp
 adaptlab compare --model tiny-random --data python-stdlib --study methods --tokens 20000 --out runs/cmp
-adaptlab demo                        # the methods study on smollm2-135m, about 15 min on 2 CPU cores
+adaptlab demo                        # full vs LoRA, LoRA-attn, DoRA on smollm2-135m, about 15 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -294,8 +294,9 @@ def demo_command(out: str, tokens: int | None, force: tuple[str, ...], overwrite
     quiet_transformers()
     printer = Printer()
     printer.echo(
-        f"demo: study `methods` on smollm2-135m, target python-stdlib, drift as the general probe, "
-        f"{spec.tokens:,} tokens per arm -> {out}"
+        f"demo: {', '.join(a.name for a in spec.arms)} on smollm2-135m at their swept LRs (full "
+        f"{spec.train.lr:g}, LoRA family {spec.train.default_lr('lora'):g}), target python-stdlib, drift "
+        f"as the general probe, {spec.tokens:,} tokens per arm -> {out}"
     )
     with stop_on_sigterm():
         results = compare(spec, out, force=force, on_event=printer, overwrite=overwrite)

@@ -123,6 +123,8 @@ def load_probes(spec: CompareSpec) -> Probes:
         "seq_len": e.seq_len,
         "per_doc": 1,  # per-document numbers and the target KL are kept (paired differences, predictor)
     }
+    if not e.target_kl:
+        key["target_kl"] = False
     return Probes(target, general, drift_docs, prompts, key)
 
 
@@ -416,7 +418,7 @@ def evaluate_run(
         mc_files=spec.mc or None,
         mc_limit=e.mc_limit,
         per_doc=True,
-        target_kl=True,
+        target_kl=e.target_kl,
         **kwargs,
     )
     if method == "qlora" and (probes.target or probes.general):

@@ -158,6 +158,9 @@ class EvalSettings(_Spec):
     """Use this many of the shipped general prompts (evenly spread) for drift; default all."""
     drift_tokens: int = Field(64, gt=0)
     mc_limit: int | None = Field(None, gt=0)
+    target_kl: bool = True
+    """KL both ways between each arm and the base on the held-out target text (the forgetting predictor's
+    input): about as costly as scoring the target twice more."""
 
 
 class AnalysisSettings(_Spec):
@@ -269,19 +272,47 @@ def load_spec_file(path: str | Path) -> dict[str, Any]:
     return config.load_config(path, what="compare config")
 
 
-# `adaptlab demo`: sized (steps, seq_len, eval docs, drift prompts) to finish in about 15 minutes on
+# `adaptlab demo`: sized (arms, steps, seq_len, eval docs, drift prompts) to finish in about 15 minutes on
 # a 2-core CPU; bench numbers in the README come from running it.
 DEMO_TOKENS = 6_144
+DEMO_FULL_LR = 1e-4
+"""The demo's LRs come from a sweep at its own budget (README, `make demo`): on python-stdlib at 6,144
+tokens the best of {2e-5, 1e-4, 3e-4} for full fine-tuning was 1e-4 and the best of {2e-4, 1e-3, 3e-3}
+for LoRA r=16 was 1e-3 (lowest validation loss, both inside their grids), so the LoRA family trains at
+10x (the default lora_lr_factor)."""
 
 
 def demo_spec(tokens: int = DEMO_TOKENS) -> dict[str, Any]:
-    """The `methods` study on smollm2-135m, python-stdlib as the target, drift as the general probe."""
+    """LoRA vs full on smollm2-135m, python-stdlib as the target, drift as the general probe: full
+    fine-tuning, LoRA r=16 all-linear, attention-only LoRA at matched trainable parameters and DoRA, each
+    at its swept LR (rsLoRA and QLoRA are in `adaptlab compare --study methods`)."""
+    arms = [
+        {"name": "full", "method": "full"},
+        {"name": "lora", "method": "lora", "rank": 16},
+        {"name": "lora-attn", "method": "lora", "targets": "attention", "match_params": "lora"},
+        {"name": "dora", "method": "dora", "rank": 16},
+    ]
     return {
         "model": "smollm2-135m",
         "data": {"train": ["python-stdlib"]},
         "drift": True,
         "study": "methods",
+        "arms": arms,
         "tokens": tokens,
-        "train": {"batch": 4, "seq_len": 128, "eval_points": 2, "eval_examples": 8, "checkpoints": 1},
-        "eval": {"max_docs": 8, "max_chars": 2500, "seq_len": 256, "drift_prompts": 16, "drift_tokens": 48},
+        "train": {
+            "batch": 4,
+            "seq_len": 128,
+            "lr": DEMO_FULL_LR,
+            "eval_points": 2,
+            "eval_examples": 8,
+            "checkpoints": 1,
+        },
+        "eval": {
+            "max_docs": 12,
+            "max_chars": 2500,
+            "seq_len": 256,
+            "drift_prompts": 16,
+            "drift_tokens": 48,
+            "target_kl": False,
+        },
     }

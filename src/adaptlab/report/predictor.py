@@ -47,6 +47,9 @@ def kl_predictor(
         if a.get("status") == "ok" and kl and forget is not None:
             usable.append((a, kl, forget))
     out: dict[str, Any] = {"arms": [a["name"] for a, _, _ in usable], "min_arms": MIN_ARMS}
+    if not usable and any(a.get("status") == "ok" for a in arms):
+        out["verdict"] = "not measured: no arm has the target KL (eval.target_kl was off)"
+        return out
     if len(usable) < MIN_ARMS:
         out["verdict"] = (
             f"cannot tell: {len(usable)} measured arm{'s' if len(usable) != 1 else ''} with both figures, "

@@ -403,7 +403,11 @@ def recommend(results: dict[str, Any]) -> dict[str, Any]:
         reason = f"{pick['name']} learned the most ({_fig(pick['learning'])} nats/token)"
         others = [a["name"] for a in ties if a is not best]
         if others:
-            reason += f"; {', '.join(others)} {'is' if len(others) == 1 else 'are'} not distinguishable from it in learning (paired difference) but forget more"
+            one = len(others) == 1
+            reason += (
+                f"; {', '.join(others)} {'is' if one else 'are'} not distinguishable from it in learning "
+                f"(paired difference) but {'forgets' if one else 'forget'} more"
+            )
         elif len(ok) > 1:
             reason += ", distinguishably more than every other arm (paired differences)"
     else:
