@@ -60,15 +60,25 @@ class Samples:
     """Whether the row stopped on an end token (else it reached max_new_tokens)."""
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One generator for the whole batch, or one per row (a row's draws then do not depend on which other
+rows share its batch: GRPO on N processes samples what one process would)."""
+
+
 def _choose(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+    logits: torch.Tensor, temperature: float, top_p: float, generator: Generators, rows: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token ids (B,), their log-probs (B,)) from logits (B, V)."""
+    """(token ids (B,), their log-probs (B,)) from logits (B, V); rows: the row of each batch position."""
     if temperature <= 0:
         return logits.argmax(-1), torch.zeros(logits.size(0))
     logp = torch.log_softmax(logits / temperature, dim=-1)
     probs = top_p_filter(logp.exp(), top_p)
-    tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if generator is None or isinstance(generator, torch.Generator):
+        tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    else:
+        tokens = torch.cat(
+            [torch.multinomial(probs[b], 1, generator=generator[r]) for b, r in enumerate(rows)]
+        )
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
@@ -99,7 +109,7 @@ def sample(
     top_p: float = 1.0,
     eos_ids: set[int],
     pad_id: int,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Samples:
     """`n` completions of each prompt, decoded together (see the module docstring)."""
     from transformers import DynamicCache
@@ -127,7 +137,7 @@ def sample(
         live = list(range(n_rows))  # the row of each batch position still decoding
         last_pos = pos[:, -1]
         for _ in range(max_new_tokens):
-            tokens, logps = _choose(logits, temperature, top_p, generator)
+            tokens, logps = _choose(logits, temperature, top_p, generator, live)
             keep = []
             for b, r in enumerate(live):
                 token = int(tokens[b])

@@ -18,6 +18,7 @@ from adaptlab.objectives.grpo import (
     group_advantages,
     per_token_loss,
     rollout_batch,
+    row_generators,
     sequence_means,
 )
 from adaptlab.rundir import RunDir
@@ -148,6 +149,34 @@ def test_training_log_probs_equal_the_sampling_time_log_probs(tiny) -> None:
         generator=torch.Generator().manual_seed(3),
     )
     assert again.completions == s.completions  # the generator alone decides
+
+
+def test_a_rows_samples_do_not_depend_on_the_other_rows_of_its_batch(tiny) -> None:
+    """Per-row generators: the global batch sampled at once, or in two halves as two ranks would, gives
+    the same completions (GRPO on N processes samples what one process does)."""
+    prompts = [(1, 2, 3, 4), (5, 6, 7, 8), (9, 10, 11, 12), (13, 14, 15, 16)]
+
+    def draw(part: list[int]) -> list[list[int]]:
+        s = sample(
+            tiny.model,
+            [prompts[i] for i in part],
+            n=3,
+            max_new_tokens=6,
+            temperature=1.0,
+            eos_ids={2},
+            pad_id=2,
+            generator=row_generators(seed=0, step=5, positions=part, group_size=3),
+        )
+        return s.completions
+
+    whole = draw([0, 1, 2, 3])
+    assert draw([0, 1]) + draw([2, 3]) == whole
+    assert len({tuple(c) for c in whole}) > 1  # rows are not all the same draw
+    other_step = row_generators(seed=0, step=6, positions=[0], group_size=1)[0]
+    assert (
+        other_step.initial_seed()
+        != row_generators(seed=0, step=5, positions=[0], group_size=1)[0].initial_seed()
+    )
 
 
 def test_greedy_sampling_equals_transformers_generate(tiny) -> None:

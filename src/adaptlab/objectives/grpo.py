@@ -2,8 +2,9 @@
 
 Each step takes `prompts_per_step` prompts of the task (data/tasks.py; row order a function of
 (seed, step)), samples `group_size` completions of each from the current policy in one batched,
-KV-cached decode (sampling.py; its generator is seeded by (seed, step), so a resumed run samples
-exactly what an uninterrupted one would), and scores them with the reward (data/rewards.py).
+KV-cached decode (sampling.py; each completion row has its own generator, seeded by (seed, step, its
+place in the global batch), so a resumed run, and a run on N processes, samples what an uninterrupted
+single-process one would), and scores them with the reward (data/rewards.py).
 
   advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4)       (unbiased std, as TRL)
   ratio      rho_t = exp(log pi(y_t) - log pi_old(y_t))                 (pi_old: the log-probs at sampling time)
@@ -41,13 +42,26 @@ from adaptlab.data.tasks import TaskItem, load_task, render_prompt_ids, split_it
 from adaptlab.errors import UserError
 from adaptlab.hardware import autocast
 from adaptlab.objectives import batch_indices
-from adaptlab.sampling import Samples, left_pad, sample
+from adaptlab.sampling import Generators, Samples, left_pad, sample
 
 STD_EPS = 1e-4
 """Added to the group's reward std before dividing (TRL's value)."""
 DEFAULT_TASK = "arithmetic"
 SAMPLE_SEED_STRIDE = 1_000_003
-"""Sampling generator of step s: seeded with seed * stride + s (distinct for every (seed, step))."""
+"""Sampling seeds: (seed * stride + step) * stride + row, distinct for every (seed, step, row) while a
+step has fewer than `stride` rows."""
+
+
+def row_generators(seed: int, step: int, positions: list[int], group_size: int) -> list[torch.Generator]:
+    """One generator per completion row of these prompts (their positions in the step's global batch):
+    what a row draws depends on (seed, step, its place in the global batch) only, so a resumed run and a
+    run on any number of processes sample the same completions."""
+    base = (seed * SAMPLE_SEED_STRIDE + step) * SAMPLE_SEED_STRIDE
+    return [
+        torch.Generator().manual_seed(base + p * group_size + member)
+        for p in positions
+        for member in range(group_size)
+    ]
 
 
 @dataclass(frozen=True)
@@ -216,16 +230,12 @@ class GRPOObjective:
         t = setup.config.train
         idx = batch_indices(step, len(setup.train_examples), self.prompts_per_step(setup), t.seed)
         prompts = [setup.train_examples[i] for i in dist.rank_slice(idx, setup.world)]
-        generator = torch.Generator().manual_seed(
-            t.seed * SAMPLE_SEED_STRIDE + step + setup.world.rank * 7919
-        )
-        batch = self.rollouts(setup, prompts, generator)
+        positions = dist.rank_slice(list(range(len(idx))), setup.world)
+        batch = self.rollouts(setup, prompts, row_generators(t.seed, step, positions, self.spec.group_size))
         n = batch["input_ids"].size(0)
         return [{k: v[lo : lo + t.batch] for k, v in batch.items()} for lo in range(0, n, t.batch)]
 
-    def rollouts(
-        self, setup: Any, prompts: list[Prompt], generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
+    def rollouts(self, setup: Any, prompts: list[Prompt], generator: Generators) -> dict[str, torch.Tensor]:
         """The scored completions of `prompts` as one batch of rows (advantages, rewards, log-probs)."""
         s, tok = self.spec, setup.tokenizer
         model = dist.unwrap(setup.model)
