@@ -22,11 +22,11 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/adaptlab demo
 
-# two pytest workers (one torch thread each on 2 cores); distributed tests run one after another
+# two pytest workers (one torch thread each on 2 cores), a test file on one worker
 TEST_WORKERS ?= 2
 
 test: install
-	$(BIN)/python -m pytest -q -x -n $(TEST_WORKERS) --dist loadgroup tests
+	$(BIN)/python -m pytest -q -x -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration" tests/unit

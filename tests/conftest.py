@@ -46,10 +46,3 @@ def run_cli(capsys):
 
     return run
 
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (--dist loadgroup): a file's tests stay on one worker (module fixtures are built
-    once), and the distributed tests, which start processes of their own, run one after another."""
-    for item in items:
-        group = "distributed" if item.get_closest_marker("distributed") else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
