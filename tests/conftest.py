@@ -45,4 +45,3 @@ def run_cli(capsys):
         return code, out.out, out.err
 
     return run
-
