@@ -328,3 +328,20 @@ def test_train_cli_runs_grpo_on_the_embedded_task(run_cli, tmp_path: Path) -> No
     run = RunDir(tmp_path / "r")
     assert [r["step"] for r in run.read_metrics() if "reward" in r] == [1]
     assert "task_acc" in json.loads(run.summary.read_text())["final_val"]
+
+
+def test_progress_bar_prints_each_objectives_validation_row(capsys) -> None:
+    """A GRPO validation row has task_acc, not val_loss: the bar prints its figures instead of failing."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from adaptlab.cli.train import _Progress
+
+    progress = _Progress(quiet=False)
+    progress.bar = Progress(console=Console(stderr=True))
+    progress.task = progress.bar.add_task("train", total=2, info="")
+    progress.on_log({"step": 1, "tokens": 64, "split": "val", "task_acc": 0.25})
+    progress.on_log({"step": 1, "tokens": 64, "split": "val", "val_loss": 2.5})
+    progress.on_log({"step": 2, "loss": 1.0, "tokens_per_s": 10.0})
+    err = capsys.readouterr().err
+    assert "step 1: task acc 0.2500" in err and "step 1: val loss 2.5000" in err

@@ -284,6 +284,10 @@ def _argv(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
     return out
 
 
+VAL_ROW_KEYS = ("step", "tokens", "split")
+"""Keys of a validation row that are not figures."""
+
+
 class _Progress:
     """A rich progress bar on stderr: step, loss, tokens/s, ETA."""
 
@@ -318,8 +322,9 @@ class _Progress:
     def on_log(self, row: dict[str, Any]) -> None:
         if self.bar is None:
             return
-        if "val_loss" in row:
-            self.bar.console.print(f"step {row['step']}: val loss {row['val_loss']:.4f}")
+        if row.get("split") == "val":  # the objective's validation figures: val_loss, task_acc, ...
+            figures = (f"{k.replace('_', ' ')} {v:.4f}" for k, v in row.items() if k not in VAL_ROW_KEYS)
+            self.bar.console.print(f"step {row['step']}: {', '.join(figures)}")
             return
         info = f"loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s"
         self.bar.update(self.task, completed=row["step"], info=info)
