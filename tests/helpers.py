@@ -1,8 +1,12 @@
-"""Small builders shared by tests: a text corpus on disk and a fast tiny-random run config."""
+"""Small builders shared by tests: a text corpus on disk, a fast tiny-random run config, and `adaptlab train`
+in a child process (torchrun runs)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 from typing import Any
@@ -45,4 +49,17 @@ def tiny_config(data: Path, out: Path, method: str = "lora", **train: Any) -> Ru
             "train": train_fields,
             "out": str(out),
         }
+    )
+
+
+def train_in_child(*args: str, timeout: float = 600, **kwargs: Any) -> subprocess.CompletedProcess:
+    """`adaptlab train ARGS` in a child process, one torch thread per process (the ranks share the cores)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **kwargs.pop("env", {})}
+    return subprocess.run(
+        [sys.executable, "-m", "adaptlab", "train", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        **kwargs,
     )

@@ -7,13 +7,10 @@ forward; the LoRA family under DDP scores its reference with the adapter disable
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_config, train_in_child
 from safetensors.torch import load_file
 
 from adaptlab.config import ObjectiveSpec
@@ -51,24 +48,7 @@ def test_two_processes_take_the_dpo_steps_of_one(pairs, tmp_path, method, parall
     two = tmp_path / "two"
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(dpo_config(pairs, two, method=method, steps=3, grad_accum=2).to_yaml())
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "adaptlab",
-            "train",
-            "--config",
-            str(cfg),
-            "--nproc",
-            "2",
-            "--parallel",
-            parallel,
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=600,
-    )
+    proc = train_in_child("--config", str(cfg), "--nproc", "2", "--parallel", parallel)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for a, b in zip(_rows(one), _rows(two), strict=True):
         assert [b[k] for k in METRICS] == pytest.approx([a[k] for k in METRICS], rel=REL, abs=1e-6)

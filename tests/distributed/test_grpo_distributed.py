@@ -5,12 +5,12 @@ draws, and the rewards, losses and adapter weights agree."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_in_child
 from safetensors.torch import load_file
 
 from adaptlab.config import build_config
@@ -65,24 +65,15 @@ def test_two_processes_sample_and_take_the_grpo_steps_of_one(tmp_path: Path, mon
     train(_config(tmp_path / "one"))
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(_config(tmp_path / "two").to_yaml())
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "adaptlab",
-            "train",
-            "--config",
-            str(cfg),
-            "--nproc",
-            "2",
-            "--parallel",
-            "ddp",
-        ],
-        capture_output=True,
-        text=True,
+    proc = train_in_child(
+        "--config",
+        str(cfg),
+        "--nproc",
+        "2",
+        "--parallel",
+        "ddp",
         cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])},
-        timeout=600,
+        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")

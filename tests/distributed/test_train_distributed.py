@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config, write_corpus
+from helpers import tiny_config, train_in_child, write_corpus
 from safetensors.torch import load_file
 
 from adaptlab.rundir import RunDir
@@ -47,17 +47,6 @@ def reference(corpus, tmp_path_factory):
     """Uninterrupted one-process runs, by method."""
     root = tmp_path_factory.mktemp("ref")
     return {m: train(_config(corpus, root / m, m)) and root / m for m in ARTIFACT}
-
-
-def _adaptlab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "adaptlab", "train", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
 
 
 def _write(config, path: Path) -> Path:
@@ -96,7 +85,7 @@ def test_two_processes_take_the_steps_of_one(corpus, reference, tmp_path, method
     out = tmp_path / "two"
     # a sharded checkpoint mid-run too (it must not change the steps)
     cfg = _write(_config(corpus, out, method, save_every=2), tmp_path / "cfg.yaml")
-    proc = _adaptlab("--config", str(cfg), "--nproc", "2", "--parallel", parallel)
+    proc = train_in_child("--config", str(cfg), "--nproc", "2", "--parallel", parallel)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["parallel"] == parallel
@@ -168,7 +157,7 @@ def test_stopped_at_one_process_resumes_at_two(corpus, reference, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(_config(corpus, out, "lora", save_every=2), on_log=stop_at_3)
     assert RunDir(out).latest_checkpoint().name == "step-2"
-    proc = _adaptlab("--resume", str(out), "--nproc", "2", "--parallel", "fsdp")
+    proc = train_in_child("--resume", str(out), "--nproc", "2", "--parallel", "fsdp")
     assert proc.returncode == 0, proc.stderr[-2000:]
     _assert_same_run(reference["lora"], out, "lora")
 

@@ -77,3 +77,31 @@ def test_rl_study_arms_share_everything_but_method_and_lr(tmp_path: Path) -> Non
     assert set(first) == {"id", "prompt", "response"} and first["response"].isdigit()
     cfg = build_config(run_config(study, sft[1], tmp_path / "sft", data))
     assert cfg.objective.task == "sft" and cfg.train.batch == study.prompts_per_step
+
+
+@pytest.mark.parametrize("kind", ["rl", "sft-vs-rl"])
+def test_rl_studies_run_end_to_end(tmp_path, kind) -> None:
+    """Every arm trains and is scored next to the base; results.json and report.md are written."""
+    from adaptlab.compare.rl import run_study
+
+    study = RLStudy(
+        study=kind,
+        model="tiny-random",
+        steps=1,
+        prompts_per_step=2,
+        group_size=2,
+        max_new_tokens=4,
+        eval_prompts=4,
+        drift_tokens=4,
+        ranks=(1,),
+    )
+    results = run_study(study, tmp_path / "study", on_event=lambda msg: None)
+    assert [r["arm"] for r in results["arms"]] == [a.name for a in study.arms()]
+    for row in results["arms"]:
+        assert 0.0 <= row["pass1"] <= 1.0 and row["drift_kl"] >= 0.0
+        lo, hi = row["delta_pass1_ci95"]
+        assert lo <= row["delta_pass1"] <= hi
+    saved = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert saved["arms"] == results["arms"] and (tmp_path / "study" / "report.md").read_text()
+    if kind == "rl":
+        assert set(results["rank1_vs_full"]) >= {"delta_pass1", "ci95", "matched"}
