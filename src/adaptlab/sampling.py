@@ -19,6 +19,7 @@ temperature=1.0, eos_ids={2}, pad_id=2, generator=torch.Generator().manual_seed(
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,15 @@ def _choose(
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
+@functools.cache
+def _cache_kwarg() -> str:
+    """The forward argument that takes the KV cache: `cache` since transformers 5 renamed
+    `past_key_values` (which it still takes, with a deprecation warning), else `past_key_values`."""
+    from transformers.utils import generic
+
+    return "cache" if hasattr(generic, "_rename_kwargs_for_bc") else "past_key_values"
+
+
 def next_token_logits(
     model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, **kwargs: Any
 ) -> torch.Tensor:
@@ -90,8 +100,8 @@ def next_token_logits(
         input_ids=ids,
         attention_mask=mask,
         position_ids=pos,
-        past_key_values=cache,
         use_cache=True,
+        **{_cache_kwarg(): cache},
         logits_to_keep=1,
         **kwargs,
     )
