@@ -225,3 +225,14 @@ def test_lr_ratio_far_from_ten_disagrees() -> None:
     ):
         rec = recommend(results(full, swept("lora", "lora", 1e-5 * ratio)))
         assert finding(rec, "lr_ratio")["verdict"] == verdict, ratio
+
+
+def test_a_learning_tie_says_whether_it_forgets_distinguishably_more() -> None:
+    # b and c learn as much as a (overlapping intervals); b forgets more beyond the intervals, c within them
+    a, b, c = arm("a", "full", 0.50, 0.10), arm("b", "lora", 0.495, 0.30), arm("c", "dora", 0.495, 0.105)
+    rec = recommend(results(a, b, c))
+    assert rec["pick"] == "a"
+    reason = rec["pick_reason"]
+    assert "b, c are not distinguishable from it in learning" in reason
+    assert "b forgets more (b - a = +0.2000" in reason
+    assert "c is not distinguishable (c - a = +0.0050" in reason

@@ -377,6 +377,17 @@ def _vs_pick(ok: list[dict[str, Any]], pick: dict[str, Any], fm: str) -> list[di
     return rows
 
 
+def _forgetting_vs(a: dict[str, Any], best: dict[str, Any], metric: str) -> str:
+    """How a learning-tied arm's forgetting compares with the best learner's, by its paired interval."""
+    d = difference(a, best, "forgetting", metric)
+    word = {
+        "above": "forgets more",
+        "below": "forgets less",
+        "overlap": "is not distinguishable",
+    }[sign_of(d)]
+    return f"{a['name']} {word} ({a['name']} - {best['name']} = {_diff(d)})"
+
+
 def recommend(results: dict[str, Any]) -> dict[str, Any]:
     """Frontier, pick, picks under limits and per-finding verdicts, with the reasons in words."""
     ok = [
@@ -401,12 +412,13 @@ def recommend(results: dict[str, Any]) -> dict[str, Any]:
     pick = min(ties, key=lambda a: (a["forgetting"]["value"], a["cost"]["peak_mem_bytes"]))
     if pick is best:
         reason = f"{pick['name']} learned the most ({_fig(pick['learning'])} nats/token)"
-        others = [a["name"] for a in ties if a is not best]
+        others = [a for a in ties if a is not best]
         if others:
             one = len(others) == 1
             reason += (
-                f"; {', '.join(others)} {'is' if one else 'are'} not distinguishable from it in learning "
-                f"(paired difference) but {'forgets' if one else 'forget'} more"
+                f"; {', '.join(a['name'] for a in others)} {'is' if one else 'are'} not distinguishable "
+                "from it in learning (paired difference); in forgetting, "
+                + ", ".join(_forgetting_vs(a, best, metric) for a in others)
             )
         elif len(ok) > 1:
             reason += ", distinguishably more than every other arm (paired differences)"
