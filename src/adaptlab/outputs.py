@@ -185,23 +185,26 @@ def owned(
 ) -> Iterator[None]:
     """Claim path for a `kind` output and hold its lock while the block writes it.
 
-    A directory created here and left holding nothing but the marker and the lock (the command failed
-    before writing) is removed again, so a mistake leaves no trace.
+    A directory that was absent or empty and is left holding nothing but the marker and the lock (the
+    command failed before writing) is returned to how it was (removed, or emptied again), so a mistake
+    leaves no trace.
     """
-    created = not path.exists()
+    existed = path.exists()
+    was_empty = not existed or (path.is_dir() and not any(path.iterdir()))
     claim(path, kind, overwrite, inputs)
     with locked(path):
         try:
             yield
         except BaseException:
-            if created:  # still under the lock, so no other writer has started here
-                _remove_if_bare(path)
+            if was_empty:  # still under the lock, so no other writer has started here
+                _remove_if_bare(path, remove_dir=not existed)
             raise
 
 
-def _remove_if_bare(path: Path) -> None:
+def _remove_if_bare(path: Path, remove_dir: bool) -> None:
     with contextlib.suppress(OSError):
         if {p.name for p in path.iterdir()} <= {MARKER, LOCK}:
             for name in (MARKER, LOCK):
                 (path / name).unlink(missing_ok=True)
-            path.rmdir()
+            if remove_dir:
+                path.rmdir()

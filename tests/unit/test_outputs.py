@@ -162,6 +162,13 @@ def test_a_failed_start_leaves_no_directory(run_cli, tmp_path):
     assert code == 2 and not (tmp_path / "run").exists()
 
 
+def test_a_failed_start_in_an_empty_folder_leaves_it_empty(run_cli, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    code, _, err = run_cli(*TRAIN, "--data", tmp_path / "missing.jsonl", "--out", out)
+    assert code == 2 and out.is_dir() and list(out.iterdir()) == []
+
+
 def test_eval_out_refuses_a_file_it_did_not_write(run_cli, corpus, tmp_path):
     path = tmp_path / "results.json"
     path.write_text('{"mine": 1}\n')
