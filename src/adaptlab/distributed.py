@@ -194,6 +194,16 @@ def all_reduce_sum(value: float | int, device: torch.device) -> float:
     return float(t.item())
 
 
+def all_reduce_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The elementwise sum of a CPU tensor over every rank, summed in float64 on the process group's
+    device (the tensor itself in one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return t
+    on = t.to(device, dtype=torch.float64)
+    torch.distributed.all_reduce(on)
+    return on.to("cpu", dtype=t.dtype)
+
+
 def loss_scale(world: World) -> float:
     """Multiplier of a rank's loss so the data-parallel gradient mean becomes the global-batch sum.
 

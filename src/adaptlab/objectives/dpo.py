@@ -191,18 +191,24 @@ def load_or_compute_reference(setup: Any) -> dict[str, torch.Tensor]:
 def _reference_logps(setup: Any, split: str) -> torch.Tensor:
     """(pairs, 2) log-probs [chosen, rejected] of a split's pairs under the model as it is now.
 
-    Every rank computes every pair (the same forwards on each, as FSDP's collectives need).
+    Each rank scores every world_size-th pair and one all-reduce assembles the table. Every rank runs
+    the same number of forwards (a short rank repeats a pair it does not keep), as FSDP's collectives need.
     """
     rows = setup.train_examples if split == "train" else setup.val_examples
+    world = setup.world
     out = torch.zeros(len(rows), 2)
+    mine = list(range(world.rank, len(rows), world.world_size))
+    forwards = -(-len(rows) // world.world_size)  # the most any rank has
     was_training = setup.model.training
     setup.model.eval()
     bs = setup.config.train.batch
     with autocast(setup.device, setup.precision):
-        for start in range(0, len(rows), bs):
-            pairs = rows[start : start + bs]
+        for start in range(0, forwards, bs):
+            keep = mine[start : start + bs]
+            idx = keep + [0] * (min(bs, forwards - start) - len(keep))  # padding pairs, not kept
+            pairs = [rows[i] for i in idx]
             batch = to_device(collate_pairs(pairs, setup.tokenizer.pad_token_id), setup.device)
             chosen, rejected = sequence_logps(setup.model, batch).float().cpu().chunk(2)
-            out[start : start + len(pairs), 0], out[start : start + len(pairs), 1] = chosen, rejected
+            out[keep, 0], out[keep, 1] = chosen[: len(keep)], rejected[: len(keep)]
     setup.model.train(was_training)
-    return out
+    return dist.all_reduce_tensor(out, setup.device) if world.world_size > 1 else out
