@@ -40,8 +40,9 @@ def _meta_model(model: str) -> Any:
 
     from adaptlab.plan.arch import load_model_config
 
+    config = load_model_config(model)  # outside the meta context: it may build an embedded model
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(load_model_config(model))
+        return AutoModelForCausalLM.from_config(config)
 
 
 def linear_shapes(model: str) -> dict[str, tuple[int, int]]:

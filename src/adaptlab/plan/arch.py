@@ -97,6 +97,8 @@ def load_model_config(spec: str) -> Any:
     from adaptlab.models import local_dir, quiet_transformers
 
     quiet_transformers()
+    if spec.endswith("-healed") and spec in EMBEDDED_MODELS:  # the base's architecture: nothing to build
+        spec = spec.removesuffix("-healed")
     path = local_dir(spec)
     if path is None:
         require_hub(spec)
