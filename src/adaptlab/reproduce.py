@@ -9,8 +9,10 @@ quantized base". Every comparison lives in OUT/<domain>/<study>/ and is reused w
 (compare() itself skips finished runs and cached evaluations), so an interrupted reproduce resumes.
 OUT/findings.json holds every verdict with its numbers; write_findings() renders it as Markdown.
 
-Differences of two arms carry an approximate 95% interval: the half-widths of the two paired-bootstrap
-intervals added in quadrature.
+Differences between arms of one comparison carry a 95% interval paired over the same held-out documents
+(report/paired.py, as the comparison's own report); results without per-document numbers fall back to
+the conservative rule there. The QLoRA finding (an adapter's gain over its own 4-bit base) and the
+regime and continual rows combine intervals of separate figures: their half-widths added in quadrature.
 
     adaptlab reproduce --data-root ../shared/data --out repro            # ~ hours on 2 CPU cores
     adaptlab reproduce --data-root ../shared/data --out repro --dry-run  # the plan and its estimate
@@ -34,10 +36,16 @@ DOMAINS = {"legal": "legal/spdx_licenses.jsonl", "systems": "systems/man_pages.j
 GENERAL = "general/wordnet_glosses.jsonl"
 REGIME_PAIRS = "instruct/wordnet_define.jsonl"
 PER_DOMAIN = ("methods", "lr", "targets", "batch", "rank", "data-size")
-STUDIES = (*PER_DOMAIN, "regime", "continual", "healed")
-# seconds per trained token on the 2-core CPU at 4 x 128 (DATA.md: 3.7 s full, 2.7 s LoRA per step)
-SECONDS_PER_TOKEN = {"full": 3.7 / 512, "lora": 2.7 / 512}
-EVAL_SECONDS_PER_ARM = 60.0  # held-out target + general NLL, base and tuned, at the default sizes
+STUDIES = (*PER_DOMAIN, "regime", "continual", "healed", "rl")
+RL_TASK = "arithmetic"
+# seconds per trained token on the 2-core CPU at 4 x 128, measured in reproduce's methods studies
+# (README): 7.6 s a full step and 5.6 s a LoRA step, the run's start and validation included
+SECONDS_PER_TOKEN = {"full": 7.6 / 512, "lora": 5.6 / 512}
+EVAL_SECONDS_PER_ARM = 135.0  # held-out target + general NLL, base and tuned, target KL, weight analysis
+# the rl study on the 2-core CPU (bench/results/rl_study.json): a GRPO step of 4 prompts x 8 completions
+# of 16 tokens, and scoring 60 held-out prompts plus the drift probe, per arm and for the base
+RL_SECONDS_PER_STEP = 16.0
+RL_EVAL_SECONDS = 180.0
 
 
 @dataclass
@@ -51,6 +59,20 @@ class Scale:
     eval_chars: int = 2000
     eval_seq_len: int = 256
     analysis: bool = True
+    rl_steps: int = 8  # the rl study: GRPO steps per arm and held-out prompts scored
+    rl_eval_prompts: int = 60
+
+    def rl_spec(self, model: str) -> dict[str, Any]:
+        """The rl study's settings (compare/rl.py RLStudy), at bench/rl_study.py's CPU size."""
+        return {
+            "study": "rl",
+            "model": model,
+            "task": RL_TASK,
+            "steps": self.rl_steps,
+            "max_new_tokens": 16,
+            "eval_prompts": self.rl_eval_prompts,
+            "full_lr": 5e-5,
+        }
 
     def spec(self, model: str, study: str, data: str, general: str | None, **extra: Any) -> dict[str, Any]:
         return {
@@ -128,6 +150,8 @@ def plan(
         a, b = names[0], names[1]
         spec = scale.spec(model, "continual", str(files[a]), general, study_data=[str(files[b])])
         out.append(Comparison(f"{a}-then-{b}/continual", "continual", f"{a}-then-{b}", spec))
+    if "rl" in studies:  # GRPO on the embedded arithmetic task: LoRA ranks 1, 4, 16 and full
+        out.append(Comparison(f"{RL_TASK}/rl", "rl", RL_TASK, scale.rl_spec(model)))
     return out
 
 
@@ -135,10 +159,15 @@ def estimate_s(comparisons: list[Comparison]) -> float:
     """Seconds on the 2-core CPU: trained tokens per method x measured seconds per token, plus evaluation."""
     from adaptlab.compare import build_spec
     from adaptlab.compare.arms import expand, resolve_ranks
+    from adaptlab.compare.rl import RLStudy
     from adaptlab.compare.runner import resolve_spec
 
     total = 0.0
     for c in comparisons:
+        if c.study == "rl":
+            arms = len(RLStudy(**c.spec).arms())
+            total += arms * c.spec["steps"] * RL_SECONDS_PER_STEP + (arms + 1) * RL_EVAL_SECONDS
+            continue
         # the healed base has its base's shapes: plan with the base, so estimating builds nothing
         spec = resolve_spec(
             build_spec({**c.spec, "model": c.spec["model"].removesuffix("-healed")}, source=c.key)
@@ -179,14 +208,45 @@ def run(
             continue
         say = on_event or (lambda e: None)
         say({"event": "comparison", "key": c.key})
+        if c.study == "rl":
+            results[c.key] = _run_rl(c, out / c.key, say)
+            continue
         spec = build_spec(c.spec, source=c.key)
         results[c.key] = compare(spec, out / c.key, on_event=on_event, report=True, executor=executor)
     verdicts = judge(comparisons, results)
-    data = {"comparisons": [{"key": c.key, "study": c.study, "domain": c.domain} for c in comparisons]}
+    data = {
+        "comparisons": [
+            {
+                "key": c.key,
+                "study": c.study,
+                "domain": c.domain,
+                "model": c.spec["model"],
+                "tokens": c.spec.get("tokens"),
+                "finished": c.key in results,
+            }
+            for c in comparisons
+        ]
+    }
     data["findings"] = verdicts
     out.mkdir(parents=True, exist_ok=True)
     (out / "findings.json").write_text(json.dumps(data, indent=1) + "\n")
     return data
+
+
+def _run_rl(c: Comparison, out: Path, say: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """The rl study (compare/rl.py); a finished one with the same settings is reused."""
+    from dataclasses import asdict
+
+    from adaptlab.compare.rl import RLStudy, run_study
+
+    study = RLStudy(**c.spec)
+    done = out / "results.json"
+    if done.exists():
+        previous = json.loads(done.read_text())
+        if previous.get("study") == json.loads(json.dumps(asdict(study))):
+            say({"event": "message", "text": f"{c.key}: finished earlier, reused"})
+            return previous
+    return run_study(study, out, on_event=lambda text: say({"event": "message", "text": f"{c.key}: {text}"}))
 
 
 # ------------------------------------------------------------------------------------------ findings
@@ -214,6 +274,8 @@ def _verdict_of(diff: dict[str, Any] | None, detail: str) -> dict[str, Any]:
         return {"verdict": "not run", "value": None, "ci95": None, "detail": detail + " (arms missing)"}
     lo, hi = diff["ci95"]
     verdict = "agrees" if lo > 0 else "disagrees" if hi < 0 else "inconclusive"
+    if diff.get("paired") is False:
+        detail += "; per-arm intervals, conservative: per-document numbers missing"
     return {"verdict": verdict, "value": diff["value"], "ci95": [lo, hi], "detail": detail}
 
 
@@ -221,16 +283,23 @@ def _fig(arm: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
     return None if arm is None else arm.get(key)
 
 
-def lora_learns_less(r: dict[str, Any]) -> dict[str, Any]:
+def _paired(r: dict[str, Any], terms: list[tuple[float, str]], metric: str) -> dict[str, Any] | None:
+    """sum of w x metric(arm) over the named arms, with its interval paired over the same held-out
+    documents (report/paired.py); None when an arm is missing."""
+    from adaptlab.report.paired import contrast
+
     a = _arms(r)
-    return _verdict_of(
-        _diff(_fig(a.get("full"), "learning"), _fig(a.get("lora"), "learning")), "learning full - LoRA"
-    )
+    if any(name not in a for _, name in terms):
+        return None
+    return contrast([(w, a[name]) for w, name in terms], metric, r.get("forgetting_metric", "drift_kl"))
+
+
+def lora_learns_less(r: dict[str, Any]) -> dict[str, Any]:
+    return _verdict_of(_paired(r, [(1, "full"), (-1, "lora")], "learning"), "learning full - LoRA")
 
 
 def lora_forgets_less(r: dict[str, Any]) -> dict[str, Any]:
-    a = _arms(r)
-    d = _diff(_fig(a.get("full"), "forgetting"), _fig(a.get("lora"), "forgetting"))
+    d = _paired(r, [(1, "full"), (-1, "lora")], "forgetting")
     return _verdict_of(d, f"forgetting ({r.get('forgetting_metric')}) full - LoRA")
 
 
@@ -250,26 +319,24 @@ def lora_lr_10x(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def all_layers_beat_attention(r: dict[str, Any]) -> dict[str, Any]:
-    a = _arms(r)
-    d = _diff(_fig(a.get("lora-all") or a.get("lora"), "learning"), _fig(a.get("lora-attn"), "learning"))
+    all_linear = "lora-all" if "lora-all" in _arms(r) else "lora"
+    d = _paired(r, [(1, all_linear), (-1, "lora-attn")], "learning")
     return _verdict_of(d, "learning all-linear - attention-only LoRA at matched parameters")
 
 
 def lora_batch_sensitive(r: dict[str, Any]) -> dict[str, Any]:
-    a = _arms(r)
-    lora = _diff(_fig(a.get("lora-default"), "learning"), _fig(a.get("lora-large"), "learning"))
-    full = _diff(_fig(a.get("full-default"), "learning"), _fig(a.get("full-large"), "learning"))
-    return _verdict_of(_diff(lora, full), "learning lost at 4x batch: LoRA's loss - full's loss")
+    # (LoRA default - LoRA large) - (full default - full large): what LoRA loses at 4x batch beyond full
+    terms = [(1, "lora-default"), (-1, "lora-large"), (-1, "full-default"), (1, "full-large")]
+    return _verdict_of(_paired(r, terms, "learning"), "learning lost at 4x batch: LoRA's loss - full's loss")
 
 
 def rank_helps(r: dict[str, Any]) -> dict[str, Any]:
-    ranks = sorted(
-        (int(n.removeprefix("lora-r")), arm) for n, arm in _arms(r).items() if n.startswith("lora-r")
-    )
+    ranks = sorted(int(n.removeprefix("lora-r")) for n in _arms(r) if n.startswith("lora-r"))
     if len(ranks) < 2:
         return _verdict_of(None, "learning highest - lowest rank")
-    (low, a), (high, b) = ranks[0], ranks[-1]
-    return _verdict_of(_diff(b["learning"], a["learning"]), f"learning rank {high} - rank {low}")
+    low, high = ranks[0], ranks[-1]
+    d = _paired(r, [(1, f"lora-r{high}"), (-1, f"lora-r{low}")], "learning")
+    return _verdict_of(d, f"learning rank {high} - rank {low}")
 
 
 def lora_gap_grows_with_data(r: dict[str, Any]) -> dict[str, Any]:
@@ -278,12 +345,10 @@ def lora_gap_grows_with_data(r: dict[str, Any]) -> dict[str, Any]:
     if not low:
         return _verdict_of(None, "full - LoRA learning gap at 100% minus at 1% of the data")
     rank = low[0].split("-")[1]
-
-    def gap(pct: str) -> dict[str, Any] | None:
-        return _diff(_fig(a.get(f"full-{pct}"), "learning"), _fig(a.get(f"lora-{rank}-{pct}"), "learning"))
-
+    # (full - LoRA) at 100% of the data minus (full - LoRA) at 1%
+    terms = [(1, "full-100pct"), (-1, f"lora-{rank}-100pct"), (-1, "full-1pct"), (1, f"lora-{rank}-1pct")]
     return _verdict_of(
-        _diff(gap("100pct"), gap("1pct")), f"full - LoRA ({rank}) learning gap at 100% minus at 1%"
+        _paired(r, terms, "learning"), f"full - LoRA ({rank}) learning gap at 100% minus at 1%"
     )
 
 
@@ -324,6 +389,12 @@ def qlora_matches_lora(r: dict[str, Any]) -> dict[str, Any]:
     over = " (QLoRA's over its 4-bit base)" if base4 is not None else ""
     detail = f"learning LoRA - QLoRA{over}; agrees within +-{margin:.4f} (10% of LoRA's learning)"
     return {"verdict": verdict, "value": d["value"], "ci95": [lo, hi], "detail": detail}
+
+
+def rank_1_suffices_in_rl(r: dict[str, Any]) -> dict[str, Any]:
+    v = r.get("rank1_vs_full")
+    d = None if not v else {"value": v["delta_pass1"], "ci95": v["ci95"]}
+    return _verdict_of(d, "held-out pass@1 after GRPO: LoRA rank 1 - full")
 
 
 def full_wins_cpt_lora_suits_ift(r: dict[str, Any]) -> dict[str, Any]:
@@ -425,8 +496,8 @@ FINDINGS = [
         "rank 1 suffices for reinforcement learning",
         "Thinking Machines 2025",
         "rl",
-        lambda r: _verdict_of(None, "needs the rl study"),
-        note="the rl study is not part of this build",
+        rank_1_suffices_in_rl,
+        note="agrees when rank 1 is distinguishably better than full, disagrees when distinguishably worse",
     ),
 ]
 
@@ -465,6 +536,29 @@ def _num(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.4f}"
 
 
+def _coverage(comparisons: list[dict[str, Any]]) -> list[str]:
+    """Which of the reproduction's comparisons these verdicts rest on, and which have not run."""
+    done = [c["key"] for c in comparisons if c.get("finished", True)]
+    missing = [c["key"] for c in comparisons if not c.get("finished", True)]
+    if not comparisons:
+        return []
+    models = sorted({c["model"] for c in comparisons if c.get("model")})
+    budgets = sorted({c["tokens"] for c in comparisons if c.get("tokens")})
+    lines = (
+        [
+            f"Models: {', '.join(models)}; training budget per arm: "
+            + (", ".join(f"{t:,}" for t in budgets) or "-")
+            + " tokens (the rl study counts episodes)."
+        ]
+        if models
+        else []
+    )
+    lines.append(f"Comparisons judged ({len(done)}): " + (", ".join(f"`{k}`" for k in done) or "none") + ".")
+    if missing:
+        lines.append(f"Not run yet ({len(missing)}): " + ", ".join(f"`{k}`" for k in missing) + ".")
+    return [" ".join(lines), ""]
+
+
 def write_findings(data: dict[str, Any], path: str | Path, header: str = "") -> Path:
     """docs/findings.md from findings.json: each finding, its verdict per comparison, with numbers and CIs."""
     lines = [
@@ -474,6 +568,7 @@ def write_findings(data: dict[str, Any], path: str | Path, header: str = "") -> 
         or "Written by `adaptlab reproduce` from its findings.json. Verdicts: agrees / disagrees when the 95% "
         "interval of the measured difference lies on one side of zero, inconclusive when it straddles it.",
         "",
+        *_coverage(data.get("comparisons", [])),
         "| finding | claim | overall | comparison | measured | 95% CI | verdict |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]

@@ -16,7 +16,16 @@ import pytest
 from adaptlab import reproduce as rep
 from adaptlab.compare.inline import InlineExecutor
 
-TINY = rep.Scale(tokens=64, batch=2, seq_len=32, eval_docs=2, eval_chars=300, eval_seq_len=64)
+TINY = rep.Scale(
+    tokens=64,
+    batch=2,
+    seq_len=32,
+    eval_docs=2,
+    eval_chars=300,
+    eval_seq_len=64,
+    rl_steps=1,
+    rl_eval_prompts=4,
+)
 EXPECTED_ARMS = {
     "methods": {"full", "lora", "lora-attn", "rslora", "dora"},
     "lr": {"full", "lora"},
@@ -27,6 +36,7 @@ EXPECTED_ARMS = {
     "regime": {f"{r}-{m}-{b}" for r in ("cpt", "ift") for m in ("full", "lora") for b in ("small", "large")},
     "continual": {"full-a", "lora-a", "full-a-then-b", "lora-a-then-b", "lora-b"},
     "healed": {"full", "lora"},
+    "rl": {"lora-r1", "lora-r4", "lora-r16", "full"},
 }
 
 
@@ -72,6 +82,10 @@ def test_every_study_runs_with_its_arms_and_results_fields(reproduced: Any) -> N
     assert {c.study for c in comparisons} == set(rep.STUDIES)
     for c in comparisons:
         results = json.loads((out / c.key / "results.json").read_text())
+        if c.study == "rl":  # compare/rl.py's own results: pass@1 per arm and the rank-1 verdict
+            assert {a["arm"] for a in results["arms"]} == EXPECTED_ARMS["rl"]
+            assert results["rank1_vs_full"]["ci95"] and results["study"]["model"] == "tiny-random"
+            continue
         names = {a["name"] for a in results["arms"]}
         assert EXPECTED_ARMS[c.study] <= names, c.key
         assert all(a["status"] == "ok" for a in results["arms"]), [
@@ -92,18 +106,29 @@ def test_a_verdict_row_per_finding_and_findings_md(reproduced: Any, tmp_path: Pa
     verdicts = {"agrees", "disagrees", "inconclusive", "not run", "mixed"}
     for f in data["findings"]:
         assert f["overall"] in verdicts
-        if f["study"] == "rl":
-            assert f["rows"] == [] and f["overall"] == "not run"
-            continue
         assert f["rows"], f["id"]
         for row in f["rows"]:
             assert row["verdict"] in verdicts - {"mixed"}
             if row["verdict"] in ("agrees", "disagrees", "inconclusive") and row["ci95"] is not None:
                 lo, hi = row["ci95"]
                 assert lo <= row["value"] <= hi
-    for fid in ("lora-learns-less", "lora-forgets-less", "all-layers", "cpt-vs-ift", "continual", "rank"):
+    for fid in (
+        "lora-learns-less",
+        "lora-forgets-less",
+        "all-layers",
+        "cpt-vs-ift",
+        "continual",
+        "rank",
+        "rank-1-rl",
+    ):
         assert by_id[fid]["rows"][0]["verdict"] != "not run", fid
     md = rep.write_findings(data, tmp_path / "findings.md").read_text()
+    assert f"Comparisons judged ({len(comparisons)})" in md and "Not run yet" not in md
+    nothing = rep.run(comparisons, tmp_path / "empty", judge_only=True)
+    assert all(f["overall"] == "not run" for f in nothing["findings"])
+    assert (
+        f"Not run yet ({len(comparisons)})" in rep.write_findings(nothing, tmp_path / "none.md").read_text()
+    )
     for f in rep.FINDINGS:
         assert f"`{f.id}`" in md
     assert json.loads((out / "findings.json").read_text()) == data
@@ -114,6 +139,7 @@ def test_second_run_reuses_finished_comparisons(reproduced: Any) -> None:
     events: list[dict[str, Any]] = []
     again = rep.run(comparisons, out, on_event=events.append, executor=InlineExecutor())
     assert not [e for e in events if e["event"] == "train_start"]
+    assert {"event": "message", "text": "arithmetic/rl: finished earlier, reused"} in events
     assert again["findings"] == data["findings"]
 
 
@@ -124,6 +150,7 @@ def test_plan_and_estimate(root: Path, run_cli: Any) -> None:
         "legal/methods" in keys
         and "systems/healed-methods" in keys
         and "legal-then-systems/continual" in keys
+        and "arithmetic/rl" in keys
     )
     assert rep.estimate_s(comparisons) > 0
     code, out, _ = run_cli(

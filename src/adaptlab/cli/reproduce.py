@@ -29,7 +29,7 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 )
 @click.option(
     "--studies",
-    help="Comma list (default all): methods,lr,targets,batch,rank,data-size,regime,continual,healed.",
+    help="Comma list (default all): methods,lr,targets,batch,rank,data-size,regime,continual,healed,rl.",
 )
 @click.option("--domains", help="Comma list of shipped domains (default legal,systems).")
 @click.option("--tokens", type=int, default=8192, show_default=True, help="Budget per arm in tokens.")
@@ -81,6 +81,8 @@ def reproduce_command(
     def on_event(e: dict[str, Any]) -> None:
         if e["event"] == "comparison":
             printer.echo(f"comparison {e['key']}")
+        elif e["event"] == "message":
+            printer.echo(e["text"])
         printer(e)
 
     with stop_on_sigterm():
