@@ -15,12 +15,14 @@ skips it.
 
 - adaptlab: `adaptlab.train.train` itself (data packing, the loop, the summary), its per-step
   tokens_per_s from metrics.jsonl and peak_mem_bytes from summary.json.
+- adaptlab+compile (with --compile): the same with `train.compile` (each decoder layer under
+  torch.compile); its warm-up step includes the compilation.
 - reference: AutoModelForCausalLM (+ peft get_peft_model; QLoRA through transformers'
   BitsAndBytesConfig), `model(input_ids, labels=...)` loss, torch AdamW, the same token blocks.
 
 Prints a table and writes bench/results/train_step.json.
 
-    python bench/train_step.py [--quick] [--steps N] [--only lora,qlora] [--precisions fp32,bf16] [--profile]
+    python bench/train_step.py [--quick] [--steps N] [--only lora,qlora] [--precisions fp32,bf16] [--profile] [--compile]
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def _lr(method: str) -> float:
 
 
 def run_adaptlab(
-    method: str, precision: str, batch: int, seq_len: int, steps: int, tmp: Path
+    method: str, precision: str, batch: int, seq_len: int, steps: int, tmp: Path, compile: bool = False
 ) -> dict[str, Any]:
     from adaptlab.config import build_config
     from adaptlab.train import train
@@ -83,6 +85,7 @@ def run_adaptlab(
                 "precision": precision,
                 "lr": _lr(method),
                 "warmup": 0.0,
+                "compile": compile,
             },
             "out": str(tmp / "run"),
         }
@@ -201,8 +204,11 @@ def run_reference(
 
 def one(loop: str, method: str, precision: str, batch: int, seq_len: int, steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        fn = run_adaptlab if loop == "adaptlab" else run_reference
-        return fn(method, precision, batch, seq_len, steps, Path(tmp))
+        if loop == "reference":
+            return run_reference(method, precision, batch, seq_len, steps, Path(tmp))
+        return run_adaptlab(
+            method, precision, batch, seq_len, steps, Path(tmp), compile=loop.endswith("compile")
+        )
 
 
 LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # glibc: freed blocks >= 64 KiB are unmapped at once
@@ -246,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also print a torch.profiler table of one adaptlab step per config",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="also run adaptlab with train.compile (adaptlab+compile)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -265,9 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     rows = []
+    loops = (*LOOPS, "adaptlab+compile") if args.compile else LOOPS
     live = args.live and not torch.cuda.is_available()  # CUDA's peak allocated is live memory already
     header = (
-        f"{'method':<6} {'prec':<5} {'loop':<10} {'tokens/s':>9} {'step s':>7} {'peak MB':>8} "
+        f"{'method':<6} {'prec':<5} {'loop':<16} {'tokens/s':>9} {'step s':>7} {'peak MB':>8} "
         f"{'live MB':>8} {'speed':>6} {'mem':>6}"
     )
     print(
@@ -275,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for precision in args.precisions.split(","):
         for method in args.only.split(","):
-            results = {loop: _in_subprocess(loop, method, precision, args) for loop in LOOPS}
-            for loop in LOOPS if live else ():
+            results = {loop: _in_subprocess(loop, method, precision, args) for loop in loops}
+            for loop in loops if live else ():
                 again = _in_subprocess(loop, method, precision, args, env=LIVE_ENV)
                 if "error" not in again and "error" not in results[loop]:
                     results[loop]["live_peak_mem_bytes"] = again["peak_mem_bytes"]
@@ -286,16 +296,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"profile of one adaptlab step, {method} {precision}:\n{results['adaptlab']['profile']}"
                 )
-            ref, ours = results["reference"], results["adaptlab"]
-            for loop in LOOPS:
+            ref = results["reference"]
+            for loop in loops:
                 r = results[loop]
                 row = {"method": method, "precision": precision, "loop": loop, **r}
-                if loop == "adaptlab" and "error" not in ref and "error" not in ours:
-                    row["speed_ratio"] = ours["tokens_per_s"] / ref["tokens_per_s"]
-                    row["mem_ratio"] = ours["peak_mem_bytes"] / ref["peak_mem_bytes"]
+                if loop != "reference" and "error" not in ref and "error" not in r:
+                    row["speed_ratio"] = r["tokens_per_s"] / ref["tokens_per_s"]
+                    row["mem_ratio"] = r["peak_mem_bytes"] / ref["peak_mem_bytes"]
                 rows.append(row)
                 if "error" in r:
-                    print(f"{method:<6} {precision:<5} {loop:<10} error: {r['error']}")
+                    print(f"{method:<6} {precision:<5} {loop:<16} error: {r['error']}")
                     continue
                 ratios = (
                     f"{row['speed_ratio']:>6.2f} {row['mem_ratio']:>6.2f}"
@@ -306,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['live_peak_mem_bytes'] / 2**20:>8.0f}" if "live_peak_mem_bytes" in r else f"{'-':>8}"
                 )
                 print(
-                    f"{method:<6} {precision:<5} {loop:<10} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.2f} "
+                    f"{method:<6} {precision:<5} {loop:<16} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.2f} "
                     f"{r['peak_mem_bytes'] / 2**20:>8.0f} {live_mb} {ratios}",
                     flush=True,
                 )

@@ -141,6 +141,8 @@ class StepSpec(_Spec):
     precision: Precision = "auto"
     """auto: bf16 autocast (fp32 master weights) on CUDA and CPUs with native bf16, else fp32."""
     grad_checkpointing: bool = False
+    compile: bool = False
+    """torch.compile each decoder layer (compile.py); off by default until measured to help (README)."""
     eval_examples: int = Field(32, gt=0)
     """Validation blocks scored at each evaluation."""
 

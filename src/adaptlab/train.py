@@ -112,6 +112,10 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if strategy != "fsdp":
         model.to(device)
+    if config.train.compile:
+        from adaptlab.compiling import compile_layers
+
+        compile_layers(model, device)
     model.train()
     report = param_report(model)
     model = dist.wrap(model, strategy, device, precision)

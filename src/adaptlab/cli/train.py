@@ -47,7 +47,8 @@ FLAG_FIELDS: dict[str, dict[str, str]] = {
         "seed",
         "precision",
         "grad_checkpointing",
-    ),
+    )
+    | {"compile": "compile_"},
     "objective": {
         "task": "task",
         "beta": "beta",
@@ -108,6 +109,12 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option("--seed", type=int)
 @click.option("--precision", type=click.Choice(PRECISIONS), help="auto | fp32 | bf16 (default auto).")
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=None)
+@click.option(
+    "--compile/--no-compile",
+    "compile_",
+    default=None,
+    help="torch.compile each decoder layer (first steps slower while it compiles; see the README's figures).",
+)
 @click.option("--task", type=click.Choice(TASKS), help="What a step minimises: sft (default) | dpo | grpo.")
 @click.option("--beta", type=float, help="DPO: beta, the strength of the KL to the reference (default 0.1).")
 @click.option("--dpo-loss", type=click.Choice(DPO_LOSSES), help="DPO loss: sigmoid (default) | ipo.")
@@ -180,7 +187,7 @@ def train_command(
         if resume:
             given = {k: v for k, v in flags.items() if v not in (None, ()) and k not in RESUME_FLAGS}
             if given or config_path:
-                names = ", ".join(f"--{k.replace('_', '-')}" for k in given) or "--config"
+                names = ", ".join(f"--{k.rstrip('_').replace('_', '-')}" for k in given) or "--config"
                 raise UserError(f"--resume takes the run's own config; only --lr may change: drop {names}")
         if nproc is not None:
             _launch(ctx, nproc, parallel, config, resume)
