@@ -345,3 +345,17 @@ def test_progress_bar_prints_each_objectives_validation_row(capsys) -> None:
     progress.on_log({"step": 2, "loss": 1.0, "tokens_per_s": 10.0})
     err = capsys.readouterr().err
     assert "step 1: task acc 0.2500" in err and "step 1: val loss 2.5000" in err
+
+
+def test_progress_off_a_terminal_is_whole_lines(capsys) -> None:
+    """Redirected stderr gets one ended line per logged step, so a later writer's line starts on its own."""
+    from adaptlab.cli.train import _Progress
+
+    progress = _Progress(quiet=False)
+    progress.total = 4
+    progress.on_log({"step": 2, "loss": 1.5, "tokens_per_s": 10.0})
+    progress.on_log({"step": 2, "tokens": 64, "split": "val", "val_loss": 2.5})
+    assert capsys.readouterr().err.splitlines() == [
+        "step 2/4: loss 1.5000  10 tok/s",
+        "step 2: val loss 2.5000",
+    ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import click
@@ -296,12 +297,17 @@ VAL_ROW_KEYS = ("step", "tokens", "split")
 
 
 class _Progress:
-    """A rich progress bar on stderr: step, loss, tokens/s, ETA."""
+    """Training progress on stderr: a rich bar (step, loss, tokens/s, ETA) on a terminal, whole lines otherwise.
+
+    Redirected to a file or a pipe, a bar's redraws would be a line never ended: a process stopped
+    mid-run would leave it open and the next writer's line (a launcher's error) would start inside it.
+    """
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.bar: Any = None
         self.task: Any = None
+        self.total = 0
 
     def on_start(self, setup: Any) -> None:
         c = setup.config
@@ -311,7 +317,8 @@ class _Progress:
             f"lr {c.resolved_lr():g}, {setup.precision} on {setup.device}",
             err=True,
         )
-        if not self.quiet:
+        self.total = setup.total_steps
+        if not self.quiet and sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -327,14 +334,23 @@ class _Progress:
             self.task = self.bar.add_task("train", total=setup.total_steps, info="")
 
     def on_log(self, row: dict[str, Any]) -> None:
-        if self.bar is None:
+        if self.quiet:
             return
         if row.get("split") == "val":  # the objective's validation figures: val_loss, task_acc, ...
             figures = (f"{k.replace('_', ' ')} {v:.4f}" for k, v in row.items() if k not in VAL_ROW_KEYS)
-            self.bar.console.print(f"step {row['step']}: {', '.join(figures)}")
+            self._line(f"step {row['step']}: {', '.join(figures)}")
             return
         info = f"loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s"
-        self.bar.update(self.task, completed=row["step"], info=info)
+        if self.bar is None:
+            self._line(f"step {row['step']}/{self.total}: {info}")
+        else:
+            self.bar.update(self.task, completed=row["step"], info=info)
+
+    def _line(self, text: str) -> None:
+        if self.bar is None:
+            click.echo(text, err=True)
+        else:
+            self.bar.console.print(text)
 
     def run(self, fn: Any) -> Any:
         try:
