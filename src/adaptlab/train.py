@@ -41,6 +41,7 @@ from adaptlab import outputs
 from adaptlab.checkpoint import LogFn, RankWriter, RunWriter, restore
 from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, check_against_model, load_config
 from adaptlab.errors import UserError
+from adaptlab.fused import fuse_mlps
 from adaptlab.hardware import autocast, choose_precision, mem_bytes, peak_mem_bytes, pick_device, reset_peak
 from adaptlab.health import Health, advice
 from adaptlab.methods import ParamReport, apply_method, param_report, trainable_parameters
@@ -108,6 +109,7 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
         from adaptlab import init_from
 
         model = init_from.load_into(model, config)
+    fuse_mlps(model)  # bit-identical to the plain MLP, one (tokens x intermediate) tensor less per block
     if config.train.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if strategy != "fsdp":

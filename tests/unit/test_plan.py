@@ -10,6 +10,7 @@ from transformers import LlamaConfig
 
 from adaptlab.config import MethodSpec
 from adaptlab.errors import UserError
+from adaptlab.fused import fuse_mlps
 from adaptlab.methods import apply_method, param_report
 from adaptlab.models import load_tokenizer
 from adaptlab.plan import estimate, parse_memory
@@ -81,26 +82,27 @@ def test_memory_breakdown_hand_computed():
     assert (arch.total_params, arch.linear_params, arch.q_dim, arch.kv_dim) == (1624, 576, 8, 4)
     gpu_fp32 = Shape(batch=2, seq_len=4, precision="fp32", device_type="cuda")
     lora = Arm("lora", 2, ("q_proj", "v_proj"))
-    # norms 2*4*8 + sdpa 4*(2*8+2*4) + mlp 3*4*16 + q/v input (aliases the fp32 norm output) 4*8 + A out 4*2*2
-    assert layer_activation_bytes(arch, lora, "fp32") == 64 + 96 + 192 + 32 + 16
+    assert arch.fused_mlp  # a Llama MLP: gate and up outputs saved, not the SiLU's (adaptlab.fused)
+    # norms 2*4*8 + sdpa 4*(2*8+2*4) + mlp 2*4*16 + q/v input (aliases the fp32 norm output) 4*8 + A out 4*2*2
+    assert layer_activation_bytes(arch, lora, "fp32") == 64 + 96 + 128 + 32 + 16
     mem = memory_breakdown(arch, lora, gpu_fp32, runtime_bytes=1000)
     assert mem["weights"] == 4 * 1624 and mem["gradients"] == 4 * 56 and mem["optimizer"] == 8 * 56
-    assert mem["activations"] == 400 * 8 + 4 * 8 * 8  # + the final norm's input
+    assert mem["activations"] == 336 * 8 + 4 * 8 * 8  # + the final norm's input
     # the chunked loss: one chunk of fp32 logits (all 8 tokens fit one) + the hidden states' gradient
     assert mem["logits"] == 8 * 128 * 4 + 4 * 8 * 8
-    assert mem["peak"] == 1000 + 6496 + 448 + 3456 + 4352
+    assert mem["peak"] == 1000 + 6496 + 448 + 2944 + 4352
     full = memory_breakdown(arch, Arm("full"), gpu_fp32, runtime_bytes=1000)
-    # norms with trainable weights 128 + sdpa 96 + mlp 192 + two norm outputs 64 + down input 64;
+    # norms with trainable weights 128 + sdpa 96 + mlp 128 + two norm outputs 64 + down input 64;
     # final norm input, output and head input 3*4*8; the head's gradient 4*128*8 arrives early
-    assert full["activations"] == 544 * 8 + 96 * 8
-    assert full["peak"] == 1000 + 6496 + 12992 + 5120 + 4352 + 4096
+    assert full["activations"] == 480 * 8 + 96 * 8
+    assert full["peak"] == 1000 + 6496 + 12992 + 4608 + 4352 + 4096
     bf16 = memory_breakdown(arch, Arm("full"), Shape(2, 4, precision="bf16", device_type="cuda"), 0)
     assert bf16["weight_copies"] == 2 * (576 + 1024)
-    assert bf16["activations"] == (128 + 48 + 96 + 2 * (5 * 8 + 16)) * 8 + (32 + 32 + 16) * 8
+    assert bf16["activations"] == (128 + 48 + 64 + 2 * (5 * 8 + 16)) * 8 + (32 + 32 + 16) * 8
     ckpt = memory_breakdown(
         arch, lora, Shape(2, 4, precision="fp32", grad_checkpointing=True, device_type="cuda"), 0
     )
-    assert ckpt["activations"] == 4 * 8 * 8 + 400 * 8 + 4 * 8 * 8
+    assert ckpt["activations"] == 4 * 8 * 8 + 336 * 8 + 4 * 8 * 8
     qlora = memory_breakdown(arch, Arm("qlora", 2, ("q_proj", "v_proj")), gpu_fp32, 0)
     assert qlora["weights"] == round(576 * (0.5 + 0.127 / 8)) + 4 * (1624 - 576)
 
@@ -114,7 +116,7 @@ def test_step_time_hand_computed():
     tokens = 16
     attn = 2 * 4 * 8  # QK^T and AV of one layer, causal half, per token
     assert t["matmul_s"] == pytest.approx((6 * n + 3 * attn) * tokens / (estimate.MATMUL_EFFICIENCY * 1e9))
-    traffic = estimate.ACTIVATION_PASSES * 544 * tokens + estimate.LOGIT_PASSES * 4 * 128 * tokens
+    traffic = estimate.ACTIVATION_PASSES * 480 * tokens + estimate.LOGIT_PASSES * 4 * 128 * tokens
     assert t["elementwise_s"] == pytest.approx(traffic / 1e9)
     assert t["optimizer_s"] == pytest.approx(28 * 1624 / 1e9)
     assert t["overhead_s"] == pytest.approx(2 * estimate.MICRO_BATCH_OVERHEAD_S)
@@ -123,7 +125,7 @@ def test_step_time_hand_computed():
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_activation_formula_matches_autograd(method):
-    """The per-layer count equals the bytes autograd really saves (fp32, sdpa) within 10%."""
+    """The per-layer count equals the bytes autograd really saves in training (fp32, sdpa) within 10%."""
     from transformers import AutoModelForCausalLM
 
     cfg = LlamaConfig(
@@ -140,6 +142,7 @@ def test_activation_formula_matches_autograd(method):
     arch = arch_from_config(cfg)
     arm = Arm("full") if method == "full" else Arm("lora", 4, ALL)
     model = apply_method(model, MethodSpec(method=method, rank=4))
+    fuse_mlps(model)  # as training does
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from adaptlab.errors import UserError
+from adaptlab.fused import is_standard_mlp
 from adaptlab.methods import linear_modules, resolve_targets
 
 # Where each Linear's input comes from in a Llama-style block; decides which saved inputs alias.
@@ -43,6 +44,7 @@ class Arch:
     norm_params: int  # everything that is neither a Linear nor an embedding
     linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (in, out), no lm_head
     max_positions: int | None = None  # max_position_embeddings: the longest sequence the model takes
+    fused_mlp: bool = False  # its MLPs take adaptlab.fused's SwiGLU in training (saves one tensor less)
 
     @property
     def linear_params(self) -> int:
@@ -156,6 +158,7 @@ def arch_from_config(config: Any, spec: str = "") -> Arch:
         norm_params=norm,
         linear_shapes=shapes,
         max_positions=_cfg(text, "max_position_embeddings", "n_positions", default=None),
+        fused_mlp=any(is_standard_mlp(m) for m in model.modules()),
     )
 
 
