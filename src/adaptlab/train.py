@@ -109,7 +109,8 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
         from adaptlab import init_from
 
         model = init_from.load_into(model, config)
-    fuse_mlps(model)  # bit-identical to the plain MLP, one (tokens x intermediate) tensor less per block
+    # bit-identical to the plain MLP, two (tokens x intermediate) tensors less per block
+    fuse_mlps(model, recompute_product=not (config.train.grad_checkpointing or config.train.compile))
     if config.train.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if strategy != "fsdp":

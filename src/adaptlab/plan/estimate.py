@@ -99,9 +99,9 @@ def layer_activation_bytes(arch: Arch, arm: Arm, precision: str) -> int:
 
     Residual stream and RMSNorm math are fp32; under bf16 autocast every Linear casts its fp32 input
     to its own bf16 copy. Saved: each norm's input (and its output when norm weights train), the
-    attention kernel's q, k, v and output, the MLP's gate and up outputs (and the SiLU output where
-    the MLP is not fused, adaptlab.fused), and the input of every Linear whose weight (or LoRA A)
-    needs a gradient, plus the LoRA A output (r values).
+    attention kernel's q, k, v and output, the MLP's gate and up outputs, and the input of every
+    Linear whose weight (or LoRA A) needs a gradient, plus the LoRA A output (r values). An MLP that
+    is not fused (adaptlab.fused) also keeps its SiLU output and its product.
     """
     b = 2 if precision == "bf16" else 4
     h, q, kv, inter = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate
@@ -111,6 +111,8 @@ def layer_activation_bytes(arch: Arch, arm: Arm, precision: str) -> int:
     total += (2 if arch.fused_mlp else 3) * b * inter  # gate out, up out (and SiLU out unless fused)
     grads = set(arch.short_names()) if full else set(arm.targets)
     inputs = {name: (arch.per_layer(name) or (h, h))[0] for name in grads}
+    if arch.fused_mlp:
+        inputs.pop("down_proj", None)  # the MLP product is rebuilt in backward (adaptlab.fused)
     if b == 2:
         for name, n_in in inputs.items():
             if full and name == "o_proj":
