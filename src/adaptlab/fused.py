@@ -67,11 +67,12 @@ def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _product_hooks(product: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[Any, Any]:
     """Saved-tensor hooks that keep `product` (or a view of it) as a recipe over gate and up."""
-    storage = product.untyped_storage().data_ptr()
+    # the graph keeps these hooks: they must not hold the product itself
+    storage, dtype = product.untyped_storage().data_ptr(), product.dtype
     gate, up = gate.detach(), up.detach()  # saved by SwiGLU already: no extra memory
 
     def pack(t: torch.Tensor) -> Any:
-        if t.untyped_storage().data_ptr() == storage and t.dtype == product.dtype:
+        if t.untyped_storage().data_ptr() == storage and t.dtype == dtype:
             return (gate, up, t.shape, t.stride(), t.storage_offset())
         return t
 

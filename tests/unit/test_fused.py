@@ -109,6 +109,35 @@ def test_fused_mlp_saves_fewer_intermediate_tensors(method: str, recompute_produ
     assert less == fewer * tokens * inter * 4 + unseen
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_the_graph_does_not_keep_the_product(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counting saved tensors is not enough: nothing the graph holds (hooks included) may keep the product."""
+    import gc
+    import weakref
+
+    from adaptlab import fused
+
+    products: list[weakref.ref[torch.Tensor]] = []
+
+    def recording(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        out = swiglu(gate, up)
+        products.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(fused, "swiglu", recording)
+    base = load_model("tiny-random").model
+    model = apply_method(base, MethodSpec(method=method, rank=4), base_name="tiny-random", seed=0)
+    mlp = next(m for m in model.modules() if is_standard_mlp(m))
+    fuse_mlps(mlp)
+    x = torch.randn(1, 40, mlp.up_proj.in_features, requires_grad=True)
+    out = mlp(x)
+    gc.collect()
+    assert out.grad_fn is not None and len(products) == 1
+    assert products[0]() is None
+    out.sum().backward()  # and the rebuilt product serves the backward
+    assert x.grad is not None
+
+
 class _GeluMLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
