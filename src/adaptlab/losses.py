@@ -91,6 +91,17 @@ def _mm_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
 
 
+def exp_shifted_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place, logits (n, V) become exp(logits - row max); returns (row log-sum-exp, row sums).
+
+    torch.logsumexp would hold two more (n, V) temporaries (the shifted logits and their exp): three
+    chunks of logits at the loss's peak instead of one. Dividing the result by the sums gives the softmax.
+    """
+    top = logits.amax(dim=-1, keepdim=True)
+    sums = logits.sub_(top).exp_().sum(dim=-1)
+    return top.squeeze(-1) + sums.log(), sums
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of (hidden @ weight.T + bias) against labels, chunked over tokens.
 
@@ -121,12 +132,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                 h = hidden[lo : lo + chunk].to(dtype)  # (n, H)
                 y = labels[lo : lo + chunk]
                 logits = F.linear(h, w, b).float()  # (n, V) fp32
-                lse = torch.logsumexp(logits, dim=-1)
                 rows = torch.arange(h.shape[0], device=h.device)
-                loss += (lse - logits[rows, y]).sum()
+                target = logits[rows, y]
+                lse, sums = exp_shifted_(logits)
+                loss += (lse - target).sum()
                 if not (need_h or need_w or need_b):
                     continue
-                d = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                d = logits.div_(sums[:, None])  # softmax, in place of the logits
                 d[rows, y] -= 1.0  # d loss / d logits
                 if need_h:
                     grad_h[lo : lo + chunk] = (d.to(dtype) @ w).to(hidden.dtype)
@@ -236,8 +248,8 @@ def token_nll(hidden: torch.Tensor, head_fn: HeadFn, targets: torch.Tensor) -> t
     chunk = chunk_tokens(getattr(output_vocab(head_fn), "out_features", 65536))
     for lo in range(0, h.shape[0], chunk):
         logits = head_fn(h[lo : lo + chunk]).float()  # (n, V)
-        yc = y[lo : lo + chunk]
-        nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, yc[:, None]).squeeze(1)
+        target = logits.gather(1, y[lo : lo + chunk, None]).squeeze(1)
+        nll = exp_shifted_(logits)[0] - target
         out.index_copy_(0, valid[lo : lo + chunk], nll)
     return out.view(targets.shape)
 

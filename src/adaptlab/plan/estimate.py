@@ -94,24 +94,26 @@ def trainable_params(arch: Arch, arm: Arm) -> int:
     return arch.lora_params(arm.rank, list(arm.targets), dora=arm.method == "dora")
 
 
-def layer_activation_bytes(arch: Arch, arm: Arm, precision: str) -> int:
+def layer_activation_bytes(arch: Arch, arm: Arm, precision: str, fused: bool | None = None) -> int:
     """Bytes autograd saves per token in one Llama-style block (counted from the saved tensors).
 
     Residual stream and RMSNorm math are fp32; under bf16 autocast every Linear casts its fp32 input
     to its own bf16 copy. Saved: each norm's input (and its output when norm weights train), the
     attention kernel's q, k, v and output, the MLP's gate and up outputs, and the input of every
     Linear whose weight (or LoRA A) needs a gradient, plus the LoRA A output (r values). An MLP that
-    is not fused (adaptlab.fused) also keeps its SiLU output and its product.
+    is not fused (adaptlab.fused) also keeps its SiLU output and its product; `fused` defaults to
+    whether training fuses this architecture's MLP.
     """
+    fused = arch.fused_mlp if fused is None else fused
     b = 2 if precision == "bf16" else 4
     h, q, kv, inter = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate
     full = arm.method == "full"
     total = 2 * FP32 * h + (2 * FP32 * h if full else 0)  # two norms
     total += b * (2 * q + 2 * kv)  # sdpa: q, k, v, output (= o_proj input)
-    total += (2 if arch.fused_mlp else 3) * b * inter  # gate out, up out (and SiLU out unless fused)
+    total += (2 if fused else 3) * b * inter  # gate out, up out (and SiLU out unless fused)
     grads = set(arch.short_names()) if full else set(arm.targets)
     inputs = {name: (arch.per_layer(name) or (h, h))[0] for name in grads}
-    if arch.fused_mlp:
+    if fused:
         inputs.pop("down_proj", None)  # the MLP product is rebuilt in backward (adaptlab.fused)
     if b == 2:
         for name, n_in in inputs.items():
@@ -173,6 +175,10 @@ def memory_breakdown(
     acts_full = per_layer * tokens * arch.n_layers + edge
     acts_ckpt = FP32 * arch.hidden * tokens * arch.n_layers + per_layer * tokens + edge
     activations = acts_ckpt if shape.grad_checkpointing else acts_full
+    # The heap's slack follows the blocks a step allocates and frees, which fusing the MLP leaves as
+    # they were (it still computes the SiLU output and the product; it keeps fewer of them).
+    unfused_extra = layer_activation_bytes(arch, arm, shape.precision, fused=False) - per_layer
+    churn = activations + unfused_extra * tokens * (1 if shape.grad_checkpointing else arch.n_layers)
     logits = loss_bytes(arch, shape)
     head = arch.vocab * arch.hidden
     layer_linear = arch.linear_params // max(arch.n_layers, 1)
@@ -193,7 +199,9 @@ def memory_breakdown(
     # QLoRA releases the mapped checkpoint once its Linears are 4-bit (quantize.py)
     loading = round(CPU_LOAD_RESIDUAL * FP32 * arch.total_params) if cpu and arm.method != "qlora" else 0
     static = runtime + loading + (data_bytes if cpu else 0) + weights
-    dynamic = round(slack * (weight_copies + activations)) + logits + early_grads
+    dynamic = (
+        weight_copies + activations + round((slack - 1) * (weight_copies + churn)) + logits + early_grads
+    )
     if cpu and arm.method == "qlora":
         dynamic += round(CPU_QLORA_DEQUANT_RESIDUAL * FP32 * arch.linear_params)
     forward_peak = static + optimizer + dynamic
