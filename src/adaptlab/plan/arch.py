@@ -44,7 +44,7 @@ class Arch:
     norm_params: int  # everything that is neither a Linear nor an embedding
     linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (in, out), no lm_head
     max_positions: int | None = None  # max_position_embeddings: the longest sequence the model takes
-    fused_mlp: bool = False  # its MLPs take adaptlab.fused's SwiGLU in training (saves one tensor less)
+    fused_mlp: bool = False  # training fuses its MLPs (adaptlab.fused: two saved tensors, not four)
 
     @property
     def linear_params(self) -> int:
