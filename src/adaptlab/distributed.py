@@ -187,11 +187,7 @@ def micro_batches(indices: list[int], batch: int) -> list[list[int]]:
 
 def all_reduce_sum(value: float | int, device: torch.device) -> float:
     """The sum of `value` over every rank (the value itself in one process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return float(t.item())
+    return float(all_reduce_tensor(torch.tensor([float(value)], dtype=torch.float64), device).item())
 
 
 def all_reduce_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
