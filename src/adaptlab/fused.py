@@ -21,6 +21,7 @@ saved-tensor hooks) and torch.compile (which makes its own recomputation choices
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from typing import Any
@@ -92,8 +93,14 @@ def is_standard_mlp(module: nn.Module) -> bool:
         return False
     if not isinstance(module.act_fn, nn.SiLU) and type(module.act_fn).__name__ != "SiLUActivation":
         return False
+    return _has_standard_forward(type(module))
+
+
+@functools.cache
+def _has_standard_forward(cls: type) -> bool:
+    """Whether `cls.forward`'s source, whitespace removed, contains STANDARD_FORWARD (read once per class)."""
     try:
-        source = inspect.getsource(type(module).forward)
+        source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
     return STANDARD_FORWARD in "".join(source.split())
