@@ -136,19 +136,20 @@ class LinearCrossEntropy(torch.autograd.Function):
                 target = logits[rows, y]
                 lse, sums = exp_shifted_(logits)
                 loss += (lse - target).sum()
-                if not (need_h or need_w or need_b):
-                    continue
-                d = logits.div_(sums[:, None])  # softmax, in place of the logits
-                d[rows, y] -= 1.0  # d loss / d logits
-                if need_h:
-                    grad_h[lo : lo + chunk] = (d.to(dtype) @ w).to(hidden.dtype)
-                if need_w:
-                    if dtype == torch.float32:
-                        grad_w.addmm_(d.t(), h)
-                    else:  # (V, H) in the matmul dtype, summed in fp32
-                        grad_w.add_(d.to(dtype).t() @ h)
-                if need_b:
-                    grad_b.add_(d.sum(0))
+                if need_h or need_w or need_b:
+                    d = logits.div_(sums[:, None])  # softmax, in place of the logits
+                    d[rows, y] -= 1.0  # d loss / d logits
+                    if need_h:
+                        grad_h[lo : lo + chunk] = (d.to(dtype) @ w).to(hidden.dtype)
+                    if need_w:
+                        if dtype == torch.float32:
+                            grad_w.addmm_(d.t(), h)
+                        else:  # (V, H) in the matmul dtype, summed in fp32
+                            grad_w.add_(d.to(dtype).t() @ h)
+                    if need_b:
+                        grad_b.add_(d.sum(0))
+                    del d
+                del logits  # freed before the next chunk's logits exist: one chunk alive, not two
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         ctx.want = want_grads
@@ -251,6 +252,7 @@ def token_nll(hidden: torch.Tensor, head_fn: HeadFn, targets: torch.Tensor) -> t
         target = logits.gather(1, y[lo : lo + chunk, None]).squeeze(1)
         nll = exp_shifted_(logits)[0] - target
         out.index_copy_(0, valid[lo : lo + chunk], nll)
+        del logits  # one chunk alive, not two
     return out.view(targets.shape)
 
 

@@ -8,6 +8,7 @@ rounded to bf16 before the fp32 softmax on both sides, but chunking changes the 
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -133,3 +134,50 @@ def test_hidden_states_give_the_logits_through_the_head(tiny):
         assert torch.allclose(head(hidden[:, :5]), logits[:, :5], atol=1e-5)
     # the head is itself again afterwards
     assert model(input_ids=batch["input_ids"][:, :4]).logits.shape[-1] == model.config.vocab_size
+
+
+class _LiveLogits(torch.utils._python_dispatch.TorchDispatchMode):
+    """Most tensors of at least `numel` elements alive at once while the mode is on: fresh storages
+    only, not views or in-place results of an op's inputs."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.live, self.most = numel, set(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            a.untyped_storage().data_ptr()
+            for a in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(a, torch.Tensor)
+        }
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() >= self.numel:
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in inputs and ptr not in self.live:
+                    self.live.add(ptr)
+                    weakref.finalize(t, self.live.discard, ptr)
+                    self.most = max(self.most, len(self.live))
+        return out
+
+
+@pytest.mark.parametrize("want", [(True, False, False), (True, True, False), (False, False, False)])
+def test_one_chunk_of_logits_alive_at_a_time(want):
+    hidden, vocab, chunk = 64, 4096, 32
+    h = torch.randn(5 * chunk, hidden, requires_grad=want[0])
+    w = torch.randn(vocab, hidden, requires_grad=want[1])
+    y = torch.randint(0, vocab, (5 * chunk,))
+    with _LiveLogits(chunk * vocab // 2) as mode:
+        losses.LinearCrossEntropy.apply(h, w, None, y, chunk, want)
+    assert mode.most == 1 + want[1]  # the chunk, and the head's (vocab x hidden) gradient when it trains
+
+
+def test_token_nll_keeps_one_chunk_of_logits(tiny):
+    model = tiny.model
+    head = model.get_output_embeddings()
+    chunk = losses.chunk_tokens(head.out_features)
+    hidden = torch.randn(3 * chunk, head.in_features)
+    targets = torch.randint(0, head.out_features, (3 * chunk,))
+    with torch.no_grad(), _LiveLogits(chunk * head.out_features // 2) as mode:
+        losses.token_nll(hidden, head, targets)
+    assert mode.most == 1

@@ -144,6 +144,7 @@ def kl_chunked(
         out[lo : lo + chunk] = kl_per_position(b, t)
         if out_rev is not None:
             out_rev[lo : lo + chunk] = kl_per_position(t, b)
+        del b, t  # this chunk's logits go before the next chunk's exist
     return out, out_rev
 
 
