@@ -10,6 +10,7 @@ within +-15%, time within +-30%.
     python bench/plan_accuracy.py --shapes 2x128,4x256 --steps 4
     python bench/plan_accuracy.py --models smollm2-135m --shapes 4x256 --precisions fp32,bf16
     python bench/plan_accuracy.py --replan bench/results/plan_accuracy.json   # today's model, recorded runs
+    python bench/plan_accuracy.py --replan FILE --remeasure   # ... and a fresh device micro-benchmark
 """
 
 from __future__ import annotations
@@ -94,23 +95,33 @@ def _summary(rows: list[dict]) -> None:
     print(f"within +-15% memory: {ok_mem}/{len(rows)}; within +-30% time: {ok_time}/{len(rows)}")
 
 
-def replan(path: Path) -> int:
-    """Re-estimate recorded runs with the current model (their own device throughput; no training); rewrite the file."""
+def replan(path: Path, remeasure: bool = False) -> int:
+    """Re-estimate recorded runs with the current model (no training); rewrite the file.
+
+    Each run keeps its own device throughput unless `remeasure`: then the micro-benchmark is taken
+    again now, once per precision and shape (for a run whose benchmark was disturbed, or a changed one).
+    """
     from adaptlab.plan.arch import load_arch, targets_for
-    from adaptlab.plan.estimate import Arm, Shape, memory_breakdown, step_time_s
-    from adaptlab.plan.measure import runtime_baseline_bytes
+    from adaptlab.plan.estimate import Arm, Shape, matmul_rate, memory_breakdown, step_time_s
+    from adaptlab.plan.measure import device_throughput, runtime_baseline_bytes
 
     recorded = json.loads(path.read_text())
     rows = recorded["rows"]
     runtime = runtime_baseline_bytes()
+    fresh: dict[tuple, dict] = {}
     for r in rows:
+        if remeasure:
+            key = (r["precision"], *r["throughput"]["shape"])
+            if key not in fresh:
+                fresh[key] = device_throughput("cpu", key[0], *key[1:], refresh=True)
+            r["throughput"] = fresh[key]
         arch = load_arch(r["model"])
         targets = tuple(targets_for(arch, "all-linear"))
         arm = Arm("full") if r["method"] == "full" else Arm(r["method"], 16, targets)
         shape = Shape(r["batch"], r["seq_len"], 1, r["precision"], False, "cpu")
         mem = memory_breakdown(arch, arm, shape, runtime, r["planned_memory"]["data"])["peak"]
         rate = r["throughput"]
-        step = step_time_s(arch, arm, shape, rate["matmul_flops_per_s"], rate["mem_bytes_per_s"])["step_s"]
+        step = step_time_s(arch, arm, shape, matmul_rate(rate, arm), rate["mem_bytes_per_s"])["step_s"]
         r.update(
             planned_peak_mem_bytes=mem,
             mem_error=mem / r["measured_peak_mem_bytes"] - 1,
@@ -138,9 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--replan", type=Path, help="re-estimate the runs recorded in this JSON, train nothing"
     )
+    parser.add_argument(
+        "--remeasure", action="store_true", help="with --replan: take the device micro-benchmark again now"
+    )
     args = parser.parse_args(argv)
     if args.replan:
-        return replan(args.replan)
+        return replan(args.replan, args.remeasure)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from adaptlab.plan import plan
 

@@ -181,3 +181,20 @@ def test_token_nll_keeps_one_chunk_of_logits(tiny):
     with torch.no_grad(), _LiveLogits(chunk * head.out_features // 2) as mode:
         losses.token_nll(hidden, head, targets)
     assert mode.most == 1
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_bf16_step_saves_every_linear_copy_but_not_the_heads(tiny, method):
+    """What `adaptlab plan` counts under bf16 autocast: each Linear's bf16 weight is saved for backward,
+    the tied head's is cast inside the loss and gone when it returns."""
+    model = build(tiny, method)
+    batch = make_batch(model.config.vocab_size)
+    head = model.get_output_embeddings().weight
+    linears = {tuple(m.weight.shape) for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))}
+    saved = []
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)
+    with hooks, torch.autocast("cpu", dtype=torch.bfloat16):
+        losses.token_loss_sum(model, batch)
+    bf16 = {tuple(t.shape) for t in saved if t.dtype == torch.bfloat16}
+    assert linears <= bf16
+    assert tuple(head.shape) not in bf16

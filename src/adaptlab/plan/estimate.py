@@ -19,6 +19,7 @@ not been checked on a GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from adaptlab.config import is_lora
 from adaptlab.plan.arch import ATTN_IN, MLP_IN, Arch
@@ -185,8 +186,8 @@ def memory_breakdown(
     if b == 2:
         if arm.method == "qlora" or shape.grad_checkpointing:
             weight_copies = 2 * (layer_linear + head)  # one block's bf16 weights at a time
-        else:
-            weight_copies = 2 * arch.matmul_params
+        else:  # every Linear's bf16 copy, saved for backward; the loss casts the head per call
+            weight_copies = 2 * arch.linear_params
     else:
         weight_copies = 2 * layer_linear if arm.method == "qlora" else 0
     gradients = FP32 * n_train
@@ -241,6 +242,14 @@ def flops_per_token(arch: Arch, arm: Arm, seq_len: int, grad_checkpointing: bool
     if grad_checkpointing:
         f += 2.0 * n + attn_fwd
     return f
+
+
+def matmul_rate(rate: dict[str, Any], arm: Arm) -> float:
+    """The measured matmul FLOP/s that fits the arm's step: a trained Linear's (full fine-tuning) or a
+    frozen one's, forward and input gradient only (the LoRA family; their adapters are a few percent)."""
+    if arm.method != "full" and "frozen_matmul_flops_per_s" in rate:
+        return float(rate["frozen_matmul_flops_per_s"])
+    return float(rate["matmul_flops_per_s"])
 
 
 def step_time_s(
@@ -308,7 +317,7 @@ def generation_time_s(
     rows: int,
     prompt_len: int,
     new_tokens: int,
-    matmul_flops_per_s: float,
+    forward_flops_per_s: float,
     mem_bytes_per_s: float,
     precision: str = "fp32",
 ) -> float:
@@ -316,9 +325,11 @@ def generation_time_s(
     then one step per token, each 2N FLOPs per row or one read of the weights, whichever is slower
     (small batches are bound by reading the weights)."""
     n = arch.matmul_params
-    prefill = 2.0 * n * rows * prompt_len / (MATMUL_EFFICIENCY * matmul_flops_per_s)
+    prefill = 2.0 * n * rows * prompt_len / (MATMUL_EFFICIENCY * forward_flops_per_s)
     weight_bytes = (2 if precision == "bf16" else FP32) * n
-    per_token = max(2.0 * n * rows / (MATMUL_EFFICIENCY * matmul_flops_per_s), weight_bytes / mem_bytes_per_s)
+    per_token = max(
+        2.0 * n * rows / (MATMUL_EFFICIENCY * forward_flops_per_s), weight_bytes / mem_bytes_per_s
+    )
     return prefill + new_tokens * (per_token + MICRO_BATCH_OVERHEAD_S)
 
 

@@ -69,7 +69,7 @@ def add_sampling(
         rows,
         prompt_len,
         MAX_NEW_TOKENS,
-        rate["matmul_flops_per_s"],
+        rate.get("forward_flops_per_s", rate["matmul_flops_per_s"]),
         rate["mem_bytes_per_s"],
         shape.precision,
     )

@@ -4,8 +4,8 @@
   imports (torch, transformers, peft, adaptlab.train) and runs one tiny autocast backward. On CPU,
   `adaptlab train` reports peak RSS, so this floor is part of every CPU estimate.
 - `device_throughput`: a few-second micro-benchmark on the actual device at the chosen precision:
-  matmul FLOP/s at the model's MLP shape (tokens x hidden @ hidden x intermediate) and elementwise
-  memory bandwidth (bytes/s of an out-of-place add).
+  matmul FLOP/s of a training Linear (forward and both gradients) at the model's MLP shape (tokens x
+  hidden @ hidden x intermediate) and elementwise memory bandwidth (bytes/s of an out-of-place add).
 
     python -c "from adaptlab.plan.measure import *; print(device_throughput('cpu', 'fp32', 512, 576, 1536))"
 """
@@ -129,22 +129,40 @@ def _time(fn: Any, seconds: float, sync: Any) -> float:
 def device_throughput(
     device: str, precision: str, m: int, k: int, n: int, seconds: float = 3.0, refresh: bool = False
 ) -> dict[str, Any]:
-    """Measured matmul FLOP/s at (m x k) @ (k x n) and elementwise bytes/s on `device` (cached).
+    """Measured matmul FLOP/s of a Linear at (m x k) @ (k x n), and elementwise bytes/s on `device` (cached).
 
-    The matmul runs under the same autocast a training step uses, so bf16 means bf16 kernels.
+    The matmuls are an nn.Linear's: F.linear of an (m, k) input with an (n, k) weight under the
+    autocast a step uses, so bf16 means the kernels and layouts a step takes. Three rates:
+    `matmul_flops_per_s`, forward and both gradients (a trained weight, 6 m k n FLOPs);
+    `frozen_matmul_flops_per_s`, forward and the input's gradient (a frozen weight under LoRA, 4 m k n);
+    `forward_flops_per_s`, forward alone (sampling, 2 m k n). The layouts matter: on a CPU without
+    native bf16 the forward ran at 13 GFLOP/s and a bf16 `a @ b` with a row-major (k, n) operand at 1.3.
     """
     m = max(64, min(m, 4096))
     dev = torch.device(device)
-    key = f"{device_name(device)}|{precision}|{m}x{k}x{n}"
+    key = f"{device_name(device)}|{precision}|linear-train|{m}x{k}x{n}"
     name = f"throughput-{_slug(key)}.json"
     cached = None if refresh else _read_cache(name)
     if cached is not None:
         return cached
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a = torch.randn(m, k, device=dev, dtype=dtype)
-    b = torch.randn(k, n, device=dev, dtype=dtype)
-    mm_s = _time(lambda: a @ b, seconds * 0.6, sync)
+    a = torch.randn(m, k, device=dev, requires_grad=True)
+    w = torch.randn(n, k, device=dev)
+    g = torch.randn(m, n, device=dev, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+
+    def linear(backward: bool, weight_grad: bool) -> None:
+        w.requires_grad_(weight_grad)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            y = torch.nn.functional.linear(a, w)
+        if backward:
+            y.backward(g)
+        a.grad = w.grad = None
+
+    flops = 2.0 * m * k * n
+    train_s = _time(lambda: linear(True, True), seconds * 0.3, sync)
+    frozen_s = _time(lambda: linear(True, False), seconds * 0.2, sync)
+    with torch.no_grad():
+        forward_s = _time(lambda: linear(False, False), seconds * 0.1, sync)
     numel = 16 * 2**20
     x = torch.randn(numel, device=dev)
     y = torch.randn(numel, device=dev)
@@ -153,7 +171,9 @@ def device_throughput(
         "device": device_name(device),
         "precision": precision,
         "shape": [m, k, n],
-        "matmul_flops_per_s": 2.0 * m * k * n / mm_s,
+        "matmul_flops_per_s": 3 * flops / train_s,
+        "frozen_matmul_flops_per_s": 2 * flops / frozen_s,
+        "forward_flops_per_s": flops / forward_s,
         "mem_bytes_per_s": 3.0 * 4 * numel / add_s,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

@@ -27,6 +27,7 @@ from adaptlab.plan.estimate import (
     Shape,
     artifact_bytes,
     dpo_reference,
+    matmul_rate,
     memory_breakdown,
     step_time_s,
     trainable_params,
@@ -118,9 +119,7 @@ def _method_entry(
     """One method's estimates; cost holds runtime, data and tokenizer bytes and the measured rates."""
     n_train = trainable_params(arch, arm)
     mem = memory_breakdown(arch, arm, shape, cost["runtime"], cost["data_bytes"])
-    timing = step_time_s(
-        arch, arm, shape, cost["rate"]["matmul_flops_per_s"], cost["rate"]["mem_bytes_per_s"]
-    )
+    timing = step_time_s(arch, arm, shape, matmul_rate(cost["rate"], arm), cost["rate"]["mem_bytes_per_s"])
     reference = dpo_reference(arm, timing) if task == "dpo" else None
     if reference is not None:
         timing["reference_s"] = reference["reference_s"]
