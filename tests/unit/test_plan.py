@@ -121,6 +121,13 @@ def test_step_time_hand_computed():
     assert t["optimizer_s"] == pytest.approx(28 * 1624 / 1e9)
     assert t["overhead_s"] == pytest.approx(2 * estimate.MICRO_BATCH_OVERHEAD_S)
     assert t["step_s"] == pytest.approx(sum(v for k, v in t.items() if k != "step_s"))
+    lora = estimate.step_time_s(
+        arch, Arm("lora", 2, ("q_proj", "v_proj")), Shape(2, 4, grad_accum=2, precision="fp32"), 1e9, 1e9
+    )
+    # the adapters' reads and writes: q (8 -> 8) and v (8 -> 4), 9 passes over d_out and 6 over d_in
+    adapters = 4 * tokens * ((9 * 8 + 6 * 8) + (9 * 4 + 6 * 8))
+    traffic = estimate.ACTIVATION_PASSES * 336 * tokens + estimate.LOGIT_PASSES * 4 * 128 * tokens
+    assert lora["elementwise_s"] == pytest.approx((traffic + adapters) / 1e9)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -322,3 +329,20 @@ def test_cli_unknown_model_exit_2(tmp_path, run_cli):
     _write_docs(path, 5)
     code, _, err = run_cli("plan", "--model", str(tmp_path / "no-model"), "--data", path, "--no-benchmark")
     assert code == 2 and "no such directory" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_device_throughput_times_a_linears_three_matmul_mixes(tmp_path, monkeypatch, precision):
+    """Trained weight, frozen weight, forward alone: each a positive rate, cached per precision and shape."""
+    from adaptlab.plan import measure
+
+    monkeypatch.setenv("ADAPTLAB_CACHE", str(tmp_path))
+    rate = measure.device_throughput("cpu", precision, 64, 32, 48, seconds=0.05)
+    for key in ("matmul_flops_per_s", "frozen_matmul_flops_per_s", "forward_flops_per_s", "mem_bytes_per_s"):
+        assert rate[key] > 0, key
+    assert rate["shape"] == [64, 32, 48] and rate["precision"] == precision
+    assert measure.device_throughput("cpu", precision, 64, 32, 48) == rate  # the cached measurement
+    lora = Arm("lora", 8, ("q_proj",))
+    assert estimate.matmul_rate(rate, lora) == rate["frozen_matmul_flops_per_s"]
+    assert estimate.matmul_rate(rate, Arm("full")) == rate["matmul_flops_per_s"]
+    assert estimate.matmul_rate({"matmul_flops_per_s": 1.0}, lora) == 1.0  # a measurement from before

@@ -25,15 +25,24 @@ from adaptlab.config import is_lora
 from adaptlab.plan.arch import ATTN_IN, MLP_IN, Arch
 
 # --- calibration (bench/plan_accuracy.py: measured peak RSS / step time on a 2-core EPYC CPU) -------
-# Fraction of the micro-benchmark's matmul rate a real training step achieves (other shapes, autograd).
-# Fitted on smollm2-135m: 0.7-0.96 over full, LoRA and QLoRA at 2 x 128 and 4 x 256 in two sessions.
-MATMUL_EFFICIENCY = 0.8
+# Fraction of the micro-benchmark's matmul rate (an nn.Linear's, measure.device_throughput) a real
+# training step achieves. Fitted on smollm2-135m, full, LoRA and QLoRA at 2 x 128 and 4 x 256, fp32:
+# the step's matmuls run at the micro-benchmark's rate.
+MATMUL_EFFICIENCY = 1.0
 # Fixed seconds per micro-batch beyond FLOPs and traffic (Python dispatch, loss, logging): what is left
 # of tiny-random's 2 x 128 steps, where matmuls are negligible.
 MICRO_BATCH_OVERHEAD_S = 0.05
 # Elementwise passes over the saved activations (write, read back, gradient) and over fp32 logits.
 ACTIVATION_PASSES = 3.0
 LOGIT_PASSES = 8.0
+# A LoRA adapter's elementwise work per token, in passes over its module's output and input widths.
+# Forward: B's output written, scaled and added to the base output (6 over d_out), x read by A (1 over
+# d_in). Backward: the gradient scaled and read for B's weight gradient (3 over d_out), A's input
+# gradient written and added to the base's, x read again for A's weight gradient (5 over d_in). Rank-16
+# matmuls are bound by these reads and writes, not by FLOPs: on smollm2-135m at 4 x 256 on the 2-core
+# CPU they are 2 s of a LoRA step, which is why LoRA steps there take as long as full fine-tuning's.
+LORA_OUT_PASSES = 9.0
+LORA_IN_PASSES = 6.0
 # Heap slack on CPU: glibc keeps freed blocks below its mmap threshold (up to 32 MB: activations, not
 # the logits) for reuse, so peak RSS exceeds the live activations. Fitted on smollm2-135m: 1.2-2.3 over
 # full, LoRA and QLoRA at 2 x 128 and 4 x 256, varying from run to run for the same config.
@@ -272,6 +281,10 @@ def step_time_s(
     traffic = ACTIVATION_PASSES * act_bytes + LOGIT_PASSES * logit_bytes
     if arm.method == "qlora":  # dequantize every 4-bit weight in forward and again in backward
         traffic += 2 * shape.grad_accum * arch.linear_params * (NF4_BYTES_PER_PARAM + 2)
+    if arm.is_lora:
+        widths = [(i, o) for p, (i, o) in arch.linear_shapes.items() if p.rsplit(".", 1)[-1] in arm.targets]
+        per_token = sum(LORA_OUT_PASSES * o + LORA_IN_PASSES * i for i, o in widths)
+        traffic += shape.act_bytes * tokens * per_token
     if arm.method == "dora":  # W + BA and its column norms, per target and micro-batch
         traffic += (
             shape.grad_accum
