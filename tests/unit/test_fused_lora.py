@@ -1,0 +1,126 @@
+"""Fused LoRA Linear (adaptlab.fused_lora): PEFT's values and gradients within fp32 rounding (bf16 autocast
+within its own), with the fused MLP on top; every case it does not cover takes PEFT's own forward.
+
+Tolerances: fp32 loss within 1e-6 relative, each gradient within 1e-5 of its largest entry; bf16 autocast
+loss within 1e-2 relative and gradients at cosine > 0.999.
+
+    python -m pytest -q tests/unit/test_fused_lora.py
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from adaptlab.config import MethodSpec
+from adaptlab.fused import fuse_mlps
+from adaptlab.fused_lora import LoRALinear, fuse_loras
+from adaptlab.methods import apply_method
+from adaptlab.models import load_model
+
+
+def _lora(spec: MethodSpec) -> nn.Module:
+    model = apply_method(
+        copy.deepcopy(load_model("tiny-random").model), spec, base_name="tiny-random", seed=0
+    )
+    with torch.no_grad():  # B starts at zero, which would leave every A's gradient zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(2))
+    return model
+
+
+def _step(model: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize("with_fused_mlp", [False, True])
+def test_fused_lora_trains_like_peft_fp32(rslora: bool, with_fused_mlp: bool) -> None:
+    plain = _lora(MethodSpec(method="lora", rank=4, rslora=rslora, targets="all-linear"))
+    fused = copy.deepcopy(plain)
+    assert fuse_loras(fused) == 7 * plain.config.num_hidden_layers
+    if with_fused_mlp:
+        fuse_mlps(fused)
+    loss_a, grads_a = _step(plain, torch.float32)
+    loss_b, grads_b = _step(fused, torch.float32)
+    assert float(loss_b) == pytest.approx(float(loss_a), rel=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 7 * plain.config.num_hidden_layers
+    for name, g in grads_a.items():
+        assert g.abs().max() > 0, name
+        assert (grads_b[name] - g).abs().max() <= 1e-5 * g.abs().max(), name
+
+
+def test_fused_lora_under_bf16_autocast() -> None:
+    plain = _lora(MethodSpec(method="lora", rank=4, targets="all-linear"))
+    fused = copy.deepcopy(plain)
+    fuse_loras(fused)
+    fuse_mlps(fused)
+    loss_a, grads_a = _step(plain, torch.bfloat16)
+    loss_b, grads_b = _step(fused, torch.bfloat16)
+    assert float(loss_b) == pytest.approx(float(loss_a), rel=1e-2)
+    for name, g in grads_a.items():
+        assert grads_b[name].dtype == torch.float32, name  # fp32 master weights get fp32 gradients
+        cos = torch.nn.functional.cosine_similarity(grads_b[name].flatten(), g.flatten(), dim=0)
+        assert cos > 0.999, (name, float(cos))
+
+
+def test_function_gradients_against_plain_ops() -> None:
+    """LoRALinear alone, 3-D input with a bias, float64: every gradient equal to autograd's of the expression."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w, b = (
+        torch.randn(4, 6, dtype=torch.float64, generator=g),
+        torch.randn(4, dtype=torch.float64, generator=g),
+    )
+    a = torch.randn(3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    bb = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    grad = torch.randn(2, 5, 4, dtype=torch.float64, generator=g)
+    plain = x @ w.t() + b + (x @ a.t() @ bb.t()) * 0.7
+    fused = LoRALinear.apply(x, w, b, a, bb, 0.7)
+    assert torch.allclose(fused, plain, rtol=1e-12, atol=1e-12)
+    for p, q in zip(
+        torch.autograd.grad(plain, (x, a, bb), grad),
+        torch.autograd.grad(fused, (x, a, bb), grad),
+        strict=True,
+    ):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        MethodSpec(method="dora", rank=4, targets="all-linear"),
+        MethodSpec(method="lora", rank=4, dropout=0.1, targets="all-linear"),
+    ],
+    ids=["dora", "dropout"],
+)
+def test_what_it_does_not_cover_takes_pefts_forward(spec: MethodSpec) -> None:
+    plain = _lora(spec)
+    fused = copy.deepcopy(plain)
+    fuse_loras(fused)
+    plain.eval(), fused.eval()  # dropout off, so both forwards are deterministic
+    ids = torch.randint(0, plain.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, fused(input_ids=ids).logits)
+
+
+def test_a_disabled_adapter_gives_the_base() -> None:
+    """DPO's reference pass: adapters disabled, the fused modules compute the base model's output."""
+    plain = _lora(MethodSpec(method="lora", rank=4, targets="all-linear"))
+    fused = copy.deepcopy(plain)
+    fuse_loras(fused)
+    ids = torch.randint(0, plain.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        tuned = fused(input_ids=ids).logits
+        with fused.disable_adapter(), plain.disable_adapter():
+            base_fused, base_plain = fused(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert torch.equal(base_fused, base_plain)
+    assert not torch.allclose(tuned, base_fused)
