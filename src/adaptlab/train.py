@@ -42,6 +42,7 @@ from adaptlab.checkpoint import LogFn, RankWriter, RunWriter, restore
 from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, check_against_model, load_config
 from adaptlab.errors import UserError
 from adaptlab.fused import fuse_mlps
+from adaptlab.fused_lora import fuse_loras
 from adaptlab.hardware import autocast, choose_precision, mem_bytes, peak_mem_bytes, pick_device, reset_peak
 from adaptlab.health import Health, advice
 from adaptlab.methods import ParamReport, apply_method, param_report, trainable_parameters
@@ -111,6 +112,8 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
         model = init_from.load_into(model, config)
     # bit-identical to the plain MLP, two (tokens x intermediate) tensors less per block
     fuse_mlps(model, recompute_product=not (config.train.grad_checkpointing or config.train.compile))
+    if not config.train.compile:  # LoRA's adapter passes folded into accumulating matmuls
+        fuse_loras(model)
     if config.train.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if strategy != "fsdp":

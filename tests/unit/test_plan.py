@@ -124,8 +124,8 @@ def test_step_time_hand_computed():
     lora = estimate.step_time_s(
         arch, Arm("lora", 2, ("q_proj", "v_proj")), Shape(2, 4, grad_accum=2, precision="fp32"), 1e9, 1e9
     )
-    # the adapters' reads and writes: q (8 -> 8) and v (8 -> 4), 9 passes over d_out and 6 over d_in
-    adapters = 4 * tokens * ((9 * 8 + 6 * 8) + (9 * 4 + 6 * 8))
+    # the adapters' reads and writes, q (8 -> 8) and v (8 -> 4): fused LoRA, 4 passes over d_out and 4 over d_in
+    adapters = 4 * tokens * ((4 * 8 + 4 * 8) + (4 * 4 + 4 * 8))
     traffic = estimate.ACTIVATION_PASSES * 336 * tokens + estimate.LOGIT_PASSES * 4 * 128 * tokens
     assert lora["elementwise_s"] == pytest.approx((traffic + adapters) / 1e9)
 
