@@ -20,9 +20,14 @@ skips it.
 - reference: AutoModelForCausalLM (+ peft get_peft_model; QLoRA through transformers'
   BitsAndBytesConfig), `model(input_ids, labels=...)` loss, torch AdamW, the same token blocks.
 
-Prints a table and writes bench/results/train_step.json.
+Separate processes on a shared machine see different load, so single ratios vary by +-15%. With
+--interleaved (speed only) both loops run in one process, their steps alternating (adaptlab first on
+even steps, the reference first on odd ones), so drift in the machine's speed hits both alike.
+
+Prints a table and writes bench/results/train_step.json (--interleaved: train_step_interleaved.json).
 
     python bench/train_step.py [--quick] [--steps N] [--only lora,qlora] [--precisions fp32,bf16] [--profile] [--compile]
+    python bench/train_step.py --interleaved --only full,lora,qlora --precisions fp32 --steps 7
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import torch
 BASE = "smollm2-135m"
 RANK = 16
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
+INTERLEAVED_RESULTS = RESULTS.with_name("train_step_interleaved.json")
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "systems" / "man_pages.jsonl"
 METHODS = ("full", "lora", "qlora")
 LOOPS = ("reference", "adaptlab")
@@ -67,13 +73,12 @@ def _lr(method: str) -> float:
     return 2e-5 if method == "full" else 2e-4
 
 
-def run_adaptlab(
+def _config(
     method: str, precision: str, batch: int, seq_len: int, steps: int, tmp: Path, compile: bool = False
-) -> dict[str, Any]:
+) -> Any:
     from adaptlab.config import build_config
-    from adaptlab.train import train
 
-    config = build_config(
+    return build_config(
         {
             "model": {"name": BASE},
             "method": {"method": method, "rank": RANK, "targets": "all-linear"},
@@ -90,7 +95,14 @@ def run_adaptlab(
             "out": str(tmp / "run"),
         }
     )
-    summary = train(config)
+
+
+def run_adaptlab(
+    method: str, precision: str, batch: int, seq_len: int, steps: int, tmp: Path, compile: bool = False
+) -> dict[str, Any]:
+    from adaptlab.train import train
+
+    summary = train(_config(method, precision, batch, seq_len, steps, tmp, compile))
     rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]  # first step is the warm-up
     return {
@@ -106,24 +118,9 @@ def profile_step(method: str, precision: str, batch: int, seq_len: int, tmp: Pat
     """torch.profiler table (self CPU time) of one adaptlab training step after two warm-up steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    from adaptlab.config import build_config
     from adaptlab.train import build_optimizer, build_scheduler, prepare, train_step
 
-    config = build_config(
-        {
-            "model": {"name": BASE},
-            "method": {"method": method, "rank": RANK, "targets": "all-linear"},
-            "data": {"train": [str(_corpus(tmp))], "val_frac": 0.0, "test_frac": 0.0},
-            "train": {
-                "steps": 3,
-                "batch": batch,
-                "seq_len": seq_len,
-                "precision": precision,
-                "lr": _lr(method),
-            },
-            "out": str(tmp / "run"),
-        }
-    )
+    config = _config(method, precision, batch, seq_len, 3, tmp)
     setup = prepare(config)
     setup.objective.prepare(setup)
     optimizer = build_optimizer(setup.params, config.train, _lr(method))
@@ -146,14 +143,11 @@ def _blocks(tokenizer: Any, path: Path, batch: int, seq_len: int, steps: int) ->
     return list(t)
 
 
-def run_reference(
-    method: str, precision: str, batch: int, seq_len: int, steps: int, tmp: Path
-) -> dict[str, Any]:
-    """The plain loop: transformers model, peft adapter, model(labels=...) loss, AdamW."""
+def _reference(method: str, precision: str) -> tuple[Any, list[torch.nn.Parameter], Any, Any, torch.device]:
+    """The plain loop's pieces: transformers model (+ peft adapter), its trainable parameters, AdamW, tokenizer."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from adaptlab.hardware import peak_mem_bytes
     from adaptlab.models import local_dir
 
     path = str(local_dir(BASE))
@@ -176,22 +170,38 @@ def run_reference(
         model = get_peft_model(model, config)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=_lr(method))
-    blocks = _blocks(tokenizer, _corpus(tmp), batch, seq_len, steps)
+    return model, params, torch.optim.AdamW(params, lr=_lr(method)), tokenizer, device
+
+
+def _reference_step(
+    model: Any, params: list[torch.nn.Parameter], optimizer: Any, ids: torch.Tensor, precision: str
+) -> tuple[float, float]:
+    """One plain step: `model(input_ids, labels=...)` loss, backward, clip, AdamW; (seconds, loss)."""
+    device = ids.device
+    start = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss = float(out.loss)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, loss
+
+
+def run_reference(
+    method: str, precision: str, batch: int, seq_len: int, steps: int, tmp: Path
+) -> dict[str, Any]:
+    """The plain loop: transformers model, peft adapter, model(labels=...) loss, AdamW."""
+    from adaptlab.hardware import peak_mem_bytes
+
+    model, params, optimizer, tokenizer, device = _reference(method, precision)
     times, loss = [], float("nan")
-    for ids in blocks:
-        ids = ids.to(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = float(out.loss)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    for ids in _blocks(tokenizer, _corpus(tmp), batch, seq_len, steps):
+        seconds, loss = _reference_step(model, params, optimizer, ids.to(device), precision)
+        times.append(seconds)
     timed = times[1:]  # first step is the warm-up
     return {
         "tokens_per_s": statistics.median(batch * seq_len / t for t in timed),
@@ -202,10 +212,44 @@ def run_reference(
     }
 
 
+def interleaved(
+    method: str, precision: str, batch: int, seq_len: int, steps: int, tmp: Path
+) -> dict[str, Any]:
+    """Both loops in one process, their steps alternating (adaptlab first on even steps, the reference on
+    odd ones), so the machine's drift hits both alike: median step seconds of each and their ratio."""
+    from adaptlab.train import build_optimizer, build_scheduler, prepare, train_step
+
+    config = _config(method, precision, batch, seq_len, steps, tmp)
+    setup = prepare(config)
+    setup.objective.prepare(setup)
+    optimizer = build_optimizer(setup.params, config.train, _lr(method))
+    scheduler = build_scheduler(optimizer, steps, config.train)
+    model, params, ref_optimizer, tokenizer, device = _reference(method, precision)
+    ours: list[float] = []
+    ref: list[float] = []
+    for i, ids in enumerate(_blocks(tokenizer, _corpus(tmp), batch, seq_len, steps)):
+        for loop in ("adaptlab", "reference") if i % 2 == 0 else ("reference", "adaptlab"):
+            if loop == "adaptlab":
+                micro = setup.objective.micro_batches(setup, i)
+                ours.append(train_step(setup, micro, optimizer, scheduler).seconds)
+            else:
+                ref.append(_reference_step(model, params, ref_optimizer, ids.to(device), precision)[0])
+    ours_s, ref_s = statistics.median(ours[1:]), statistics.median(ref[1:])  # first step: warm-up
+    return {
+        "adaptlab_step_s": ours_s,
+        "reference_step_s": ref_s,
+        "speed_ratio": ref_s / ours_s,
+        "adaptlab_steps_s": ours,
+        "reference_steps_s": ref,
+    }
+
+
 def one(loop: str, method: str, precision: str, batch: int, seq_len: int, steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         if loop == "reference":
             return run_reference(method, precision, batch, seq_len, steps, Path(tmp))
+        if loop == "interleaved":
+            return interleaved(method, precision, batch, seq_len, steps, Path(tmp))
         return run_adaptlab(
             method, precision, batch, seq_len, steps, Path(tmp), compile=loop.endswith("compile")
         )
@@ -255,7 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile", action="store_true", help="also run adaptlab with train.compile (adaptlab+compile)"
     )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    parser.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="speed only: both loops in one process, steps alternating (memory needs separate processes)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="where the JSON goes")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.seq_len = args.seq_len or (128 if args.quick else 256)
@@ -273,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(one(loop, method, precision, args.batch, args.seq_len, args.steps)))
         return 0
 
+    args.out = args.out or (INTERLEAVED_RESULTS if args.interleaved else RESULTS)
+    if args.interleaved:
+        return run_interleaved(args, argv)
     rows = []
     loops = (*LOOPS, "adaptlab+compile") if args.compile else LOOPS
     live = args.live and not torch.cuda.is_available()  # CUDA's peak allocated is live memory already
@@ -320,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['peak_mem_bytes'] / 2**20:>8.0f} {live_mb} {ratios}",
                     flush=True,
                 )
+    _write(args, argv, rows, LIVE_ENV if live else None)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _write(args: argparse.Namespace, argv: list[str] | None, rows: list[dict], live_env: dict | None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -337,13 +395,35 @@ def main(argv: list[str] | None = None) -> int:
                 "load_avg": os.getloadavg(),
                 "command": "python bench/train_step.py "
                 + " ".join(argv if argv is not None else sys.argv[1:]),
-                "live_memory_env": LIVE_ENV if live else None,
+                "live_memory_env": live_env,
                 "rows": rows,
             },
             indent=2,
         )
         + "\n"
     )
+
+
+def run_interleaved(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """--interleaved: per method and precision, one process running both loops' steps alternately."""
+    print(
+        f"smollm2-135m, batch {args.batch} x {args.seq_len}, {args.steps - 1} timed steps per loop, one process"
+    )
+    print(f"{'method':<6} {'prec':<5} {'reference s':>12} {'adaptlab s':>11} {'speed':>6}")
+    rows = []
+    for precision in args.precisions.split(","):
+        for method in args.only.split(","):
+            r = _in_subprocess("interleaved", method, precision, args)
+            rows.append({"method": method, "precision": precision, "loop": "interleaved", **r})
+            if "error" in r:
+                print(f"{method:<6} {precision:<5} error: {r['error']}")
+                continue
+            print(
+                f"{method:<6} {precision:<5} {r['reference_step_s']:>12.2f} {r['adaptlab_step_s']:>11.2f} "
+                f"{r['speed_ratio']:>6.2f}",
+                flush=True,
+            )
+    _write(args, argv, rows, None)
     print(f"wrote {args.out}")
     return 0
 
