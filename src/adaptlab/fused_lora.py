@@ -15,8 +15,8 @@ Results equal PEFT's up to the rounding of the fused accumulation (fp32: within 
 
 `fuse_loras` swaps the forward of each PEFT `lora.Linear` over a plain nn.Linear; at each call the
 fused path runs only for vanilla LoRA (any rank, rsLoRA's scaling included) with one active adapter,
-no dropout, adapters enabled and unmerged, and no per-call adapter names. Anything else (DoRA,
-dropout, a 4-bit base, a disabled adapter as in DPO's reference pass, mixed-adapter batches) takes
+no dropout, no bias on B, adapters enabled and unmerged, and no per-call adapter names. Anything else
+(DoRA, dropout, a 4-bit base, a disabled adapter as in DPO's reference pass, mixed-adapter batches) takes
 PEFT's own forward. Parameter names, adapter files and every PEFT API are unchanged.
 """
 
@@ -88,7 +88,7 @@ def _vanilla_adapter(module: Any) -> str | None:
     adapter = module.active_adapters[0]
     if adapter not in module.lora_A or adapter in getattr(module, "lora_variant", {}):
         return None
-    if not isinstance(module.lora_dropout[adapter], nn.Identity):
+    if not isinstance(module.lora_dropout[adapter], nn.Identity) or module.lora_B[adapter].bias is not None:
         return None
     a, b, w = module.lora_A[adapter].weight, module.lora_B[adapter].weight, module.base_layer.weight
     if w.requires_grad or (module.base_layer.bias is not None and module.base_layer.bias.requires_grad):

@@ -124,3 +124,19 @@ def test_a_disabled_adapter_gives_the_base() -> None:
             base_fused, base_plain = fused(input_ids=ids).logits, plain(input_ids=ids).logits
     assert torch.equal(base_fused, base_plain)
     assert not torch.allclose(tuned, base_fused)
+
+
+def test_a_bias_on_b_takes_pefts_forward() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_bias=True)
+    plain = get_peft_model(copy.deepcopy(load_model("tiny-random").model), config)
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(5))
+    fused = copy.deepcopy(plain)
+    fuse_loras(fused)
+    ids = torch.randint(0, plain.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, fused(input_ids=ids).logits)
