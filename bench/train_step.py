@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from adaptlab.hardware import cpu_has_native_bf16
+
 BASE = "smollm2-135m"
 RANK = 16
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
@@ -389,6 +391,8 @@ def _write(args: argparse.Namespace, argv: list[str] | None, rows: list[dict], l
                 "lora": {"rank": RANK, "alpha": 2 * RANK, "targets": "all-linear"},
                 "device": "cuda" if torch.cuda.is_available() else "cpu",
                 "cpu": platform.processor() or platform.machine(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "cpu_native_bf16": cpu_has_native_bf16(),
                 "cpu_count": os.cpu_count(),
                 "torch": torch.__version__,
                 "threads": args.threads or torch.get_num_threads(),

@@ -142,8 +142,11 @@ class LinearCrossEntropy(torch.autograd.Function):
                     if need_h:
                         grad_h[lo : lo + chunk] = (d.to(dtype) @ w).to(hidden.dtype)
                     if need_w:
-                        if dtype == torch.float32:
-                            grad_w.addmm_(d.t(), h)
+                        if dtype == torch.float32 or not h.is_cuda:
+                            # on a CPU one fp32 matmul accumulating in place beats a bf16 (V, H) product
+                            # per chunk: a fresh 57 MB block (smollm2's head) and a mixed-dtype add,
+                            # 4x slower on avx512_bf16; fp32 is also the exact sum of the chunks
+                            grad_w.addmm_(d.t(), h.float())
                         else:  # (V, H) in the matmul dtype, summed in fp32
                             grad_w.add_(d.to(dtype).t() @ h)
                     if need_b:
