@@ -103,7 +103,7 @@ def replan(path: Path, remeasure: bool = False) -> int:
     """
     from adaptlab.plan.arch import load_arch, targets_for
     from adaptlab.plan.estimate import Arm, Shape, matmul_rate, memory_breakdown, step_time_s
-    from adaptlab.plan.measure import device_throughput, runtime_baseline_bytes
+    from adaptlab.plan.measure import attention_throughput, device_throughput, runtime_baseline_bytes
 
     recorded = json.loads(path.read_text())
     rows = recorded["rows"]
@@ -111,9 +111,20 @@ def replan(path: Path, remeasure: bool = False) -> int:
     fresh: dict[tuple, dict] = {}
     for r in rows:
         if remeasure:
-            key = (r["precision"], *r["throughput"]["shape"])
+            arch = load_arch(r["model"])
+            key = (
+                r["precision"],
+                *r["throughput"]["shape"],
+                r["batch"],
+                r["seq_len"],
+                arch.n_heads,
+                arch.head_dim,
+            )
             if key not in fresh:
-                fresh[key] = device_throughput("cpu", key[0], *key[1:], refresh=True)
+                fresh[key] = {
+                    **device_throughput("cpu", key[0], *key[1:4], refresh=True),
+                    **attention_throughput("cpu", key[0], *key[4:], refresh=True),
+                }
             r["throughput"] = fresh[key]
         arch = load_arch(r["model"])
         targets = tuple(targets_for(arch, "all-linear"))
@@ -121,7 +132,14 @@ def replan(path: Path, remeasure: bool = False) -> int:
         shape = Shape(r["batch"], r["seq_len"], 1, r["precision"], False, "cpu")
         mem = memory_breakdown(arch, arm, shape, runtime, r["planned_memory"]["data"])["peak"]
         rate = r["throughput"]
-        step = step_time_s(arch, arm, shape, matmul_rate(rate, arm), rate["mem_bytes_per_s"])["step_s"]
+        step = step_time_s(
+            arch,
+            arm,
+            shape,
+            matmul_rate(rate, arm),
+            rate["mem_bytes_per_s"],
+            rate.get("attention_flops_per_s"),
+        )["step_s"]
         r.update(
             planned_peak_mem_bytes=mem,
             mem_error=mem / r["measured_peak_mem_bytes"] - 1,

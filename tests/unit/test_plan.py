@@ -115,12 +115,17 @@ def test_step_time_hand_computed():
     t = estimate.step_time_s(arch, Arm("full"), Shape(2, 4, grad_accum=2, precision="fp32"), 1e9, 1e9)
     tokens = 16
     attn = 2 * 4 * 8  # QK^T and AV of one layer, causal half, per token
-    assert t["matmul_s"] == pytest.approx((6 * n + 3 * attn) * tokens / (estimate.MATMUL_EFFICIENCY * 1e9))
+    assert t["matmul_s"] == pytest.approx(6 * n * tokens / (estimate.MATMUL_EFFICIENCY * 1e9))
+    assert t["attention_s"] == pytest.approx(3 * attn * tokens / (estimate.MATMUL_EFFICIENCY * 1e9))
     traffic = estimate.ACTIVATION_PASSES * 416 * tokens + estimate.LOGIT_PASSES * 4 * 128 * tokens
     assert t["elementwise_s"] == pytest.approx(traffic / 1e9)
     assert t["optimizer_s"] == pytest.approx(28 * 1624 / 1e9)
     assert t["overhead_s"] == pytest.approx(2 * estimate.MICRO_BATCH_OVERHEAD_S)
     assert t["step_s"] == pytest.approx(sum(v for k, v in t.items() if k != "step_s"))
+    # attention at its own measured rate when there is one
+    own = estimate.step_time_s(arch, Arm("full"), Shape(2, 4, grad_accum=2, precision="fp32"), 1e9, 1e9, 1e8)
+    assert own["attention_s"] == pytest.approx(3 * attn * tokens / 1e8)
+    assert own["step_s"] - t["step_s"] == pytest.approx(own["attention_s"] - t["attention_s"])
     lora = estimate.step_time_s(
         arch, Arm("lora", 2, ("q_proj", "v_proj")), Shape(2, 4, grad_accum=2, precision="fp32"), 1e9, 1e9
     )
@@ -346,3 +351,18 @@ def test_device_throughput_times_a_linears_three_matmul_mixes(tmp_path, monkeypa
     assert estimate.matmul_rate(rate, lora) == rate["frozen_matmul_flops_per_s"]
     assert estimate.matmul_rate(rate, Arm("full")) == rate["matmul_flops_per_s"]
     assert estimate.matmul_rate({"matmul_flops_per_s": 1.0}, lora) == 1.0  # a measurement from before
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_attention_throughput_times_causal_sdpa_in_training(tmp_path, monkeypatch, precision):
+    """Forward and backward of causal SDPA: a positive rate, cached per precision and shape, in the units
+    the plan counts attention in (so a measured rate turns the plan's FLOPs into the kernel's seconds)."""
+    from adaptlab.plan import measure
+
+    monkeypatch.setenv("ADAPTLAB_CACHE", str(tmp_path))
+    rate = measure.attention_throughput("cpu", precision, 2, 32, 3, 16, seconds=0.05)
+    assert rate["attention_flops_per_s"] > 0 and rate["attention_shape"] == [2, 3, 32, 16]
+    assert measure.attention_throughput("cpu", precision, 2, 32, 3, 16) == rate
+    arch = arch_from_config(small_config())  # 1 layer, q_dim 8
+    per_token = estimate.attention_flops_per_token(arch, 32)
+    assert per_token * 2 * 32 == 3 * 2 * 2 * 1 * 32 * 32 * 8  # 3 x forward (2 B H T^2 d) for B=2, H=1, d=8

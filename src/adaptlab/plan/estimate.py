@@ -9,8 +9,8 @@ the CUDA context on GPU). The peak is the larger of the forward/backward peak (a
 and the optimizer-step peak (gradients alive).
 
 Time is an estimate: training FLOPs (6 N per token for full fine-tuning, 4 N + 6 x adapter for the
-LoRA family, whose frozen weights need no weight gradient; plus attention) over the measured matmul
-rate, plus elementwise traffic (activations, logits, optimizer) over the measured memory bandwidth.
+LoRA family, whose frozen weights need no weight gradient) over the measured matmul rate of a Linear,
+causal attention's FLOPs over the measured rate of the attention kernel, plus elementwise traffic (activations, logits, optimizer) over the measured memory bandwidth.
 The calibration below was fitted against real runs on a quiet 2-core CPU (bench/plan_accuracy.py,
 full, LoRA and QLoRA on tiny-random and smollm2-135m at 2 x 128 and 4 x 256); the time constants have
 not been checked on a GPU.
@@ -59,8 +59,11 @@ CPU_QLORA_DEQUANT_RESIDUAL = 0.6
 # Tokenizer, model objects, Python structures of the run beyond the imported stack.
 CPU_RUN_OVERHEAD_BYTES = 0
 # Resident memory left by loading the checkpoint (mapped file pages, loading buffers), as a fraction
-# of the fp32 weights. Fitted on smollm2-135m (full and LoRA, 2 x 128, fp32): 0.6.
+# of the fp32 weights. Fitted on smollm2-135m (full and LoRA, 2 x 128, fp32): 0.6. A frozen base (the
+# LoRA family) keeps less: its weights are the mapped file's pages, which full fine-tuning's optimizer
+# copies on first write. Refitted over every smollm2 row of an avx2 and an avx512_bf16 CPU: 0.3.
 CPU_LOAD_RESIDUAL = 0.6
+CPU_LOAD_RESIDUAL_FROZEN = 0.3
 # Python bytes per token held in training examples (int object + two list slots).
 PY_BYTES_PER_TOKEN = 44
 
@@ -213,11 +216,11 @@ def memory_breakdown(
     slack = CPU_HEAP_SLACK if cpu else 1.0
     runtime = runtime_bytes + (CPU_RUN_OVERHEAD_BYTES if cpu else 0)
     # QLoRA releases the mapped checkpoint once its Linears are 4-bit (quantize.py)
-    loading = round(CPU_LOAD_RESIDUAL * FP32 * arch.total_params) if cpu and arm.method != "qlora" else 0
+    residual = CPU_LOAD_RESIDUAL_FROZEN if arm.is_lora else CPU_LOAD_RESIDUAL
+    loading = round(residual * FP32 * arch.total_params) if cpu and arm.method != "qlora" else 0
     static = runtime + loading + (data_bytes if cpu else 0) + weights
-    dynamic = (
-        weight_copies + activations + round((slack - 1) * (weight_copies + churn)) + logits + early_grads
-    )
+    # bf16 weight copies take the same blocks at every step: no slack over them
+    dynamic = weight_copies + activations + round((slack - 1) * churn) + logits + early_grads
     if cpu and arm.method == "qlora":
         dynamic += round(CPU_QLORA_DEQUANT_RESIDUAL * FP32 * arch.linear_params)
     forward_peak = static + optimizer + dynamic
@@ -248,15 +251,22 @@ def memory_breakdown(
 
 def flops_per_token(arch: Arch, arm: Arm, seq_len: int, grad_checkpointing: bool = False) -> float:
     """Training FLOPs per token: 6N (full) or 4N + 6 x adapter (LoRA family), plus causal attention."""
+    return linear_flops_per_token(arch, arm, grad_checkpointing) + attention_flops_per_token(
+        arch, seq_len, grad_checkpointing
+    )
+
+
+def linear_flops_per_token(arch: Arch, arm: Arm, grad_checkpointing: bool = False) -> float:
+    """The Linears' (and head's) training FLOPs per token: 6N (full) or 4N + 6 x adapter (LoRA family)."""
     n = arch.matmul_params
-    attn_fwd = 2.0 * seq_len * arch.q_dim * arch.n_layers  # QK^T and AV, causal half: 2 * 2 * T * d / 2
-    if arm.method == "full":
-        f = 6.0 * n + 3 * attn_fwd
-    else:
-        f = 4.0 * n + 3 * attn_fwd + 6.0 * trainable_params(arch, arm)
-    if grad_checkpointing:
-        f += 2.0 * n + attn_fwd
-    return f
+    f = 6.0 * n if arm.method == "full" else 4.0 * n + 6.0 * trainable_params(arch, arm)
+    return f + (2.0 * n if grad_checkpointing else 0.0)
+
+
+def attention_flops_per_token(arch: Arch, seq_len: int, grad_checkpointing: bool = False) -> float:
+    """Causal attention's training FLOPs per token: QK^T and AV, forward and twice that backward."""
+    attn_fwd = 2.0 * seq_len * arch.q_dim * arch.n_layers  # causal half: 2 * 2 * T * d / 2
+    return (4.0 if grad_checkpointing else 3.0) * attn_fwd
 
 
 def matmul_rate(rate: dict[str, Any], arm: Arm) -> float:
@@ -273,13 +283,21 @@ def step_time_s(
     shape: Shape,
     matmul_flops_per_s: float,
     mem_bytes_per_s: float,
+    attention_flops_per_s: float | None = None,
 ) -> dict[str, float]:
-    """Seconds per optimizer step, split into matmul, elementwise and optimizer time."""
+    """Seconds per optimizer step, split into the Linears' matmuls, attention, elementwise and optimizer
+    time. Attention takes its own measured rate when given (`measure.attention_throughput`:
+    a CPU's fused attention kernel runs far below its matmuls in bf16), else the Linears'."""
     tokens = shape.tokens_per_micro * shape.grad_accum
-    matmul = (
-        flops_per_token(arch, arm, shape.seq_len, shape.grad_checkpointing)
+    linear = (
+        linear_flops_per_token(arch, arm, shape.grad_checkpointing)
         * tokens
         / (MATMUL_EFFICIENCY * matmul_flops_per_s)
+    )
+    attention = (
+        attention_flops_per_token(arch, shape.seq_len, shape.grad_checkpointing)
+        * tokens
+        / (attention_flops_per_s or MATMUL_EFFICIENCY * matmul_flops_per_s)
     )
     per_layer = layer_activation_bytes(arch, arm, shape.precision)
     act_bytes = per_layer * arch.n_layers * tokens
@@ -306,11 +324,12 @@ def step_time_s(
     optimizer = 28.0 * trainable_params(arch, arm) / mem_bytes_per_s
     overhead = MICRO_BATCH_OVERHEAD_S * shape.grad_accum
     return {
-        "matmul_s": matmul,
+        "matmul_s": linear,
+        "attention_s": attention,
         "elementwise_s": elementwise,
         "optimizer_s": optimizer,
         "overhead_s": overhead,
-        "step_s": matmul + elementwise + optimizer + overhead,
+        "step_s": linear + attention + elementwise + optimizer + overhead,
     }
 
 
@@ -369,6 +388,6 @@ def dpo_reference(arm: Arm, timing: dict[str, float]) -> dict[str, object]:
         "reference": "precomputed log-probs of the untouched model"
         if full
         else "adapter-disabled forward pass",
-        "reference_s": timing["matmul_s"] * 2 / (6 if full else 4),
+        "reference_s": timing["matmul_s"] * 2 / (6 if full else 4) + timing.get("attention_s", 0.0) / 3,
         "reference_bytes": 0,
     }

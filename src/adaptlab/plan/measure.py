@@ -6,6 +6,8 @@
 - `device_throughput`: a few-second micro-benchmark on the actual device at the chosen precision:
   matmul FLOP/s of a training Linear (forward and both gradients) at the model's MLP shape (tokens x
   hidden @ hidden x intermediate) and elementwise memory bandwidth (bytes/s of an out-of-place add).
+- `attention_throughput`: causal attention's training FLOP/s (`F.scaled_dot_product_attention`, forward
+  and backward) at the model's heads and head size and the step's sequence length.
 
     python -c "from adaptlab.plan.measure import *; print(device_throughput('cpu', 'fp32', 512, 576, 1536))"
 """
@@ -127,6 +129,55 @@ def _time(fn: Any, seconds: float, sync: Any) -> float:
         sync()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def attention_throughput(
+    device: str,
+    precision: str,
+    batch: int,
+    seq_len: int,
+    heads: int,
+    head_dim: int,
+    seconds: float = 1.0,
+    refresh: bool = False,
+) -> dict[str, Any]:
+    """Measured FLOP/s of causal attention in training (forward and backward) on `device` (cached).
+
+    `F.scaled_dot_product_attention` with is_causal on (batch, heads, seq_len, head_dim) queries, keys and
+    values that need gradients, under the autocast a step uses: the kernel a step's attention takes. Its
+    FLOPs are counted as the plan counts them (QK^T and AV, causal half, backward twice the forward). On a
+    2-core avx512_bf16 CPU it ran at a fraction of the Linear's bf16 rate, so a step's attention needs
+    its own rate.
+    """
+    seq_len = max(16, min(seq_len, 4096))
+    batch = max(1, min(batch, 64))
+    dev = torch.device(device)
+    key = f"{device_name(device)}|{precision}|attention-train|{batch}x{heads}x{seq_len}x{head_dim}"
+    name = f"throughput-{_slug(key)}.json"
+    cached = None if refresh else _read_cache(name)
+    if cached is not None:
+        return cached
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device=dev, dtype=dtype) for _ in range(3))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    g = torch.randn(batch, heads, seq_len, head_dim, device=dev, dtype=dtype)
+
+    def attention() -> None:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+        q.grad = k.grad = v.grad = None
+
+    flops = 3 * 2.0 * batch * heads * seq_len * seq_len * head_dim  # forward 2 B H T^2 d (causal half)
+    value = {
+        "device": device_name(device),
+        "precision": precision,
+        "attention_shape": [batch, heads, seq_len, head_dim],
+        "attention_flops_per_s": flops / _time(attention, seconds, sync),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    _write_cache(name, value)
+    return value
 
 
 def device_throughput(

@@ -32,7 +32,12 @@ from adaptlab.plan.estimate import (
     step_time_s,
     trainable_params,
 )
-from adaptlab.plan.measure import CUDA_CONTEXT_BYTES, device_throughput, runtime_baseline_bytes
+from adaptlab.plan.measure import (
+    CUDA_CONTEXT_BYTES,
+    attention_throughput,
+    device_throughput,
+    runtime_baseline_bytes,
+)
 
 TASKS = ("cpt", "ift", "dpo", "grpo")
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -119,7 +124,10 @@ def _method_entry(
     """One method's estimates; cost holds runtime, data and tokenizer bytes and the measured rates."""
     n_train = trainable_params(arch, arm)
     mem = memory_breakdown(arch, arm, shape, cost["runtime"], cost["data_bytes"])
-    timing = step_time_s(arch, arm, shape, matmul_rate(cost["rate"], arm), cost["rate"]["mem_bytes_per_s"])
+    rate = cost["rate"]
+    timing = step_time_s(
+        arch, arm, shape, matmul_rate(rate, arm), rate["mem_bytes_per_s"], rate.get("attention_flops_per_s")
+    )
     reference = dpo_reference(arm, timing) if task == "dpo" else None
     if reference is not None:
         timing["reference_s"] = reference["reference_s"]
@@ -269,9 +277,14 @@ def plan(
     shape = Shape(batch, seq_len, grad_accum, prec, grad_checkpointing, dev.type, rows_per_example=rows)
 
     if benchmark:
-        rate = device_throughput(
-            str(dev), prec, batch * seq_len, arch.hidden, arch.intermediate, refresh=refresh
-        )
+        rate = {
+            **device_throughput(
+                str(dev), prec, batch * seq_len, arch.hidden, arch.intermediate, refresh=refresh
+            ),
+            **attention_throughput(
+                str(dev), prec, batch, seq_len, arch.n_heads, arch.head_dim, refresh=refresh
+            ),
+        }
     else:
         rate = {**NOMINAL_THROUGHPUT, "device": "nominal (no micro-benchmark)", "precision": prec}
     held_tokens = min(budget, size.tokens_per_epoch)  # training keeps the examples it will use
