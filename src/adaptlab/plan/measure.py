@@ -113,6 +113,17 @@ def runtime_baseline_bytes(refresh: bool = False) -> int:
     return int(value["peak_rss_bytes"])
 
 
+def _cached(key: str, refresh: bool, measure: Any) -> dict[str, Any]:
+    """The measurement cached under `key`, or measure() now (always when `refresh`) and cache it."""
+    name = f"throughput-{_slug(key)}.json"
+    cached = None if refresh else _read_cache(name)
+    if cached is not None:
+        return cached
+    value = measure()
+    _write_cache(name, value)
+    return value
+
+
 def _time(fn: Any, seconds: float, sync: Any) -> float:
     """Fastest of repeated calls of fn() filling about `seconds` (after one warm-up call).
 
@@ -151,12 +162,16 @@ def attention_throughput(
     """
     seq_len = max(16, min(seq_len, 4096))
     batch = max(1, min(batch, 64))
-    dev = torch.device(device)
     key = f"{device_name(device)}|{precision}|attention-train|{batch}x{heads}x{seq_len}x{head_dim}"
-    name = f"throughput-{_slug(key)}.json"
-    cached = None if refresh else _read_cache(name)
-    if cached is not None:
-        return cached
+    return _cached(
+        key, refresh, lambda: _attention_rate(device, precision, batch, seq_len, heads, head_dim, seconds)
+    )
+
+
+def _attention_rate(
+    device: str, precision: str, batch: int, seq_len: int, heads: int, head_dim: int, seconds: float
+) -> dict[str, Any]:
+    dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device=dev, dtype=dtype) for _ in range(3))
@@ -169,15 +184,13 @@ def attention_throughput(
         q.grad = k.grad = v.grad = None
 
     flops = 3 * 2.0 * batch * heads * seq_len * seq_len * head_dim  # forward 2 B H T^2 d (causal half)
-    value = {
+    return {
         "device": device_name(device),
         "precision": precision,
         "attention_shape": [batch, heads, seq_len, head_dim],
         "attention_flops_per_s": flops / _time(attention, seconds, sync),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _write_cache(name, value)
-    return value
 
 
 def device_throughput(
@@ -193,12 +206,12 @@ def device_throughput(
     native bf16 the forward ran at 13 GFLOP/s and a bf16 `a @ b` with a row-major (k, n) operand at 1.3.
     """
     m = max(64, min(m, 4096))
-    dev = torch.device(device)
     key = f"{device_name(device)}|{precision}|linear-train|{m}x{k}x{n}"
-    name = f"throughput-{_slug(key)}.json"
-    cached = None if refresh else _read_cache(name)
-    if cached is not None:
-        return cached
+    return _cached(key, refresh, lambda: _linear_rates(device, precision, m, k, n, seconds))
+
+
+def _linear_rates(device: str, precision: str, m: int, k: int, n: int, seconds: float) -> dict[str, Any]:
+    dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     a = torch.randn(m, k, device=dev, requires_grad=True)
     w = torch.randn(n, k, device=dev)
@@ -221,7 +234,7 @@ def device_throughput(
     x = torch.randn(numel, device=dev)
     y = torch.randn(numel, device=dev)
     add_s = _time(lambda: x + y, seconds * 0.4, sync)
-    value = {
+    return {
         "device": device_name(device),
         "precision": precision,
         "shape": [m, k, n],
@@ -231,5 +244,3 @@ def device_throughput(
         "mem_bytes_per_s": 3.0 * 4 * numel / add_s,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _write_cache(name, value)
-    return value
