@@ -122,6 +122,11 @@ def test_step_time_hand_computed():
     assert t["optimizer_s"] == pytest.approx(28 * 1624 / 1e9)
     assert t["overhead_s"] == pytest.approx(2 * estimate.MICRO_BATCH_OVERHEAD_S)
     assert t["step_s"] == pytest.approx(sum(v for k, v in t.items() if k != "step_s"))
+    # bf16 autocast: each weight cast to bf16 per micro-batch, and full fine-tuning's gradients back
+    bf16 = estimate.step_time_s(arch, Arm("full"), Shape(2, 4, grad_accum=2, precision="bf16"), 1e9, 1e9)
+    acts = estimate.layer_activation_bytes(arch, Arm("full"), "bf16") * arch.n_layers * tokens
+    plain = estimate.ACTIVATION_PASSES * acts + estimate.LOGIT_PASSES * 4 * 128 * tokens
+    assert bf16["elementwise_s"] == pytest.approx((plain + 2 * 6 * n * 2) / 1e9)
     # attention at its own measured rate when there is one
     own = estimate.step_time_s(arch, Arm("full"), Shape(2, 4, grad_accum=2, precision="fp32"), 1e9, 1e9, 1e8)
     assert own["attention_s"] == pytest.approx(3 * attn * tokens / 1e8)

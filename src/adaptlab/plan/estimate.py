@@ -303,6 +303,10 @@ def step_time_s(
     act_bytes = per_layer * arch.n_layers * tokens
     logit_bytes = FP32 * arch.vocab * tokens
     traffic = ACTIVATION_PASSES * act_bytes + LOGIT_PASSES * logit_bytes
+    if shape.act_bytes == 2 and arm.method != "qlora":
+        # autocast casts each fp32 weight (and the head, in the loss) to bf16 in every forward: read 4
+        # bytes, write 2; full fine-tuning's bf16 weight gradients come back to fp32 the same way
+        traffic += shape.grad_accum * 6 * arch.matmul_params * (2 if arm.method == "full" else 1)
     if arm.method == "qlora":  # dequantize every 4-bit weight in forward and again in backward
         traffic += 2 * shape.grad_accum * arch.linear_params * (NF4_BYTES_PER_PARAM + 2)
     if arm.is_lora:
