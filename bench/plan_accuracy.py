@@ -110,8 +110,8 @@ def replan(path: Path, remeasure: bool = False) -> int:
     runtime = runtime_baseline_bytes()
     fresh: dict[tuple, dict] = {}
     for r in rows:
+        arch = load_arch(r["model"])
         if remeasure:
-            arch = load_arch(r["model"])
             key = (
                 r["precision"],
                 *r["throughput"]["shape"],
@@ -126,7 +126,6 @@ def replan(path: Path, remeasure: bool = False) -> int:
                     **attention_throughput("cpu", key[0], *key[4:], refresh=True),
                 }
             r["throughput"] = fresh[key]
-        arch = load_arch(r["model"])
         targets = tuple(targets_for(arch, "all-linear"))
         arm = Arm("full") if r["method"] == "full" else Arm(r["method"], 16, targets)
         shape = Shape(r["batch"], r["seq_len"], 1, r["precision"], False, "cpu")

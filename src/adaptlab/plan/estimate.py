@@ -10,7 +10,8 @@ and the optimizer-step peak (gradients alive).
 
 Time is an estimate: training FLOPs (6 N per token for full fine-tuning, 4 N + 6 x adapter for the
 LoRA family, whose frozen weights need no weight gradient) over the measured matmul rate of a Linear,
-causal attention's FLOPs over the measured rate of the attention kernel, plus elementwise traffic (activations, logits, optimizer) over the measured memory bandwidth.
+causal attention's FLOPs over the measured rate of the attention kernel, plus elementwise traffic
+(activations, logits, autocast's casts, optimizer) over the measured memory bandwidth.
 The calibration below was fitted against real runs on a quiet 2-core CPU (bench/plan_accuracy.py,
 full, LoRA and QLoRA on tiny-random and smollm2-135m at 2 x 128 and 4 x 256); the time constants have
 not been checked on a GPU.
