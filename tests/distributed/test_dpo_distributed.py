@@ -21,6 +21,19 @@ pytestmark = pytest.mark.distributed
 
 REL = 1e-5
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+# A reward is beta times a difference of summed log-probs (tens to hundreds of nats): the fp32 rounding of
+# those sums, which differs with how the work is split, moves it by about 1e-6 whatever its size (1.5e-6
+# seen under FSDP2 with avx512 kernels), so rewards are compared within an absolute 1e-5, the loss relatively.
+REWARD_ABS = 1e-5
+
+
+def _close(b: dict, a: dict) -> None:
+    """b's metrics equal a's: rewards within REWARD_ABS, the loss and the rest within REL."""
+    assert a.keys() == b.keys()
+    rewards = [k for k in a if k.startswith("rewards/")]
+    rest = [k for k in a if k not in rewards]
+    assert [b[k] for k in rewards] == pytest.approx([a[k] for k in rewards], abs=REWARD_ABS), rewards
+    assert [b[k] for k in rest] == pytest.approx([a[k] for k in rest], rel=REL, abs=1e-6), rest
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +64,16 @@ def test_two_processes_take_the_dpo_steps_of_one(pairs, tmp_path, method, parall
     proc = train_in_child("--config", str(cfg), "--nproc", "2", "--parallel", parallel)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for a, b in zip(_rows(one), _rows(two), strict=True):
-        assert [b[k] for k in METRICS] == pytest.approx([a[k] for k in METRICS], rel=REL, abs=1e-6)
-    assert json.loads((two / "summary.json").read_text())["final_val"] == pytest.approx(
-        json.loads((one / "summary.json").read_text())["final_val"], rel=REL, abs=1e-6
+        # while the policy equals its reference (the first step) every pair's margin is rounding noise,
+        # and the share of margins above 0 is the sign of that noise: compared only past it
+        if abs(a["rewards/margins"]) <= 1e-6:
+            del a["rewards/accuracies"], b["rewards/accuracies"]
+        _close(b, a)
+    val_a = json.loads((one / "summary.json").read_text())["final_val"]
+    val_b = json.loads((two / "summary.json").read_text())["final_val"]
+    _close(
+        {k.removeprefix("val_"): v for k, v in val_b.items()},
+        {k.removeprefix("val_"): v for k, v in val_a.items()},
     )
     artifact = "adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"
     wa, wb = load_file(str(one / artifact)), load_file(str(two / artifact))
