@@ -20,6 +20,9 @@ skips it.
 - reference: AutoModelForCausalLM (+ peft get_peft_model; QLoRA through transformers'
   BitsAndBytesConfig), `model(input_ids, labels=...)` loss, torch AdamW, the same token blocks.
 
+With --optimizer-in-backward adaptlab runs with `train.optimizer_in_backward` (each parameter updated
+and its gradient freed inside backward) and neither loop clips gradients, which that mode cannot do.
+
 Separate processes on a shared machine see different load, so single ratios vary by +-15%. With
 --interleaved (speed only) both loops run in one process, their steps alternating (adaptlab first on
 even steps, the reference first on odd ones), so drift in the machine's speed hits both alike.
@@ -76,7 +79,14 @@ def _lr(method: str) -> float:
 
 
 def _config(
-    method: str, precision: str, batch: int, seq_len: int, steps: int, tmp: Path, compile: bool = False
+    method: str,
+    precision: str,
+    batch: int,
+    seq_len: int,
+    steps: int,
+    tmp: Path,
+    compile: bool = False,
+    in_backward: bool = False,
 ) -> Any:
     from adaptlab.config import build_config
 
@@ -93,6 +103,7 @@ def _config(
                 "lr": _lr(method),
                 "warmup": 0.0,
                 "compile": compile,
+                "optimizer_in_backward": in_backward,
             },
             "out": str(tmp / "run"),
         }
@@ -100,11 +111,18 @@ def _config(
 
 
 def run_adaptlab(
-    method: str, precision: str, batch: int, seq_len: int, steps: int, tmp: Path, compile: bool = False
+    method: str,
+    precision: str,
+    batch: int,
+    seq_len: int,
+    steps: int,
+    tmp: Path,
+    compile: bool = False,
+    in_backward: bool = False,
 ) -> dict[str, Any]:
     from adaptlab.train import train
 
-    summary = train(_config(method, precision, batch, seq_len, steps, tmp, compile))
+    summary = train(_config(method, precision, batch, seq_len, steps, tmp, compile, in_backward))
     rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]  # first step is the warm-up
     return {
@@ -176,7 +194,12 @@ def _reference(method: str, precision: str) -> tuple[Any, list[torch.nn.Paramete
 
 
 def _reference_step(
-    model: Any, params: list[torch.nn.Parameter], optimizer: Any, ids: torch.Tensor, precision: str
+    model: Any,
+    params: list[torch.nn.Parameter],
+    optimizer: Any,
+    ids: torch.Tensor,
+    precision: str,
+    clip: bool = True,
 ) -> tuple[float, float]:
     """One plain step: `model(input_ids, labels=...)` loss, backward, clip, AdamW; (seconds, loss)."""
     device = ids.device
@@ -184,7 +207,8 @@ def _reference_step(
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
     out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loss = float(out.loss)
@@ -194,7 +218,7 @@ def _reference_step(
 
 
 def run_reference(
-    method: str, precision: str, batch: int, seq_len: int, steps: int, tmp: Path
+    method: str, precision: str, batch: int, seq_len: int, steps: int, tmp: Path, clip: bool = True
 ) -> dict[str, Any]:
     """The plain loop: transformers model, peft adapter, model(labels=...) loss, AdamW."""
     from adaptlab.hardware import peak_mem_bytes
@@ -202,7 +226,7 @@ def run_reference(
     model, params, optimizer, tokenizer, device = _reference(method, precision)
     times, loss = [], float("nan")
     for ids in _blocks(tokenizer, _corpus(tmp), batch, seq_len, steps):
-        seconds, loss = _reference_step(model, params, optimizer, ids.to(device), precision)
+        seconds, loss = _reference_step(model, params, optimizer, ids.to(device), precision, clip)
         times.append(seconds)
     timed = times[1:]  # first step is the warm-up
     return {
@@ -215,17 +239,19 @@ def run_reference(
 
 
 def interleaved(
-    method: str, precision: str, batch: int, seq_len: int, steps: int, tmp: Path
+    method: str, precision: str, batch: int, seq_len: int, steps: int, tmp: Path, in_backward: bool = False
 ) -> dict[str, Any]:
     """Both loops in one process, their steps alternating (adaptlab first on even steps, the reference on
     odd ones), so the machine's drift hits both alike: median step seconds of each and their ratio."""
+    from adaptlab.optim_backward import BackwardUpdates
     from adaptlab.train import build_optimizer, build_scheduler, prepare, train_step
 
-    config = _config(method, precision, batch, seq_len, steps, tmp)
+    config = _config(method, precision, batch, seq_len, steps, tmp, in_backward=in_backward)
     setup = prepare(config)
     setup.objective.prepare(setup)
     optimizer = build_optimizer(setup.params, config.train, _lr(method))
     scheduler = build_scheduler(optimizer, steps, config.train)
+    updates = BackwardUpdates(optimizer, setup.params.values()) if in_backward else None
     model, params, ref_optimizer, tokenizer, device = _reference(method, precision)
     ours: list[float] = []
     ref: list[float] = []
@@ -233,9 +259,12 @@ def interleaved(
         for loop in ("adaptlab", "reference") if i % 2 == 0 else ("reference", "adaptlab"):
             if loop == "adaptlab":
                 micro = setup.objective.micro_batches(setup, i)
-                ours.append(train_step(setup, micro, optimizer, scheduler).seconds)
+                ours.append(train_step(setup, micro, optimizer, scheduler, updates).seconds)
             else:
-                ref.append(_reference_step(model, params, ref_optimizer, ids.to(device), precision)[0])
+                step = _reference_step(
+                    model, params, ref_optimizer, ids.to(device), precision, not in_backward
+                )
+                ref.append(step[0])
     ours_s, ref_s = statistics.median(ours[1:]), statistics.median(ref[1:])  # first step: warm-up
     return {
         "adaptlab_step_s": ours_s,
@@ -246,14 +275,17 @@ def interleaved(
     }
 
 
-def one(loop: str, method: str, precision: str, batch: int, seq_len: int, steps: int) -> dict[str, Any]:
+def one(
+    loop: str, method: str, precision: str, batch: int, seq_len: int, steps: int, in_backward: bool = False
+) -> dict[str, Any]:
+    """One config; with in_backward adaptlab updates in backward and neither loop clips."""
     with tempfile.TemporaryDirectory() as tmp:
         if loop == "reference":
-            return run_reference(method, precision, batch, seq_len, steps, Path(tmp))
+            return run_reference(method, precision, batch, seq_len, steps, Path(tmp), clip=not in_backward)
         if loop == "interleaved":
-            return interleaved(method, precision, batch, seq_len, steps, Path(tmp))
+            return interleaved(method, precision, batch, seq_len, steps, Path(tmp), in_backward)
         return run_adaptlab(
-            method, precision, batch, seq_len, steps, Path(tmp), compile=loop.endswith("compile")
+            method, precision, batch, seq_len, steps, Path(tmp), loop.endswith("compile"), in_backward
         )
 
 
@@ -266,6 +298,7 @@ def _in_subprocess(
     cmd = [sys.executable, __file__, "--one", f"{loop},{method},{precision}"]
     cmd += ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
     cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--optimizer-in-backward"] if args.optimizer_in_backward else []
     done = subprocess.run(
         cmd,
         capture_output=True,
@@ -302,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         "--compile", action="store_true", help="also run adaptlab with train.compile (adaptlab+compile)"
     )
     parser.add_argument(
+        "--optimizer-in-backward",
+        action="store_true",
+        help="adaptlab with train.optimizer_in_backward; neither loop clips gradients",
+    )
+    parser.add_argument(
         "--interleaved",
         action="store_true",
         help="speed only: both loops in one process, steps alternating (memory needs separate processes)",
@@ -321,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
                 table = profile_step(method, precision, args.batch, args.seq_len, Path(tmp))
             print(json.dumps({"table": table}))
             return 0
-        print(json.dumps(one(loop, method, precision, args.batch, args.seq_len, args.steps)))
+        result = one(
+            loop, method, precision, args.batch, args.seq_len, args.steps, args.optimizer_in_backward
+        )
+        print(json.dumps(result))
         return 0
 
     args.out = args.out or (INTERLEAVED_RESULTS if args.interleaved else RESULTS)
@@ -400,6 +441,8 @@ def _write(args: argparse.Namespace, argv: list[str] | None, rows: list[dict], l
                 "command": "python bench/train_step.py "
                 + " ".join(argv if argv is not None else sys.argv[1:]),
                 "live_memory_env": live_env,
+                "optimizer_in_backward": args.optimizer_in_backward,
+                "clipping": None if args.optimizer_in_backward else 1.0,
                 "rows": rows,
             },
             indent=2,

@@ -143,8 +143,32 @@ class StepSpec(_Spec):
     grad_checkpointing: bool = False
     compile: bool = False
     """torch.compile each decoder layer (compile.py); off by default until measured to help (README)."""
+    optimizer_in_backward: bool = False
+    """Apply each parameter's AdamW update as soon as its gradient is complete and free that gradient
+    (optim_backward.py), so the gradients are never all held at once. Global-norm clipping needs them
+    all first: max_grad_norm is null with it (left at its default it is dropped; set, it is refused)."""
     eval_examples: int = Field(32, gt=0)
     """Validation blocks scored at each evaluation."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_default_clip_in_backward(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and data.get("optimizer_in_backward") is True
+            and "max_grad_norm" not in data
+        ):
+            return {**data, "max_grad_norm": None}  # the default clipping cannot apply to in-backward updates
+        return data
+
+    @model_validator(mode="after")
+    def _clip_or_in_backward(self) -> StepSpec:
+        if self.optimizer_in_backward and self.max_grad_norm is not None:
+            raise ValueError(
+                "can't clip gradients (max_grad_norm) with optimizer_in_backward: each update is applied "
+                "before the global norm is known. Choose one (max_grad_norm: null)"
+            )
+        return self
 
 
 class TrainSpec(StepSpec):

@@ -48,6 +48,7 @@ from adaptlab.health import Health, advice
 from adaptlab.methods import ParamReport, apply_method, param_report, trainable_parameters
 from adaptlab.models import load_model
 from adaptlab.objectives import Objective, objective_for, to_device
+from adaptlab.optim_backward import BackwardUpdates, check_one_process
 from adaptlab.rundir import RunDir, dir_bytes, versions
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ def train(
     world = dist.world_from_env()
     dist.check_parallel(parallel, config.method.method, world)
     dist.check_global_batch(config.train.batch * config.train.grad_accum, world)
+    check_one_process(config.train.optimizer_in_backward, world.world_size)
     owner = outputs.owned(run.root, "run", overwrite=overwrite or resume) if world.is_main else nullcontext()
     with owner:
         if not resume and world.is_main:
@@ -251,6 +253,7 @@ def _loop(
     setup.objective.prepare(setup)
     optimizer = build_optimizer(setup.params, t, setup.config.resolved_lr())
     scheduler = build_scheduler(optimizer, setup.total_steps, t)
+    updates = BackwardUpdates(optimizer, setup.params.values()) if t.optimizer_in_backward else None
     writer = (
         RankWriter(setup.run, on_log, t.keep_checkpoints, setup.world, setup.model)
         if setup.world.distributed
@@ -270,7 +273,7 @@ def _loop(
     result = None
     for step in range(progress.step, setup.total_steps):
         apply_lr_changes(setup.config, step, optimizer, scheduler)
-        result = train_step(setup, setup.objective.micro_batches(setup, step), optimizer, scheduler)
+        result = train_step(setup, setup.objective.micro_batches(setup, step), optimizer, scheduler, updates)
         # an objective whose steps may carry no signal (grpo: every group agrees) is watched for divergence only
         labels = 0 if getattr(setup.objective, "zero_gradient_ok", False) else result.labels
         if (problem := health.check(step + 1, result.loss, result.grad_norm, labels)) is not None:
@@ -374,13 +377,19 @@ class StepResult:
 
 
 def train_step(
-    setup: Setup, micro: list[dict[str, torch.Tensor]], optimizer: Any, scheduler: Any
+    setup: Setup,
+    micro: list[dict[str, torch.Tensor]],
+    optimizer: Any,
+    scheduler: Any,
+    updates: BackwardUpdates | None = None,
 ) -> StepResult:
     """One optimizer step over the global batch `micro`: forward and backward per micro-batch, clip, update.
 
     Each micro-batch's summed loss is divided by the objective's normaliser of the whole global batch
     (summed over ranks; sft: its label tokens), so the accumulated gradient is that of the global
-    batch's mean loss however it is cut, over micro-batches or over ranks.
+    batch's mean loss however it is cut, over micro-batches or over ranks. With `updates`
+    (optimizer_in_backward) the last micro-batch's backward applies the update itself, a parameter at
+    a time.
     """
     start = time.perf_counter()
     device = setup.device
@@ -390,6 +399,8 @@ def train_step(
     total_loss = 0.0
     sums: dict[str, float] = {}
     for m, b in enumerate(micro):
+        if updates is not None:
+            updates.armed = m == len(micro) - 1
         with dist.gradient_sync(setup.model, m == len(micro) - 1):
             with autocast(device, setup.precision):
                 loss_sum, metric_sums = setup.objective.loss(setup, to_device(b, device))
@@ -397,9 +408,13 @@ def train_step(
         total_loss += float(loss_sum.detach())
         for k, v in metric_sums.items():
             sums[k] = sums.get(k, 0.0) + v
-    norm = grad_norm(list(setup.params.values()), setup.config.train.max_grad_norm)
     lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
+    if updates is None:
+        norm = grad_norm(list(setup.params.values()), setup.config.train.max_grad_norm)
+        optimizer.step()
+    else:
+        updates.armed = False
+        norm = updates.finish()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -96,6 +97,10 @@ def test_memory_breakdown_hand_computed():
     # final norm input, output and head input 3*4*8; the head's gradient 4*128*8 arrives early
     assert full["activations"] == 416 * 8 + 96 * 8
     assert full["peak"] == 1000 + 6496 + 12992 + 4096 + 4352 + 4096
+    inbwd = memory_breakdown(arch, Arm("full"), replace(gpu_fp32, optimizer_in_backward=True), 1000)
+    assert inbwd["gradients"] == 4 * 128 * 8  # only the one being applied, the largest: the tied embedding's
+    # the step's peak, 1000 + 6496 + 2 x 4096 + 12992, is under the forward's, which stays the peak
+    assert inbwd["peak"] == full["peak"]
     bf16 = memory_breakdown(arch, Arm("full"), Shape(2, 4, precision="bf16", device_type="cuda"), 0)
     assert bf16["weight_copies"] == 2 * 576  # the Linears' bf16 copies; the loss casts the head per call
     assert bf16["activations"] == (128 + 48 + 64 + 2 * 5 * 8) * 8 + (32 + 32 + 16) * 8
@@ -105,6 +110,18 @@ def test_memory_breakdown_hand_computed():
     assert ckpt["activations"] == 4 * 8 * 8 + 336 * 8 + 4 * 8 * 8
     qlora = memory_breakdown(arch, Arm("qlora", 2, ("q_proj", "v_proj")), gpu_fp32, 0)
     assert qlora["weights"] == round(576 * (0.5 + 0.127 / 8)) + 4 * (1624 - 576)
+
+
+def test_optimizer_in_backward_drops_the_gradients_from_the_step_peak():
+    """smollm2-135m full fine-tuning, 4 x 128 under gradient checkpointing, peaks at the optimizer step."""
+    arch = arch_from_config(smollm2_config())
+    shape = Shape(4, 128, precision="fp32", grad_checkpointing=True, device_type="cuda")
+    plain = memory_breakdown(arch, Arm("full"), shape, 0)
+    inbwd = memory_breakdown(arch, Arm("full"), replace(shape, optimizer_in_backward=True), 0)
+    step_peak = plain["weights"] + plain["gradients"] + plain["optimizer"] + inbwd["gradients"]
+    assert plain["peak"] == step_peak
+    assert inbwd["gradients"] == 4 * 49152 * 576
+    assert plain["peak"] - inbwd["peak"] > 0.3e9  # the forward's peak now sets it
 
 
 def test_step_time_hand_computed():

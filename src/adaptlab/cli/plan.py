@@ -127,6 +127,9 @@ def _print(result: dict[str, Any]) -> None:
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
 @click.option("--epochs", type=float, default=1.0, show_default=True)
 @click.option("--grad-checkpointing", is_flag=True, help="Plan with gradient checkpointing on.")
+@click.option(
+    "--optimizer-in-backward", is_flag=True, help="Plan with each gradient applied and freed in backward."
+)
 @click.option("--no-benchmark", is_flag=True, help="Skip the device micro-benchmark (nominal throughput).")
 @click.option("--gpus", type=int, help="Plan one run on N GPUs: per-device memory under DDP and FSDP2.")
 @click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), help="With --gpus: only this strategy.")

@@ -48,6 +48,7 @@ FLAG_FIELDS: dict[str, dict[str, str]] = {
         "seed",
         "precision",
         "grad_checkpointing",
+        "optimizer_in_backward",
     )
     | {"compile": "compile_"},
     "objective": {
@@ -116,6 +117,11 @@ def _overrides(**flags: Any) -> dict[str, Any]:
     default=None,
     help="torch.compile each decoder layer (first steps slower while it compiles; see the README's figures).",
 )
+@click.option(
+    "--optimizer-in-backward/--no-optimizer-in-backward",
+    default=None,
+    help="Update each parameter as soon as its gradient is complete and free it (less memory; no clipping).",
+)
 @click.option("--task", type=click.Choice(TASKS), help="What a step minimises: sft (default) | dpo | grpo.")
 @click.option("--beta", type=float, help="DPO: beta, the strength of the KL to the reference (default 0.1).")
 @click.option("--dpo-loss", type=click.Choice(DPO_LOSSES), help="DPO loss: sigmoid (default) | ipo.")
@@ -179,6 +185,7 @@ def train_command(
                 raise SystemExit(2) from None
             raise
     from adaptlab import distributed as dist
+    from adaptlab.optim_backward import check_one_process
     from adaptlab.train import resume_run, train
 
     world = dist.world_from_env()
@@ -191,6 +198,8 @@ def train_command(
                 names = ", ".join(f"--{k.rstrip('_').replace('_', '-')}" for k in given) or "--config"
                 raise UserError(f"--resume takes the run's own config; only --lr may change: drop {names}")
         if nproc is not None:
+            if config is not None:
+                check_one_process(config.train.optimizer_in_backward, nproc)
             _launch(ctx, nproc, parallel, config, resume)
             return
         progress = _Progress(quiet or not world.is_main)

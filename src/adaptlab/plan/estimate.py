@@ -98,6 +98,7 @@ class Shape:
     grad_checkpointing: bool = False
     device_type: str = "cpu"
     rows_per_example: int = 1  # 2 for preference pairs (chosen and rejected)
+    optimizer_in_backward: bool = False  # each gradient applied and freed in backward (optim_backward.py)
 
     @property
     def act_bytes(self) -> int:
@@ -209,7 +210,9 @@ def memory_breakdown(
             weight_copies = 2 * arch.linear_params
     else:
         weight_copies = 2 * layer_linear if arm.method == "qlora" else 0
-    gradients = FP32 * n_train
+    # in backward, only the gradient being applied is alive (the largest: the tied embedding's)
+    largest_grad = FP32 * max(arch.embedding_params, layer_linear) * (not arm.is_lora)
+    gradients = largest_grad if shape.optimizer_in_backward else FP32 * n_train
     optimizer = ADAM_BYTES_PER_PARAM * n_train
     # The head's gradient (vocab x hidden) arrives first in backward, while activations are alive.
     early_grads = FP32 * head if arm.method == "full" else 0
@@ -225,9 +228,7 @@ def memory_breakdown(
     if cpu and arm.method == "qlora":
         dynamic += round(CPU_QLORA_DEQUANT_RESIDUAL * FP32 * arch.linear_params)
     forward_peak = static + optimizer + dynamic
-    step_peak = (
-        static + gradients + optimizer + FP32 * max(arch.embedding_params, layer_linear) * (not arm.is_lora)
-    )
+    step_peak = static + gradients + optimizer + largest_grad
     load_peak = (  # the fp32 checkpoint before quantizing
         runtime
         + (data_bytes if cpu else 0)

@@ -10,6 +10,7 @@ completion tokens.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from adaptlab.plan.arch import Arch
@@ -51,7 +52,7 @@ def train_shape(shape: Shape, prompt_len: int) -> Shape:
     prompts = shape.batch * shape.grad_accum
     accum = -(-prompts * GROUP_SIZE // shape.batch)
     seq = min(shape.seq_len, prompt_len + MAX_NEW_TOKENS)
-    return Shape(shape.batch, seq, accum, shape.precision, shape.grad_checkpointing, shape.device_type)
+    return replace(shape, seq_len=seq, grad_accum=accum)
 
 
 def add_sampling(

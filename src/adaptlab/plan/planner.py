@@ -234,6 +234,7 @@ def plan(
     epochs: float = 1.0,
     tokens: int | None = None,
     grad_checkpointing: bool = False,
+    optimizer_in_backward: bool = False,
     text_field: str = "text",
     benchmark: bool = True,
     refresh: bool = False,
@@ -274,7 +275,16 @@ def plan(
         )
     budget = tokens if tokens is not None else round(size.tokens_per_epoch * epochs)
     rows = 2 if task == "dpo" else 1
-    shape = Shape(batch, seq_len, grad_accum, prec, grad_checkpointing, dev.type, rows_per_example=rows)
+    shape = Shape(
+        batch,
+        seq_len,
+        grad_accum,
+        prec,
+        grad_checkpointing,
+        dev.type,
+        rows_per_example=rows,
+        optimizer_in_backward=optimizer_in_backward,
+    )
 
     if benchmark:
         rate = {
@@ -320,6 +330,7 @@ def plan(
             "grad_accum": grad_accum,
             "seq_len": seq_len,
             "grad_checkpointing": grad_checkpointing,
+            "optimizer_in_backward": optimizer_in_backward,
             "epochs": epochs if tokens is None else tokens / max(size.tokens_per_epoch, 1),
             "token_budget": budget,
             "steps_per_epoch": steps_per_epoch,

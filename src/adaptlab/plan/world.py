@@ -158,6 +158,9 @@ def world_args_from(
                 "--gpus: this machine has no GPU to measure; give each GPU's memory with --memory (e.g. 80GiB)"
             )
         memory = torch.cuda.get_device_properties(0).total_memory
+    from adaptlab.optim_backward import check_one_process
+
+    check_one_process(bool(flags.get("optimizer_in_backward")), gpus)
     precision = flags.get("precision") or "auto"
     device_micro_batch(flags.get("batch") or 4, flags.get("grad_accum") or 1, gpus)  # fail before planning
     return {
