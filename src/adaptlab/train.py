@@ -43,6 +43,7 @@ from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, check_
 from adaptlab.errors import UserError
 from adaptlab.fused import fuse_mlps
 from adaptlab.fused_lora import fuse_loras
+from adaptlab.fused_norm import fuse_norms
 from adaptlab.hardware import autocast, choose_precision, mem_bytes, peak_mem_bytes, pick_device, reset_peak
 from adaptlab.health import Health, advice
 from adaptlab.methods import ParamReport, apply_method, param_report, trainable_parameters
@@ -115,6 +116,8 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
     fuse_mlps(model, recompute_product=not (config.train.grad_checkpointing or config.train.compile))
     if not config.train.compile:  # LoRA's adapter passes folded into accumulating matmuls
         fuse_loras(model)
+    if not (config.train.grad_checkpointing or config.train.compile or strategy == "fsdp"):
+        fuse_norms(model)  # a block's norms keep their input only; their outputs are rebuilt in backward
     if config.train.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if strategy != "fsdp":

@@ -17,6 +17,7 @@ import torch
 
 from adaptlab.errors import UserError
 from adaptlab.fused import is_standard_mlp
+from adaptlab.fused_norm import NORMS, is_standard_norm
 from adaptlab.methods import linear_modules, resolve_targets
 
 # Where each Linear's input comes from in a Llama-style block; decides which saved inputs alias.
@@ -45,6 +46,7 @@ class Arch:
     linear_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (in, out), no lm_head
     max_positions: int | None = None  # max_position_embeddings: the longest sequence the model takes
     fused_mlp: bool = False  # training fuses its MLPs (adaptlab.fused: two saved tensors, not four)
+    fused_norms: bool = False  # training rebuilds its norms' outputs in backward (adaptlab.fused_norm)
 
     @property
     def linear_params(self) -> int:
@@ -159,6 +161,7 @@ def arch_from_config(config: Any, spec: str = "") -> Arch:
         linear_shapes=shapes,
         max_positions=_cfg(text, "max_position_embeddings", "n_positions", default=None),
         fused_mlp=any(is_standard_mlp(m) for m in model.modules()),
+        fused_norms=any(all(is_standard_norm(getattr(m, n, None)) for n in NORMS) for m in model.modules()),
     )
 
 

@@ -115,21 +115,26 @@ def trainable_params(arch: Arch, arm: Arm) -> int:
     return arch.lora_params(arm.rank, list(arm.targets), dora=arm.method == "dora")
 
 
-def layer_activation_bytes(arch: Arch, arm: Arm, precision: str, fused: bool | None = None) -> int:
+def layer_activation_bytes(
+    arch: Arch, arm: Arm, precision: str, fused: bool | None = None, norms_fused: bool | None = None
+) -> int:
     """Bytes autograd saves per token in one Llama-style block (counted from the saved tensors).
 
     Residual stream and RMSNorm math are fp32; under bf16 autocast every Linear casts its fp32 input
-    to its own bf16 copy. Saved: each norm's input (and its output when norm weights train), the
-    attention kernel's q, k, v and output, the MLP's gate and up outputs, and the input of every
-    Linear whose weight (or LoRA A) needs a gradient, plus the LoRA A output (r values). An MLP that
-    is not fused (adaptlab.fused) also keeps its SiLU output and its product; `fused` defaults to
-    whether training fuses this architecture's MLP.
+    to its own bf16 copy. Saved: each norm's input (and its normalised input when norm weights
+    train), the attention kernel's q, k, v and output, the MLP's gate and up outputs, and the input of
+    every Linear whose weight (or LoRA A) needs a gradient, plus the LoRA A output (r values). An MLP
+    that is not fused (adaptlab.fused) also keeps its SiLU output and its product; `fused` defaults to
+    whether training fuses this architecture's MLP. Fused norms (adaptlab.fused_norm) keep neither the
+    normalised input nor, in fp32, the output the Linears read; `norms_fused` defaults to whether
+    training fuses this architecture's norms.
     """
     fused = arch.fused_mlp if fused is None else fused
+    norms_fused = arch.fused_norms if norms_fused is None else norms_fused
     b = 2 if precision == "bf16" else 4
     h, q, kv, inter = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate
     full = arm.method == "full"
-    total = 2 * FP32 * h + (2 * FP32 * h if full else 0)  # two norms
+    total = 2 * FP32 * h + (2 * FP32 * h if full and not norms_fused else 0)  # two norms
     total += b * (2 * q + 2 * kv)  # sdpa: q, k, v, output (= o_proj input)
     total += (2 if fused else 3) * b * inter  # gate out, up out (and SiLU out unless fused)
     grads = set(arch.short_names()) if full else set(arm.targets)
@@ -142,7 +147,8 @@ def layer_activation_bytes(arch: Arch, arm: Arm, precision: str, fused: bool | N
                 continue  # the attention output is already bf16 and saved
             total += b * n_in
     else:  # fp32: Linear inputs alias the norm outputs (one per norm), the attention output, the MLP product
-        total += FP32 * h * (any(n in ATTN_IN for n in inputs) + any(n in MLP_IN for n in inputs))
+        if not norms_fused:
+            total += FP32 * h * (any(n in ATTN_IN for n in inputs) + any(n in MLP_IN for n in inputs))
         if "down_proj" in inputs:
             total += FP32 * inter
     if arm.is_lora:
@@ -189,7 +195,9 @@ def memory_breakdown(
         weights = FP32 * arch.total_params
     if reference_model and arm.method == "full":
         weights += FP32 * arch.total_params  # a frozen copy of the base scores the reference policy
-    per_layer = layer_activation_bytes(arch, arm, shape.precision)
+    # training leaves the norms alone under activation checkpointing (its own recomputation)
+    norms_fused = arch.fused_norms and not shape.grad_checkpointing
+    per_layer = layer_activation_bytes(arch, arm, shape.precision, norms_fused=norms_fused)
     # final norm: its input; with full fine-tuning also its normalised output and the head's input
     head_in = (FP32 if b == 4 else 2) * arch.hidden
     edge = (FP32 * arch.hidden + ((FP32 * arch.hidden + head_in) if arm.method == "full" else 0)) * tokens
@@ -198,7 +206,8 @@ def memory_breakdown(
     activations = acts_ckpt if shape.grad_checkpointing else acts_full
     # The heap's slack follows the blocks a step allocates and frees, which fusing the MLP leaves as
     # they were (it still computes the SiLU output and the product; it keeps fewer of them).
-    unfused_extra = layer_activation_bytes(arch, arm, shape.precision, fused=False) - per_layer
+    unfused = layer_activation_bytes(arch, arm, shape.precision, fused=False, norms_fused=False)
+    unfused_extra = unfused - per_layer
     churn = activations + unfused_extra * tokens * (1 if shape.grad_checkpointing else arch.n_layers)
     logits = loss_bytes(arch, shape)
     head = arch.vocab * arch.hidden
@@ -301,7 +310,8 @@ def step_time_s(
         * tokens
         / (attention_flops_per_s or MATMUL_EFFICIENCY * matmul_flops_per_s)
     )
-    per_layer = layer_activation_bytes(arch, arm, shape.precision)
+    # passes over the activations: rebuilt norm outputs are written and read like saved ones
+    per_layer = layer_activation_bytes(arch, arm, shape.precision, norms_fused=False)
     act_bytes = per_layer * arch.n_layers * tokens
     logit_bytes = FP32 * arch.vocab * tokens
     traffic = ACTIVATION_PASSES * act_bytes + LOGIT_PASSES * logit_bytes

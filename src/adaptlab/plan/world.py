@@ -15,6 +15,7 @@ print(json.dumps(plan_world('tiny-random', 4, 80 * 2**30)['recommendation'], ind
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from adaptlab.errors import UserError
@@ -51,7 +52,7 @@ def ddp_bytes(arch: Arch, arm: Arm, shape: Shape, runtime: int) -> dict[str, int
 
 def fsdp_bytes(arch: Arch, arm: Arm, shape: Shape, runtime: int, world_size: int) -> dict[str, int]:
     """One device's memory under FSDP2: sharded weights, gradients and optimizer, gathered units."""
-    mem = memory_breakdown(arch, arm, shape, runtime)
+    mem = memory_breakdown(replace(arch, fused_norms=False), arm, shape, runtime)  # training: not under FSDP2
     n = world_size
     block = (arch.total_params - arch.embedding_params * (1 if arch.tied else 2)) // max(arch.n_layers, 1)
     root = arch.embedding_params * (1 if arch.tied else 2)
