@@ -14,6 +14,16 @@ from typing import Any
 from adaptlab.config import RunConfig, build_config
 
 
+def step_grads(model: Any, ids: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
+    """One forward (bf16 autocast when dtype is bf16) and backward: (the loss, every parameter's gradient)."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def write_corpus(directory: Path, n_docs: int = 40) -> Path:
     """A JSONL corpus of real text (standard-library modules), one document a line."""
     directory.mkdir(parents=True, exist_ok=True)

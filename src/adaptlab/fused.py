@@ -93,17 +93,16 @@ def is_standard_mlp(module: nn.Module) -> bool:
         return False
     if not isinstance(module.act_fn, nn.SiLU) and type(module.act_fn).__name__ != "SiLUActivation":
         return False
-    return _has_standard_forward(type(module))
+    return STANDARD_FORWARD in forward_source(type(module))
 
 
 @functools.cache
-def _has_standard_forward(cls: type) -> bool:
-    """Whether `cls.forward`'s source, whitespace removed, contains STANDARD_FORWARD (read once per class)."""
+def forward_source(cls: type) -> str:
+    """`cls.forward`'s source with all whitespace removed ("" when unreadable); read once per class."""
     try:
-        source = inspect.getsource(cls.forward)
+        return "".join(inspect.getsource(cls.forward).split())
     except (OSError, TypeError):
-        return False
-    return STANDARD_FORWARD in "".join(source.split())
+        return ""
 
 
 def fuse_mlps(model: nn.Module, recompute_product: bool = True) -> int:

@@ -9,8 +9,10 @@ a 2-core CPU, where the whole step is 8.8 s.
 
 `LoRALinear` does the same arithmetic with accumulating matmuls: forward `y = x W^T + b`, then
 `y += scaling * (x A^T) B^T` in place (addmm); backward scales the (tokens x rank) gradient of A's
-output instead of the (tokens x out) one, and adds A's input gradient into the base's with addmm. It
-saves what PEFT's modules save (x, A's output; the weights are parameters), so memory is unchanged.
+output instead of the (tokens x out) one, and adds A's input gradient into the base's with addmm. In
+fp32 it saves what PEFT's modules save (x, A's output; the weights are parameters). Under autocast it
+saves the uncast x and weights and casts them again in backward, where PEFT's modules keep their bf16
+casts: the frozen base's bf16 copy (2 bytes a parameter) is not held between forward and backward.
 Results equal PEFT's up to the rounding of the fused accumulation (fp32: within 1e-6 relative, tested).
 
 `fuse_loras` swaps the forward of each PEFT `lora.Linear` over a plain nn.Linear; at each call the
@@ -31,7 +33,14 @@ from torch import nn
 
 
 class LoRALinear(torch.autograd.Function):
-    """y = x W^T + b + scaling * (x A^T) B^T with W and b frozen; gradients for x, A and B."""
+    """y = x W^T + b + scaling * (x A^T) B^T with W and b frozen; gradients for x, A and B.
+
+    With `dtype` (autocast's), x, W, b, A and B are cast to it for the matmuls, as autocast would cast
+    them, but the uncast tensors are what is saved: backward casts them again. A frozen weight's cast
+    is then not held from forward to backward (2 bytes a base parameter under bf16), and an input the
+    block rebuilds in backward (a norm's output, adaptlab.fused_norm) is not held at all. Gradients come
+    back in each input's own dtype, as the casts' backward would return them.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -42,27 +51,38 @@ class LoRALinear(torch.autograd.Function):
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
         scaling: float,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        down = flat @ lora_a.t()  # (N, r)
-        y = F.linear(flat, weight, bias)
-        y.addmm_(down, lora_b.t(), alpha=scaling)
+        xc, wc, bc, ac, bbc = _cast((x, weight, bias, lora_a, lora_b), dtype)
+        flat = xc.reshape(-1, xc.shape[-1])
+        down = flat @ ac.t()  # (N, r)
+        y = F.linear(flat, wc, bc)
+        y.addmm_(down, bbc.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, down)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.dtype = scaling, dtype
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x, weight, lora_a, lora_b, down = ctx.saved_tensors
+        *saved, down = ctx.saved_tensors
+        x, weight, lora_a, lora_b = _cast(tuple(saved), ctx.dtype)
         g = grad_out.reshape(-1, grad_out.shape[-1])
         flat = x.reshape(-1, x.shape[-1])
         grad_down = (g @ lora_b).mul_(ctx.scaling)  # (N, r): the scaling lands on the small tensor
-        grad_x = None
+        grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).addmm_(grad_down, lora_a).view_as(x)
-        grad_a = grad_down.t() @ flat if ctx.needs_input_grad[3] else None
-        grad_b = (g.t() @ down).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
-        return grad_x, None, None, grad_a, grad_b, None
+            grad_x = (g @ weight).addmm_(grad_down, lora_a).view_as(x).to(saved[0].dtype)
+        if ctx.needs_input_grad[3]:
+            grad_a = (grad_down.t() @ flat).to(saved[2].dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b = (g.t() @ down).mul_(ctx.scaling).to(saved[3].dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def _cast(tensors: tuple[torch.Tensor | None, ...], dtype: torch.dtype | None) -> tuple[Any, ...]:
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t is not None else None for t in tensors)
 
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -74,10 +94,8 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     tensors = (x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight)
     kind = x.device.type
     if torch.is_autocast_enabled(kind):  # the casts autocast would make, then the fused ops in that dtype
-        dtype = torch.get_autocast_dtype(kind)
-        tensors = tuple(t.to(dtype) if t is not None else None for t in tensors)
         with torch.autocast(kind, enabled=False):
-            return LoRALinear.apply(*tensors, self.scaling[adapter])
+            return LoRALinear.apply(*tensors, self.scaling[adapter], torch.get_autocast_dtype(kind))
     return LoRALinear.apply(*tensors, self.scaling[adapter])
 
 

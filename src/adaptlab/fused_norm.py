@@ -21,14 +21,14 @@ under them.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import types
 import weakref
 from typing import Any
 
 import torch
 from torch import nn
+
+from adaptlab.fused import forward_source
 
 NORMS = ("input_layernorm", "post_attention_layernorm")
 STANDARD_FORWARD = (
@@ -105,16 +105,7 @@ def is_standard_norm(module: nn.Module) -> bool:
         module, "variance_epsilon"
     ):
         return False
-    return _has_standard_forward(type(module))
-
-
-@functools.cache
-def _has_standard_forward(cls: type) -> bool:
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    return "".join(source.split()).endswith(STANDARD_FORWARD)
+    return forward_source(type(module)).endswith(STANDARD_FORWARD)
 
 
 def fuse_norms(model: nn.Module) -> int:

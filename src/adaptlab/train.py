@@ -38,6 +38,7 @@ import torch
 
 from adaptlab import distributed as dist
 from adaptlab import outputs
+from adaptlab.autocast_linear import fuse_autocast_linears
 from adaptlab.checkpoint import LogFn, RankWriter, RunWriter, restore
 from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, check_against_model, load_config
 from adaptlab.errors import UserError
@@ -116,6 +117,8 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
     fuse_mlps(model, recompute_product=not (config.train.grad_checkpointing or config.train.compile))
     if not config.train.compile:  # LoRA's adapter passes folded into accumulating matmuls
         fuse_loras(model)
+    if not (config.train.compile or strategy == "fsdp"):
+        fuse_autocast_linears(model)  # under autocast, trained Linears keep fp32 tensors, not bf16 casts
     if not (config.train.grad_checkpointing or config.train.compile or strategy == "fsdp"):
         fuse_norms(model)  # a block's norms keep their input only; their outputs are rebuilt in backward
     if config.train.grad_checkpointing:

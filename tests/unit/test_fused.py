@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import step_grads
 from torch import nn
 
 from adaptlab.config import MethodSpec
@@ -33,15 +34,6 @@ def test_swiglu_equals_plain_autograd_bit_for_bit(dtype: torch.dtype) -> None:
     assert torch.equal(fused, plain)
     for a, b in zip(fused_grads, plain_grads, strict=True):
         assert torch.equal(a, b)
-
-
-def _step(
-    model: nn.Module, ids: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -66,8 +58,8 @@ def test_fused_model_trains_like_the_plain_model(
     fused = copy.deepcopy(plain)
     assert fuse_mlps(fused, recompute_product=not checkpointing) == plain.config.num_hidden_layers
     ids = torch.randint(0, plain.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-    loss_a, grads_a = _step(plain, ids, dtype)
-    loss_b, grads_b = _step(fused, ids, dtype)
+    loss_a, grads_a = step_grads(plain, ids, dtype)
+    loss_b, grads_b = step_grads(fused, ids, dtype)
     assert torch.equal(loss_a, loss_b)
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name, g in grads_a.items():

@@ -72,6 +72,33 @@ def test_fused_lora_under_bf16_autocast() -> None:
         assert cos > 0.999, (name, float(cos))
 
 
+def test_under_autocast_it_keeps_the_uncast_weight_and_input() -> None:
+    """A frozen weight's bf16 cast is not held from forward to backward: the fp32 parameter is saved."""
+    model = _lora(MethodSpec(method="lora", rank=4, targets="all-linear"))
+    fuse_loras(model)
+    layer = next(m for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A"))
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    x = torch.randn(2, 8, layer.in_features, requires_grad=True)
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+    ):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    weight = [t for t in saved if t.shape == layer.base_layer.weight.shape]
+    assert len(weight) == 1 and weight[0].untyped_storage().data_ptr() in params  # the parameter itself
+    assert any(t is x for t in saved)  # the fp32 input, not its bf16 cast
+    assert not any(t.dtype == torch.bfloat16 and t.numel() >= x.numel() for t in saved)
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+
+
 def test_function_gradients_against_plain_ops() -> None:
     """LoRALinear alone, 3-D input with a bias, float64: every gradient equal to autograd's of the expression."""
     g = torch.Generator().manual_seed(0)

@@ -12,6 +12,7 @@ import weakref
 
 import pytest
 import torch
+from helpers import step_grads
 from torch import nn
 
 from adaptlab import fused_norm
@@ -36,15 +37,6 @@ def _model(method: str) -> nn.Module:
     return model.train()
 
 
-def _step(
-    model: nn.Module, ids: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("method", ["full", "lora", "dora"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_norms_train_like_the_plain_model(method: str, dtype: torch.dtype) -> None:
@@ -53,8 +45,8 @@ def test_fused_norms_train_like_the_plain_model(method: str, dtype: torch.dtype)
     fused = copy.deepcopy(plain)
     assert fuse_norms(fused) == plain.config.num_hidden_layers
     ids = torch.randint(0, plain.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-    loss_a, grads_a = _step(plain, ids, dtype)
-    loss_b, grads_b = _step(fused, ids, dtype)
+    loss_a, grads_a = step_grads(plain, ids, dtype)
+    loss_b, grads_b = step_grads(fused, ids, dtype)
     assert torch.equal(loss_a, loss_b)
     assert grads_a.keys() == grads_b.keys() and grads_a
     if method == "full":

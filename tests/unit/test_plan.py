@@ -104,8 +104,12 @@ def test_memory_breakdown_hand_computed():
     # the step's peak, 1000 + 6496 + 2 x 4096 + 12992, is under the forward's, which stays the peak
     assert inbwd["peak"] == full["peak"]
     bf16 = memory_breakdown(arch, Arm("full"), Shape(2, 4, precision="bf16", device_type="cuda"), 0)
-    assert bf16["weight_copies"] == 2 * 576  # the Linears' bf16 copies; the loss casts the head per call
-    assert bf16["activations"] == (64 + 48 + 64 + 2 * 5 * 8) * 8 + (32 + 32 + 16) * 8
+    # the trained Linears keep their fp32 weights and inputs (adaptlab.autocast_linear): one block's bf16
+    # weights and the head's are cast at a time, and the Linears' inputs are the norms' rebuilt outputs
+    assert bf16["weight_copies"] == 2 * (576 + 1024)
+    assert bf16["activations"] == (64 + 48 + 64) * 8 + (32 + 32 + 16) * 8
+    casts = estimate.layer_activation_bytes(arch, Arm("full"), "bf16", linears_fused=False)
+    assert casts == 64 + 48 + 64 + 2 * 5 * 8  # a bf16 cast for each of q, k, v, gate, up
     ckpt = memory_breakdown(
         arch, lora, Shape(2, 4, precision="fp32", grad_checkpointing=True, device_type="cuda"), 0
     )
@@ -141,13 +145,14 @@ def test_step_time_hand_computed():
     assert t["optimizer_s"] == pytest.approx(28 * 1624 / 1e9)
     assert t["overhead_s"] == pytest.approx(2 * estimate.MICRO_BATCH_OVERHEAD_S)
     assert t["step_s"] == pytest.approx(sum(v for k, v in t.items() if k != "step_s"))
-    # bf16 autocast: each weight cast to bf16 per micro-batch, and full fine-tuning's gradients back
+    # bf16 autocast: each weight cast to bf16 per micro-batch, and full fine-tuning's gradients back;
+    # the block weights cast again in backward (adaptlab.autocast_linear keeps the fp32 ones)
     bf16 = estimate.step_time_s(arch, Arm("full"), Shape(2, 4, grad_accum=2, precision="bf16"), 1e9, 1e9)
-    # the norms' rebuilt tensors are written and read like saved ones: the passes count them
-    acts = estimate.layer_activation_bytes(arch, Arm("full"), "bf16", norms_fused=False)
+    # the norms' rebuilt tensors and the recast inputs are written and read like saved ones
+    acts = estimate.layer_activation_bytes(arch, Arm("full"), "bf16", norms_fused=False, linears_fused=False)
     acts *= arch.n_layers * tokens
     plain = estimate.ACTIVATION_PASSES * acts + estimate.LOGIT_PASSES * 4 * 128 * tokens
-    assert bf16["elementwise_s"] == pytest.approx((plain + 2 * 6 * n * 2) / 1e9)
+    assert bf16["elementwise_s"] == pytest.approx((plain + 2 * 6 * n * 2 + 2 * 6 * 576) / 1e9)
     # attention at its own measured rate when there is one
     own = estimate.step_time_s(arch, Arm("full"), Shape(2, 4, grad_accum=2, precision="fp32"), 1e9, 1e9, 1e8)
     assert own["attention_s"] == pytest.approx(3 * attn * tokens / 1e8)

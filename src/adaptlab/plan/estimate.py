@@ -74,6 +74,10 @@ FP32 = 4
 ADAM_BYTES_PER_PARAM = 8  # exp_avg + exp_avg_sq in fp32
 
 
+UNCAST_SAVERS = ("full", "lora")
+"""Methods whose trained Linears keep uncast tensors under autocast (adaptlab.autocast_linear, fused_lora)."""
+
+
 @dataclass(frozen=True)
 class Arm:
     """One way to train: the method, LoRA rank and target short names (empty for full)."""
@@ -116,7 +120,12 @@ def trainable_params(arch: Arch, arm: Arm) -> int:
 
 
 def layer_activation_bytes(
-    arch: Arch, arm: Arm, precision: str, fused: bool | None = None, norms_fused: bool | None = None
+    arch: Arch,
+    arm: Arm,
+    precision: str,
+    fused: bool | None = None,
+    norms_fused: bool | None = None,
+    linears_fused: bool | None = None,
 ) -> int:
     """Bytes autograd saves per token in one Llama-style block (counted from the saved tensors).
 
@@ -127,10 +136,15 @@ def layer_activation_bytes(
     that is not fused (adaptlab.fused) also keeps its SiLU output and its product; `fused` defaults to
     whether training fuses this architecture's MLP. Fused norms (adaptlab.fused_norm) keep neither the
     normalised input nor, in fp32, the output the Linears read; `norms_fused` defaults to whether
-    training fuses this architecture's norms.
+    training fuses this architecture's norms. Under bf16 autocast the Linears of full fine-tuning and
+    of LoRA (adaptlab.autocast_linear, fused_lora) keep their uncast input, not a bf16 cast each;
+    `linears_fused` defaults to whether training does that here (where it fuses norms, and also under
+    activation checkpointing).
     """
     fused = arch.fused_mlp if fused is None else fused
     norms_fused = arch.fused_norms if norms_fused is None else norms_fused
+    linears_fused = arch.fused_norms if linears_fused is None else linears_fused
+    uncast = precision != "bf16" or (linears_fused and arm.method in UNCAST_SAVERS)
     b = 2 if precision == "bf16" else 4
     h, q, kv, inter = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate
     full = arm.method == "full"
@@ -141,16 +155,16 @@ def layer_activation_bytes(
     inputs = {name: (arch.per_layer(name) or (h, h))[0] for name in grads}
     if fused:
         inputs.pop("down_proj", None)  # the MLP product is rebuilt in backward (adaptlab.fused)
-    if b == 2:
+    if not uncast:  # each Linear keeps its own bf16 cast
         for name, n_in in inputs.items():
             if full and name == "o_proj":
                 continue  # the attention output is already bf16 and saved
             total += b * n_in
-    else:  # fp32: Linear inputs alias the norm outputs (one per norm), the attention output, the MLP product
+    else:  # Linear inputs alias the norm outputs (one per norm), the attention output, the MLP product
         if not norms_fused:
             total += FP32 * h * (any(n in ATTN_IN for n in inputs) + any(n in MLP_IN for n in inputs))
         if "down_proj" in inputs:
-            total += FP32 * inter
+            total += b * inter
     if arm.is_lora:
         total += (
             b
@@ -213,7 +227,11 @@ def memory_breakdown(
     head = arch.vocab * arch.hidden
     layer_linear = arch.linear_params // max(arch.n_layers, 1)
     if b == 2:
-        if arm.method == "qlora" or shape.grad_checkpointing:
+        if (
+            arm.method == "qlora"
+            or shape.grad_checkpointing
+            or (arm.method in UNCAST_SAVERS and arch.fused_norms)
+        ):
             weight_copies = 2 * (layer_linear + head)  # one block's bf16 weights at a time
         else:  # every Linear's bf16 copy, saved for backward; the loss casts the head per call
             weight_copies = 2 * arch.linear_params
@@ -310,8 +328,8 @@ def step_time_s(
         * tokens
         / (attention_flops_per_s or MATMUL_EFFICIENCY * matmul_flops_per_s)
     )
-    # passes over the activations: rebuilt norm outputs are written and read like saved ones
-    per_layer = layer_activation_bytes(arch, arm, shape.precision, norms_fused=False)
+    # passes over the activations: rebuilt norm outputs and recast inputs are written and read like saved ones
+    per_layer = layer_activation_bytes(arch, arm, shape.precision, norms_fused=False, linears_fused=False)
     act_bytes = per_layer * arch.n_layers * tokens
     logit_bytes = FP32 * arch.vocab * tokens
     traffic = ACTIVATION_PASSES * act_bytes + LOGIT_PASSES * logit_bytes
@@ -319,6 +337,8 @@ def step_time_s(
         # autocast casts each fp32 weight (and the head, in the loss) to bf16 in every forward: read 4
         # bytes, write 2; full fine-tuning's bf16 weight gradients come back to fp32 the same way
         traffic += shape.grad_accum * 6 * arch.matmul_params * (2 if arm.method == "full" else 1)
+        if arm.method in UNCAST_SAVERS and arch.fused_norms:  # each block weight cast again in backward
+            traffic += shape.grad_accum * 6 * arch.linear_params
     if arm.method == "qlora":  # dequantize every 4-bit weight in forward and again in backward
         traffic += 2 * shape.grad_accum * arch.linear_params * (NF4_BYTES_PER_PARAM + 2)
     if arm.is_lora:
