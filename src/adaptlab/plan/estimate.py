@@ -2,11 +2,13 @@
 
 Memory is what `adaptlab train` holds at its peak (fp32 master weights, bf16 autocast where chosen):
 weights, gradients and AdamW states (two fp32 moments) of the trainable parameters, the bf16 weight
-copies autocast keeps for the backward pass, the activations autograd saves (counted tensor by tensor
-for a Llama-style block, see `layer_activation_bytes`), what the chunked cross-entropy holds (one
-chunk of logits, never the whole (B, T, vocab): `loss_bytes`), the data held in Python, and the runtime itself (peak RSS of the imported stack on CPU,
-the CUDA context on GPU). The peak is the larger of the forward/backward peak (activations alive)
-and the optimizer-step peak (gradients alive).
+copies autocast makes (all of them kept for backward where a Linear saves its casts, one block's at a
+time where it saves the fp32 weight: adaptlab.autocast_linear, fused_lora), the activations autograd
+saves (counted tensor by tensor for a Llama-style block, see `layer_activation_bytes`), what the
+chunked cross-entropy holds (one chunk of logits, never the whole (B, T, vocab): `loss_bytes`), the
+data held in Python, and the runtime itself (peak RSS of the imported stack on CPU, the CUDA context
+on GPU). The peak is the larger of the forward/backward peak (activations alive) and the
+optimizer-step peak (gradients alive; with optimizer_in_backward only the one being applied).
 
 Time is an estimate: training FLOPs (6 N per token for full fine-tuning, 4 N + 6 x adapter for the
 LoRA family, whose frozen weights need no weight gradient) over the measured matmul rate of a Linear,
