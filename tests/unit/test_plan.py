@@ -361,6 +361,7 @@ def test_memory_limit_drives_the_recommendation(tmp_path):
         (["--data", "NODATA/missing.jsonl"], "no such file"),
         (["--data", "DATA", "--memory", "24XB"], "--memory"),
         (["--data", "DATA", "--ranks", "8,x"], "--ranks"),
+        (["--data", "DATA", "--optimizer-in-backward", "--gpus", "2", "--memory", "80GiB"], "one process"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, run_cli, args, match):
