@@ -45,7 +45,8 @@ class BackwardUpdates:
         self._params = list(params)
         self._group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
         self._sq_norm: torch.Tensor | None = None
-        self._handles = [p.register_post_accumulate_grad_hook(self._update) for p in self._params]
+        for p in self._params:
+            p.register_post_accumulate_grad_hook(self._update)
 
     def _update(self, param: torch.Tensor) -> None:
         if not self.armed:  # an earlier micro-batch of an accumulated step: keep accumulating
@@ -86,8 +87,3 @@ class BackwardUpdates:
         norm = 0.0 if self._sq_norm is None else float(self._sq_norm.sqrt())
         self._sq_norm = None
         return norm
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []

@@ -21,12 +21,24 @@ from adaptlab.methods import apply_method
 from adaptlab.models import load_model
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("norms", [False, True])
-def test_full_fine_tuning_trains_like_the_plain_model(dtype: torch.dtype, norms: bool) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "norms", "checkpointing"),
+    [
+        (torch.float32, False, False),
+        (torch.float32, True, False),
+        (torch.bfloat16, False, False),
+        (torch.bfloat16, True, False),
+        (torch.bfloat16, False, True),  # as training runs it under activation checkpointing
+    ],
+)
+def test_full_fine_tuning_trains_like_the_plain_model(
+    dtype: torch.dtype, norms: bool, checkpointing: bool
+) -> None:
     base = load_model("tiny-random").model
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     plain = apply_method(base, MethodSpec(method="full"), base_name="tiny-random", seed=0).train()
-    fuse_mlps(plain)
+    fuse_mlps(plain, recompute_product=not checkpointing)
     if norms:
         fuse_norms(plain)
     fused = copy.deepcopy(plain)
