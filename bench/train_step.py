@@ -1,5 +1,11 @@
 """Benchmark one training step on smollm2-135m: adaptlab's loop vs a plain transformers + peft loop.
 
+--model takes another embedded model, a local model directory, or a random-weight shape built once
+(bench/random_model.py: random-1b, a ~1B Llama shape, for throughput beyond the embedded models).
+Every row states its MFU: the step's training FLOPs (as `adaptlab plan` counts them: 6N for full
+fine-tuning, 4N plus the adapters for the LoRA family, causal attention) per second over the device's
+peak, its data-sheet dense peak on a known GPU, else the measured rate of a large trained Linear.
+
 Arms: full fine-tuning, LoRA (r=16, alpha 32, all-linear) and QLoRA (the same LoRA on an NF4 base,
 double quantization, blocksize 64), each at fp32 and under bf16 autocast, at batch 4 x 256 (4 x 128
 with --quick). Each (loop, method, precision) runs in its own subprocess, so peak memory (the
@@ -31,6 +37,7 @@ Prints a table and writes bench/results/train_step.json (--interleaved: train_st
 
     python bench/train_step.py [--quick] [--steps N] [--only lora,qlora] [--precisions fp32,bf16] [--profile] [--compile]
     python bench/train_step.py --interleaved --only full,lora,qlora --precisions fp32 --steps 7
+    python bench/train_step.py --model random-1b --only lora --precisions bf16 --steps 5
 """
 
 from __future__ import annotations
@@ -44,10 +51,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from random_model import SHAPES, is_random, random_model_dir
 
 from adaptlab.hardware import cpu_has_native_bf16
 
@@ -78,72 +87,76 @@ def _lr(method: str) -> float:
     return 2e-5 if method == "full" else 2e-4
 
 
-def _config(
-    method: str,
-    precision: str,
-    batch: int,
-    seq_len: int,
-    steps: int,
-    tmp: Path,
-    compile: bool = False,
-    in_backward: bool = False,
-) -> Any:
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked configuration; with in_backward adaptlab updates in backward and neither loop clips."""
+
+    model: str
+    method: str
+    precision: str
+    batch: int
+    seq_len: int
+    steps: int
+    in_backward: bool = False
+
+    @property
+    def model_dir(self) -> Path:
+        from adaptlab.models import local_dir
+
+        path = random_model_dir(self.model) if is_random(self.model) else local_dir(self.model)
+        if path is None:
+            raise SystemExit(f"{self.model}: the benchmark needs an embedded model or a local directory")
+        return path
+
+
+def _config(case: Case, tmp: Path, compile: bool = False) -> Any:
     from adaptlab.config import build_config
 
     return build_config(
         {
-            "model": {"name": BASE},
-            "method": {"method": method, "rank": RANK, "targets": "all-linear"},
+            "model": {"name": str(case.model_dir)},
+            "method": {"method": case.method, "rank": RANK, "targets": "all-linear"},
             "data": {"train": [str(_corpus(tmp))], "val_frac": 0.0, "test_frac": 0.0},
             "train": {
-                "steps": steps,
-                "batch": batch,
-                "seq_len": seq_len,
-                "precision": precision,
-                "lr": _lr(method),
+                "steps": case.steps,
+                "batch": case.batch,
+                "seq_len": case.seq_len,
+                "precision": case.precision,
+                "lr": _lr(case.method),
                 "warmup": 0.0,
                 "compile": compile,
-                "optimizer_in_backward": in_backward,
+                "optimizer_in_backward": case.in_backward,
             },
             "out": str(tmp / "run"),
         }
     )
 
 
-def run_adaptlab(
-    method: str,
-    precision: str,
-    batch: int,
-    seq_len: int,
-    steps: int,
-    tmp: Path,
-    compile: bool = False,
-    in_backward: bool = False,
-) -> dict[str, Any]:
+def run_adaptlab(case: Case, tmp: Path, compile: bool = False) -> dict[str, Any]:
     from adaptlab.train import train
 
-    summary = train(_config(method, precision, batch, seq_len, steps, tmp, compile, in_backward))
+    summary = train(_config(case, tmp, compile))
     rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]  # first step is the warm-up
     return {
         "tokens_per_s": statistics.median(rates),
-        "step_s": statistics.median(batch * seq_len / r for r in rates),
+        "step_s": statistics.median(case.batch * case.seq_len / r for r in rates),
         "peak_mem_bytes": summary["peak_mem_bytes"],
         "trainable_params": summary["trainable_params"],
         "final_loss": summary["final_train_loss"],
     }
 
 
-def profile_step(method: str, precision: str, batch: int, seq_len: int, tmp: Path, rows: int = 20) -> str:
+def profile_step(case: Case, tmp: Path, rows: int = 20) -> str:
     """torch.profiler table (self CPU time) of one adaptlab training step after two warm-up steps."""
     from torch.profiler import ProfilerActivity, profile
 
     from adaptlab.train import build_optimizer, build_scheduler, prepare, train_step
 
-    config = _config(method, precision, batch, seq_len, 3, tmp)
+    config = _config(Case(**{**asdict(case), "steps": 3}), tmp)
     setup = prepare(config)
     setup.objective.prepare(setup)
-    optimizer = build_optimizer(setup.params, config.train, _lr(method))
+    optimizer = build_optimizer(setup.params, config.train, _lr(case.method))
     scheduler = build_scheduler(optimizer, 3, config.train)
     for step in range(2):
         train_step(setup, setup.objective.micro_batches(setup, step), optimizer, scheduler)
@@ -151,6 +164,47 @@ def profile_step(method: str, precision: str, batch: int, seq_len: int, tmp: Pat
     with profile(activities=activities) as prof:
         train_step(setup, setup.objective.micro_batches(setup, 2), optimizer, scheduler)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+SPEC_PEAK_FLOPS = (  # dense, no sparsity: (name fragment, bf16, fp32 without TF32), first match wins
+    ("H200", 989.4e12, 66.9e12),
+    ("H100 PCIe", 756.0e12, 51.2e12),
+    ("H100", 989.4e12, 66.9e12),
+    ("A100", 312.0e12, 19.5e12),
+)
+
+
+def peak_flops(precision: str) -> tuple[float, str]:
+    """The FLOP/s an MFU is taken against, and where it comes from.
+
+    On a GPU in SPEC_PEAK_FLOPS, its data-sheet dense peak for the precision (the usual MFU). Elsewhere
+    (CPUs have no agreed figure) the measured rate of a large trained Linear under the step's autocast,
+    forward and both gradients (adaptlab.plan.measure, cached): an MFU against what this machine's
+    matmul reaches, so 1.0 is a step that is all matmul at that rate.
+    """
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for fragment, bf16, fp32 in SPEC_PEAK_FLOPS:
+            if fragment in name:
+                return (bf16 if precision == "bf16" else fp32), f"{name} data sheet, dense {precision}"
+    from adaptlab.plan.measure import device_throughput
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = 4096 if device == "cuda" else 2048
+    rate = device_throughput(device, precision, size, size, size)["matmul_flops_per_s"]
+    return rate, f"measured: a trained {size} x {size} Linear at {size} tokens, {precision}"
+
+
+def flops_per_token(case: Case) -> float:
+    """Training FLOPs a token needs, as `adaptlab plan` counts them: 6N (full) or 4N + 6 x adapter (LoRA,
+    QLoRA), N the Linears' and the head's weights, plus causal attention (half of QK^T and AV)."""
+    from adaptlab.plan.arch import load_arch, targets_for
+    from adaptlab.plan.estimate import Arm
+    from adaptlab.plan.estimate import flops_per_token as plan_flops
+
+    arch = load_arch(str(case.model_dir))
+    targets = () if case.method == "full" else tuple(targets_for(arch, "all-linear"))
+    return plan_flops(arch, Arm(case.method, RANK, targets), case.seq_len)
 
 
 def _blocks(tokenizer: Any, path: Path, batch: int, seq_len: int, steps: int) -> list[torch.Tensor]:
@@ -163,14 +217,13 @@ def _blocks(tokenizer: Any, path: Path, batch: int, seq_len: int, steps: int) ->
     return list(t)
 
 
-def _reference(method: str, precision: str) -> tuple[Any, list[torch.nn.Parameter], Any, Any, torch.device]:
+def _reference(case: Case) -> tuple[Any, list[torch.nn.Parameter], Any, Any, torch.device]:
     """The plain loop's pieces: transformers model (+ peft adapter), its trainable parameters, AdamW, tokenizer."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from adaptlab.models import local_dir
-
-    path = str(local_dir(BASE))
+    method, precision = case.method, case.precision
+    path = str(case.model_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(path)
     kwargs: dict[str, Any] = {"dtype": torch.float32}
@@ -211,26 +264,25 @@ def _reference_step(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    loss = float(out.loss)
+    loss = float(out.loss.detach())
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, loss
 
 
-def run_reference(
-    method: str, precision: str, batch: int, seq_len: int, steps: int, tmp: Path, clip: bool = True
-) -> dict[str, Any]:
+def run_reference(case: Case, tmp: Path) -> dict[str, Any]:
     """The plain loop: transformers model, peft adapter, model(labels=...) loss, AdamW."""
     from adaptlab.hardware import peak_mem_bytes
 
-    model, params, optimizer, tokenizer, device = _reference(method, precision)
+    model, params, optimizer, tokenizer, device = _reference(case)
     times, loss = [], float("nan")
-    for ids in _blocks(tokenizer, _corpus(tmp), batch, seq_len, steps):
-        seconds, loss = _reference_step(model, params, optimizer, ids.to(device), precision, clip)
+    for ids in _blocks(tokenizer, _corpus(tmp), case.batch, case.seq_len, case.steps):
+        step = _reference_step(model, params, optimizer, ids.to(device), case.precision, not case.in_backward)
+        seconds, loss = step
         times.append(seconds)
     timed = times[1:]  # first step is the warm-up
     return {
-        "tokens_per_s": statistics.median(batch * seq_len / t for t in timed),
+        "tokens_per_s": statistics.median(case.batch * case.seq_len / t for t in timed),
         "step_s": statistics.median(timed),
         "peak_mem_bytes": peak_mem_bytes(device),
         "trainable_params": sum(p.numel() for p in params),
@@ -238,31 +290,29 @@ def run_reference(
     }
 
 
-def interleaved(
-    method: str, precision: str, batch: int, seq_len: int, steps: int, tmp: Path, in_backward: bool = False
-) -> dict[str, Any]:
+def interleaved(case: Case, tmp: Path) -> dict[str, Any]:
     """Both loops in one process, their steps alternating (adaptlab first on even steps, the reference on
     odd ones), so the machine's drift hits both alike: median step seconds of each and their ratio."""
     from adaptlab.optim_backward import BackwardUpdates
     from adaptlab.train import build_optimizer, build_scheduler, prepare, train_step
 
-    config = _config(method, precision, batch, seq_len, steps, tmp, in_backward=in_backward)
+    config = _config(case, tmp)
     setup = prepare(config)
     setup.objective.prepare(setup)
-    optimizer = build_optimizer(setup.params, config.train, _lr(method))
-    scheduler = build_scheduler(optimizer, steps, config.train)
-    updates = BackwardUpdates(optimizer, setup.params.values()) if in_backward else None
-    model, params, ref_optimizer, tokenizer, device = _reference(method, precision)
+    optimizer = build_optimizer(setup.params, config.train, _lr(case.method))
+    scheduler = build_scheduler(optimizer, case.steps, config.train)
+    updates = BackwardUpdates(optimizer, setup.params.values()) if case.in_backward else None
+    model, params, ref_optimizer, tokenizer, device = _reference(case)
     ours: list[float] = []
     ref: list[float] = []
-    for i, ids in enumerate(_blocks(tokenizer, _corpus(tmp), batch, seq_len, steps)):
+    for i, ids in enumerate(_blocks(tokenizer, _corpus(tmp), case.batch, case.seq_len, case.steps)):
         for loop in ("adaptlab", "reference") if i % 2 == 0 else ("reference", "adaptlab"):
             if loop == "adaptlab":
                 micro = setup.objective.micro_batches(setup, i)
                 ours.append(train_step(setup, micro, optimizer, scheduler, updates).seconds)
             else:
                 step = _reference_step(
-                    model, params, ref_optimizer, ids.to(device), precision, not in_backward
+                    model, params, ref_optimizer, ids.to(device), case.precision, not case.in_backward
                 )
                 ref.append(step[0])
     ours_s, ref_s = statistics.median(ours[1:]), statistics.median(ref[1:])  # first step: warm-up
@@ -275,18 +325,16 @@ def interleaved(
     }
 
 
-def one(
-    loop: str, method: str, precision: str, batch: int, seq_len: int, steps: int, in_backward: bool = False
-) -> dict[str, Any]:
-    """One config; with in_backward adaptlab updates in backward and neither loop clips."""
+def one(loop: str, case: Case) -> dict[str, Any]:
+    """One loop (or both, interleaved) on one case, in a fresh temporary directory."""
     with tempfile.TemporaryDirectory() as tmp:
         if loop == "reference":
-            return run_reference(method, precision, batch, seq_len, steps, Path(tmp), clip=not in_backward)
+            return run_reference(case, Path(tmp))
         if loop == "interleaved":
-            return interleaved(method, precision, batch, seq_len, steps, Path(tmp), in_backward)
-        return run_adaptlab(
-            method, precision, batch, seq_len, steps, Path(tmp), loop.endswith("compile"), in_backward
-        )
+            return interleaved(case, Path(tmp))
+        if loop == "profile":
+            return {"table": profile_step(case, Path(tmp))}
+        return run_adaptlab(case, Path(tmp), loop.endswith("compile"))
 
 
 LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # glibc: freed blocks >= 64 KiB are unmapped at once
@@ -296,7 +344,8 @@ def _in_subprocess(
     loop: str, method: str, precision: str, args: argparse.Namespace, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--one", f"{loop},{method},{precision}"]
-    cmd += ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    cmd += ["--model", args.model, "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
+    cmd += ["--steps", str(args.steps)]
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--optimizer-in-backward"] if args.optimizer_in_backward else []
     done = subprocess.run(
@@ -314,6 +363,11 @@ def _in_subprocess(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model",
+        default=BASE,
+        help=f"an embedded model, a local model directory, or a random-weight shape ({', '.join(SHAPES)})",
+    )
     parser.add_argument("--quick", action="store_true", help="batch 4 x 128 instead of 4 x 256")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=None)
@@ -354,15 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.one:
         loop, method, precision = args.one.split(",")
-        if loop == "profile":
-            with tempfile.TemporaryDirectory() as tmp:
-                table = profile_step(method, precision, args.batch, args.seq_len, Path(tmp))
-            print(json.dumps({"table": table}))
-            return 0
-        result = one(
-            loop, method, precision, args.batch, args.seq_len, args.steps, args.optimizer_in_backward
-        )
-        print(json.dumps(result))
+        print(json.dumps(one(loop, _case(args, method, precision))))
         return 0
 
     args.out = args.out or (INTERLEAVED_RESULTS if args.interleaved else RESULTS)
@@ -372,14 +418,17 @@ def main(argv: list[str] | None = None) -> int:
     loops = (*LOOPS, "adaptlab+compile") if args.compile else LOOPS
     live = args.live and not torch.cuda.is_available()  # CUDA's peak allocated is live memory already
     header = (
-        f"{'method':<6} {'prec':<5} {'loop':<16} {'tokens/s':>9} {'step s':>7} {'peak MB':>8} "
+        f"{'method':<6} {'prec':<5} {'loop':<16} {'tokens/s':>9} {'step s':>7} {'MFU':>6} {'peak MB':>8} "
         f"{'live MB':>8} {'speed':>6} {'mem':>6}"
     )
     print(
-        f"smollm2-135m, batch {args.batch} x {args.seq_len}, {args.steps - 1} timed steps (median)\n{header}"
+        f"{args.model}, batch {args.batch} x {args.seq_len}, {args.steps - 1} timed steps (median)\n{header}"
     )
+    peaks = {}
     for precision in args.precisions.split(","):
+        peaks[precision] = peak = peak_flops(precision)
         for method in args.only.split(","):
+            per_token = flops_per_token(_case(args, method, precision))
             results = {loop: _in_subprocess(loop, method, precision, args) for loop in loops}
             for loop in loops if live else ():
                 again = _in_subprocess(loop, method, precision, args, env=LIVE_ENV)
@@ -395,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
             for loop in loops:
                 r = results[loop]
                 row = {"method": method, "precision": precision, "loop": loop, **r}
+                if "error" not in r:
+                    row["flops_per_token"] = per_token
+                    row["mfu"] = r["tokens_per_s"] * per_token / peak[0]
                 if loop != "reference" and "error" not in ref and "error" not in r:
                     row["speed_ratio"] = r["tokens_per_s"] / ref["tokens_per_s"]
                     row["mem_ratio"] = r["peak_mem_bytes"] / ref["peak_mem_bytes"]
@@ -412,20 +464,39 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(
                     f"{method:<6} {precision:<5} {loop:<16} {r['tokens_per_s']:>9.0f} {r['step_s']:>7.2f} "
-                    f"{r['peak_mem_bytes'] / 2**20:>8.0f} {live_mb} {ratios}",
+                    f"{row['mfu']:>6.1%} {r['peak_mem_bytes'] / 2**20:>8.0f} {live_mb} {ratios}",
                     flush=True,
                 )
-    _write(args, argv, rows, LIVE_ENV if live else None)
+    _write(args, argv, rows, LIVE_ENV if live else None, peaks)
+    _print_peaks(peaks)
     print(f"wrote {args.out}")
     return 0
 
 
-def _write(args: argparse.Namespace, argv: list[str] | None, rows: list[dict], live_env: dict | None) -> None:
+def _case(args: argparse.Namespace, method: str, precision: str) -> Case:
+    return Case(
+        args.model, method, precision, args.batch, args.seq_len, args.steps, args.optimizer_in_backward
+    )
+
+
+def _print_peaks(peaks: dict[str, tuple[float, str]]) -> None:
+    for precision, (flops, source) in peaks.items():
+        print(f"MFU {precision}: against {flops / 1e12:.3g} TFLOP/s ({source})")
+
+
+def _write(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    rows: list[dict],
+    live_env: dict | None,
+    peaks: dict[str, tuple[float, str]],
+) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {
-                "model": BASE,
+                "model": args.model,
+                "model_dir": str(_case(args, "full", "fp32").model_dir),
                 "batch": args.batch,
                 "seq_len": args.seq_len,
                 "timed_steps": args.steps - 1,
@@ -443,6 +514,9 @@ def _write(args: argparse.Namespace, argv: list[str] | None, rows: list[dict], l
                 "live_memory_env": live_env,
                 "optimizer_in_backward": args.optimizer_in_backward,
                 "clipping": None if args.optimizer_in_backward else 1.0,
+                "mfu_peak_flops_per_s": {
+                    p: {"flops_per_s": f, "source": src} for p, (f, src) in peaks.items()
+                },
                 "rows": rows,
             },
             indent=2,
@@ -454,23 +528,34 @@ def _write(args: argparse.Namespace, argv: list[str] | None, rows: list[dict], l
 def run_interleaved(args: argparse.Namespace, argv: list[str] | None) -> int:
     """--interleaved: per method and precision, one process running both loops' steps alternately."""
     print(
-        f"smollm2-135m, batch {args.batch} x {args.seq_len}, {args.steps - 1} timed steps per loop, one process"
+        f"{args.model}, batch {args.batch} x {args.seq_len}, {args.steps - 1} timed steps per loop, one process"
     )
-    print(f"{'method':<6} {'prec':<5} {'reference s':>12} {'adaptlab s':>11} {'speed':>6}")
+    print(
+        f"{'method':<6} {'prec':<5} {'reference s':>12} {'adaptlab s':>11} {'MFU ref':>8} {'MFU ours':>9} {'speed':>6}"
+    )
     rows = []
+    peaks = {}
+    tokens = args.batch * args.seq_len
     for precision in args.precisions.split(","):
+        peaks[precision] = peak = peak_flops(precision)
         for method in args.only.split(","):
+            per_token = flops_per_token(_case(args, method, precision))
             r = _in_subprocess("interleaved", method, precision, args)
-            rows.append({"method": method, "precision": precision, "loop": "interleaved", **r})
+            row = {"method": method, "precision": precision, "loop": "interleaved", **r}
+            rows.append(row)
             if "error" in r:
                 print(f"{method:<6} {precision:<5} error: {r['error']}")
                 continue
+            row["flops_per_token"] = per_token
+            for loop in LOOPS:
+                row[f"{loop}_mfu"] = tokens * per_token / r[f"{loop}_step_s"] / peak[0]
             print(
                 f"{method:<6} {precision:<5} {r['reference_step_s']:>12.2f} {r['adaptlab_step_s']:>11.2f} "
-                f"{r['speed_ratio']:>6.2f}",
+                f"{row['reference_mfu']:>8.1%} {row['adaptlab_mfu']:>9.1%} {r['speed_ratio']:>6.2f}",
                 flush=True,
             )
-    _write(args, argv, rows, None)
+    _write(args, argv, rows, None, peaks)
+    _print_peaks(peaks)
     print(f"wrote {args.out}")
     return 0
 

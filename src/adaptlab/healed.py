@@ -45,11 +45,11 @@ def _recipe_hash(base: str) -> str:
 
 def healed_dir(name: str) -> Path:
     """The healed model's HF directory, built on first use (a full fine-tuning of the base)."""
-    from adaptlab.models import _build_atomically, cache_dir
+    from adaptlab.models import build_atomically, cache_dir
 
     base = name.removesuffix(SUFFIX)
     target = cache_dir() / "v1" / "models" / f"{name}-{_recipe_hash(base)}"
-    return _build_atomically(target, lambda tmp: _build(base, tmp))
+    return build_atomically(target, lambda tmp: _build(base, tmp))
 
 
 def _build(base: str, tmp: Path) -> None:

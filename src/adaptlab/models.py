@@ -55,7 +55,7 @@ def _smollm2_gguf_dir() -> str:
     return list(spec.submodule_search_locations)[0]
 
 
-def _build_atomically(target: Path, build: Any) -> Path:
+def build_atomically(target: Path, build: Any) -> Path:
     """Run build(tmp_dir) and rename tmp_dir to target, so a killed build leaves no half cache."""
     if (target / ".complete").exists():
         return target
@@ -80,7 +80,7 @@ def _smollm2_tokenizer_dir() -> Path:
         tok = AutoTokenizer.from_pretrained(_smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
         tok.save_pretrained(tmp)
 
-    return _build_atomically(cache_dir() / f"v{_CACHE_VERSION}" / "tokenizers" / "smollm2", build)
+    return build_atomically(cache_dir() / f"v{_CACHE_VERSION}" / "tokenizers" / "smollm2", build)
 
 
 def _smollm2_dir() -> Path:
@@ -102,7 +102,7 @@ def _smollm2_dir() -> Path:
         plain.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir()).save_pretrained(tmp)
 
-    return _build_atomically(cache_dir() / f"v{_CACHE_VERSION}" / "models" / "smollm2-135m", build)
+    return build_atomically(cache_dir() / f"v{_CACHE_VERSION}" / "models" / "smollm2-135m", build)
 
 
 def _tiny_random_dir() -> Path:
@@ -131,7 +131,7 @@ def _tiny_random_dir() -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
 
-    return _build_atomically(cache_dir() / f"v{_CACHE_VERSION}" / "models" / "tiny-random", build)
+    return build_atomically(cache_dir() / f"v{_CACHE_VERSION}" / "models" / "tiny-random", build)
 
 
 def local_dir(spec: str) -> Path | None:
