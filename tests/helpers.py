@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,22 @@ def step_grads(model: Any, ids: Any, dtype: Any) -> tuple[Any, dict[str, Any]]:
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@contextmanager
+def pefts_forward(model: Any) -> Iterator[Any]:
+    """The model with its LoRA Linears on PEFT's own forward while inside (training fuses them:
+    adaptlab.fused_lora), for exact comparisons with models loaded from files, which are not fused."""
+    fused = {
+        m: m.__dict__.pop("forward")
+        for m in model.modules()
+        if "forward" in m.__dict__ and hasattr(m, "lora_A")
+    }
+    try:
+        yield model
+    finally:
+        for module, forward in fused.items():
+            module.forward = forward
 
 
 def write_corpus(directory: Path, n_docs: int = 40) -> Path:

@@ -15,15 +15,23 @@ saves the uncast x and weights and casts them again in backward, where PEFT's mo
 casts: the frozen base's bf16 copy (2 bytes a parameter) is not held between forward and backward.
 Results equal PEFT's up to the rounding of the fused accumulation (fp32: within 1e-6 relative, tested).
 
-`fuse_loras` swaps the forward of each PEFT `lora.Linear` over a plain nn.Linear; at each call the
-fused path runs only for vanilla LoRA (any rank, rsLoRA's scaling included) with one active adapter,
-no dropout, no bias on B, adapters enabled and unmerged, and no per-call adapter names. Anything else
-(DoRA, dropout, a 4-bit base, a disabled adapter as in DPO's reference pass, mixed-adapter batches) takes
-PEFT's own forward. Parameter names, adapter files and every PEFT API are unchanged.
+QLoRA's base is a bitsandbytes 4-bit Linear: its weight is dequantized for the forward matmul and again
+in backward, as bitsandbytes' own matmul does, straight to the matmul dtype (bitsandbytes computes in
+fp32 and rounds once, so the values are the same as dequantizing to fp32 and casting). PEFT's QLoRA
+module dequantizes to fp32 and lets autocast cast the result, then runs the adapter as separate passes.
+
+`fuse_loras` swaps the forward of each PEFT LoRA Linear over a plain nn.Linear or a bitsandbytes
+Linear4bit; at each call the fused path runs only for vanilla LoRA (any rank, rsLoRA's scaling
+included) with one active adapter, no dropout, no bias on B, adapters enabled and unmerged, and no
+per-call adapter names. Anything else (DoRA, dropout, a disabled adapter as in DPO's reference pass,
+mixed-adapter batches) takes PEFT's own forward. Parameter names, adapter files and every PEFT API are
+unchanged.
 """
 
 from __future__ import annotations
 
+import copy
+import sys
 import types
 from typing import Any
 
@@ -39,7 +47,8 @@ class LoRALinear(torch.autograd.Function):
     them, but the uncast tensors are what is saved: backward casts them again. A frozen weight's cast
     is then not held from forward to backward (2 bytes a base parameter under bf16), and an input the
     block rebuilds in backward (a norm's output, adaptlab.fused_norm) is not held at all. Gradients come
-    back in each input's own dtype, as the casts' backward would return them.
+    back in each input's own dtype, as the casts' backward would return them. With `quant_state` W is a
+    bitsandbytes 4-bit weight, dequantized to `dtype` (required then) in forward and in backward.
     """
 
     @staticmethod
@@ -52,20 +61,24 @@ class LoRALinear(torch.autograd.Function):
         lora_b: torch.Tensor,
         scaling: float,
         dtype: torch.dtype | None = None,
+        quant_state: Any = None,
     ) -> torch.Tensor:
-        xc, wc, bc, ac, bbc = _cast((x, weight, bias, lora_a, lora_b), dtype)
+        xc, bc, ac, bbc = _cast((x, bias, lora_a, lora_b), dtype)
+        wc = _dense(weight, quant_state, dtype)
         flat = xc.reshape(-1, xc.shape[-1])
         down = flat @ ac.t()  # (N, r)
         y = F.linear(flat, wc, bc)
+        del wc  # a dequantized weight lives one matmul, not until backward
         y.addmm_(down, bbc.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, lora_a, lora_b, down)
-        ctx.scaling, ctx.dtype = scaling, dtype
-        return y.view(*x.shape[:-1], weight.shape[0])
+        ctx.scaling, ctx.dtype, ctx.quant_state = scaling, dtype, quant_state
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         *saved, down = ctx.saved_tensors
-        x, weight, lora_a, lora_b = _cast(tuple(saved), ctx.dtype)
+        x, lora_a, lora_b = _cast((saved[0], saved[2], saved[3]), ctx.dtype)
+        weight = _dense(saved[1], ctx.quant_state, ctx.dtype)
         g = grad_out.reshape(-1, grad_out.shape[-1])
         flat = x.reshape(-1, x.shape[-1])
         grad_down = (g @ lora_b).mul_(ctx.scaling)  # (N, r): the scaling lands on the small tensor
@@ -76,7 +89,18 @@ class LoRALinear(torch.autograd.Function):
             grad_a = (grad_down.t() @ flat).to(saved[2].dtype)
         if ctx.needs_input_grad[4]:
             grad_b = (g.t() @ down).mul_(ctx.scaling).to(saved[3].dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def _dense(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype | None) -> torch.Tensor:
+    """The weight for the matmul: cast to dtype, or a 4-bit one dequantized straight to dtype."""
+    if quant_state is None:
+        return weight if dtype is None else weight.to(dtype)
+    import bitsandbytes.functional as bnb_functional
+
+    state = copy.copy(quant_state)  # the same codes and scales; only the output dtype differs
+    state.dtype = dtype
+    return bnb_functional.dequantize_4bit(weight, state)
 
 
 def _cast(tensors: tuple[torch.Tensor | None, ...], dtype: torch.dtype | None) -> tuple[Any, ...]:
@@ -92,11 +116,17 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         return type(self).forward(self, x, *args, **kwargs)
     base = self.base_layer
     tensors = (x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight)
+    quant_state = getattr(base.weight, "quant_state", None)
     kind = x.device.type
     if torch.is_autocast_enabled(kind):  # the casts autocast would make, then the fused ops in that dtype
         with torch.autocast(kind, enabled=False):
-            return LoRALinear.apply(*tensors, self.scaling[adapter], torch.get_autocast_dtype(kind))
-    return LoRALinear.apply(*tensors, self.scaling[adapter])
+            dtype = torch.get_autocast_dtype(kind)
+            return LoRALinear.apply(*tensors, self.scaling[adapter], dtype, quant_state)
+    if quant_state is None:
+        return LoRALinear.apply(*tensors, self.scaling[adapter])
+    if x.dtype != tensors[3].dtype:  # PEFT would cast x, and its output back: its forward does that
+        return type(self).forward(self, x)
+    return LoRALinear.apply(*tensors, self.scaling[adapter], x.dtype, quant_state)
 
 
 def _vanilla_adapter(module: Any) -> str | None:
@@ -108,19 +138,36 @@ def _vanilla_adapter(module: Any) -> str | None:
         return None
     if not isinstance(module.lora_dropout[adapter], nn.Identity) or module.lora_B[adapter].bias is not None:
         return None
-    a, b, w = module.lora_A[adapter].weight, module.lora_B[adapter].weight, module.base_layer.weight
-    if w.requires_grad or (module.base_layer.bias is not None and module.base_layer.bias.requires_grad):
+    base = module.base_layer
+    a, b, w = module.lora_A[adapter].weight, module.lora_B[adapter].weight, base.weight
+    if w.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return None
+    if getattr(w, "quant_state", None) is not None:  # 4-bit: the dtype its matmul computes in
+        if getattr(w.quant_state, "packing_format_for_cpu", False):
+            return None  # bitsandbytes' avx512 inference layout: its own kernel reads it
+        compute = base.compute_dtype or w.quant_state.dtype
+        return adapter if a.dtype == b.dtype == compute else None
     return adapter if a.dtype == b.dtype == w.dtype else None
 
 
 def is_fusable(module: nn.Module) -> bool:
-    """A PEFT LoRA Linear over a plain nn.Linear (not 4-bit, not a Conv or Embedding adapter)."""
+    """A PEFT LoRA Linear over a plain nn.Linear or a bitsandbytes 4-bit Linear (not a Conv or Embedding
+    adapter, not 8-bit)."""
     try:
         from peft.tuners.lora.layer import Linear as LoraLinearModule
     except ImportError:
         return False
-    return isinstance(module, LoraLinearModule) and type(module.base_layer) is nn.Linear
+    if isinstance(module, LoraLinearModule) and type(module.base_layer) is nn.Linear:
+        return True
+    bnb = sys.modules.get("bitsandbytes")  # not imported: no 4-bit module can exist
+    if bnb is None:
+        return False
+    lora_4bit = getattr(sys.modules.get("peft.tuners.lora.bnb"), "Linear4bit", None)
+    return (
+        lora_4bit is not None
+        and isinstance(module, lora_4bit)
+        and type(module.base_layer) is bnb.nn.Linear4bit
+    )
 
 
 def fuse_loras(model: nn.Module) -> int:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import pefts_forward
 
 from adaptlab.artifacts import load_tuned
 from adaptlab.config import build_config
@@ -51,7 +52,7 @@ def test_qlora_trains_on_smollm2_and_reloads_identically(tmp_path):
     assert summary["quantization"]["quant_type"] == "nf4"
     assert summary["trainable_params"] == 2_442_240
     ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        expected = captured["setup"].model.eval()(input_ids=ids).logits
+    with torch.inference_mode(), pefts_forward(captured["setup"].model.eval()) as trained:
+        expected = trained(input_ids=ids).logits
         loaded, _ = load_tuned(tmp_path / "run")
         assert torch.equal(loaded.model(input_ids=ids).logits, expected)

@@ -167,3 +167,72 @@ def test_a_bias_on_b_takes_pefts_forward() -> None:
     ids = torch.randint(0, plain.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert torch.equal(plain(input_ids=ids).logits, fused(input_ids=ids).logits)
+
+
+def _qlora() -> nn.Module:
+    return _lora(MethodSpec(method="qlora", rank=4, targets="all-linear"))
+
+
+def test_fused_qlora_trains_like_peft_fp32() -> None:
+    plain = _qlora()
+    fused = copy.deepcopy(plain)
+    assert fuse_loras(fused) == 7 * plain.config.num_hidden_layers  # the 4-bit Linears' LoRA modules
+    loss_a, grads_a = _step(plain, torch.float32)
+    loss_b, grads_b = _step(fused, torch.float32)
+    assert float(loss_b) == pytest.approx(float(loss_a), rel=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 7 * plain.config.num_hidden_layers
+    for name, g in grads_a.items():
+        assert g.abs().max() > 0, name
+        assert (grads_b[name] - g).abs().max() <= 1e-5 * g.abs().max(), name
+
+
+def test_fused_qlora_under_bf16_autocast() -> None:
+    plain = _qlora()
+    fused = copy.deepcopy(plain)
+    fuse_loras(fused)
+    loss_a, grads_a = _step(plain, torch.bfloat16)
+    loss_b, grads_b = _step(fused, torch.bfloat16)
+    assert float(loss_b) == pytest.approx(float(loss_a), rel=1e-2)
+    for name, g in grads_a.items():
+        assert grads_b[name].dtype == torch.float32, name
+        cos = torch.nn.functional.cosine_similarity(grads_b[name].flatten(), g.flatten(), dim=0)
+        assert cos > 0.999, (name, float(cos))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_4bit_weight_dequantizes_straight_to_the_matmul_dtype_exactly(dtype: torch.dtype) -> None:
+    """bitsandbytes' fp32 dequantization cast to bf16 (what autocast made of it) == dequantizing to bf16."""
+    import bitsandbytes.functional as bnb_functional
+
+    from adaptlab.fused_lora import _dense
+
+    layer = next(m for m in _qlora().modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A"))
+    weight = layer.base_layer.weight
+    reference = bnb_functional.dequantize_4bit(weight, weight.quant_state)
+    assert reference.dtype == torch.float32
+    assert torch.equal(_dense(weight, weight.quant_state, dtype), reference.to(dtype))
+
+
+def test_fused_qlora_saves_the_4bit_weight_not_a_dequantized_copy() -> None:
+    layer = next(m for m in _qlora().modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A"))
+    fuse_loras(layer)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    x = torch.randn(2, 8, layer.in_features, requires_grad=True)
+    for autocast in (False, True):
+        saved.clear()
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+        ):
+            y = layer(x)
+        assert any(t is layer.base_layer.weight for t in saved)
+        assert not any(
+            t.is_floating_point() and t.numel() >= layer.in_features * layer.out_features for t in saved
+        )
+        y.float().sum().backward()
+        assert x.grad is not None and x.grad.dtype == torch.float32

@@ -166,12 +166,25 @@ def test_step_time_hand_computed():
     assert lora["elementwise_s"] == pytest.approx((traffic + adapters) / 1e9)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_activation_formula_matches_autograd(method, monkeypatch):
-    """The per-layer count equals the bytes autograd really saves in training (fp32, sdpa) within 10%."""
+@pytest.mark.parametrize(
+    "method,precision",
+    [
+        ("full", "fp32"),
+        ("lora", "fp32"),
+        ("qlora", "fp32"),
+        ("full", "bf16"),
+        ("lora", "bf16"),
+        ("qlora", "bf16"),
+    ],
+)
+def test_activation_formula_matches_autograd(method, precision, monkeypatch):
+    """The per-layer count equals the bytes autograd really saves in training (sdpa, the model fused as
+    training fuses it) within 10%, in fp32 and under bf16 autocast."""
     from transformers import AutoModelForCausalLM
 
     from adaptlab import fused_norm
+    from adaptlab.autocast_linear import fuse_autocast_linears
+    from adaptlab.fused_lora import fuse_loras
 
     cfg = LlamaConfig(
         vocab_size=256,
@@ -185,7 +198,7 @@ def test_activation_formula_matches_autograd(method, monkeypatch):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     arch = arch_from_config(cfg)
-    arm = Arm("full") if method == "full" else Arm("lora", 4, ALL)
+    arm = Arm("full") if method == "full" else Arm(method, 4, ALL)
     model = apply_method(model, MethodSpec(method=method, rank=4))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
@@ -202,15 +215,20 @@ def test_activation_formula_matches_autograd(method, monkeypatch):
         return (lambda t: pack(kept) if isinstance(kept := keep(t), torch.Tensor) else kept), unpack
 
     monkeypatch.setattr(fused_norm, "_recipe_hooks", counting)
-    fuse_mlps(model)  # as training does
+    fuse_mlps(model)  # as training does (adaptlab.train.prepare)
+    fuse_loras(model)
+    fuse_autocast_linears(model)
     assert fused_norm.fuse_norms(model) == cfg.num_hidden_layers
     model.train()
 
     ids = torch.randint(0, 256, (2, 32))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"),
+    ):
         model(input_ids=ids, use_cache=False).logits.sum()
     measured = sum(v for k, v in saved.items() if k not in params)
-    planned = memory_breakdown(arch, arm, Shape(2, 32, precision="fp32", device_type="cuda"), 0)[
+    planned = memory_breakdown(arch, arm, Shape(2, 32, precision=precision, device_type="cuda"), 0)[
         "activations"
     ]
     assert planned == pytest.approx(measured, rel=0.10)

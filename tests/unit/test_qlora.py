@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import pefts_forward, tiny_config
 from peft import PeftModel
 
 from adaptlab.adapters import merge_adapter
@@ -248,7 +248,7 @@ def test_qlora_adapter_reloads_with_identical_logits(qlora_run):
     run, _, captured = qlora_run
     ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(3))
     trained = captured["setup"].model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), pefts_forward(trained):
         expected = trained(input_ids=ids).logits
     # adaptlab's loader (run dir and RUN/adapter) quantizes the base as in training.
     for path in (run, run / "adapter"):
@@ -388,8 +388,8 @@ def test_an_avx512_cpu_computes_what_an_avx2_cpu_does(avx512_cpu):
 def test_qlora_run_reloads_and_merges_the_same_on_an_avx512_cpu(qlora_run, avx512_cpu, tmp_path):
     run, _, captured = qlora_run
     ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        expected = captured["setup"].model.eval()(input_ids=ids).logits
+    with torch.inference_mode(), pefts_forward(captured["setup"].model.eval()) as trained:
+        expected = trained(input_ids=ids).logits
         loaded, _ = load_tuned(run)
         for _ in range(2):  # the first inference forward is where bitsandbytes would repack
             assert torch.equal(loaded.model(input_ids=ids).logits, expected)

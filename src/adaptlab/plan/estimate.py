@@ -39,14 +39,14 @@ MICRO_BATCH_OVERHEAD_S = 0.05
 ACTIVATION_PASSES = 3.0
 LOGIT_PASSES = 8.0
 # A LoRA adapter's elementwise work per token, in passes over its module's output and input widths.
-# Rank-16 matmuls are bound by these reads and writes, not by FLOPs. PEFT's forward (QLoRA's 4-bit
-# base, DoRA, dropout): B's output written, scaled and added to the base output (6 over d_out), x read
+# Rank-16 matmuls are bound by these reads and writes, not by FLOPs. PEFT's forward (DoRA,
+# dropout): B's output written, scaled and added to the base output (6 over d_out), x read
 # by A (1 over d_in); backward: the gradient scaled and read for B's weight gradient (3 over d_out),
 # A's input gradient written and added to the base's, x read again for A's weight gradient (5 over
 # d_in). About 2 s of a smollm2-135m step at 4 x 256 on the 2-core CPU.
 LORA_OUT_PASSES = 9.0
 LORA_IN_PASSES = 6.0
-# adaptlab.fused_lora (LoRA over a plain Linear): forward accumulates into the base output in place
+# adaptlab.fused_lora (LoRA over a plain or 4-bit Linear): forward accumulates into the base output in place
 # (2 over d_out) after A reads x (1 over d_in); backward reads the gradient for B's two matmuls (2 over
 # d_out), accumulates A's input gradient into the base's (2 over d_in), reads x for A's weight gradient
 # (1 over d_in). Measured 1.12x the PEFT forward's step speed on smollm2-135m, 4 x 256, same process.
@@ -56,9 +56,11 @@ FUSED_LORA_IN_PASSES = 4.0
 # the logits) for reuse, so peak RSS exceeds the live activations. Fitted on smollm2-135m: 1.2-2.3 over
 # full, LoRA and QLoRA at 2 x 128 and 4 x 256, varying from run to run for the same config.
 CPU_HEAP_SLACK = 1.6
-# QLoRA dequantizes every 4-bit weight to fp32 in forward and again in backward; those blocks pass
-# through the same heap, which keeps about this fraction of the fp32 Linear weights (smollm2-135m).
-CPU_QLORA_DEQUANT_RESIDUAL = 0.6
+# QLoRA dequantizes every 4-bit weight to the matmul dtype in forward and again in backward; those
+# blocks pass through the same heap, which keeps about this fraction of the fp32 Linear weights. Fitted
+# on smollm2-135m with the fused QLoRA Linear (bench/results/plan_accuracy_qlora_avx512bf16.json); PEFT's
+# QLoRA forward, with its separate adapter passes, left twice as much.
+CPU_QLORA_DEQUANT_RESIDUAL = 0.3
 # Tokenizer, model objects, Python structures of the run beyond the imported stack.
 CPU_RUN_OVERHEAD_BYTES = 0
 # Resident memory left by loading the checkpoint (mapped file pages, loading buffers), as a fraction
@@ -76,7 +78,7 @@ FP32 = 4
 ADAM_BYTES_PER_PARAM = 8  # exp_avg + exp_avg_sq in fp32
 
 
-UNCAST_SAVERS = ("full", "lora")
+UNCAST_SAVERS = ("full", "lora", "qlora")
 """Methods whose trained Linears keep uncast tensors under autocast (adaptlab.autocast_linear, fused_lora)."""
 
 
@@ -341,11 +343,11 @@ def step_time_s(
         traffic += shape.grad_accum * 6 * arch.matmul_params * (2 if arm.method == "full" else 1)
         if arm.method in UNCAST_SAVERS and arch.fused_norms:  # each block weight cast again in backward
             traffic += shape.grad_accum * 6 * arch.linear_params
-    if arm.method == "qlora":  # dequantize every 4-bit weight in forward and again in backward
-        traffic += 2 * shape.grad_accum * arch.linear_params * (NF4_BYTES_PER_PARAM + 2)
+    if arm.method == "qlora":  # dequantize every 4-bit weight to the matmul dtype, forward and backward
+        traffic += 2 * shape.grad_accum * arch.linear_params * (NF4_BYTES_PER_PARAM + shape.act_bytes)
     if arm.is_lora:
         widths = [(i, o) for p, (i, o) in arch.linear_shapes.items() if p.rsplit(".", 1)[-1] in arm.targets]
-        fused = arm.method == "lora"  # adaptlab.fused_lora; QLoRA and DoRA take PEFT's forward
+        fused = arm.method in ("lora", "qlora")  # adaptlab.fused_lora; DoRA takes PEFT's forward
         out_passes = FUSED_LORA_OUT_PASSES if fused else LORA_OUT_PASSES
         in_passes = FUSED_LORA_IN_PASSES if fused else LORA_IN_PASSES
         per_token = sum(out_passes * o + in_passes * i for i, o in widths)
