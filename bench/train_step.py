@@ -7,7 +7,7 @@ fine-tuning, 4N plus the adapters for the LoRA family, causal attention) per sec
 peak, its data-sheet dense peak on a known GPU, else the measured rate of a large trained Linear.
 
 Arms: full fine-tuning, LoRA (r=16, alpha 32, all-linear) and QLoRA (the same LoRA on an NF4 base,
-double quantization, blocksize 64), each at fp32 and under bf16 autocast, at batch 4 x 256 (4 x 128
+double quantization, blocksize 64), and DoRA (the same LoRA with PEFT's use_dora) with --only, each at fp32 and under bf16 autocast, at batch 4 x 256 (4 x 128
 with --quick). Each (loop, method, precision) runs in its own subprocess, so peak memory (the
 process peak RSS on CPU, torch's peak allocated memory on CUDA) is that config's alone. The first
 step is a warm-up and is not timed; tokens/s is the median over the timed steps.
@@ -65,7 +65,7 @@ RANK = 16
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
 INTERLEAVED_RESULTS = RESULTS.with_name("train_step_interleaved.json")
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "systems" / "man_pages.jsonl"
-METHODS = ("full", "lora", "qlora")
+METHODS = ("full", "lora", "qlora")  # and "dora" with --only
 LOOPS = ("reference", "adaptlab")
 
 
@@ -239,7 +239,13 @@ def _reference(case: Case) -> tuple[Any, list[torch.nn.Parameter], Any, Any, tor
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if method != "full":
-        config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear", task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=RANK,
+            lora_alpha=2 * RANK,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+            use_dora=method == "dora",
+        )
         model = get_peft_model(model, config)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -20,12 +20,18 @@ in backward, as bitsandbytes' own matmul does, straight to the matmul dtype (bit
 fp32 and rounds once, so the values are the same as dequantizing to fp32 and casting). PEFT's QLoRA
 module dequantizes to fp32 and lets autocast cast the result, then runs the adapter as separate passes.
 
+DoRA (`DoRALinear`) is the same fused Linear with its output rescaled per output feature by
+magnitude / row norm of W + scaling * B A, the norm a constant to autograd as in PEFT. PEFT's DoRA
+module rebuilds that (out x in) sum twice a forward (once through an identity matmul), runs the base
+and the adapter as separate passes and keeps several (tokens x out) tensors for backward; the fused
+one forms the sum once, in fp32, and keeps one.
+
 `fuse_loras` swaps the forward of each PEFT LoRA Linear over a plain nn.Linear or a bitsandbytes
 Linear4bit; at each call the fused path runs only for vanilla LoRA (any rank, rsLoRA's scaling
-included) with one active adapter, no dropout, no bias on B, adapters enabled and unmerged, and no
-per-call adapter names. Anything else (DoRA, dropout, a disabled adapter as in DPO's reference pass,
-mixed-adapter batches) takes PEFT's own forward. Parameter names, adapter files and every PEFT API are
-unchanged.
+included) or DoRA over a plain Linear, with one active adapter, no dropout, no bias on B, adapters
+enabled and unmerged, and no per-call adapter names. Anything else (dropout, a disabled adapter as in
+DPO's reference pass, mixed-adapter batches) takes PEFT's own forward. Parameter names, adapter files
+and every PEFT API are unchanged.
 """
 
 from __future__ import annotations
@@ -92,6 +98,64 @@ class LoRALinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
+class DoRALinear(torch.autograd.Function):
+    """DoRA: y = b + g * (x W^T + scaling * (x A^T) B^T), g = m / ||W + scaling * B A|| (row norms).
+
+    The norm is a constant to autograd, as in DoRA's section 4.3 and PEFT: m gets the gradient
+    sum_tokens(dy * z) / norm and the adapter gets LoRA's with dy scaled by g. One (tokens x out) tensor
+    is saved, z = x W^T + scaling * (x A^T) B^T in the matmul dtype; PEFT's DoRA module keeps its base
+    output, the adapter's output and fp32 products of both. The norm is computed in fp32 from the fp32
+    weights (PEFT: from the adapter's product in the matmul dtype). Casts and saving follow LoRALinear.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        magnitude: torch.Tensor,
+        scaling: float,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        full = torch.addmm(weight.float(), lora_b.float(), lora_a.float(), alpha=scaling)  # (out, in)
+        norm = torch.linalg.vector_norm(full, dim=1)
+        del full
+        gain = magnitude.float() / norm
+        xc, wc, ac, bbc = _cast((x, weight, lora_a, lora_b), dtype)
+        flat = xc.reshape(-1, xc.shape[-1])
+        down = flat @ ac.t()  # (N, r)
+        z = flat @ wc.t()
+        z.addmm_(down, bbc.t(), alpha=scaling)
+        y = z * gain  # fp32, as PEFT sums its DoRA terms, then back to the matmul dtype as PEFT returns
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(x, weight, lora_a, lora_b, down, z, gain, norm)
+        ctx.scaling, ctx.dtype, ctx.m_dtype = scaling, dtype, magnitude.dtype
+        return y.to(z.dtype).view(*x.shape[:-1], z.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x0, weight0, a0, b0, down, z, gain, norm = ctx.saved_tensors
+        x, weight, lora_a, lora_b = _cast((x0, weight0, a0, b0), ctx.dtype)
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).float()
+        grad_m = (dy * z).sum(0).div_(norm).to(ctx.m_dtype) if ctx.needs_input_grad[5] else None
+        g = (dy * gain).to(z.dtype)  # the gradient of z
+        del dy
+        flat = x.reshape(-1, x.shape[-1])
+        grad_down = (g @ lora_b).mul_(ctx.scaling)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ weight).addmm_(grad_down, lora_a).view_as(x).to(x0.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_a = (grad_down.t() @ flat).to(a0.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b = (g.t() @ down).mul_(ctx.scaling).to(b0.dtype)
+        return grad_x, None, None, grad_a, grad_b, grad_m, None, None
+
+
 def _dense(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype | None) -> torch.Tensor:
     """The weight for the matmul: cast to dtype, or a 4-bit one dequantized straight to dtype."""
     if quant_state is None:
@@ -118,6 +182,13 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     tensors = (x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight)
     quant_state = getattr(base.weight, "quant_state", None)
     kind = x.device.type
+    if adapter in self.lora_variant:  # DoRA (_vanilla_adapter lets no other variant through)
+        magnitude = self.lora_magnitude_vector[adapter].weight
+        if not torch.is_autocast_enabled(kind):
+            return DoRALinear.apply(*tensors, magnitude, self.scaling[adapter])
+        with torch.autocast(kind, enabled=False):
+            dtype = torch.get_autocast_dtype(kind)
+            return DoRALinear.apply(*tensors, magnitude, self.scaling[adapter], dtype)
     if torch.is_autocast_enabled(kind):  # the casts autocast would make, then the fused ops in that dtype
         with torch.autocast(kind, enabled=False):
             dtype = torch.get_autocast_dtype(kind)
@@ -134,7 +205,7 @@ def _vanilla_adapter(module: Any) -> str | None:
     if module.disable_adapters or module.merged or len(module.active_adapters) != 1:
         return None
     adapter = module.active_adapters[0]
-    if adapter not in module.lora_A or adapter in getattr(module, "lora_variant", {}):
+    if adapter not in module.lora_A or not _plain_or_dora(module, adapter):
         return None
     if not isinstance(module.lora_dropout[adapter], nn.Identity) or module.lora_B[adapter].bias is not None:
         return None
@@ -148,6 +219,21 @@ def _vanilla_adapter(module: Any) -> str | None:
         compute = base.compute_dtype or w.quant_state.dtype
         return adapter if a.dtype == b.dtype == compute else None
     return adapter if a.dtype == b.dtype == w.dtype else None
+
+
+def _plain_or_dora(module: Any, adapter: str) -> bool:
+    """Vanilla LoRA, or DoRA over a plain Linear (no transposed Conv1D weight)."""
+    variant = getattr(module, "lora_variant", {}).get(adapter)
+    if variant is None:
+        return True
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    return (
+        isinstance(variant, DoraLinearVariant)
+        and type(module.base_layer) is nn.Linear
+        and not module.fan_in_fan_out
+        and adapter in module.lora_magnitude_vector
+    )
 
 
 def is_fusable(module: nn.Module) -> bool:

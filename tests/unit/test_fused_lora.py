@@ -17,7 +17,7 @@ from torch import nn
 
 from adaptlab.config import MethodSpec
 from adaptlab.fused import fuse_mlps
-from adaptlab.fused_lora import LoRALinear, fuse_loras
+from adaptlab.fused_lora import DoRALinear, LoRALinear, fuse_loras
 from adaptlab.methods import apply_method
 from adaptlab.models import load_model
 
@@ -124,10 +124,10 @@ def test_function_gradients_against_plain_ops() -> None:
 @pytest.mark.parametrize(
     "spec",
     [
-        MethodSpec(method="dora", rank=4, targets="all-linear"),
+        MethodSpec(method="dora", rank=4, dropout=0.1, targets="all-linear"),
         MethodSpec(method="lora", rank=4, dropout=0.1, targets="all-linear"),
     ],
-    ids=["dora", "dropout"],
+    ids=["dora-dropout", "dropout"],
 )
 def test_what_it_does_not_cover_takes_pefts_forward(spec: MethodSpec) -> None:
     plain = _lora(spec)
@@ -236,3 +236,62 @@ def test_fused_qlora_saves_the_4bit_weight_not_a_dequantized_copy() -> None:
         )
         y.float().sum().backward()
         assert x.grad is not None and x.grad.dtype == torch.float32
+
+
+def _dora() -> nn.Module:
+    model = _lora(MethodSpec(method="dora", rank=4, targets="all-linear"))
+    with torch.no_grad():  # magnitudes start at the weight norms, which would make every gain 1
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.rand(p.shape, generator=torch.Generator().manual_seed(5)))
+    return model
+
+
+def test_fused_dora_trains_like_peft_fp32() -> None:
+    plain = _dora()
+    fused = copy.deepcopy(plain)
+    assert fuse_loras(fused) == 7 * plain.config.num_hidden_layers
+    loss_a, grads_a = _step(plain, torch.float32)
+    loss_b, grads_b = _step(fused, torch.float32)
+    assert float(loss_b) == pytest.approx(float(loss_a), rel=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 3 * 7 * plain.config.num_hidden_layers
+    for name, g in grads_a.items():
+        assert g.abs().max() > 0, name
+        assert (grads_b[name] - g).abs().max() <= 1e-5 * g.abs().max(), name
+
+
+def test_fused_dora_under_bf16_autocast() -> None:
+    plain = _dora()
+    fused = copy.deepcopy(plain)
+    fuse_loras(fused)
+    loss_a, grads_a = _step(plain, torch.bfloat16)
+    loss_b, grads_b = _step(fused, torch.bfloat16)
+    assert float(loss_b) == pytest.approx(float(loss_a), rel=1e-2)
+    for name, g in grads_a.items():
+        assert grads_b[name].dtype == torch.float32, name
+        cos = torch.nn.functional.cosine_similarity(grads_b[name].flatten(), g.flatten(), dim=0)
+        assert cos > 0.999, (name, float(cos))
+
+
+def test_dora_function_gradients_against_plain_ops() -> None:
+    """DoRALinear alone, float64: the DoRA expression with the row norm detached, every gradient equal."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w, b = (
+        torch.randn(4, 6, dtype=torch.float64, generator=g),
+        torch.randn(4, dtype=torch.float64, generator=g),
+    )
+    a = torch.randn(3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    bb = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    m = torch.rand(4, dtype=torch.float64, generator=g).add_(0.5).requires_grad_(True)
+    grad = torch.randn(2, 5, 4, dtype=torch.float64, generator=g)
+    norm = (w + 0.7 * bb @ a).norm(dim=1).detach()
+    plain = b + (m / norm) * (x @ w.t() + (x @ a.t() @ bb.t()) * 0.7)
+    fused = DoRALinear.apply(x, w, b, a, bb, m, 0.7)
+    assert torch.allclose(fused, plain, rtol=1e-6, atol=1e-6)  # the norm is taken in fp32
+    for p, q in zip(
+        torch.autograd.grad(plain, (x, a, bb, m), grad),
+        torch.autograd.grad(fused, (x, a, bb, m), grad),
+        strict=True,
+    ):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-6)

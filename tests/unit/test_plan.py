@@ -168,14 +168,7 @@ def test_step_time_hand_computed():
 
 @pytest.mark.parametrize(
     "method,precision",
-    [
-        ("full", "fp32"),
-        ("lora", "fp32"),
-        ("qlora", "fp32"),
-        ("full", "bf16"),
-        ("lora", "bf16"),
-        ("qlora", "bf16"),
-    ],
+    [(m, p) for p in ("fp32", "bf16") for m in ("full", "lora", "qlora", "dora")],
 )
 def test_activation_formula_matches_autograd(method, precision, monkeypatch):
     """The per-layer count equals the bytes autograd really saves in training (sdpa, the model fused as

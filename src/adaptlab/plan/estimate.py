@@ -78,7 +78,7 @@ FP32 = 4
 ADAM_BYTES_PER_PARAM = 8  # exp_avg + exp_avg_sq in fp32
 
 
-UNCAST_SAVERS = ("full", "lora", "qlora")
+UNCAST_SAVERS = ("full", "lora", "qlora", "dora")
 """Methods whose trained Linears keep uncast tensors under autocast (adaptlab.autocast_linear, fused_lora)."""
 
 
@@ -176,7 +176,7 @@ def layer_activation_bytes(
             * len([n for n in arch.linear_shapes if n.rsplit(".", 1)[-1] in arm.targets])
             // max(arch.n_layers, 1)
         )
-    if arm.method == "dora":  # the magnitude rescaling keeps the base output of each target
+    if arm.method == "dora":  # the magnitude rescaling keeps each target's unscaled output (fused_lora)
         total += b * sum((arch.per_layer(n) or (h, h))[1] for n in arm.targets)
     return total
 
@@ -347,7 +347,7 @@ def step_time_s(
         traffic += 2 * shape.grad_accum * arch.linear_params * (NF4_BYTES_PER_PARAM + shape.act_bytes)
     if arm.is_lora:
         widths = [(i, o) for p, (i, o) in arch.linear_shapes.items() if p.rsplit(".", 1)[-1] in arm.targets]
-        fused = arm.method in ("lora", "qlora")  # adaptlab.fused_lora; DoRA takes PEFT's forward
+        fused = arm.is_lora  # adaptlab.fused_lora (dropout takes PEFT's forward)
         out_passes = FUSED_LORA_OUT_PASSES if fused else LORA_OUT_PASSES
         in_passes = FUSED_LORA_IN_PASSES if fused else LORA_IN_PASSES
         per_token = sum(out_passes * o + in_passes * i for i, o in widths)
