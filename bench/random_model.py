@@ -3,8 +3,10 @@
 Speed and memory depend on a model's shape, not its weights, so a Llama-architecture model with seeded
 random weights and the SmolLM2 tokenizer (vocabulary 49,152) stands in for a real checkpoint of that
 size where none can be downloaded. `random-1b` has the shape of a ~1B Llama (hidden 2048, 16 layers,
-32 query and 8 key/value heads, MLP 8192; 1.07B parameters with tied embeddings). Its losses mean
-nothing; its tokens/s, MFU and memory do.
+32 query and 8 key/value heads, MLP 8192; 1.07B parameters with tied embeddings);
+`random-smollm2-135m` has smollm2-135m's (for a machine the embedded model's files cannot reach; its
+RoPE base is transformers' default, which changes no FLOP). Their losses mean nothing; their tokens/s,
+MFU and memory do.
 
 The directory is built once under adaptlab's cache (weights stored in bf16, loaded in fp32 by both
 loops) and reused:
@@ -27,6 +29,13 @@ SHAPES: dict[str, dict[str, int]] = {
         "num_hidden_layers": 16,
         "num_attention_heads": 32,
         "num_key_value_heads": 8,
+    },
+    "random-smollm2-135m": {  # smollm2-135m's shape, where its 540 MB of weights cannot travel
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
     },
     "random-tiny": {  # for the benchmark's own test
         "hidden_size": 64,
