@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from adaptlab.errors import UserError
-from adaptlab.models import EMBEDDED_MODELS, LoadedModel, load_model, require_safetensors
+from adaptlab.models import EMBEDDED_MODELS, STORED, LoadedModel, load_model, require_safetensors
 
 Kind = Literal["adapter", "model"]
 BaseWeights = Literal["trained", "full", "dequantized"]
@@ -204,8 +204,10 @@ def load_base(
 
     if weights not in BASE_WEIGHTS:
         raise UserError(f"base weights {weights!r}: choose one of {', '.join(BASE_WEIGHTS)}")
-    loaded = load_model(base_spec([art], base), dtype=dtype, device=device)
-    if weights == "dequantized" or (weights == "trained" and art.trained_on_4bit):
+    quantized = weights == "dequantized" or (weights == "trained" and art.trained_on_4bit)
+    # quantized from the checkpoint's own dtype, as training does (quantize_base ends in fp32)
+    loaded = load_model(base_spec([art], base), dtype=STORED if quantized else dtype, device=device)
+    if quantized:
         quantize_base(loaded.model, compute_dtype=_compute_dtype(art)).to(device)
     if weights == "dequantized":
         dequantize_in_place(loaded.model)

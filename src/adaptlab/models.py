@@ -219,8 +219,12 @@ def load_tokenizer(spec: str) -> Any:
     return tok
 
 
+STORED = "auto"
+"""`load_model`'s dtype for the checkpoint's own (transformers' "auto"): QLoRA quantizes from it."""
+
+
 def load_model(
-    spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    spec: str, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"
 ) -> LoadedModel:
     """Load a base model and its tokenizer from an embedded name, a local HF directory or a hub id."""
     from transformers import AutoModelForCausalLM

@@ -105,6 +105,10 @@ def _base_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
 def quantize_base(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Replace the model's Linear layers (not lm_head) by NF4 Linear4bit in place; return the model.
 
+    The model may be loaded in its checkpoint's dtype (`load_model(..., dtype=STORED)`): each Linear is
+    quantized from its weight's exact fp32 value, one at a time, and every other tensor ends in fp32, so
+    the result is the same as from an fp32 load while a bf16 checkpoint never exists in fp32 whole.
+
     compute_dtype is what each 4-bit weight is dequantized to for its matmul; under bf16 autocast the
     matmul itself runs in bf16 whatever it is, so fp32 (the master-weight dtype) is the default.
     """
@@ -150,7 +154,8 @@ def quantize_base(model: nn.Module, compute_dtype: torch.dtype = torch.float32) 
 
 
 def _own_memory(model: nn.Module) -> None:
-    """Copy the tensors left in full precision (embeddings, norms) out of the checkpoint's memory map.
+    """Copy the tensors left in full precision (embeddings, norms) out of the checkpoint's memory map,
+    in fp32 (the master dtype) whatever dtype the checkpoint was loaded in.
 
     transformers leaves a loaded model's weights as views of the memory-mapped safetensors file, and
     quantizing reads every page of it: while any tensor still views the map, those pages (the fp32
@@ -167,7 +172,8 @@ def _own_memory(model: nn.Module) -> None:
         for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
             if tensor.device.type == "cpu" and id(tensor) not in seen:
                 seen.add(id(tensor))
-                tensor.data = tensor.data.clone()
+                dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
+                tensor.data = tensor.data.to(dtype, copy=True)
     _trim_heap()
 
 

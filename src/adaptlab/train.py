@@ -48,7 +48,7 @@ from adaptlab.fused_norm import fuse_norms
 from adaptlab.hardware import autocast, choose_precision, mem_bytes, peak_mem_bytes, pick_device, reset_peak
 from adaptlab.health import Health, advice
 from adaptlab.methods import ParamReport, apply_method, param_report, trainable_parameters
-from adaptlab.models import load_model
+from adaptlab.models import STORED, load_model
 from adaptlab.objectives import Objective, objective_for, to_device
 from adaptlab.optim_backward import BackwardUpdates, check_one_process
 from adaptlab.rundir import RunDir, dir_bytes, versions
@@ -104,7 +104,9 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
     objective = objective_for(config)
     strategy = dist.resolve_parallel(parallel, config.method.method, world, _fits_one_device(config, device))
     # FSDP2 loads on the CPU and moves only each rank's shards to its device
-    loaded = load_model(config.model.name, device="cpu" if strategy == "fsdp" else device)
+    # QLoRA quantizes from the checkpoint's own dtype: a bf16 checkpoint is never held whole in fp32
+    dtype = STORED if config.method.method == "qlora" else torch.float32
+    loaded = load_model(config.model.name, dtype=dtype, device="cpu" if strategy == "fsdp" else device)
     check_against_model(config, loaded.model)
     tokenizer = loaded.tokenizer
     train_examples, val_examples = objective.build_data(config, tokenizer)

@@ -420,3 +420,32 @@ def test_attention_throughput_times_causal_sdpa_in_training(tmp_path, monkeypatc
     arch = arch_from_config(small_config())  # 1 layer, q_dim 8
     per_token = estimate.attention_flops_per_token(arch, 32)
     assert per_token * 2 * 32 == 3 * 2 * 2 * 1 * 32 * 32 * 8  # 3 x forward (2 B H T^2 d) for B=2, H=1, d=8
+
+
+def test_a_bf16_checkpoint_loads_as_stored_for_qlora_and_leaves_no_mapped_pages():
+    """QLoRA quantizes from the checkpoint's own dtype: a bf16 1B model's load peak is 2 bytes a parameter;
+    a bf16 checkpoint loaded in fp32 is converted, so no mapped file pages stay resident."""
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+        dtype="bfloat16",
+    )
+    arch = arch_from_config(cfg)
+    assert arch.stored_bytes == 2 and replace(arch, stored_bytes=4) != arch
+    shape = Shape(1, 16, precision="fp32", device_type="cpu")
+    qlora = Arm("qlora", 16, ALL)
+    as_bf16 = memory_breakdown(arch, qlora, shape, 0)["peak"]
+    as_fp32 = memory_breakdown(replace(arch, stored_bytes=4), qlora, shape, 0)["peak"]
+    assert as_fp32 - as_bf16 == 2 * arch.total_params  # the load is the peak of so short a step
+    # full fine-tuning loads in fp32 either way; only an fp32 checkpoint leaves its mapped pages behind
+    full = memory_breakdown(arch, Arm("full"), shape, 0)
+    mapped = memory_breakdown(replace(arch, stored_bytes=4), Arm("full"), shape, 0)
+    assert full["loading"] == 0 and mapped["loading"] == round(
+        estimate.CPU_LOAD_RESIDUAL * 4 * arch.total_params
+    )
+    assert mapped["peak"] - full["peak"] == mapped["loading"]

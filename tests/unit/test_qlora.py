@@ -160,6 +160,28 @@ def test_quantize_base_swaps_linears_but_not_head_or_embeddings():
     assert torch.allclose(plain(ids).logits, after, atol=1e-5)
 
 
+def test_quantizing_from_a_bf16_checkpoint_as_loaded_equals_quantizing_its_fp32_upcast(tmp_path):
+    """QLoRA loads a checkpoint in its own dtype (STORED) and quantizes from there: the same 4-bit codes,
+    scales and fp32 remaining weights as an fp32 load, without the whole model ever in fp32."""
+    from adaptlab.models import STORED
+
+    tiny = load_model("tiny-random")
+    tiny.model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", safe_serialization=True)
+    tiny.tokenizer.save_pretrained(tmp_path / "bf16")
+    stored = load_model(str(tmp_path / "bf16"), dtype=STORED).model
+    assert {p.dtype for p in stored.parameters()} == {torch.bfloat16}
+    upcast = quantize_base(load_model(str(tmp_path / "bf16")).model)
+    quantize_base(stored)
+    a, b = stored.state_dict(), upcast.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert {p.dtype for n, p in stored.named_parameters() if "norm" in n or "embed" in n} == {torch.float32}
+    ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(stored(ids).logits, upcast(ids).logits)
+
+
 def _checkpoint_maps() -> list[tuple[int, int]]:
     """Address ranges of memory-mapped safetensors files in this process."""
     ranges = []

@@ -47,6 +47,7 @@ class Arch:
     max_positions: int | None = None  # max_position_embeddings: the longest sequence the model takes
     fused_mlp: bool = False  # training fuses its MLPs (adaptlab.fused: two saved tensors, not four)
     fused_norms: bool = False  # training rebuilds its norms' outputs in backward (adaptlab.fused_norm)
+    stored_bytes: int = 4  # bytes a parameter in the checkpoint (its config's dtype; QLoRA loads in it)
 
     @property
     def linear_params(self) -> int:
@@ -162,7 +163,14 @@ def arch_from_config(config: Any, spec: str = "") -> Arch:
         max_positions=_cfg(text, "max_position_embeddings", "n_positions", default=None),
         fused_mlp=any(is_standard_mlp(m) for m in model.modules()),
         fused_norms=any(all(is_standard_norm(getattr(m, n, None)) for n in NORMS) for m in model.modules()),
+        stored_bytes=_stored_bytes(config),
     )
+
+
+def _stored_bytes(config: Any) -> int:
+    """Bytes a parameter as the checkpoint stores it, from the config's dtype (4 when it names none)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return {"bfloat16": 2, "float16": 2}.get(str(dtype).removeprefix("torch."), 4)
 
 
 def load_arch(spec: str) -> Arch:

@@ -57,7 +57,8 @@ FUSED_LORA_IN_PASSES = 4.0
 # full, LoRA and QLoRA at 2 x 128 and 4 x 256, varying from run to run for the same config.
 CPU_HEAP_SLACK = 1.6
 # QLoRA dequantizes every 4-bit weight to the matmul dtype in forward and again in backward; those
-# blocks pass through the same heap, which keeps about this fraction of the fp32 Linear weights. Fitted
+# blocks pass through the same heap, which keeps about this fraction of the fp32 weights of the Linears
+# whose copy is under glibc's mmap threshold (larger ones are unmapped when freed). Fitted
 # on smollm2-135m with the fused QLoRA Linear (bench/results/plan_accuracy_qlora_avx512bf16.json); PEFT's
 # QLoRA forward, with its separate adapter passes, left twice as much.
 CPU_QLORA_DEQUANT_RESIDUAL = 0.3
@@ -67,8 +68,12 @@ CPU_RUN_OVERHEAD_BYTES = 0
 # of the fp32 weights. Fitted on smollm2-135m (full and LoRA, 2 x 128, fp32): 0.6. A frozen base (the
 # LoRA family) keeps less: its weights are the mapped file's pages, which full fine-tuning's optimizer
 # copies on first write. Refitted over every smollm2 row of an avx2 and an avx512_bf16 CPU: 0.3.
+# Only an fp32 checkpoint leaves them: one stored in bf16 or fp16 is converted into memory the
+# weights own, and its map is closed (random-1b, bf16 on disk, LoRA: plan -0.1% without the term).
 CPU_LOAD_RESIDUAL = 0.6
 CPU_LOAD_RESIDUAL_FROZEN = 0.3
+# glibc's largest mmap threshold: a freed block at least this large goes back to the system at once.
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
 # Python bytes per token held in training examples (int object + two list slots).
 PY_BYTES_PER_TOKEN = 44
 
@@ -252,18 +257,20 @@ def memory_breakdown(
     runtime = runtime_bytes + (CPU_RUN_OVERHEAD_BYTES if cpu else 0)
     # QLoRA releases the mapped checkpoint once its Linears are 4-bit (quantize.py)
     residual = CPU_LOAD_RESIDUAL_FROZEN if arm.is_lora else CPU_LOAD_RESIDUAL
-    loading = round(residual * FP32 * arch.total_params) if cpu and arm.method != "qlora" else 0
+    mapped = cpu and arm.method != "qlora" and arch.stored_bytes == FP32  # weights still view the file
+    loading = round(residual * FP32 * arch.total_params) if mapped else 0
     static = runtime + loading + (data_bytes if cpu else 0) + weights
     # bf16 weight copies take the same blocks at every step: no slack over them
     dynamic = weight_copies + activations + round((slack - 1) * churn) + logits + early_grads
-    if cpu and arm.method == "qlora":
-        dynamic += round(CPU_QLORA_DEQUANT_RESIDUAL * FP32 * arch.linear_params)
+    if cpu and arm.method == "qlora":  # dequantized copies too large for the heap are unmapped at once
+        heap_sized = [i * o for i, o in arch.linear_shapes.values() if i * o * b < GLIBC_MMAP_THRESHOLD_MAX]
+        dynamic += round(CPU_QLORA_DEQUANT_RESIDUAL * FP32 * sum(heap_sized))
     forward_peak = static + optimizer + dynamic
     step_peak = static + gradients + optimizer + largest_grad
-    load_peak = (  # the fp32 checkpoint before quantizing
+    load_peak = (  # the checkpoint before quantizing: QLoRA loads it in its stored dtype, the rest in fp32
         runtime
         + (data_bytes if cpu else 0)
-        + FP32 * arch.total_params
+        + (arch.stored_bytes if arm.method == "qlora" else FP32) * arch.total_params
         + (weights if arm.method == "qlora" else 0)
     )
     return {
