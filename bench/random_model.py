@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -55,34 +54,12 @@ def is_random(spec: str) -> bool:
 def random_model_dir(spec: str) -> Path:
     """The directory of the random-weight model `spec` (one of SHAPES), built on first use."""
     from adaptlab.hub import cache_dir
-    from adaptlab.models import build_atomically
+    from adaptlab.models import build_atomically, save_random_llama
 
     def build(tmp: Path) -> None:
-        _build(SHAPES[spec], tmp)
+        save_random_llama(tmp, dtype=torch.bfloat16, max_positions=8192, **SHAPES[spec])
 
     return build_atomically(cache_dir() / f"bench-models-v{VERSION}" / spec, build)
-
-
-def _build(shape: dict[str, int], out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from adaptlab.models import local_dir
-
-    tok = AutoTokenizer.from_pretrained(str(local_dir("smollm2-135m")))
-    config: Any = LlamaConfig(
-        vocab_size=len(tok),
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        **shape,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
 
 
 if __name__ == "__main__":

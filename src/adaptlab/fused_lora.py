@@ -69,13 +69,7 @@ class LoRALinear(torch.autograd.Function):
         dtype: torch.dtype | None = None,
         quant_state: Any = None,
     ) -> torch.Tensor:
-        xc, bc, ac, bbc = _cast((x, bias, lora_a, lora_b), dtype)
-        wc = _dense(weight, quant_state, dtype)
-        flat = xc.reshape(-1, xc.shape[-1])
-        down = flat @ ac.t()  # (N, r)
-        y = F.linear(flat, wc, bc)
-        del wc  # a dequantized weight lives one matmul, not until backward
-        y.addmm_(down, bbc.t(), alpha=scaling)
+        y, down = _fused_matmuls(x, weight, bias, lora_a, lora_b, scaling, dtype, quant_state)
         ctx.save_for_backward(x, weight, lora_a, lora_b, down)
         ctx.scaling, ctx.dtype, ctx.quant_state = scaling, dtype, quant_state
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -83,18 +77,8 @@ class LoRALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         *saved, down = ctx.saved_tensors
-        x, lora_a, lora_b = _cast((saved[0], saved[2], saved[3]), ctx.dtype)
-        weight = _dense(saved[1], ctx.quant_state, ctx.dtype)
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        flat = x.reshape(-1, x.shape[-1])
-        grad_down = (g @ lora_b).mul_(ctx.scaling)  # (N, r): the scaling lands on the small tensor
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).addmm_(grad_down, lora_a).view_as(x).to(saved[0].dtype)
-        if ctx.needs_input_grad[3]:
-            grad_a = (grad_down.t() @ flat).to(saved[2].dtype)
-        if ctx.needs_input_grad[4]:
-            grad_b = (g.t() @ down).mul_(ctx.scaling).to(saved[3].dtype)
+        grad_x, grad_a, grad_b = _input_and_adapter_grads(ctx, g, saved, down, ctx.quant_state)
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
@@ -124,11 +108,7 @@ class DoRALinear(torch.autograd.Function):
         norm = torch.linalg.vector_norm(full, dim=1)
         del full
         gain = magnitude.float() / norm
-        xc, wc, ac, bbc = _cast((x, weight, lora_a, lora_b), dtype)
-        flat = xc.reshape(-1, xc.shape[-1])
-        down = flat @ ac.t()  # (N, r)
-        z = flat @ wc.t()
-        z.addmm_(down, bbc.t(), alpha=scaling)
+        z, down = _fused_matmuls(x, weight, None, lora_a, lora_b, scaling, dtype)
         y = z * gain  # fp32, as PEFT sums its DoRA terms, then back to the matmul dtype as PEFT returns
         if bias is not None:
             y += bias
@@ -138,22 +118,54 @@ class DoRALinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x0, weight0, a0, b0, down, z, gain, norm = ctx.saved_tensors
-        x, weight, lora_a, lora_b = _cast((x0, weight0, a0, b0), ctx.dtype)
+        *saved, down, z, gain, norm = ctx.saved_tensors
         dy = grad_out.reshape(-1, grad_out.shape[-1]).float()
         grad_m = (dy * z).sum(0).div_(norm).to(ctx.m_dtype) if ctx.needs_input_grad[5] else None
         g = (dy * gain).to(z.dtype)  # the gradient of z
         del dy
-        flat = x.reshape(-1, x.shape[-1])
-        grad_down = (g @ lora_b).mul_(ctx.scaling)
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).addmm_(grad_down, lora_a).view_as(x).to(x0.dtype)
-        if ctx.needs_input_grad[3]:
-            grad_a = (grad_down.t() @ flat).to(a0.dtype)
-        if ctx.needs_input_grad[4]:
-            grad_b = (g.t() @ down).mul_(ctx.scaling).to(b0.dtype)
+        grad_x, grad_a, grad_b = _input_and_adapter_grads(ctx, g, saved, down)
         return grad_x, None, None, grad_a, grad_b, grad_m, None, None
+
+
+def _fused_matmuls(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dtype: torch.dtype | None,
+    quant_state: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x W^T + b + scaling * (x A^T) B^T, x A^T) over the flattened tokens, in the matmul dtype."""
+    xc, bc, ac, bbc = _cast((x, bias, lora_a, lora_b), dtype)
+    wc = _dense(weight, quant_state, dtype)
+    flat = xc.reshape(-1, xc.shape[-1])
+    down = flat @ ac.t()  # (N, r)
+    y = F.linear(flat, wc, bc)
+    del wc  # a dequantized weight lives one matmul, not until backward
+    y.addmm_(down, bbc.t(), alpha=scaling)
+    return y, down
+
+
+def _input_and_adapter_grads(
+    ctx: Any, g: torch.Tensor, saved: list[torch.Tensor], down: torch.Tensor, quant_state: Any = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of x, A and B from g, the (N, out) gradient of the fused matmuls' output; x, W, A, B
+    saved uncast (inputs 0, 1, 3 and 4 of the function) and cast again here."""
+    x0, w0, a0, b0 = saved
+    x, lora_a, lora_b = _cast((x0, a0, b0), ctx.dtype)
+    weight = _dense(w0, quant_state, ctx.dtype)
+    flat = x.reshape(-1, x.shape[-1])
+    grad_down = (g @ lora_b).mul_(ctx.scaling)  # (N, r): the scaling lands on the small tensor
+    grad_x = grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = (g @ weight).addmm_(grad_down, lora_a).view_as(x).to(x0.dtype)
+    if ctx.needs_input_grad[3]:
+        grad_a = (grad_down.t() @ flat).to(a0.dtype)
+    if ctx.needs_input_grad[4]:
+        grad_b = (g.t() @ down).mul_(ctx.scaling).to(b0.dtype)
+    return grad_x, grad_a, grad_b
 
 
 def _dense(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype | None) -> torch.Tensor:

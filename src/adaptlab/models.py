@@ -109,29 +109,40 @@ def _tiny_random_dir() -> Path:
     """A seeded 2-layer Llama (hidden 64) with the SmolLM2 tokenizer; same code paths as a real model."""
 
     def build(tmp: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-        tok = AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir())
-        config = LlamaConfig(
-            vocab_size=len(tok),
+        save_random_llama(
+            tmp,
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=2048,
-            tie_word_embeddings=True,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
         )
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
 
     return build_atomically(cache_dir() / f"v{_CACHE_VERSION}" / "models" / "tiny-random", build)
+
+
+def save_random_llama(
+    out: Path, dtype: torch.dtype = torch.float32, max_positions: int = 2048, **shape: int
+) -> None:
+    """Save a Llama of `shape` (LlamaConfig fields) with seeded random weights and the SmolLM2 tokenizer
+    (tied embeddings) to `out`: tiny-random, and the benchmark's random-weight shapes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir())
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **shape,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
 
 
 def local_dir(spec: str) -> Path | None:
