@@ -410,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     args.seq_len = args.seq_len or (128 if args.quick else 256)
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step is an untimed warm-up)")
+    from adaptlab.errors import UserError
+
+    try:
+        args.model_dir = _case(args, "full", "fp32").model_dir  # an unknown model: one line, exit 2
+    except UserError as err:
+        parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:
@@ -502,7 +508,7 @@ def _write(
         json.dumps(
             {
                 "model": args.model,
-                "model_dir": str(_case(args, "full", "fp32").model_dir),
+                "model_dir": str(args.model_dir),
                 "batch": args.batch,
                 "seq_len": args.seq_len,
                 "timed_steps": args.steps - 1,
