@@ -110,16 +110,22 @@ def test_under_autocast_it_keeps_the_uncast_weight_and_input() -> None:
     assert x.grad is not None and x.grad.dtype == torch.float32
 
 
-def test_function_gradients_against_plain_ops() -> None:
-    """LoRALinear alone, 3-D input with a bias, float64: every gradient equal to autograd's of the expression."""
+def _float64_linear() -> tuple[
+    torch.Generator, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    """(generator, x, W, b, A, B) in float64, seeded: a 3-D input to a 6 -> 4 Linear with a rank-3 adapter."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
-    w, b = (
-        torch.randn(4, 6, dtype=torch.float64, generator=g),
-        torch.randn(4, dtype=torch.float64, generator=g),
-    )
+    w = torch.randn(4, 6, dtype=torch.float64, generator=g)
+    b = torch.randn(4, dtype=torch.float64, generator=g)
     a = torch.randn(3, 6, dtype=torch.float64, generator=g, requires_grad=True)
     bb = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    return g, x, w, b, a, bb
+
+
+def test_function_gradients_against_plain_ops() -> None:
+    """LoRALinear alone, 3-D input with a bias, float64: every gradient equal to autograd's of the expression."""
+    g, x, w, b, a, bb = _float64_linear()
     grad = torch.randn(2, 5, 4, dtype=torch.float64, generator=g)
     plain = x @ w.t() + b + (x @ a.t() @ bb.t()) * 0.7
     fused = LoRALinear.apply(x, w, b, a, bb, 0.7)
@@ -262,14 +268,7 @@ def test_fused_dora_under_bf16_autocast() -> None:
 
 def test_dora_function_gradients_against_plain_ops() -> None:
     """DoRALinear alone, float64: the DoRA expression with the row norm detached, every gradient equal."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
-    w, b = (
-        torch.randn(4, 6, dtype=torch.float64, generator=g),
-        torch.randn(4, dtype=torch.float64, generator=g),
-    )
-    a = torch.randn(3, 6, dtype=torch.float64, generator=g, requires_grad=True)
-    bb = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    g, x, w, b, a, bb = _float64_linear()
     m = torch.rand(4, dtype=torch.float64, generator=g).add_(0.5).requires_grad_(True)
     grad = torch.randn(2, 5, 4, dtype=torch.float64, generator=g)
     norm = (w + 0.7 * bb @ a).norm(dim=1).detach()
