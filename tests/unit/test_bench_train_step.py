@@ -1,6 +1,7 @@
 """bench/train_step.py's parts on a random-weight model: the shape it builds, the FLOPs its MFU counts,
-and one interleaved case of both loops."""
+one interleaved case of both loops, and the GPU check script's usage."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,3 +53,11 @@ def test_one_interleaved_case_times_both_loops(tiny_dir: Path) -> None:
     assert len(result["adaptlab_steps_s"]) == len(result["reference_steps_s"]) == 3
     assert all(s > 0 for s in result["adaptlab_steps_s"] + result["reference_steps_s"])
     assert result["speed_ratio"] == pytest.approx(result["reference_step_s"] / result["adaptlab_step_s"])
+
+
+def test_gpu_check_script_parses_and_refuses_an_unknown_mode() -> None:
+    script = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    done = subprocess.run(["bash", str(script), "bogus"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "usage: bash bench/gpu_check.sh prepare|dry|run" in done.stderr
