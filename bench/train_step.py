@@ -6,7 +6,7 @@ Every row states its MFU: the step's training FLOPs (as `adaptlab plan` counts t
 fine-tuning, 4N plus the adapters for the LoRA family, causal attention) per second over the device's
 peak, its data-sheet dense peak on a known GPU, else the measured rate of a large trained Linear.
 
-Arms: full fine-tuning, LoRA (r=16, alpha 32, all-linear) and QLoRA (the same LoRA on an NF4 base,
+Arms: full fine-tuning, LoRA (r=16, alpha 32, all-linear; --dropout sets its dropout in both loops) and QLoRA (the same LoRA on an NF4 base,
 double quantization, blocksize 64), and DoRA (the same LoRA with PEFT's use_dora) with --only, each at fp32 and under bf16 autocast, at batch 4 x 256 (4 x 128
 with --quick). Each (loop, method, precision) runs in its own subprocess, so peak memory (the
 process peak RSS on CPU, torch's peak allocated memory on CUDA) is that config's alone. The first
@@ -98,6 +98,7 @@ class Case:
     seq_len: int
     steps: int
     in_backward: bool = False
+    dropout: float = 0.0  # LoRA dropout, both loops
 
     @property
     def model_dir(self) -> Path:
@@ -115,7 +116,7 @@ def _config(case: Case, tmp: Path, compile: bool = False) -> Any:
     return build_config(
         {
             "model": {"name": str(case.model_dir)},
-            "method": {"method": case.method, "rank": RANK, "targets": "all-linear"},
+            "method": {"method": case.method, "rank": RANK, "targets": "all-linear", "dropout": case.dropout},
             "data": {"train": [str(_corpus(tmp))], "val_frac": 0.0, "test_frac": 0.0},
             "train": {
                 "steps": case.steps,
@@ -245,6 +246,7 @@ def _reference(case: Case) -> tuple[Any, list[torch.nn.Parameter], Any, Any, tor
             target_modules="all-linear",
             task_type="CAUSAL_LM",
             use_dora=method == "dora",
+            lora_dropout=case.dropout,
         )
         model = get_peft_model(model, config)
     model.to(device).train()
@@ -354,6 +356,7 @@ def _in_subprocess(
     cmd += ["--steps", str(args.steps)]
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--optimizer-in-backward"] if args.optimizer_in_backward else []
+    cmd += ["--dropout", str(args.dropout)] if args.dropout else []
     done = subprocess.run(
         cmd,
         capture_output=True,
@@ -404,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="speed only: both loops in one process, steps alternating (memory needs separate processes)",
     )
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout in both loops (default 0)")
     parser.add_argument("--out", type=Path, default=None, help="where the JSON goes")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -487,7 +491,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _case(args: argparse.Namespace, method: str, precision: str) -> Case:
     return Case(
-        args.model, method, precision, args.batch, args.seq_len, args.steps, args.optimizer_in_backward
+        args.model,
+        method,
+        precision,
+        args.batch,
+        args.seq_len,
+        args.steps,
+        args.optimizer_in_backward,
+        args.dropout,
     )
 
 
@@ -512,7 +523,7 @@ def _write(
                 "batch": args.batch,
                 "seq_len": args.seq_len,
                 "timed_steps": args.steps - 1,
-                "lora": {"rank": RANK, "alpha": 2 * RANK, "targets": "all-linear"},
+                "lora": {"rank": RANK, "alpha": 2 * RANK, "targets": "all-linear", "dropout": args.dropout},
                 "device": "cuda" if torch.cuda.is_available() else "cpu",
                 "cpu": platform.processor() or platform.machine(),
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -15,6 +15,11 @@ saves the uncast x and weights and casts them again in backward, where PEFT's mo
 casts: the frozen base's bf16 copy (2 bytes a parameter) is not held between forward and backward.
 Results equal PEFT's up to the rounding of the fused accumulation (fp32: within 1e-6 relative, tested).
 
+With LoRA dropout, A reads dropout(x) while the base reads x. The mask is drawn as torch's own dropout
+draws it (on a CPU a bernoulli noise tensor in x's dtype, on CUDA the fused kernel), so a run takes the
+same random numbers and the same mask as PEFT's; the function keeps the mask as bool (1 byte an
+element) and rebuilds dropout(x) from x in backward, where PEFT's modules keep dropout(x) itself.
+
 QLoRA's base is a bitsandbytes 4-bit Linear: its weight is dequantized for the forward matmul and again
 in backward, as bitsandbytes' own matmul does, straight to the matmul dtype (bitsandbytes computes in
 fp32 and rounds once, so the values are the same as dequantizing to fp32 and casting). PEFT's QLoRA
@@ -28,8 +33,9 @@ one forms the sum once, in fp32, and keeps one.
 
 `fuse_loras` swaps the forward of each PEFT LoRA Linear over a plain nn.Linear or a bitsandbytes
 Linear4bit; at each call the fused path runs only for vanilla LoRA (any rank, rsLoRA's scaling
-included) or DoRA over a plain Linear, with one active adapter, no dropout, no bias on B, adapters
-enabled and unmerged, and no per-call adapter names. Anything else (dropout, a disabled adapter as in
+included, with or without dropout) or DoRA without dropout over a plain Linear, with one active adapter,
+no bias on B, adapters enabled and unmerged, and no per-call adapter names. Anything else (DoRA's
+dropout, which PEFT applies to the base's input too, a disabled adapter as in
 DPO's reference pass, mixed-adapter batches) takes PEFT's own forward. Parameter names, adapter files
 and every PEFT API are unchanged.
 """
@@ -55,6 +61,7 @@ class LoRALinear(torch.autograd.Function):
     block rebuilds in backward (a norm's output, adaptlab.fused_norm) is not held at all. Gradients come
     back in each input's own dtype, as the casts' backward would return them. With `quant_state` W is a
     bitsandbytes 4-bit weight, dequantized to `dtype` (required then) in forward and in backward.
+    With `dropout` p > 0, A reads dropout(x) (`_dropout`), the base x.
     """
 
     @staticmethod
@@ -68,18 +75,21 @@ class LoRALinear(torch.autograd.Function):
         scaling: float,
         dtype: torch.dtype | None = None,
         quant_state: Any = None,
+        dropout: float = 0.0,
     ) -> torch.Tensor:
-        y, down = _fused_matmuls(x, weight, bias, lora_a, lora_b, scaling, dtype, quant_state)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, down)
-        ctx.scaling, ctx.dtype, ctx.quant_state = scaling, dtype, quant_state
+        dropped, mask = _dropout(x, dropout) if dropout > 0 else (x, None)
+        y, down = _fused_matmuls(x, weight, bias, lora_a, lora_b, scaling, dtype, quant_state, dropped)
+        del dropped  # rebuilt from x and the mask in backward
+        ctx.save_for_backward(x, weight, lora_a, lora_b, down, mask)
+        ctx.scaling, ctx.dtype, ctx.quant_state, ctx.dropout = scaling, dtype, quant_state, dropout
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        *saved, down = ctx.saved_tensors
+        *saved, down, mask = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x, grad_a, grad_b = _input_and_adapter_grads(ctx, g, saved, down, ctx.quant_state)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        grad_x, grad_a, grad_b = _input_and_adapter_grads(ctx, g, saved, down, ctx.quant_state, mask)
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
 
 class DoRALinear(torch.autograd.Function):
@@ -136,12 +146,17 @@ def _fused_matmuls(
     scaling: float,
     dtype: torch.dtype | None,
     quant_state: Any = None,
+    dropped: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x W^T + b + scaling * (x A^T) B^T, x A^T) over the flattened tokens, in the matmul dtype."""
+    """(x W^T + b + scaling * (x' A^T) B^T, x' A^T) over the flattened tokens, in the matmul dtype;
+    x' is `dropped` (dropout(x)) when given, else x."""
     xc, bc, ac, bbc = _cast((x, bias, lora_a, lora_b), dtype)
     wc = _dense(weight, quant_state, dtype)
     flat = xc.reshape(-1, xc.shape[-1])
-    down = flat @ ac.t()  # (N, r)
+    if dropped is None or dropped is x:
+        down = flat @ ac.t()  # (N, r)
+    else:
+        down = _cast((dropped,), dtype)[0].reshape(flat.shape) @ ac.t()
     y = F.linear(flat, wc, bc)
     del wc  # a dequantized weight lives one matmul, not until backward
     y.addmm_(down, bbc.t(), alpha=scaling)
@@ -149,23 +164,50 @@ def _fused_matmuls(
 
 
 def _input_and_adapter_grads(
-    ctx: Any, g: torch.Tensor, saved: list[torch.Tensor], down: torch.Tensor, quant_state: Any = None
+    ctx: Any,
+    g: torch.Tensor,
+    saved: list[torch.Tensor],
+    down: torch.Tensor,
+    quant_state: Any = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of x, A and B from g, the (N, out) gradient of the fused matmuls' output; x, W, A, B
-    saved uncast (inputs 0, 1, 3 and 4 of the function) and cast again here."""
+    saved uncast (inputs 0, 1, 3 and 4 of the function) and cast again here; `mask` the dropout's
+    kept elements when A read dropout(x) (rate ctx.dropout)."""
     x0, w0, a0, b0 = saved
     x, lora_a, lora_b = _cast((x0, a0, b0), ctx.dtype)
     weight = _dense(w0, quant_state, ctx.dtype)
     flat = x.reshape(-1, x.shape[-1])
     grad_down = (g @ lora_b).mul_(ctx.scaling)  # (N, r): the scaling lands on the small tensor
     grad_x = grad_a = grad_b = None
+    keep = None if mask is None else _keep_scale(mask, x0.dtype, ctx.dropout)
     if ctx.needs_input_grad[0]:
-        grad_x = (g @ weight).addmm_(grad_down, lora_a).view_as(x).to(x0.dtype)
+        if keep is None:
+            grad_x = (g @ weight).addmm_(grad_down, lora_a).view_as(x).to(x0.dtype)
+        else:  # dropout's backward on A's input gradient, in x's dtype as autograd would run it
+            grad_x = (g @ weight).view_as(x).to(x0.dtype)
+            grad_x.addcmul_((grad_down @ lora_a).view_as(x).to(x0.dtype), keep)
     if ctx.needs_input_grad[3]:
-        grad_a = (grad_down.t() @ flat).to(a0.dtype)
+        adapter_in = flat if keep is None else _cast((x0 * keep,), ctx.dtype)[0].reshape(flat.shape)
+        grad_a = (grad_down.t() @ adapter_in).to(a0.dtype)
     if ctx.needs_input_grad[4]:
         grad_b = (g.t() @ down).mul_(ctx.scaling).to(b0.dtype)
     return grad_x, grad_a, grad_b
+
+
+def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dropout(x), kept mask as bool), drawn as F.dropout(x, p, training=True) draws them: the same
+    random numbers from the same generator, so the mask is the one PEFT's nn.Dropout would take."""
+    if x.device.type in ("cuda", "xpu"):  # where torch's dropout runs its fused kernel
+        return torch.native_dropout(x, p, True)
+    noise = torch.empty_like(x).bernoulli_(1 - p)  # at::dropout off CUDA: the same tensor, the same draw
+    mask = noise.bool()
+    return x * noise.div_(1 - p), mask
+
+
+def _keep_scale(mask: torch.Tensor, dtype: torch.dtype, p: float) -> torch.Tensor:
+    """The dropout's multiplier from its mask: 1 / (1 - p) where kept, 0 elsewhere (as `_dropout` made it)."""
+    return mask.to(dtype).div_(1 - p)
 
 
 def _dense(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype | None) -> torch.Tensor:
@@ -194,6 +236,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     tensors = (x, base.weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight)
     quant_state = getattr(base.weight, "quant_state", None)
     kind = x.device.type
+    dropout = _dropout_rate(self.lora_dropout[adapter])
     if adapter in self.lora_variant:  # DoRA (_vanilla_adapter lets no other variant through)
         magnitude = self.lora_magnitude_vector[adapter].weight
         if not torch.is_autocast_enabled(kind):
@@ -204,12 +247,17 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if torch.is_autocast_enabled(kind):  # the casts autocast would make, then the fused ops in that dtype
         with torch.autocast(kind, enabled=False):
             dtype = torch.get_autocast_dtype(kind)
-            return LoRALinear.apply(*tensors, self.scaling[adapter], dtype, quant_state)
+            return LoRALinear.apply(*tensors, self.scaling[adapter], dtype, quant_state, dropout)
     if quant_state is None:
-        return LoRALinear.apply(*tensors, self.scaling[adapter])
+        return LoRALinear.apply(*tensors, self.scaling[adapter], None, None, dropout)
     if x.dtype != tensors[3].dtype:  # PEFT would cast x, and its output back: its forward does that
         return type(self).forward(self, x)
-    return LoRALinear.apply(*tensors, self.scaling[adapter], x.dtype, quant_state)
+    return LoRALinear.apply(*tensors, self.scaling[adapter], x.dtype, quant_state, dropout)
+
+
+def _dropout_rate(module: nn.Module) -> float:
+    """The rate PEFT's lora_dropout module applies now: nn.Dropout's p in training, else 0."""
+    return float(module.p) if isinstance(module, nn.Dropout) and module.training else 0.0
 
 
 def _vanilla_adapter(module: Any) -> str | None:
@@ -219,8 +267,11 @@ def _vanilla_adapter(module: Any) -> str | None:
     adapter = module.active_adapters[0]
     if adapter not in module.lora_A or not _plain_or_dora(module, adapter):
         return None
-    if not isinstance(module.lora_dropout[adapter], nn.Identity) or module.lora_B[adapter].bias is not None:
+    drop = module.lora_dropout[adapter]
+    if type(drop) not in (nn.Identity, nn.Dropout) or module.lora_B[adapter].bias is not None:
         return None
+    if adapter in getattr(module, "lora_variant", {}) and _dropout_rate(drop) > 0:
+        return None  # DoRA with dropout: PEFT computes its base output from dropout(x) too
     base = module.base_layer
     a, b, w = module.lora_A[adapter].weight, module.lora_B[adapter].weight, base.weight
     if w.requires_grad or (base.bias is not None and base.bias.requires_grad):

@@ -35,6 +35,7 @@ def _lora(spec: MethodSpec) -> nn.Module:
 
 def _step(model: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)  # dropout's draws, the same for both models
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -138,22 +139,78 @@ def test_function_gradients_against_plain_ops() -> None:
         assert torch.allclose(p, q, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    "spec",
-    [
-        MethodSpec(method="dora", rank=4, dropout=0.1, targets="all-linear"),
-        MethodSpec(method="lora", rank=4, dropout=0.1, targets="all-linear"),
-    ],
-    ids=["dora-dropout", "dropout"],
-)
-def test_what_it_does_not_cover_takes_pefts_forward(spec: MethodSpec) -> None:
-    plain = _lora(spec)
+def _with_dropout(method: str) -> tuple[nn.Module, nn.Module]:
+    """(PEFT's, fused) copies of one model with LoRA dropout 0.3, in training mode."""
+    plain = _lora(MethodSpec(method=method, rank=4, dropout=0.3, targets="all-linear"))
     fused = copy.deepcopy(plain)
-    fuse_loras(fused)
-    plain.eval(), fused.eval()  # dropout off, so both forwards are deterministic
+    assert fuse_loras(fused) == 7 * plain.config.num_hidden_layers
+    return plain.train(), fused.train()
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_fused_lora_with_dropout_trains_like_peft_fp32(method: str) -> None:
+    """The same seed gives the same masks as PEFT's nn.Dropout: PEFT's loss and gradients, and a loss
+    that differs from the one without dropout (the masks did act)."""
+    plain, fused = _with_dropout(method)
+    _trains_like_peft_fp32(plain, fused, tensors_per_module=2)
+    dropped = _step(copy.deepcopy(fused), torch.float32)[0]
+    undropped = _step(copy.deepcopy(fused).eval(), torch.float32)[0]
+    assert abs(float(dropped) - float(undropped)) > 1e-4
+
+
+def test_fused_lora_with_dropout_under_bf16_autocast() -> None:
+    plain, fused = _with_dropout("lora")
+    fuse_mlps(fused)
+    _trains_like_peft_bf16(plain, fused)
+
+
+def test_with_dropout_it_keeps_a_bool_mask_not_the_dropped_input() -> None:
+    """PEFT's modules keep dropout(x) (4 bytes an element) for A's gradient; the fused one keeps the
+    mask (1 byte) and rebuilds dropout(x) from x in backward."""
+    plain, fused = _with_dropout("lora")
+    saved: dict[str, list[torch.Tensor]] = {"plain": [], "fused": []}
+    x = torch.randn(2, 8, plain.config.hidden_size, requires_grad=True)
+    for name, model in (("plain", plain), ("fused", fused)):
+        layer = next(m for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A"))
+        torch.manual_seed(0)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, k=name: saved[k].append(t) or t, lambda t: t):
+            y = layer(x)
+        y.sum().backward()
+    big = {k: [t for t in v if t.shape == x.shape] for k, v in saved.items()}
+    assert any(t.dtype == torch.float32 and t is not x for t in big["plain"])  # PEFT's dropout(x)
+    assert [t.dtype for t in big["fused"]] == [torch.float32, torch.bool]
+    assert big["fused"][0] is x
+
+
+def test_function_with_dropout_against_plain_ops() -> None:
+    """LoRALinear with dropout, float64: autograd's gradients of x W^T + b + s (dropout(x) A^T) B^T with
+    the mask F.dropout draws from the same seed."""
+    g, x, w, b, a, bb = _float64_linear()
+    grad = torch.randn(2, 5, 4, dtype=torch.float64, generator=g)
+    torch.manual_seed(3)
+    plain = x @ w.t() + b + (torch.nn.functional.dropout(x, 0.4, True) @ a.t() @ bb.t()) * 0.7
+    torch.manual_seed(3)
+    fused = LoRALinear.apply(x, w, b, a, bb, 0.7, None, None, 0.4)
+    assert torch.allclose(fused, plain, rtol=1e-12, atol=1e-12)
+    for p, q in zip(
+        torch.autograd.grad(plain, (x, a, bb), grad),
+        torch.autograd.grad(fused, (x, a, bb), grad),
+        strict=True,
+    ):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_dora_with_dropout_takes_pefts_forward() -> None:
+    """PEFT's DoRA applies dropout to the base's input too: that stays PEFT's forward, bit for bit."""
+    plain, fused = _with_dropout("dora")
     ids = torch.randint(0, plain.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert torch.equal(plain(input_ids=ids).logits, fused(input_ids=ids).logits)
+        torch.manual_seed(1)
+        expected = plain(input_ids=ids).logits
+        torch.manual_seed(1)
+        assert torch.equal(expected, fused(input_ids=ids).logits)
+        torch.manual_seed(2)
+        assert not torch.equal(expected, fused(input_ids=ids).logits)  # dropout acted
 
 
 def test_a_disabled_adapter_gives_the_base() -> None:

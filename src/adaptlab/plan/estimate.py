@@ -354,7 +354,7 @@ def step_time_s(
         traffic += 2 * shape.grad_accum * arch.linear_params * (NF4_BYTES_PER_PARAM + shape.act_bytes)
     if arm.is_lora:
         widths = [(i, o) for p, (i, o) in arch.linear_shapes.items() if p.rsplit(".", 1)[-1] in arm.targets]
-        fused = arm.is_lora  # adaptlab.fused_lora (dropout takes PEFT's forward)
+        fused = arm.is_lora  # adaptlab.fused_lora (DoRA with dropout takes PEFT's forward; not planned)
         out_passes = FUSED_LORA_OUT_PASSES if fused else LORA_OUT_PASSES
         in_passes = FUSED_LORA_IN_PASSES if fused else LORA_IN_PASSES
         per_token = sum(out_passes * o + in_passes * i for i, o in widths)
