@@ -180,8 +180,9 @@ def peak_flops(precision: str) -> tuple[float, str]:
 
     On a GPU in SPEC_PEAK_FLOPS, its data-sheet dense peak for the precision (the usual MFU). Elsewhere
     (CPUs have no agreed figure) the measured rate of a large trained Linear under the step's autocast,
-    forward and both gradients (adaptlab.plan.measure, cached): an MFU against what this machine's
-    matmul reaches, so 1.0 is a step that is all matmul at that rate.
+    forward and both gradients (adaptlab.plan.measure), taken afresh at the start of each run (a shared
+    machine's speed drifts; a cached figure from a loaded hour put MFUs above 100%): an MFU against what
+    this machine's matmul reaches, so 1.0 is a step that is all matmul at that rate.
     """
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
@@ -192,7 +193,7 @@ def peak_flops(precision: str) -> tuple[float, str]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = 4096 if device == "cuda" else 2048
-    rate = device_throughput(device, precision, size, size, size)["matmul_flops_per_s"]
+    rate = device_throughput(device, precision, size, size, size, refresh=True)["matmul_flops_per_s"]
     return rate, f"measured: a trained {size} x {size} Linear at {size} tokens, {precision}"
 
 
