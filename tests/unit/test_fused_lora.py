@@ -124,19 +124,28 @@ def _float64_linear() -> tuple[
     return g, x, w, b, a, bb
 
 
+def _equal_with_gradients(
+    plain: torch.Tensor,
+    fused: torch.Tensor,
+    inputs: tuple[torch.Tensor, ...],
+    grad: torch.Tensor,
+    tol: float = 1e-12,
+) -> None:
+    """The values and every input's gradient within tol (float64: 1e-12)."""
+    assert torch.allclose(fused, plain, rtol=tol, atol=tol)
+    for p, q in zip(
+        torch.autograd.grad(plain, inputs, grad), torch.autograd.grad(fused, inputs, grad), strict=True
+    ):
+        assert torch.allclose(p, q, rtol=tol, atol=tol)
+
+
 def test_function_gradients_against_plain_ops() -> None:
     """LoRALinear alone, 3-D input with a bias, float64: every gradient equal to autograd's of the expression."""
     g, x, w, b, a, bb = _float64_linear()
     grad = torch.randn(2, 5, 4, dtype=torch.float64, generator=g)
     plain = x @ w.t() + b + (x @ a.t() @ bb.t()) * 0.7
     fused = LoRALinear.apply(x, w, b, a, bb, 0.7)
-    assert torch.allclose(fused, plain, rtol=1e-12, atol=1e-12)
-    for p, q in zip(
-        torch.autograd.grad(plain, (x, a, bb), grad),
-        torch.autograd.grad(fused, (x, a, bb), grad),
-        strict=True,
-    ):
-        assert torch.allclose(p, q, rtol=1e-12, atol=1e-12)
+    _equal_with_gradients(plain, fused, (x, a, bb), grad)
 
 
 def _with_dropout(method: str) -> tuple[nn.Module, nn.Module]:
@@ -191,13 +200,7 @@ def test_function_with_dropout_against_plain_ops() -> None:
     plain = x @ w.t() + b + (torch.nn.functional.dropout(x, 0.4, True) @ a.t() @ bb.t()) * 0.7
     torch.manual_seed(3)
     fused = LoRALinear.apply(x, w, b, a, bb, 0.7, None, None, 0.4)
-    assert torch.allclose(fused, plain, rtol=1e-12, atol=1e-12)
-    for p, q in zip(
-        torch.autograd.grad(plain, (x, a, bb), grad),
-        torch.autograd.grad(fused, (x, a, bb), grad),
-        strict=True,
-    ):
-        assert torch.allclose(p, q, rtol=1e-12, atol=1e-12)
+    _equal_with_gradients(plain, fused, (x, a, bb), grad)
 
 
 def test_dora_with_dropout_takes_pefts_forward() -> None:
@@ -331,10 +334,4 @@ def test_dora_function_gradients_against_plain_ops() -> None:
     norm = (w + 0.7 * bb @ a).norm(dim=1).detach()
     plain = b + (m / norm) * (x @ w.t() + (x @ a.t() @ bb.t()) * 0.7)
     fused = DoRALinear.apply(x, w, b, a, bb, m, 0.7)
-    assert torch.allclose(fused, plain, rtol=1e-6, atol=1e-6)  # the norm is taken in fp32
-    for p, q in zip(
-        torch.autograd.grad(plain, (x, a, bb, m), grad),
-        torch.autograd.grad(fused, (x, a, bb, m), grad),
-        strict=True,
-    ):
-        assert torch.allclose(p, q, rtol=1e-6, atol=1e-6)
+    _equal_with_gradients(plain, fused, (x, a, bb, m), grad, tol=1e-6)  # the norm is taken in fp32
