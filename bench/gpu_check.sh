@@ -7,6 +7,10 @@
 #   bash bench/gpu_check.sh dry       # here, on the CPU: the same commands on random-tiny, 2 steps
 #   bash bench/gpu_check.sh run       # on the GPU machine, with .whl/ and .device-cache/ copied beside
 #
+# `.whl/` and `.device-cache/` belong in .git/info/exclude; the run copies them along (a device tool's
+# `carry`). About 17 short processes: give the call 9-10 minutes; rows finished before a cut-off keep
+# their JSON.
+#
 # `run` installs the carried wheels into /tmp/site (the packages adaptlab needs that a plain CUDA
 # PyTorch image lacks, and the transformers and peft versions it is tested with), points adaptlab's
 # cache at a copy of .device-cache (the random-weight models are built there from the tokenizer), and
