@@ -77,7 +77,8 @@ class LoRALinear(torch.autograd.Function):
         quant_state: Any = None,
         dropout: float = 0.0,
     ) -> torch.Tensor:
-        dropped, mask = _dropout(x, dropout) if dropout > 0 else (x, None)
+        # PEFT casts A's input to A's dtype before its dropout (an fp32 draw for a bf16 x under autocast)
+        dropped, mask = _dropout(x.to(lora_a.dtype), dropout) if dropout > 0 else (x, None)
         y, down = _fused_matmuls(x, weight, bias, lora_a, lora_b, scaling, dtype, quant_state, dropped)
         del dropped  # rebuilt from x and the mask in backward
         ctx.save_for_backward(x, weight, lora_a, lora_b, down, mask)
@@ -180,15 +181,16 @@ def _input_and_adapter_grads(
     flat = x.reshape(-1, x.shape[-1])
     grad_down = (g @ lora_b).mul_(ctx.scaling)  # (N, r): the scaling lands on the small tensor
     grad_x = grad_a = grad_b = None
-    keep = None if mask is None else _keep_scale(mask, x0.dtype, ctx.dropout)
+    keep = None if mask is None else _keep_scale(mask, a0.dtype, ctx.dropout)
     if ctx.needs_input_grad[0]:
         if keep is None:
             grad_x = (g @ weight).addmm_(grad_down, lora_a).view_as(x).to(x0.dtype)
-        else:  # dropout's backward on A's input gradient, in x's dtype as autograd would run it
+        else:  # dropout's backward on A's input gradient, in A's dtype, then x's, as autograd runs it
             grad_x = (g @ weight).view_as(x).to(x0.dtype)
-            grad_x.addcmul_((grad_down @ lora_a).view_as(x).to(x0.dtype), keep)
+            grad_x += ((grad_down @ lora_a).view_as(x).to(a0.dtype) * keep).to(x0.dtype)
     if ctx.needs_input_grad[3]:
-        adapter_in = flat if keep is None else _cast((x0 * keep,), ctx.dtype)[0].reshape(flat.shape)
+        dropped = None if keep is None else x0.to(a0.dtype) * keep  # forward's dropout(x), bit for bit
+        adapter_in = flat if dropped is None else _cast((dropped,), ctx.dtype)[0].reshape(flat.shape)
         grad_a = (grad_down.t() @ adapter_in).to(a0.dtype)
     if ctx.needs_input_grad[4]:
         grad_b = (g.t() @ down).mul_(ctx.scaling).to(b0.dtype)
@@ -270,6 +272,8 @@ def _vanilla_adapter(module: Any) -> str | None:
     drop = module.lora_dropout[adapter]
     if type(drop) not in (nn.Identity, nn.Dropout) or module.lora_B[adapter].bias is not None:
         return None
+    if not getattr(module, "cast_input_dtype_enabled", True):
+        return None  # PEFT's disable_input_dtype_casting: A reads x in its own dtype
     if adapter in getattr(module, "lora_variant", {}) and _dropout_rate(drop) > 0:
         return None  # DoRA with dropout: PEFT computes its base output from dropout(x) too
     base = module.base_layer

@@ -191,6 +191,30 @@ def test_with_dropout_it_keeps_a_bool_mask_not_the_dropped_input() -> None:
     assert big["fused"][0] is x
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_with_dropout_a_reads_pefts_dropped_input(x_dtype: torch.dtype) -> None:
+    """The same seed gives PEFT's mask and A's output bit for bit, also for a bf16 input under autocast
+    (an attention output reaching o_proj), where PEFT casts x to A's dtype (fp32) before its dropout."""
+    plain, fused = _with_dropout("lora")
+    masks, downs = {}, {}
+    x = torch.randn(2, 8, plain.config.hidden_size).to(x_dtype).requires_grad_(True)
+    for name, model in (("plain", plain), ("fused", fused)):
+        layer = next(m for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A"))
+        saved: list[torch.Tensor] = []
+        torch.manual_seed(0)
+        with (
+            torch.autograd.graph.saved_tensors_hooks(lambda t, s=saved: s.append(t) or t, lambda t: t),
+            torch.autocast("cpu", dtype=torch.bfloat16),
+        ):
+            layer(x)
+        kept = [t for t in saved if t.shape == x.shape and (t.dtype == torch.bool or t.unique().numel() == 2)]
+        masks[name] = kept[0] != 0
+        downs[name] = next(t for t in saved if t.shape[-1] == 4 and t.numel() == 16 * 4).reshape(16, 4)
+    assert torch.equal(masks["plain"], masks["fused"])
+    assert 0 < int((~masks["fused"]).sum()) < x.numel()
+    assert torch.equal(downs["plain"], downs["fused"])
+
+
 def test_function_with_dropout_against_plain_ops() -> None:
     """LoRALinear with dropout, float64: autograd's gradients of x W^T + b + s (dropout(x) A^T) B^T with
     the mask F.dropout draws from the same seed."""
