@@ -16,9 +16,10 @@ casts: the frozen base's bf16 copy (2 bytes a parameter) is not held between for
 Results equal PEFT's up to the rounding of the fused accumulation (fp32: within 1e-6 relative, tested).
 
 With LoRA dropout, A reads dropout(x) while the base reads x. The mask is drawn as torch's own dropout
-draws it (on a CPU a bernoulli noise tensor in x's dtype, on CUDA the fused kernel), so a run takes the
-same random numbers and the same mask as PEFT's; the function keeps the mask as bool (1 byte an
-element) and rebuilds dropout(x) from x in backward, where PEFT's modules keep dropout(x) itself.
+draws it (on a CPU a bernoulli noise tensor, on CUDA the fused kernel) on x cast to A's dtype, as PEFT
+casts it, so a run takes the same random numbers, the same mask and the same dropped values as PEFT's.
+The function keeps the mask as bool (1 byte an element) and rebuilds dropout(x) from x in backward,
+where PEFT's modules keep dropout(x) itself.
 
 QLoRA's base is a bitsandbytes 4-bit Linear: its weight is dequantized for the forward matmul and again
 in backward, as bitsandbytes' own matmul does, straight to the matmul dtype (bitsandbytes computes in
@@ -78,7 +79,7 @@ class LoRALinear(torch.autograd.Function):
         dropout: float = 0.0,
     ) -> torch.Tensor:
         # PEFT casts A's input to A's dtype before its dropout (an fp32 draw for a bf16 x under autocast)
-        dropped, mask = _dropout(x.to(lora_a.dtype), dropout) if dropout > 0 else (x, None)
+        dropped, mask = _dropout(x.to(lora_a.dtype), dropout) if dropout > 0 else (None, None)
         y, down = _fused_matmuls(x, weight, bias, lora_a, lora_b, scaling, dtype, quant_state, dropped)
         del dropped  # rebuilt from x and the mask in backward
         ctx.save_for_backward(x, weight, lora_a, lora_b, down, mask)
@@ -154,10 +155,8 @@ def _fused_matmuls(
     xc, bc, ac, bbc = _cast((x, bias, lora_a, lora_b), dtype)
     wc = _dense(weight, quant_state, dtype)
     flat = xc.reshape(-1, xc.shape[-1])
-    if dropped is None or dropped is x:
-        down = flat @ ac.t()  # (N, r)
-    else:
-        down = _cast((dropped,), dtype)[0].reshape(flat.shape) @ ac.t()
+    adapter_in = flat if dropped is None else _cast((dropped,), dtype)[0].reshape(flat.shape)
+    down = adapter_in @ ac.t()  # (N, r)
     y = F.linear(flat, wc, bc)
     del wc  # a dequantized weight lives one matmul, not until backward
     y.addmm_(down, bbc.t(), alpha=scaling)
