@@ -167,8 +167,9 @@ def test_fused_lora_with_dropout_trains_like_peft_fp32(method: str) -> None:
     assert abs(float(dropped) - float(undropped)) > 1e-4
 
 
-def test_fused_lora_with_dropout_under_bf16_autocast() -> None:
-    plain, fused = _with_dropout("lora")
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_fused_lora_with_dropout_under_bf16_autocast(method: str) -> None:
+    plain, fused = _with_dropout(method)
     fuse_mlps(fused)
     _trains_like_peft_bf16(plain, fused)
 
