@@ -284,7 +284,14 @@ def _vanilla_adapter(module: Any) -> str | None:
             return None  # bitsandbytes' avx512 inference layout: its own kernel reads it
         compute = base.compute_dtype or w.quant_state.dtype
         return adapter if a.dtype == b.dtype == compute else None
-    return adapter if a.dtype == b.dtype == w.dtype else None
+    # a frozen base held in autocast's dtype (adaptlab.frozen_base) is what autocast would cast it to
+    return adapter if a.dtype == b.dtype and w.dtype in (a.dtype, _autocast_dtype(w)) else None
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast casts matmul operands to on t's device now, or None when it is off."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 def _plain_or_dora(module: Any, adapter: str) -> bool:

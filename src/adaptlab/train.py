@@ -42,6 +42,7 @@ from adaptlab.autocast_linear import fuse_autocast_linears
 from adaptlab.checkpoint import LogFn, RankWriter, RunWriter, restore
 from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, check_against_model, load_config
 from adaptlab.errors import UserError
+from adaptlab.frozen_base import hold_frozen_linears
 from adaptlab.fused import fuse_mlps
 from adaptlab.fused_lora import fuse_loras
 from adaptlab.fused_norm import fuse_norms
@@ -125,6 +126,8 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
         fuse_norms(model)  # a block's norms keep their input only; their outputs are rebuilt in backward
     if config.train.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if precision == "bf16" and strategy != "fsdp":
+        hold_frozen_linears(model)  # the bf16 values autocast would cast them to at every call
     if strategy != "fsdp":
         model.to(device)
     if config.train.compile:

@@ -128,6 +128,27 @@ def trainable_params(arch: Arch, arm: Arm) -> int:
     return arch.lora_params(arm.rank, list(arm.targets), dora=arm.method == "dora")
 
 
+def held_block_params(arch: Arch, arm: Arm, shape: Shape) -> int:
+    """Block Linear weights training holds in bf16 (adaptlab.frozen_base): the frozen ones, under bf16
+    autocast, except DoRA's bases. The untied head's are `held_params` minus these."""
+    if shape.precision != "bf16" or not arm.is_lora or arm.method == "qlora":
+        return 0
+    if arm.method == "dora":
+        return arch.linear_params - _target_params(arch, arm)
+    return arch.linear_params
+
+
+def held_params(arch: Arch, arm: Arm, shape: Shape) -> int:
+    """All weights training holds in bf16: the frozen block Linears and an untied, frozen head."""
+    if shape.precision != "bf16" or arm.method == "full":
+        return 0
+    return held_block_params(arch, arm, shape) + arch.lm_head_params
+
+
+def _target_params(arch: Arch, arm: Arm) -> int:
+    return sum(i * o for p, (i, o) in arch.linear_shapes.items() if p.rsplit(".", 1)[-1] in arm.targets)
+
+
 def layer_activation_bytes(
     arch: Arch,
     arm: Arm,
@@ -205,17 +226,22 @@ def memory_breakdown(
     runtime_bytes: int,
     data_bytes: int = 0,
     reference_model: bool = False,
+    held_bf16: bool = True,
 ) -> dict[str, int]:
-    """Peak training memory by component, and the peak itself (bytes)."""
+    """Peak training memory by component, and the peak itself (bytes). `held_bf16`: whether training
+    holds frozen Linears in bf16 under bf16 autocast (adaptlab.frozen_base; not under FSDP2)."""
     tokens = shape.tokens_per_micro
     b = shape.act_bytes
     n_train = trainable_params(arch, arm)
+    held = held_params(arch, arm, shape) if held_bf16 else 0
+    held_block = held_block_params(arch, arm, shape) if held_bf16 else 0
     if arm.method == "qlora":
         weights = round(arch.linear_params * NF4_BYTES_PER_PARAM) + FP32 * (
             arch.total_params - arch.linear_params
         )
     else:
         weights = FP32 * arch.total_params
+    weights -= (FP32 - 2) * held
     if reference_model and arm.method == "full":
         weights += FP32 * arch.total_params  # a frozen copy of the base scores the reference policy
     # training leaves the norms alone under activation checkpointing (its own recomputation)
@@ -235,15 +261,16 @@ def memory_breakdown(
     logits = loss_bytes(arch, shape)
     head = arch.vocab * arch.hidden
     layer_linear = arch.linear_params // max(arch.n_layers, 1)
+    copied_head = 0 if held > held_block else head  # a held (untied) head needs no cast in the loss
     if b == 2:
         if (
             arm.method == "qlora"
             or shape.grad_checkpointing
             or (arm.method in UNCAST_SAVERS and arch.fused_norms)
-        ):
-            weight_copies = 2 * (layer_linear + head)  # one block's bf16 weights at a time
+        ):  # one block's bf16 weights at a time (none of those held in bf16)
+            weight_copies = 2 * (layer_linear - held_block // max(arch.n_layers, 1) + copied_head)
         else:  # every Linear's bf16 copy, saved for backward; the loss casts the head per call
-            weight_copies = 2 * arch.linear_params
+            weight_copies = 2 * (arch.linear_params - held_block)
     else:
         weight_copies = 2 * layer_linear if arm.method == "qlora" else 0
     # in backward, only the gradient being applied is alive (the largest: the tied embedding's)
@@ -346,10 +373,12 @@ def step_time_s(
     traffic = ACTIVATION_PASSES * act_bytes + LOGIT_PASSES * logit_bytes
     if shape.act_bytes == 2 and arm.method != "qlora":
         # autocast casts each fp32 weight (and the head, in the loss) to bf16 in every forward: read 4
-        # bytes, write 2; full fine-tuning's bf16 weight gradients come back to fp32 the same way
-        traffic += shape.grad_accum * 6 * arch.matmul_params * (2 if arm.method == "full" else 1)
+        # bytes, write 2; full fine-tuning's bf16 weight gradients come back to fp32 the same way.
+        # Frozen weights held in bf16 (frozen_base.py) are not cast at all.
+        held, held_block = held_params(arch, arm, shape), held_block_params(arch, arm, shape)
+        traffic += shape.grad_accum * 6 * (arch.matmul_params - held) * (2 if arm.method == "full" else 1)
         if arm.method in UNCAST_SAVERS and arch.fused_norms:  # each block weight cast again in backward
-            traffic += shape.grad_accum * 6 * arch.linear_params
+            traffic += shape.grad_accum * 6 * (arch.linear_params - held_block)
     if arm.method == "qlora":  # dequantize every 4-bit weight to the matmul dtype, forward and backward
         traffic += 2 * shape.grad_accum * arch.linear_params * (NF4_BYTES_PER_PARAM + shape.act_bytes)
     if arm.is_lora:

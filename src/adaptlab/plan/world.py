@@ -52,7 +52,8 @@ def ddp_bytes(arch: Arch, arm: Arm, shape: Shape, runtime: int) -> dict[str, int
 
 def fsdp_bytes(arch: Arch, arm: Arm, shape: Shape, runtime: int, world_size: int) -> dict[str, int]:
     """One device's memory under FSDP2: sharded weights, gradients and optimizer, gathered units."""
-    mem = memory_breakdown(replace(arch, fused_norms=False), arm, shape, runtime)  # training: not under FSDP2
+    # training under FSDP2 fuses no norms and holds no frozen weight in bf16
+    mem = memory_breakdown(replace(arch, fused_norms=False), arm, shape, runtime, held_bf16=False)
     n = world_size
     block = (arch.total_params - arch.embedding_params * (1 if arch.tied else 2)) // max(arch.n_layers, 1)
     root = arch.embedding_params * (1 if arch.tied else 2)

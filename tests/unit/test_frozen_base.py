@@ -1,0 +1,162 @@
+"""Frozen Linears held in bf16 under bf16 autocast (adaptlab.frozen_base): which weights, the same
+arithmetic bit for bit (autocast would cast them to these very values), the fused LoRA path still taken,
+a memory-mapped checkpoint let go, and a bf16 run that trains, resumes and saves as an fp32-base one does.
+
+    python -m pytest -q tests/unit/test_frozen_base.py
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import adaptlab.train as train_module
+from adaptlab import fused_lora
+from adaptlab.config import MethodSpec
+from adaptlab.frozen_base import hold_frozen_linears
+from adaptlab.fused_lora import fuse_loras
+from adaptlab.methods import apply_method
+from adaptlab.models import load_model
+from adaptlab.train import train
+from tests.helpers import step_grads, tiny_config, write_corpus
+
+
+def _peft(method: str = "lora", targets: str | list[str] = "all-linear") -> nn.Module:
+    model = apply_method(
+        copy.deepcopy(load_model("tiny-random").model),
+        MethodSpec(method=method, rank=4, targets=targets),
+        base_name="tiny-random",
+        seed=0,
+    )
+    with torch.no_grad():  # B starts at zero, which would leave every A's gradient zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(2))
+    return model
+
+
+def _ids(model: nn.Module) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    return {name: p.dtype for name, p in model.named_parameters()}
+
+
+def test_frozen_linears_are_held_and_everything_else_stays_fp32() -> None:
+    model = _peft(targets=["q_proj", "v_proj"])
+    n_layers = model.config.num_hidden_layers
+    assert hold_frozen_linears(model) == 7 * n_layers  # every block Linear; the tied head is the embedding
+    for name, dtype in _dtypes(model).items():
+        linear_weight = name.endswith("proj.weight") or name.endswith("base_layer.weight")
+        expected = torch.bfloat16 if linear_weight and "lora_" not in name else torch.float32
+        assert dtype == expected, name
+    emb = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is emb and emb.dtype == torch.float32
+    assert hold_frozen_linears(model) == 0  # nothing left to convert
+
+
+def test_dora_bases_keep_fp32_and_full_fine_tuning_holds_nothing() -> None:
+    dora = _peft("dora", targets=["q_proj", "v_proj"])
+    assert hold_frozen_linears(dora) == 5 * dora.config.num_hidden_layers  # k, o, gate, up, down
+    for name, dtype in _dtypes(dora).items():
+        if name.endswith(("q_proj.base_layer.weight", "v_proj.base_layer.weight")):
+            assert dtype == torch.float32, name  # DoRA normalises by the fp32 rows of W + s B A
+    full = apply_method(copy.deepcopy(load_model("tiny-random").model), MethodSpec(method="full"))
+    assert hold_frozen_linears(full) == 0
+    assert set(_dtypes(full).values()) == {torch.float32}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_held_base_trains_bit_for_bit_like_the_fp32_base_under_bf16_autocast(
+    fused: bool, monkeypatch
+) -> None:
+    reference = _peft()
+    held = copy.deepcopy(reference)
+    if fused:
+        fuse_loras(reference)
+        fuse_loras(held)
+    hold_frozen_linears(held)
+    calls = []
+    apply = fused_lora.LoRALinear.apply
+    monkeypatch.setattr(fused_lora.LoRALinear, "apply", lambda *a: calls.append(a[1].dtype) or apply(*a))
+    loss_a, grads_a = step_grads(reference, _ids(reference), torch.bfloat16)
+    n_fused = len(calls)
+    loss_b, grads_b = step_grads(held, _ids(held), torch.bfloat16)
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 7 * reference.config.num_hidden_layers
+    for name, g in grads_a.items():
+        assert grads_b[name].dtype == torch.float32, name
+        assert torch.equal(grads_b[name], g), name
+    if fused:  # the fused path took every LoRA Linear, over fp32 and over held weights alike
+        assert n_fused == len(calls) - n_fused == 7 * reference.config.num_hidden_layers
+        assert set(calls[n_fused:]) == {torch.bfloat16}
+    else:
+        assert calls == []
+
+
+def _file_maps(path: Path) -> list[tuple[int, int]]:
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and Path(fields[-1]).resolve().parent == path.resolve():
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((lo, hi))
+    return spans
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_no_tensor_views_the_memory_mapped_checkpoint_once_held(tmp_path: Path) -> None:
+    tiny = load_model("tiny-random")
+    tiny.model.save_pretrained(tmp_path, safe_serialization=True)  # fp32 on disk
+    tiny.tokenizer.save_pretrained(tmp_path)
+    model = apply_method(load_model(str(tmp_path)).model, MethodSpec(method="lora", rank=4), seed=0)
+
+    def in_file(t: torch.Tensor) -> bool:
+        return any(lo <= t.data_ptr() < hi for lo, hi in _file_maps(tmp_path))
+
+    tensors = [*model.parameters(), *model.buffers()]
+    if not any(in_file(t) for t in tensors):
+        pytest.skip("this loader copies the checkpoint into memory: nothing views the file")
+    hold_frozen_linears(model)
+    assert not [n for n, t in [*model.named_parameters(), *model.named_buffers()] if in_file(t)]
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+
+
+def _losses(run: Path) -> list[float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r.get("kind", "train") == "train" and "loss" in r]
+
+
+def test_a_bf16_lora_run_holds_its_base_and_trains_as_the_fp32_base_would(
+    tmp_path: Path, monkeypatch
+) -> None:
+    corpus = write_corpus(tmp_path / "data", n_docs=12)
+    seen: list[dict[str, torch.dtype]] = []
+    summary = train(
+        tiny_config(corpus, tmp_path / "held", precision="bf16", save_every=2),
+        on_start=lambda setup: seen.append(_dtypes(setup.model)),
+    )
+    assert summary["precision"] == "bf16"
+    assert seen[0]["base_model.model.model.layers.0.mlp.up_proj.base_layer.weight"] == torch.bfloat16
+    assert seen[0]["base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight"] == torch.float32
+    adapter = load_adapter_tensors(tmp_path / "held")
+    assert adapter and {t.dtype for t in adapter.values()} == {torch.float32}
+
+    monkeypatch.setattr(train_module, "hold_frozen_linears", lambda model: 0)
+    train(tiny_config(corpus, tmp_path / "fp32base", precision="bf16", save_every=2))
+    assert _losses(tmp_path / "held") == _losses(tmp_path / "fp32base") != []
+    reference = load_adapter_tensors(tmp_path / "fp32base")
+    assert all(torch.equal(adapter[k], reference[k]) for k in reference)
+
+
+def load_adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
