@@ -252,6 +252,29 @@ def test_grpo_resume_is_bit_exact(tmp_path: Path, reward_module: str, method: st
     assert (a.root / art).read_bytes() == (b.root / art).read_bytes()
 
 
+def test_full_fine_tunings_reference_copy_is_held_in_bf16_and_scores_as_the_fp32_one(
+    tmp_path: Path, reward_module: str, monkeypatch
+) -> None:
+    """Full fine-tuning with a KL term keeps a frozen copy of the base as the reference policy; at bf16
+    its Linears are held in bf16 (adaptlab.frozen_base) and every logged figure, the KL included, is the
+    one an fp32 copy gives."""
+    from adaptlab import frozen_base
+    from adaptlab.train import prepare
+
+    setup = prepare(grpo_config(tmp_path / "probe", reward_module, "full", precision="bf16"))
+    setup.objective.prepare(setup)
+    dtypes = {n: p.dtype for n, p in setup.objective.reference.named_parameters()}
+    assert dtypes["model.layers.0.mlp.up_proj.weight"] == torch.bfloat16
+    assert dtypes["model.embed_tokens.weight"] == torch.float32
+    assert {p.dtype for p in setup.model.parameters()} == {torch.float32}  # the policy trains in fp32
+
+    train(grpo_config(tmp_path / "held", reward_module, "full", steps=2, precision="bf16"))
+    monkeypatch.setattr(frozen_base, "hold_frozen_linears", lambda model: 0)
+    train(grpo_config(tmp_path / "fp32", reward_module, "full", steps=2, precision="bf16"))
+    held, fp32 = _rows(RunDir(tmp_path / "held")), _rows(RunDir(tmp_path / "fp32"))
+    assert held == fp32 and any(r.get("kl", 0) > 0 for r in held)
+
+
 def test_group_size_one_is_one_line(run_cli, tmp_path: Path) -> None:
     code, _, err = run_cli(
         "train",

@@ -218,6 +218,10 @@ class GRPOObjective:
 
             self.reference = load_model(setup.config.model.name, device=setup.device).model.eval()
             self.reference.requires_grad_(False)
+            if setup.precision == "bf16":  # it only ever runs under bf16 autocast
+                from adaptlab.frozen_base import hold_frozen_linears
+
+                hold_frozen_linears(self.reference)
 
     def prompts_per_step(self, setup: Any) -> int:
         t = setup.config.train

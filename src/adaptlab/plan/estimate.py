@@ -242,8 +242,10 @@ def memory_breakdown(
     else:
         weights = FP32 * arch.total_params
     weights -= (FP32 - 2) * held
-    if reference_model and arm.method == "full":
-        weights += FP32 * arch.total_params  # a frozen copy of the base scores the reference policy
+    if reference_model and arm.method == "full":  # a frozen copy of the base scores the reference policy
+        weights += FP32 * arch.total_params - (FP32 - 2) * (
+            arch.linear_params + arch.lm_head_params if held_bf16 and shape.precision == "bf16" else 0
+        )  # its Linears held in bf16 (frozen_base.py)
     # training leaves the norms alone under activation checkpointing (its own recomputation)
     norms_fused = arch.fused_norms and not shape.grad_checkpointing
     per_layer = layer_activation_bytes(arch, arm, shape.precision, norms_fused=norms_fused)
