@@ -93,6 +93,23 @@ def test_two_processes_take_the_steps_of_one(corpus, reference, tmp_path, method
     _assert_same_run(reference[method], out, method)
 
 
+def test_two_processes_at_bf16_take_the_steps_of_one_with_the_base_held_in_bf16(corpus, tmp_path):
+    """At bf16 each rank holds LoRA's frozen base in bf16 (adaptlab.frozen_base), which DDP broadcasts
+    over gloo like any parameter: the steps are one process's within bf16's rounding."""
+    one = tmp_path / "one"
+    train(_config(corpus, one, "lora", precision="bf16"))
+    out = tmp_path / "two"
+    cfg = _write(_config(corpus, out, "lora", precision="bf16"), tmp_path / "cfg.yaml")
+    proc = train_in_child("--config", str(cfg), "--nproc", "2", "--parallel", "ddp")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["precision"] == "bf16"
+    assert _losses(out) == pytest.approx(_losses(one), rel=1e-3)
+    wa, wb = load_file(str(one / ARTIFACT["lora"])), load_file(str(out / ARTIFACT["lora"]))
+    assert sorted(wa) == sorted(wb)
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-2, atol=1e-4)
+
+
 def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
     import psutil
 

@@ -118,6 +118,29 @@ def test_memory_breakdown_hand_computed():
     assert qlora["weights"] == round(576 * (0.5 + 0.127 / 8)) + 4 * (1624 - 576)
 
 
+def test_frozen_linears_held_in_bf16_at_bf16(monkeypatch):
+    """Under bf16 autocast training holds frozen Linears in bf16 (adaptlab.frozen_base): 2 bytes a weight
+    and no bf16 copy of them; DoRA's bases stay fp32; FSDP2 holds none; fp32 training holds none."""
+    arch = arch_from_config(small_config())
+    gpu_bf16 = Shape(2, 4, precision="bf16", device_type="cuda")
+    lora = Arm("lora", 2, ("q_proj", "v_proj"))
+    held = memory_breakdown(arch, lora, gpu_bf16, 0)
+    assert held["weights"] == 4 * 1624 - 2 * 576  # every block Linear; the tied head stays fp32
+    assert held["weight_copies"] == 2 * 1024  # the loss casts the head; no block weight is cast
+    unheld = memory_breakdown(arch, lora, gpu_bf16, 0, held_bf16=False)
+    assert unheld["weights"] == 4 * 1624 and unheld["weight_copies"] == 2 * (576 + 1024)
+    assert memory_breakdown(arch, lora, replace(gpu_bf16, precision="fp32"), 0)["weights"] == 4 * 1624
+    dora = memory_breakdown(arch, Arm("dora", 2, ("q_proj", "v_proj")), gpu_bf16, 0)
+    assert dora["weights"] == 4 * 1624 - 2 * (576 - 8 * 8 - 8 * 4)  # q (8 x 8) and v (8 x 4) stay fp32
+    assert memory_breakdown(arch, Arm("full"), gpu_bf16, 0)["weights"] == 4 * 1624
+    fast = estimate.step_time_s(arch, lora, gpu_bf16, 1e9, 1e9)["elementwise_s"]
+    monkeypatch.setattr(estimate, "held_params", lambda *a: 0)
+    monkeypatch.setattr(estimate, "held_block_params", lambda *a: 0)
+    slow = estimate.step_time_s(arch, lora, gpu_bf16, 1e9, 1e9)["elementwise_s"]
+    # no cast of the block weights in forward or again in backward: 6 bytes a weight each (read 4, write 2)
+    assert (slow - fast) * 1e9 == pytest.approx(2 * 6 * 576)
+
+
 def test_optimizer_in_backward_drops_the_gradients_from_the_step_peak():
     """smollm2-135m full fine-tuning, 4 x 128 under gradient checkpointing, peaks at the optimizer step."""
     arch = arch_from_config(smollm2_config())
@@ -449,3 +472,10 @@ def test_a_bf16_checkpoint_loads_as_stored_for_qlora_and_leaves_no_mapped_pages(
         estimate.CPU_LOAD_RESIDUAL * 4 * arch.total_params
     )
     assert mapped["peak"] - full["peak"] == mapped["loading"]
+    # LoRA at bf16 holds its Linears in bf16 after loading; the load itself is fp32 plus, on a CPU, the
+    # mapped bf16 file it reads: the peak of so short a step
+    lora = Arm("lora", 16, ALL)
+    cpu_bf16 = Shape(1, 16, precision="bf16", device_type="cpu")
+    assert memory_breakdown(arch, lora, cpu_bf16, 0)["peak"] == (4 + 2) * arch.total_params
+    gpu = memory_breakdown(arch, lora, replace(cpu_bf16, device_type="cuda"), 0)
+    assert gpu["peak"] == 4 * arch.total_params  # the file's pages are host memory

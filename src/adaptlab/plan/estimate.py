@@ -296,11 +296,15 @@ def memory_breakdown(
         dynamic += round(CPU_QLORA_DEQUANT_RESIDUAL * FP32 * sum(heap_sized))
     forward_peak = static + optimizer + dynamic
     step_peak = static + gradients + optimizer + largest_grad
-    load_peak = (  # the checkpoint before quantizing: QLoRA loads it in its stored dtype, the rest in fp32
+    # the end of loading: QLoRA's checkpoint in its stored dtype (then quantized), the rest in fp32, and
+    # on a CPU, while a checkpoint stored narrower is converted, its mapped pages too (read whole by then)
+    converted = cpu and arm.method != "qlora" and arch.stored_bytes != FP32
+    load_peak = (
         runtime
         + (data_bytes if cpu else 0)
         + (arch.stored_bytes if arm.method == "qlora" else FP32) * arch.total_params
         + (weights if arm.method == "qlora" else 0)
+        + (arch.stored_bytes * arch.total_params if converted else 0)
     )
     return {
         "runtime": runtime,
