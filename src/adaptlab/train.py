@@ -42,7 +42,7 @@ from adaptlab.autocast_linear import fuse_autocast_linears
 from adaptlab.checkpoint import LogFn, RankWriter, RunWriter, restore
 from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, check_against_model, load_config
 from adaptlab.errors import UserError
-from adaptlab.frozen_base import hold_frozen_linears
+from adaptlab.frozen_base import adapters_in_fp32, hold_frozen_linears, load_held
 from adaptlab.fused import fuse_mlps
 from adaptlab.fused_lora import fuse_loras
 from adaptlab.fused_norm import fuse_norms
@@ -105,13 +105,19 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
     objective = objective_for(config)
     strategy = dist.resolve_parallel(parallel, config.method.method, world, _fits_one_device(config, device))
     # FSDP2 loads on the CPU and moves only each rank's shards to its device
-    # QLoRA quantizes from the checkpoint's own dtype: a bf16 checkpoint is never held whole in fp32
-    dtype = STORED if config.method.method == "qlora" else torch.float32
-    loaded = load_model(config.model.name, dtype=dtype, device="cpu" if strategy == "fsdp" else device)
+    # QLoRA quantizes from the checkpoint's own dtype, and LoRA at bf16 keeps a bf16 checkpoint's
+    # Linears as stored (frozen_base.py): neither holds the base whole in fp32
+    held = precision == "bf16" and strategy != "fsdp" and config.method.method == "lora"
+    if held:
+        loaded = load_held(config.model.name, device)
+    else:
+        dtype = STORED if config.method.method == "qlora" else torch.float32
+        loaded = load_model(config.model.name, dtype=dtype, device="cpu" if strategy == "fsdp" else device)
     check_against_model(config, loaded.model)
     tokenizer = loaded.tokenizer
     train_examples, val_examples = objective.build_data(config, tokenizer)
-    model = apply_method(loaded.model, config.method, base_name=config.model.name, seed=config.train.seed)
+    with adapters_in_fp32() if held else nullcontext():
+        model = apply_method(loaded.model, config.method, base_name=config.model.name, seed=config.train.seed)
     if config.model.init_from:  # another run's weights (init_from.py)
         from adaptlab import init_from
 

@@ -11,6 +11,7 @@ import copy
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 import adaptlab.train as train_module
 from adaptlab import fused_lora
 from adaptlab.config import MethodSpec
-from adaptlab.frozen_base import hold_frozen_linears
+from adaptlab.frozen_base import adapters_in_fp32, hold_frozen_linears, load_held
 from adaptlab.fused_lora import fuse_loras
 from adaptlab.methods import apply_method
 from adaptlab.models import load_model
@@ -160,3 +161,75 @@ def load_adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def _saved(tmp_path: Path, dtype: torch.dtype) -> str:
+    """tiny-random saved as a checkpoint stored in dtype (its weights rounded to it)."""
+    tiny = load_model("tiny-random")
+    out = tmp_path / str(dtype).split(".")[-1]
+    copy.deepcopy(tiny.model).to(dtype).save_pretrained(out, safe_serialization=True)
+    tiny.tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def _assert_identical(a: nn.Module, b: nn.Module) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for name, t in ta.items():
+        assert t.dtype == tb[name].dtype and torch.equal(t, tb[name]), name
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+def test_loading_held_equals_loading_in_fp32_then_holding(tmp_path: Path, stored: torch.dtype) -> None:
+    path = _saved(tmp_path, stored)
+    direct = load_held(path, "cpu").model
+    linear = direct.model.layers[0].mlp.up_proj.weight
+    assert linear.dtype == (torch.bfloat16 if stored == torch.bfloat16 else torch.float32)
+    assert direct.get_input_embeddings().weight.dtype == torch.float32
+    spec = MethodSpec(method="lora", rank=4)
+    with adapters_in_fp32():
+        direct = apply_method(direct, spec, base_name=path, seed=0)
+    hold_frozen_linears(direct)
+    widened = apply_method(load_model(path).model, spec, base_name=path, seed=0)
+    hold_frozen_linears(widened)
+    _assert_identical(direct, widened)  # adapters' initial values included, in fp32
+
+
+def test_pefts_own_adapters_over_a_bf16_base_are_rounded_to_bf16(tmp_path: Path) -> None:
+    """Why adapters_in_fp32 exists: without it PEFT rounds each adapter's initial values to bf16."""
+    path = _saved(tmp_path, torch.bfloat16)
+    spec = MethodSpec(method="lora", rank=4)
+    rounded = apply_method(load_held(path, "cpu").model, spec, base_name=path, seed=0)
+    exact = apply_method(load_model(path).model, spec, base_name=path, seed=0)
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    a, b = dict(rounded.named_parameters())[name], dict(exact.named_parameters())[name]
+    assert a.dtype == b.dtype == torch.float32 and not torch.equal(a, b)
+    assert torch.equal(a, b.bfloat16().float())
+
+
+def test_a_bf16_lora_run_on_a_bf16_checkpoint_trains_as_the_fp32_load_would(
+    tmp_path: Path, monkeypatch
+) -> None:
+    path = _saved(tmp_path, torch.bfloat16)
+    corpus = write_corpus(tmp_path / "data", n_docs=12)
+
+    def config(out: str) -> Any:
+        cfg = tiny_config(corpus, tmp_path / out, precision="bf16")
+        cfg.model.name = path
+        return cfg
+
+    dtypes: list[torch.dtype] = []
+    train(
+        config("stored"),
+        on_start=lambda s: dtypes.append(s.model.model.model.layers[0].mlp.up_proj.weight.dtype),
+    )
+    assert dtypes == [torch.bfloat16]
+    monkeypatch.setattr(train_module, "load_held", lambda spec, device: load_model(spec, device=device))
+    train(config("widened"))
+    assert _losses(tmp_path / "stored") == _losses(tmp_path / "widened") != []
+    a, b = load_adapter_tensors(tmp_path / "stored"), load_adapter_tensors(tmp_path / "widened")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

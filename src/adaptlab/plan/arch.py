@@ -48,6 +48,7 @@ class Arch:
     fused_mlp: bool = False  # training fuses its MLPs (adaptlab.fused: two saved tensors, not four)
     fused_norms: bool = False  # training rebuilds its norms' outputs in backward (adaptlab.fused_norm)
     stored_bytes: int = 4  # bytes a parameter in the checkpoint (its config's dtype; QLoRA loads in it)
+    stored_bf16: bool = False  # the checkpoint is bf16 (LoRA at bf16 loads its Linears as stored)
 
     @property
     def linear_params(self) -> int:
@@ -164,13 +165,18 @@ def arch_from_config(config: Any, spec: str = "") -> Arch:
         fused_mlp=any(is_standard_mlp(m) for m in model.modules()),
         fused_norms=any(all(is_standard_norm(getattr(m, n, None)) for n in NORMS) for m in model.modules()),
         stored_bytes=_stored_bytes(config),
+        stored_bf16=_stored_dtype(config) == "bfloat16",
     )
 
 
 def _stored_bytes(config: Any) -> int:
     """Bytes a parameter as the checkpoint stores it, from the config's dtype (4 when it names none)."""
+    return {"bfloat16": 2, "float16": 2}.get(_stored_dtype(config), 4)
+
+
+def _stored_dtype(config: Any) -> str:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return {"bfloat16": 2, "float16": 2}.get(str(dtype).removeprefix("torch."), 4)
+    return str(dtype).removeprefix("torch.")
 
 
 def load_arch(spec: str) -> Arch:

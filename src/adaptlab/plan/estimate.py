@@ -297,15 +297,22 @@ def memory_breakdown(
     forward_peak = static + optimizer + dynamic
     step_peak = static + gradients + optimizer + largest_grad
     # the end of loading: QLoRA's checkpoint in its stored dtype (then quantized), the rest in fp32, and
-    # on a CPU, while a checkpoint stored narrower is converted, its mapped pages too (read whole by then)
+    # on a CPU, while a checkpoint stored narrower is converted, its mapped pages too (read whole by
+    # then). LoRA at bf16 loads a bf16 checkpoint's Linears as stored (frozen_base.load_held): its
+    # weights, and on a CPU the pages of the tensors widened to fp32.
+    as_stored = arch.stored_bf16 and arm.method == "lora" and held_block > 0
     converted = cpu and arm.method != "qlora" and arch.stored_bytes != FP32
-    load_peak = (
-        runtime
-        + (data_bytes if cpu else 0)
-        + (arch.stored_bytes if arm.method == "qlora" else FP32) * arch.total_params
-        + (weights if arm.method == "qlora" else 0)
-        + (arch.stored_bytes * arch.total_params if converted else 0)
-    )
+    if as_stored:
+        load_peak = runtime + (data_bytes if cpu else 0) + weights
+        load_peak += 2 * (arch.total_params - held) if cpu else 0
+    else:
+        load_peak = (
+            runtime
+            + (data_bytes if cpu else 0)
+            + (arch.stored_bytes if arm.method == "qlora" else FP32) * arch.total_params
+            + (weights if arm.method == "qlora" else 0)
+            + (arch.stored_bytes * arch.total_params if converted else 0)
+        )
     return {
         "runtime": runtime,
         "loading": loading,
