@@ -26,6 +26,10 @@ skips it.
 - reference: AutoModelForCausalLM (+ peft get_peft_model; QLoRA through transformers'
   BitsAndBytesConfig), `model(input_ids, labels=...)` loss, torch AdamW, the same token blocks.
 
+With --reference-base bf16 the plain loop loads the LoRA family's base in bf16 at bf16 (the whole model,
+as `torch_dtype=torch.bfloat16` does; PEFT keeps its adapters in fp32): the plain loop as many run it,
+which adaptlab's loop does not match in numerics (its embeddings, norms and residual stream stay fp32).
+
 With --optimizer-in-backward adaptlab runs with `train.optimizer_in_backward` (each parameter updated
 and its gradient freed inside backward) and neither loop clips gradients, which that mode cannot do.
 
@@ -38,6 +42,7 @@ Prints a table and writes bench/results/train_step.json (--interleaved: train_st
     python bench/train_step.py [--quick] [--steps N] [--only lora,qlora] [--precisions fp32,bf16] [--profile] [--compile]
     python bench/train_step.py --interleaved --only full,lora,qlora --precisions fp32 --steps 7
     python bench/train_step.py --model random-1b --only lora --precisions bf16 --steps 5
+    python bench/train_step.py --only lora --precisions bf16 --reference-base bf16
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ class Case:
     steps: int
     in_backward: bool = False
     dropout: float = 0.0  # LoRA dropout, both loops
+    reference_base: str = "fp32"  # the plain loop's load dtype for the LoRA family at bf16: fp32 | bf16
 
     @property
     def model_dir(self) -> Path:
@@ -228,7 +234,10 @@ def _reference(case: Case) -> tuple[Any, list[torch.nn.Parameter], Any, Any, tor
     path = str(case.model_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    # --reference-base bf16: the plain loop loads the LoRA family's base in bf16 (embeddings and norms too,
+    # as torch_dtype=bfloat16 does; PEFT keeps the adapters in fp32)
+    half = case.reference_base == "bf16" and precision == "bf16" and method in ("lora", "dora")
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if half else torch.float32}
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -358,6 +367,7 @@ def _in_subprocess(
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--optimizer-in-backward"] if args.optimizer_in_backward else []
     cmd += ["--dropout", str(args.dropout)] if args.dropout else []
+    cmd += ["--reference-base", args.reference_base]
     done = subprocess.run(
         cmd,
         capture_output=True,
@@ -409,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
         help="speed only: both loops in one process, steps alternating (memory needs separate processes)",
     )
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout in both loops (default 0)")
+    parser.add_argument(
+        "--reference-base",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: the plain loop loads the LoRA family's base in bf16 at bf16 (embeddings and norms too)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="where the JSON goes")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -500,6 +516,7 @@ def _case(args: argparse.Namespace, method: str, precision: str) -> Case:
         args.steps,
         args.optimizer_in_backward,
         args.dropout,
+        args.reference_base,
     )
 
 
@@ -537,6 +554,7 @@ def _write(
                 + " ".join(argv if argv is not None else sys.argv[1:]),
                 "live_memory_env": live_env,
                 "optimizer_in_backward": args.optimizer_in_backward,
+                "reference_base": args.reference_base,
                 "clipping": None if args.optimizer_in_backward else 1.0,
                 "mfu_peak_flops_per_s": {
                     p: {"flops_per_s": f, "source": src} for p, (f, src) in peaks.items()
