@@ -199,6 +199,31 @@ def test_loading_held_equals_loading_in_fp32_then_holding(tmp_path: Path, stored
     _assert_identical(direct, widened)  # adapters' initial values included, in fp32
 
 
+def test_grpos_reference_copy_loads_a_bf16_checkpoint_held(tmp_path: Path, monkeypatch) -> None:
+    """Full fine-tuning's KL reference at bf16 never holds the base whole in fp32: a bf16 checkpoint is
+    loaded as stored, and the copy is the fp32 load held, tensor for tensor."""
+    import adaptlab.models as models
+    from adaptlab.objectives.grpo import load_reference_copy
+
+    path = _saved(tmp_path, torch.bfloat16)
+    dtypes: list[Any] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        dtypes.append(kwargs.get("dtype", torch.float32))
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", recording)
+    copy_ = load_reference_copy(path, "cpu", "bf16")
+    assert dtypes == [models.STORED]
+    monkeypatch.undo()
+    widened = load_model(path).model.eval().requires_grad_(False)
+    assert hold_frozen_linears(widened) > 0
+    _assert_identical(copy_, widened)
+    assert not copy_.training and not any(p.requires_grad for p in copy_.parameters())
+    fp32 = load_reference_copy(path, "cpu", "fp32")
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}
+
+
 def test_pefts_own_adapters_over_a_bf16_base_are_rounded_to_bf16(tmp_path: Path) -> None:
     """Why adapters_in_fp32 exists: without it PEFT rounds each adapter's initial values to bf16."""
     path = _saved(tmp_path, torch.bfloat16)

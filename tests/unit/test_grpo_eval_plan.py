@@ -61,6 +61,39 @@ def test_plan_grpo_adds_sampling_memory_and_time() -> None:
     assert grpo["setup"]["steps_per_epoch"] == -(-grpo["data"]["train_documents"] // 4)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_plan_grpo_with_a_kl_penalty_adds_the_reference(precision: str) -> None:
+    """--kl-beta > 0: every method's step adds the reference's forward pass; full fine-tuning's weights
+    add the frozen copy of the base (its Linears held in bf16 at bf16), the LoRA family's nothing."""
+    from adaptlab.plan import plan
+
+    kwargs = {"task": "grpo", "benchmark": False, "batch": 4, "precision": precision, "device": "cpu"}
+    without = plan("tiny-random", ["arithmetic"], **kwargs)["methods"]
+    with_kl = plan("tiny-random", ["arithmetic"], kl_beta=0.05, **kwargs)["methods"]
+    arch = load_arch("tiny-random")
+    held = arch.linear_params + arch.lm_head_params if precision == "bf16" else 0
+    copy_bytes = 4 * arch.total_params - 2 * held
+    assert with_kl["full"]["memory"]["weights"] - without["full"]["memory"]["weights"] == copy_bytes
+    assert with_kl["full"]["peak_mem_bytes"] >= without["full"]["peak_mem_bytes"] + copy_bytes
+    assert with_kl["full"]["reference"] == "a frozen copy of the base"
+    for key in ("lora", "dora", "qlora"):
+        assert with_kl[key]["memory"] == without[key]["memory"]
+        assert with_kl[key]["reference"] == "adapter-disabled forward pass"
+    for key, entry in with_kl.items():
+        ref_s = entry["time_breakdown_s"]["reference_s"]
+        assert ref_s > 0 and entry["step_s"] == pytest.approx(without[key]["step_s"] + ref_s)
+        assert "reference" not in without[key]
+
+
+def test_plan_kl_beta_outside_grpo_is_one_line(run_cli) -> None:
+    for args in (
+        ["--data", "python-stdlib", "--kl-beta", "0.1"],
+        ["--data", "arithmetic", "--task", "grpo", "--kl-beta", "-1"],
+    ):
+        code, _, err = run_cli("plan", "--model", "tiny-random", "--no-benchmark", *args)
+        assert code == 2 and "--kl-beta" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_rl_study_arms_share_everything_but_method_and_lr(tmp_path: Path) -> None:
     study = RLStudy(model="tiny-random", steps=2)
     arms = study.arms()

@@ -130,6 +130,13 @@ def _print(result: dict[str, Any]) -> None:
 @click.option(
     "--optimizer-in-backward", is_flag=True, help="Plan with each gradient applied and freed in backward."
 )
+@click.option(
+    "--kl-beta",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="With --task grpo: the KL penalty train will use (> 0 adds the reference's pass).",
+)
 @click.option("--no-benchmark", is_flag=True, help="Skip the device micro-benchmark (nominal throughput).")
 @click.option("--gpus", type=int, help="Plan one run on N GPUs: per-device memory under DDP and FSDP2.")
 @click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), help="With --gpus: only this strategy.")

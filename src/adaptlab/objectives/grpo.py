@@ -214,14 +214,7 @@ class GRPOObjective:
 
     def prepare(self, setup: Any) -> None:
         if self.spec.kl_beta > 0.0 and not setup.config.method.is_lora:
-            from adaptlab.models import load_model
-
-            self.reference = load_model(setup.config.model.name, device=setup.device).model.eval()
-            self.reference.requires_grad_(False)
-            if setup.precision == "bf16":  # it only ever runs under bf16 autocast
-                from adaptlab.frozen_base import hold_frozen_linears
-
-                hold_frozen_linears(self.reference)
+            self.reference = load_reference_copy(setup.config.model.name, setup.device, setup.precision)
 
     def prompts_per_step(self, setup: Any) -> int:
         t = setup.config.train
@@ -348,3 +341,17 @@ class GRPOObjective:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+
+def load_reference_copy(name: str, device: Any, precision: str) -> Any:
+    """Full fine-tuning's frozen copy of the base for the KL penalty. It only ever runs under the run's
+    autocast, so at bf16 its Linears are held in bf16 (frozen_base.py): a checkpoint stored in bf16 is
+    loaded as stored, never whole in fp32."""
+    from adaptlab.frozen_base import hold_frozen_linears, load_held
+    from adaptlab.models import load_model
+
+    model = (load_held(name, device) if precision == "bf16" else load_model(name, device=device)).model
+    model.eval().requires_grad_(False)
+    if precision == "bf16":
+        hold_frozen_linears(model)  # an fp32 checkpoint: its Linears converted, the file's map let go
+    return model

@@ -477,6 +477,12 @@ def dpo_reference(arm: Arm, timing: dict[str, float]) -> dict[str, object]:
         "reference": "precomputed log-probs of the untouched model"
         if full
         else "adapter-disabled forward pass",
-        "reference_s": timing["matmul_s"] * 2 / (6 if full else 4) + timing.get("attention_s", 0.0) / 3,
+        "reference_s": forward_pass_s(arm, timing),
         "reference_bytes": 0,
     }
+
+
+def forward_pass_s(arm: Arm, timing: dict[str, float]) -> float:
+    """A forward pass without autograd over a training step's tokens: 2N matmul FLOPs a token against the
+    step's 6N (full) or 4N (LoRA family: no weight gradients), and a third of its attention."""
+    return timing["matmul_s"] * 2 / (6 if arm.method == "full" else 4) + timing.get("attention_s", 0.0) / 3

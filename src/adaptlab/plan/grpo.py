@@ -5,7 +5,9 @@ KV cache, then trains on those rows in micro-batches of `batch` completions. The
 the KV cache of every row of the step (estimate.generation_memory_bytes) while no activations are
 alive; its time is the prompt's forward pass plus one decode step per new token
 (estimate.generation_time_s). The training phase is an ordinary step over rows of prompt +
-completion tokens.
+completion tokens. With a KL penalty (kl_beta > 0) every step also scores its rows with the reference
+policy (`reference`): a forward pass without autograd, over the LoRA family's model with its adapter
+disabled or, for full fine-tuning, over a frozen copy of the base that stays loaded for the whole run.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from typing import Any
 
 from adaptlab.plan.arch import Arch
 from adaptlab.plan.datasize import DataSize
-from adaptlab.plan.estimate import Shape, generation_memory_bytes, generation_time_s
+from adaptlab.plan.estimate import (
+    Arm,
+    Shape,
+    forward_pass_s,
+    generation_memory_bytes,
+    generation_time_s,
+)
 
 GROUP_SIZE = 8
 MAX_NEW_TOKENS = 32
@@ -53,6 +61,17 @@ def train_shape(shape: Shape, prompt_len: int) -> Shape:
     accum = -(-prompts * GROUP_SIZE // shape.batch)
     seq = min(shape.seq_len, prompt_len + MAX_NEW_TOKENS)
     return replace(shape, seq_len=seq, grad_accum=accum)
+
+
+def reference(arm: Arm, timing: dict[str, float]) -> dict[str, object]:
+    """What the KL penalty's reference adds to a step, as `adaptlab train --task grpo` computes it: a
+    forward pass over the step's rows (2N FLOPs a token against the training step's 4N for the LoRA
+    family and 6N for full), before the policy's; full fine-tuning's frozen copy of the base is counted
+    in the weights (estimate.memory_breakdown(reference_model=True))."""
+    return {
+        "reference": "a frozen copy of the base" if arm.method == "full" else "adapter-disabled forward pass",
+        "reference_s": forward_pass_s(arm, timing),
+    }
 
 
 def add_sampling(

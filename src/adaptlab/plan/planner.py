@@ -19,6 +19,7 @@ from typing import Any
 from adaptlab.config import check_rank, check_seq_len, default_lr
 from adaptlab.errors import UserError
 from adaptlab.plan import advice
+from adaptlab.plan import grpo as grpo_plan
 from adaptlab.plan.arch import Arch, load_arch, targets_for
 from adaptlab.plan.datasize import DataSize, measure_data
 from adaptlab.plan.estimate import (
@@ -76,10 +77,18 @@ def _compare_command(model: str, data: list[str], tokens: int) -> str:
 
 
 def _check_args(
-    task: str | None, seq_len: int, batch: int, grad_accum: int, ranks: Sequence[int], epochs: float
+    task: str | None,
+    seq_len: int,
+    batch: int,
+    grad_accum: int,
+    ranks: Sequence[int],
+    epochs: float,
+    kl_beta: float = 0.0,
 ) -> None:
     if task is not None and task not in TASKS:
         raise UserError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
+    if kl_beta < 0 or (kl_beta > 0 and task != "grpo"):
+        raise UserError(f"--kl-beta {kl_beta:g}: GRPO's KL penalty, a number >= 0 with --task grpo")
     for flag, value in (("--seq-len", seq_len), ("--batch", batch), ("--grad-accum", grad_accum)):
         if value < 1:
             raise UserError(f"{flag} must be a positive integer (got {value})")
@@ -120,15 +129,19 @@ def _method_entry(
     mem_limit: int | None,
     size: DataSize,
     steps_per_epoch: int,
+    kl_beta: float = 0.0,
 ) -> dict[str, Any]:
     """One method's estimates; cost holds runtime, data and tokenizer bytes and the measured rates."""
     n_train = trainable_params(arch, arm)
-    mem = memory_breakdown(arch, arm, shape, cost["runtime"], cost["data_bytes"])
+    kl = task == "grpo" and kl_beta > 0.0
+    mem = memory_breakdown(arch, arm, shape, cost["runtime"], cost["data_bytes"], reference_model=kl)
     rate = cost["rate"]
     timing = step_time_s(
         arch, arm, shape, matmul_rate(rate, arm), rate["mem_bytes_per_s"], rate.get("attention_flops_per_s")
     )
-    reference = dpo_reference(arm, timing) if task == "dpo" else None
+    reference = (
+        dpo_reference(arm, timing) if task == "dpo" else grpo_plan.reference(arm, timing) if kl else None
+    )
     if reference is not None:
         timing["reference_s"] = reference["reference_s"]
         timing["step_s"] += reference["reference_s"]
@@ -199,7 +212,7 @@ def _architecture(arch: Arch) -> dict[str, Any]:
     }
 
 
-def _notes(task: str) -> list[str]:
+def _notes(task: str, kl_beta: float = 0.0) -> list[str]:
     notes = [
         "time per epoch is an estimate: training FLOPs and memory traffic over a micro-benchmark of this device",
         "QLoRA is estimated from its definition (NF4 weights, 0.5 byte + ~0.127 bit of constants per Linear "
@@ -210,6 +223,12 @@ def _notes(task: str) -> list[str]:
         notes.append(
             "grpo: each step samples 8 completions of up to 32 tokens per prompt with a KV cache (memory: "
             "memory.generation; time: time_breakdown_s.generation_s), then trains on them"
+        )
+        notes.append(
+            f"grpo: kl_beta {kl_beta:g}: the reference scores each step's completions (a forward pass; full "
+            "fine-tuning keeps a frozen copy of the base for it, in memory.weights)"
+            if kl_beta > 0.0
+            else "grpo: no KL penalty (kl_beta 0, the default): no reference pass; --kl-beta plans one"
         )
     if task == "dpo":
         notes.append(
@@ -239,18 +258,21 @@ def plan(
     benchmark: bool = True,
     refresh: bool = False,
     compare_root: str | None = None,
+    kl_beta: float = 0.0,
 ) -> dict[str, Any]:
     """Estimates for full, LoRA (each rank), DoRA and QLoRA, and a recommendation (see the module docstring).
 
     tokens: a token budget instead of `epochs` passes over the data. benchmark=False skips the device
     micro-benchmark (times then use a nominal throughput and say so). refresh re-measures cached values.
     compare_root: a folder of comparisons (OUT dirs); those of the same base are quoted as measurements.
+    kl_beta: GRPO's KL penalty (`train --kl-beta`); above 0 each step adds the reference's forward pass
+    and full fine-tuning a frozen copy of the base.
     """
     from adaptlab.hardware import choose_precision, pick_device
     from adaptlab.models import load_tokenizer
 
     sources = [data] if isinstance(data, str) else list(data)
-    _check_args(task, seq_len, batch, grad_accum, ranks, epochs)
+    _check_args(task, seq_len, batch, grad_accum, ranks, epochs, kl_beta)
     mem_limit = parse_memory(memory) if isinstance(memory, str) else memory
     dev = pick_device(device)
     prec = choose_precision(precision, dev)
@@ -259,8 +281,6 @@ def plan(
     target_names = tuple(targets_for(arch, targets))
     _check_against_arch(arch, target_names, seq_len, ranks)
     if task == "grpo":  # a task of prompts (arithmetic or prompt/answer JSONL), sampled then trained on
-        from adaptlab.plan import grpo as grpo_plan
-
         if len(sources) != 1:
             raise UserError("--task grpo takes one --data: arithmetic or a JSONL of prompt/answer rows")
         size, prompt_len = grpo_plan.task_data_size(sources[0], load_tokenizer(model))
@@ -309,7 +329,7 @@ def plan(
         steps_per_epoch = max(1, -(-size.train_documents // (batch * grad_accum)))
         shape = grpo_plan.train_shape(shape, prompt_len)
     methods = {
-        key: _method_entry(arch, arm, shape, task, cost, mem_limit, size, steps_per_epoch)
+        key: _method_entry(arch, arm, shape, task, cost, mem_limit, size, steps_per_epoch, kl_beta)
         for key, arm in _arms(ranks, target_names).items()
     }
     if task == "grpo":
@@ -357,7 +377,7 @@ def plan(
             command,
             advice.measured_comparisons(model, compare_root),
         ),
-        "notes": _notes(task),
+        "notes": _notes(task, kl_beta),
     }
 
 
