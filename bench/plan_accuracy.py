@@ -34,8 +34,8 @@ import json, sys, warnings
 warnings.filterwarnings("ignore")
 from adaptlab.config import RunConfig
 from adaptlab.train import train
-model, method, batch, seq_len, steps, data, out, precision = sys.argv[1:9]
-cfg = RunConfig(model={"name": model}, method={"method": method, "rank": 16},
+model, method, batch, seq_len, steps, data, out, precision, dropout = sys.argv[1:10]
+cfg = RunConfig(model={"name": model}, method={"method": method, "rank": 16, "dropout": float(dropout)},
                 data={"train": [data]}, out=out,
                 train={"steps": int(steps), "batch": int(batch), "seq_len": int(seq_len), "eval_examples": 1,
                        "precision": precision})
@@ -46,7 +46,15 @@ print("RESULT " + json.dumps({"summary": summary, "elapsed": elapsed}))
 """
 
 
-def run_arm(model: str, method: str, batch: int, seq_len: int, steps: int, precision: str = "auto") -> dict:
+def run_arm(
+    model: str,
+    method: str,
+    batch: int,
+    seq_len: int,
+    steps: int,
+    precision: str = "auto",
+    dropout: float = 0.0,
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "run")
         cmd = [
@@ -61,6 +69,7 @@ def run_arm(model: str, method: str, batch: int, seq_len: int, steps: int, preci
             str(DATA),
             out,
             precision,
+            str(dropout),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -103,7 +112,12 @@ def replan(path: Path, remeasure: bool = False) -> int:
     """
     from adaptlab.plan.arch import load_arch, targets_for
     from adaptlab.plan.estimate import Arm, Shape, matmul_rate, memory_breakdown, step_time_s
-    from adaptlab.plan.measure import attention_throughput, device_throughput, runtime_baseline_bytes
+    from adaptlab.plan.measure import (
+        attention_throughput,
+        device_throughput,
+        dropout_throughput,
+        runtime_baseline_bytes,
+    )
 
     recorded = json.loads(path.read_text())
     rows = recorded["rows"]
@@ -124,10 +138,11 @@ def replan(path: Path, remeasure: bool = False) -> int:
                 fresh[key] = {
                     **device_throughput("cpu", key[0], *key[1:4], refresh=True),
                     **attention_throughput("cpu", key[0], *key[4:], refresh=True),
+                    **(dropout_throughput("cpu", refresh=True) if r.get("dropout") else {}),
                 }
             r["throughput"] = fresh[key]
         targets = tuple(targets_for(arch, "all-linear"))
-        arm = Arm("full") if r["method"] == "full" else Arm(r["method"], 16, targets)
+        arm = Arm("full") if r["method"] == "full" else Arm(r["method"], 16, targets, r.get("dropout", 0.0))
         shape = Shape(r["batch"], r["seq_len"], 1, r["precision"], False, "cpu")
         mem = memory_breakdown(arch, arm, shape, runtime, r["planned_memory"]["data"])["peak"]
         rate = r["throughput"]
@@ -138,6 +153,7 @@ def replan(path: Path, remeasure: bool = False) -> int:
             matmul_rate(rate, arm),
             rate["mem_bytes_per_s"],
             rate.get("attention_flops_per_s"),
+            rate.get("dropout_draws_per_s"),
         )["step_s"]
         r.update(
             planned_peak_mem_bytes=mem,
@@ -162,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="comma list of auto|fp32|bf16 (bf16 is emulated on avx2-only CPUs)",
     )
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout of the LoRA family's arms")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument(
         "--replan", type=Path, help="re-estimate the runs recorded in this JSON, train nothing"
@@ -184,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 (m, p) for p in args.precisions.split(",") for m in args.methods.split(",")
             ]:
                 t0 = time.perf_counter()
-                measured = run_arm(model, method, batch, seq_len, args.steps, precision)
+                measured = run_arm(model, method, batch, seq_len, args.steps, precision, args.dropout)
                 # re-measure the device right after the run, once per model/shape, so load hits both sides
                 key = (model, shape, measured["precision"])
                 est = plan(
@@ -196,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                     tokens=args.steps * batch * seq_len,
                     precision=measured["precision"],
                     refresh=key not in refreshed,
+                    dropout=args.dropout,
                 )
                 refreshed.add(key)
                 m = est["methods"][method]
@@ -204,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                     "method": method,
                     "batch": batch,
                     "seq_len": seq_len,
+                    "dropout": args.dropout,
                     "precision": measured["precision"],
                     "measured_peak_mem_bytes": measured["peak_mem_bytes"],
                     "planned_peak_mem_bytes": m["peak_mem_bytes"],

@@ -190,15 +190,16 @@ def test_step_time_hand_computed():
 
 
 @pytest.mark.parametrize(
-    "method,precision",
-    [(m, p) for p in ("fp32", "bf16") for m in ("full", "lora", "qlora", "dora")],
+    "method,precision,dropout",
+    [(m, p, 0.0) for p in ("fp32", "bf16") for m in ("full", "lora", "qlora", "dora")]
+    + [(m, p, 0.1) for p in ("fp32", "bf16") for m in ("lora", "qlora")],
 )
-def test_activation_formula_matches_autograd(method, precision, monkeypatch):
+def test_activation_formula_matches_autograd(method, precision, dropout, monkeypatch):
     """The per-layer count equals the bytes autograd really saves in training (sdpa, the model fused as
-    training fuses it) within 10%, in fp32 and under bf16 autocast."""
+    training fuses it) within 10%, in fp32 and under bf16 autocast, with LoRA dropout's masks."""
     from transformers import AutoModelForCausalLM
 
-    from adaptlab import fused_norm
+    from adaptlab import fused, fused_norm
     from adaptlab.autocast_linear import fuse_autocast_linears
     from adaptlab.fused_lora import fuse_loras
 
@@ -214,8 +215,8 @@ def test_activation_formula_matches_autograd(method, precision, monkeypatch):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     arch = arch_from_config(cfg)
-    arm = Arm("full") if method == "full" else Arm(method, 4, ALL)
-    model = apply_method(model, MethodSpec(method=method, rank=4))
+    arm = Arm("full") if method == "full" else Arm(method, 4, ALL, dropout)
+    model = apply_method(model, MethodSpec(method=method, rank=4, dropout=dropout))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -230,7 +231,14 @@ def test_activation_formula_matches_autograd(method, precision, monkeypatch):
         keep, unpack = recipe_hooks(recipes)
         return (lambda t: pack(kept) if isinstance(kept := keep(t), torch.Tensor) else kept), unpack
 
+    product_hooks = fused._product_hooks
+
+    def counting_product(*args: torch.Tensor) -> tuple:  # down_proj saves its dropout mask inside these
+        keep, unpack = product_hooks(*args)
+        return (lambda t: pack(kept) if isinstance(kept := keep(t), torch.Tensor) else kept), unpack
+
     monkeypatch.setattr(fused_norm, "_recipe_hooks", counting)
+    monkeypatch.setattr(fused, "_product_hooks", counting_product)
     fuse_mlps(model)  # as training does (adaptlab.train.prepare)
     fuse_loras(model)
     fuse_autocast_linears(model)
@@ -373,6 +381,37 @@ def test_cli_json_contract(tmp_path, run_cli):
     )
 
 
+def test_lora_dropout_adds_its_masks_and_draws_to_the_lora_family(tmp_path):
+    """--dropout: a bool mask per token and input feature of every target (LoRA and QLoRA keep it for
+    backward), the draws timed apart; full fine-tuning has no adapter to drop into."""
+    from adaptlab.plan import plan
+
+    path = tmp_path / "docs.jsonl"
+    _write_docs(path, 30)
+    kwargs = {"seq_len": 64, "batch": 2, "benchmark": False, "precision": "fp32", "device": "cpu"}
+    without = plan("tiny-random", [str(path)], **kwargs)["methods"]
+    dropped = plan("tiny-random", [str(path)], dropout=0.1, **kwargs)
+    arch = load_arch("tiny-random")
+    masks = 2 * 64 * sum(i for _, (i, _o) in arch.linear_shapes.items())  # all-linear targets, 1 byte each
+    for key in ("lora", "qlora"):
+        grown = dropped["methods"][key]["memory"]["activations"] - without[key]["memory"]["activations"]
+        assert grown == masks, key
+        draws = dropped["methods"][key]["time_breakdown_s"]["dropout_draws_s"]
+        assert draws == pytest.approx(masks / estimate.NOMINAL_DROPOUT_DRAWS_PER_S)
+        assert dropped["methods"][key]["step_s"] > without[key]["step_s"] + draws
+    assert dropped["methods"]["full"]["memory"] == without["full"]["memory"]
+    assert dropped["setup"]["dropout"] == 0.1
+
+
+def test_dropout_throughput_times_the_draws(tmp_path, monkeypatch):
+    from adaptlab.plan import measure
+
+    monkeypatch.setenv("ADAPTLAB_CACHE", str(tmp_path))
+    rate = measure.dropout_throughput("cpu")
+    assert rate["dropout_draws_per_s"] > 0
+    assert measure.dropout_throughput("cpu") == rate  # cached
+
+
 def test_memory_limit_drives_the_recommendation(tmp_path):
     from adaptlab.plan import plan
 
@@ -396,6 +435,7 @@ def test_memory_limit_drives_the_recommendation(tmp_path):
         (["--data", "DATA", "--memory", "24XB"], "--memory"),
         (["--data", "DATA", "--ranks", "8,x"], "--ranks"),
         (["--data", "DATA", "--optimizer-in-backward", "--gpus", "2", "--memory", "80GiB"], "one process"),
+        (["--data", "DATA", "--dropout", "1.5"], "--dropout"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, run_cli, args, match):

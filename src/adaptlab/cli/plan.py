@@ -131,6 +131,13 @@ def _print(result: dict[str, Any]) -> None:
     "--optimizer-in-backward", is_flag=True, help="Plan with each gradient applied and freed in backward."
 )
 @click.option(
+    "--dropout",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="LoRA dropout train will use (its masks kept for backward).",
+)
+@click.option(
     "--kl-beta",
     type=float,
     default=0.0,

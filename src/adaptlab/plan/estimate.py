@@ -52,6 +52,15 @@ LORA_IN_PASSES = 6.0
 # (1 over d_in). Measured 1.12x the PEFT forward's step speed on smollm2-135m, 4 x 256, same process.
 FUSED_LORA_OUT_PASSES = 4.0
 FUSED_LORA_IN_PASSES = 4.0
+# LoRA dropout, bytes moved per mask element (token x input feature of a target), in fp32 as PEFT casts
+# A's input: the fused LoRA Linear writes the noise and its bool mask, scales it and multiplies x by it
+# (then casts for the matmul); backward rebuilds the multiplier and dropout(x) from the mask and scales A's
+# input gradient by it: about 96 bytes. PEFT's forward (DoRA with dropout): the noise, its scaling, the
+# product and the gradient's product, about 36. The random draws themselves are timed apart (a CPU draws
+# them far slower than it moves bytes).
+FUSED_LORA_DROPOUT_BYTES = 96
+PEFT_DROPOUT_BYTES = 36
+NOMINAL_DROPOUT_DRAWS_PER_S = 1.5e8
 # Heap slack on CPU: glibc keeps freed blocks below its mmap threshold (up to 32 MB: activations, not
 # the logits) for reuse, so peak RSS exceeds the live activations. Fitted on smollm2-135m: 1.2-2.3 over
 # full, LoRA and QLoRA at 2 x 128 and 4 x 256, varying from run to run for the same config.
@@ -94,6 +103,12 @@ class Arm:
     method: str  # full | lora | dora | qlora
     rank: int = 0
     targets: tuple[str, ...] = ()
+    dropout: float = 0.0  # LoRA dropout on the adapters' input
+
+    @property
+    def peft_forward(self) -> bool:
+        """Whether training runs PEFT's own LoRA forward (DoRA with dropout), not adaptlab.fused_lora."""
+        return self.method == "dora" and self.dropout > 0
 
     @property
     def is_lora(self) -> bool:
@@ -204,7 +219,20 @@ def layer_activation_bytes(
         )
     if arm.method == "dora":  # the magnitude rescaling keeps each target's unscaled output (fused_lora)
         total += b * sum((arch.per_layer(n) or (h, h))[1] for n in arm.targets)
+    if arm.is_lora and arm.dropout > 0:
+        total += _dropout_bytes(arch, arm, precision)
     return total
+
+
+def _dropout_bytes(arch: Arch, arm: Arm, precision: str) -> int:
+    """What LoRA dropout keeps per token in one block: the fused LoRA Linear keeps each target's mask as
+    bool and rebuilds dropout(x) in backward (adaptlab.fused_lora); PEFT's forward (DoRA with dropout)
+    keeps dropout(x) in x's dtype (fp32: the residual stream's norms) and torch's bool mask, and under
+    bf16 autocast A's bf16 cast of it."""
+    n_in = sum((arch.per_layer(n) or (arch.hidden, arch.hidden))[0] for n in arm.targets)
+    if not arm.peft_forward:
+        return n_in
+    return n_in * (FP32 + 1 + (2 if precision == "bf16" else 0))
 
 
 def loss_bytes(arch: Arch, shape: Shape) -> int:
@@ -364,10 +392,12 @@ def step_time_s(
     matmul_flops_per_s: float,
     mem_bytes_per_s: float,
     attention_flops_per_s: float | None = None,
+    dropout_draws_per_s: float | None = None,
 ) -> dict[str, float]:
     """Seconds per optimizer step, split into the Linears' matmuls, attention, elementwise and optimizer
-    time. Attention takes its own measured rate when given (`measure.attention_throughput`:
-    a CPU's fused attention kernel runs far below its matmuls in bf16), else the Linears'."""
+    time (and LoRA dropout's random draws). Attention takes its own measured rate when given
+    (`measure.attention_throughput`: a CPU's fused attention kernel runs far below its matmuls in bf16),
+    else the Linears'; the draws theirs (`measure.dropout_throughput`), else NOMINAL_DROPOUT_DRAWS_PER_S."""
     tokens = shape.tokens_per_micro * shape.grad_accum
     linear = (
         linear_flops_per_token(arch, arm, shape.grad_checkpointing)
@@ -396,7 +426,7 @@ def step_time_s(
         traffic += 2 * shape.grad_accum * arch.linear_params * (NF4_BYTES_PER_PARAM + shape.act_bytes)
     if arm.is_lora:
         widths = [(i, o) for p, (i, o) in arch.linear_shapes.items() if p.rsplit(".", 1)[-1] in arm.targets]
-        fused = arm.is_lora  # adaptlab.fused_lora (DoRA with dropout takes PEFT's forward; not planned)
+        fused = not arm.peft_forward  # adaptlab.fused_lora
         out_passes = FUSED_LORA_OUT_PASSES if fused else LORA_OUT_PASSES
         in_passes = FUSED_LORA_IN_PASSES if fused else LORA_IN_PASSES
         per_token = sum(out_passes * o + in_passes * i for i, o in widths)
@@ -408,6 +438,13 @@ def step_time_s(
             * FP32
             * sum(i * o for p, (i, o) in arch.linear_shapes.items() if p.rsplit(".", 1)[-1] in arm.targets)
         )
+    draws = 0.0
+    if arm.is_lora and arm.dropout > 0:  # one mask element per token and input feature of every target
+        elements = tokens * sum(
+            i for p, (i, o) in arch.linear_shapes.items() if p.rsplit(".", 1)[-1] in arm.targets
+        )
+        traffic += elements * (PEFT_DROPOUT_BYTES if arm.peft_forward else FUSED_LORA_DROPOUT_BYTES)
+        draws = elements / (dropout_draws_per_s or NOMINAL_DROPOUT_DRAWS_PER_S)
     elementwise = traffic / mem_bytes_per_s
     # AdamW + clipping: read param, grad, two moments; write param and moments
     optimizer = 28.0 * trainable_params(arch, arm) / mem_bytes_per_s
@@ -418,7 +455,8 @@ def step_time_s(
         "elementwise_s": elementwise,
         "optimizer_s": optimizer,
         "overhead_s": overhead,
-        "step_s": linear + attention + elementwise + optimizer + overhead,
+        **({"dropout_draws_s": draws} if draws else {}),
+        "step_s": linear + attention + elementwise + optimizer + overhead + draws,
     }
 
 

@@ -37,6 +37,7 @@ from adaptlab.plan.measure import (
     CUDA_CONTEXT_BYTES,
     attention_throughput,
     device_throughput,
+    dropout_throughput,
     runtime_baseline_bytes,
 )
 
@@ -84,11 +85,14 @@ def _check_args(
     ranks: Sequence[int],
     epochs: float,
     kl_beta: float = 0.0,
+    dropout: float = 0.0,
 ) -> None:
     if task is not None and task not in TASKS:
         raise UserError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
     if kl_beta < 0 or (kl_beta > 0 and task != "grpo"):
         raise UserError(f"--kl-beta {kl_beta:g}: GRPO's KL penalty, a number >= 0 with --task grpo")
+    if not 0.0 <= dropout < 1.0:
+        raise UserError(f"--dropout must be in [0, 1) (got {dropout:g})")
     for flag, value in (("--seq-len", seq_len), ("--batch", batch), ("--grad-accum", grad_accum)):
         if value < 1:
             raise UserError(f"{flag} must be a positive integer (got {value})")
@@ -109,14 +113,14 @@ def _check_against_arch(
     check_rank(max(ranks), targeted, flag="--ranks")
 
 
-def _arms(ranks: Sequence[int], target_names: tuple[str, ...]) -> dict[str, Arm]:
+def _arms(ranks: Sequence[int], target_names: tuple[str, ...], dropout: float = 0.0) -> dict[str, Arm]:
     """full, one LoRA per rank (the default rank keyed "lora"), DoRA and QLoRA at the default rank."""
     arms: dict[str, Arm] = {"full": Arm("full")}
     default_rank = 16 if 16 in ranks else ranks[0]
     for r in ranks:
-        arms["lora" if r == default_rank else f"lora_r{r}"] = Arm("lora", r, target_names)
-    arms["dora"] = Arm("dora", default_rank, target_names)
-    arms["qlora"] = Arm("qlora", default_rank, target_names)
+        arms["lora" if r == default_rank else f"lora_r{r}"] = Arm("lora", r, target_names, dropout)
+    arms["dora"] = Arm("dora", default_rank, target_names, dropout)
+    arms["qlora"] = Arm("qlora", default_rank, target_names, dropout)
     return arms
 
 
@@ -137,7 +141,13 @@ def _method_entry(
     mem = memory_breakdown(arch, arm, shape, cost["runtime"], cost["data_bytes"], reference_model=kl)
     rate = cost["rate"]
     timing = step_time_s(
-        arch, arm, shape, matmul_rate(rate, arm), rate["mem_bytes_per_s"], rate.get("attention_flops_per_s")
+        arch,
+        arm,
+        shape,
+        matmul_rate(rate, arm),
+        rate["mem_bytes_per_s"],
+        rate.get("attention_flops_per_s"),
+        rate.get("dropout_draws_per_s"),
     )
     reference = (
         dpo_reference(arm, timing) if task == "dpo" else grpo_plan.reference(arm, timing) if kl else None
@@ -259,6 +269,7 @@ def plan(
     refresh: bool = False,
     compare_root: str | None = None,
     kl_beta: float = 0.0,
+    dropout: float = 0.0,
 ) -> dict[str, Any]:
     """Estimates for full, LoRA (each rank), DoRA and QLoRA, and a recommendation (see the module docstring).
 
@@ -266,13 +277,13 @@ def plan(
     micro-benchmark (times then use a nominal throughput and say so). refresh re-measures cached values.
     compare_root: a folder of comparisons (OUT dirs); those of the same base are quoted as measurements.
     kl_beta: GRPO's KL penalty (`train --kl-beta`); above 0 each step adds the reference's forward pass
-    and full fine-tuning a frozen copy of the base.
+    and full fine-tuning a frozen copy of the base. dropout: the LoRA family's (`train --dropout`).
     """
     from adaptlab.hardware import choose_precision, pick_device
     from adaptlab.models import load_tokenizer
 
     sources = [data] if isinstance(data, str) else list(data)
-    _check_args(task, seq_len, batch, grad_accum, ranks, epochs, kl_beta)
+    _check_args(task, seq_len, batch, grad_accum, ranks, epochs, kl_beta, dropout)
     mem_limit = parse_memory(memory) if isinstance(memory, str) else memory
     dev = pick_device(device)
     prec = choose_precision(precision, dev)
@@ -314,6 +325,7 @@ def plan(
             **attention_throughput(
                 str(dev), prec, batch, seq_len, arch.n_heads, arch.head_dim, refresh=refresh
             ),
+            **(dropout_throughput(str(dev), refresh=refresh) if dropout > 0 else {}),
         }
     else:
         rate = {**NOMINAL_THROUGHPUT, "device": "nominal (no micro-benchmark)", "precision": prec}
@@ -330,7 +342,7 @@ def plan(
         shape = grpo_plan.train_shape(shape, prompt_len)
     methods = {
         key: _method_entry(arch, arm, shape, task, cost, mem_limit, size, steps_per_epoch, kl_beta)
-        for key, arm in _arms(ranks, target_names).items()
+        for key, arm in _arms(ranks, target_names, dropout).items()
     }
     if task == "grpo":
         for entry in methods.values():
@@ -356,6 +368,8 @@ def plan(
             "steps_per_epoch": steps_per_epoch,
             "memory_limit_bytes": limit_used,
             "targets": list(target_names),
+            "dropout": dropout,
+            "kl_beta": kl_beta,
         },
         "throughput": rate,
         "methods": methods,
