@@ -111,7 +111,7 @@ def replan(path: Path, remeasure: bool = False) -> int:
     again now, once per precision and shape (for a run whose benchmark was disturbed, or a changed one).
     """
     from adaptlab.plan.arch import load_arch, targets_for
-    from adaptlab.plan.estimate import Arm, Shape, matmul_rate, memory_breakdown, step_time_s
+    from adaptlab.plan.estimate import Arm, Shape, memory_breakdown, step_time_at
     from adaptlab.plan.measure import (
         attention_throughput,
         device_throughput,
@@ -145,16 +145,7 @@ def replan(path: Path, remeasure: bool = False) -> int:
         arm = Arm("full") if r["method"] == "full" else Arm(r["method"], 16, targets, r.get("dropout", 0.0))
         shape = Shape(r["batch"], r["seq_len"], 1, r["precision"], False, "cpu")
         mem = memory_breakdown(arch, arm, shape, runtime, r["planned_memory"]["data"])["peak"]
-        rate = r["throughput"]
-        step = step_time_s(
-            arch,
-            arm,
-            shape,
-            matmul_rate(rate, arm),
-            rate["mem_bytes_per_s"],
-            rate.get("attention_flops_per_s"),
-            rate.get("dropout_draws_per_s"),
-        )["step_s"]
+        step = step_time_at(arch, arm, shape, r["throughput"])["step_s"]
         r.update(
             planned_peak_mem_bytes=mem,
             mem_error=mem / r["measured_peak_mem_bytes"] - 1,

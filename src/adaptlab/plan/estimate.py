@@ -460,6 +460,19 @@ def step_time_s(
     }
 
 
+def step_time_at(arch: Arch, arm: Arm, shape: Shape, rate: dict[str, Any]) -> dict[str, float]:
+    """`step_time_s` at the rates of a device measurement (measure.device_throughput and the others)."""
+    return step_time_s(
+        arch,
+        arm,
+        shape,
+        matmul_rate(rate, arm),
+        rate["mem_bytes_per_s"],
+        rate.get("attention_flops_per_s"),
+        rate.get("dropout_draws_per_s"),
+    )
+
+
 def artifact_bytes(arch: Arch, arm: Arm, tokenizer_bytes: int = 0) -> int:
     """Size on disk of what training writes: the HF model (full) or the PEFT adapter (LoRA family)."""
     if arm.method == "full":

@@ -28,9 +28,8 @@ from adaptlab.plan.estimate import (
     Shape,
     artifact_bytes,
     dpo_reference,
-    matmul_rate,
     memory_breakdown,
-    step_time_s,
+    step_time_at,
     trainable_params,
 )
 from adaptlab.plan.measure import (
@@ -139,16 +138,7 @@ def _method_entry(
     n_train = trainable_params(arch, arm)
     kl = task == "grpo" and kl_beta > 0.0
     mem = memory_breakdown(arch, arm, shape, cost["runtime"], cost["data_bytes"], reference_model=kl)
-    rate = cost["rate"]
-    timing = step_time_s(
-        arch,
-        arm,
-        shape,
-        matmul_rate(rate, arm),
-        rate["mem_bytes_per_s"],
-        rate.get("attention_flops_per_s"),
-        rate.get("dropout_draws_per_s"),
-    )
+    timing = step_time_at(arch, arm, shape, cost["rate"])
     reference = (
         dpo_reference(arm, timing) if task == "dpo" else grpo_plan.reference(arm, timing) if kl else None
     )
