@@ -137,6 +137,10 @@ def _print(result: dict[str, Any]) -> None:
     show_default=True,
     help="LoRA dropout train will use (its masks kept for backward).",
 )
+@click.option("--group-size", type=int, help="With --task grpo: completions sampled per prompt [default: 8].")
+@click.option(
+    "--max-new-tokens", type=int, help="With --task grpo: longest sampled completion [default: 32]."
+)
 @click.option(
     "--kl-beta",
     type=float,

@@ -1,8 +1,9 @@
 """What `adaptlab plan --task grpo` adds: a task's size in prompts, and the memory and time of sampling.
 
-A GRPO step samples GROUP_SIZE completions of each of its prompts (batch x grad_accum prompts) with a
-KV cache, then trains on those rows in micro-batches of `batch` completions. The sampling phase holds
-the KV cache of every row of the step (estimate.generation_memory_bytes) while no activations are
+A GRPO step samples `group_size` completions (train's --group-size, default 8) of up to
+`max_new_tokens` (default 32) of each of its prompts (batch x grad_accum prompts) in one batched decode
+with a KV cache, then trains on those rows in micro-batches of `batch` completions. The sampling phase
+holds the KV cache of every row of the step (estimate.generation_memory_bytes) while no activations are
 alive; its time is the prompt's forward pass plus one decode step per new token
 (estimate.generation_time_s). The training phase is an ordinary step over rows of prompt +
 completion tokens. With a KL penalty (kl_beta > 0) every step also scores its rows with the reference
@@ -12,9 +13,11 @@ disabled or, for full fine-tuning, over a frozen copy of the base that stays loa
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
+from adaptlab.config import ObjectiveSpec
+from adaptlab.errors import UserError
 from adaptlab.plan.arch import Arch
 from adaptlab.plan.datasize import DataSize
 from adaptlab.plan.estimate import (
@@ -25,12 +28,35 @@ from adaptlab.plan.estimate import (
     generation_time_s,
 )
 
-GROUP_SIZE = 8
-MAX_NEW_TOKENS = 32
 SAMPLE_PROMPTS = 512
 
 
-def task_data_size(source: str, tokenizer: Any) -> tuple[DataSize, int]:
+@dataclass(frozen=True)
+class Sampling:
+    """How a step samples: completions per prompt and their longest length (train's defaults)."""
+
+    group_size: int = ObjectiveSpec.model_fields["group_size"].default
+    max_new_tokens: int = ObjectiveSpec.model_fields["max_new_tokens"].default
+
+
+def sampling_from(group_size: int | None, max_new_tokens: int | None) -> Sampling:
+    """The sampling `adaptlab plan` was asked for (train's defaults where not given), checked as train
+    checks it."""
+    default = Sampling()
+    sampling = Sampling(
+        default.group_size if group_size is None else group_size,
+        default.max_new_tokens if max_new_tokens is None else max_new_tokens,
+    )
+    if sampling.group_size < 2:
+        raise UserError(
+            f"--group-size must be at least 2 (got {sampling.group_size}): GRPO compares completions"
+        )
+    if sampling.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be positive (got {sampling.max_new_tokens})")
+    return sampling
+
+
+def task_data_size(source: str, tokenizer: Any, sampling: Sampling) -> tuple[DataSize, int]:
     """(the task's size, the longest prompt in tokens); prompt lengths from up to SAMPLE_PROMPTS items."""
     from adaptlab.data.tasks import load_task, render_prompt_ids, split_items
 
@@ -39,7 +65,7 @@ def task_data_size(source: str, tokenizer: Any) -> tuple[DataSize, int]:
     step = max(1, len(items) // SAMPLE_PROMPTS)
     lengths = [len(render_prompt_ids(it.prompt, tokenizer)) for it in items[::step]]
     mean = sum(lengths) / len(lengths)
-    per_row = round(mean) + MAX_NEW_TOKENS
+    per_row = round(mean) + sampling.max_new_tokens
     size = DataSize(
         documents=len(items),
         tokens=round(mean * len(items)),
@@ -49,17 +75,17 @@ def task_data_size(source: str, tokenizer: Any) -> tuple[DataSize, int]:
         characters=sum(len(it.prompt) for it in items),
         kind="task",
         train_documents=len(train),
-        tokens_per_epoch=len(train) * GROUP_SIZE * per_row,
-        examples_per_epoch=len(train) * GROUP_SIZE,
+        tokens_per_epoch=len(train) * sampling.group_size * per_row,
+        examples_per_epoch=len(train) * sampling.group_size,
     )
     return size, max(lengths)
 
 
-def train_shape(shape: Shape, prompt_len: int) -> Shape:
+def train_shape(shape: Shape, prompt_len: int, sampling: Sampling) -> Shape:
     """The training phase's shape: rows of prompt + completion, every completion of the step's prompts."""
     prompts = shape.batch * shape.grad_accum
-    accum = -(-prompts * GROUP_SIZE // shape.batch)
-    seq = min(shape.seq_len, prompt_len + MAX_NEW_TOKENS)
+    accum = -(-prompts * sampling.group_size // shape.batch)
+    seq = min(shape.seq_len, prompt_len + sampling.max_new_tokens)
     return replace(shape, seq_len=seq, grad_accum=accum)
 
 
@@ -75,11 +101,18 @@ def reference(arm: Arm, timing: dict[str, float]) -> dict[str, object]:
 
 
 def add_sampling(
-    entry: dict[str, Any], arch: Arch, shape: Shape, prompt_len: int, rate: dict[str, float]
+    entry: dict[str, Any],
+    arch: Arch,
+    prompts: int,
+    prompt_len: int,
+    sampling: Sampling,
+    precision: str,
+    rate: dict[str, float],
 ) -> None:
-    """Add the sampling phase's memory and time to one method's estimate (in place)."""
-    rows = shape.batch * shape.grad_accum * GROUP_SIZE
-    gen_mem = generation_memory_bytes(arch, rows, prompt_len + MAX_NEW_TOKENS, shape.precision)
+    """Add the sampling phase of a step over `prompts` prompts to one method's estimate (in place): all
+    their completions are decoded together, group_size rows a prompt."""
+    rows = prompts * sampling.group_size
+    gen_mem = generation_memory_bytes(arch, rows, prompt_len + sampling.max_new_tokens, precision)
     mem = entry["memory"]
     mem["generation"] = gen_mem
     sampling_peak = mem["peak"] - mem["activations"] - mem["logits"] + gen_mem
@@ -88,10 +121,10 @@ def add_sampling(
         arch,
         rows,
         prompt_len,
-        MAX_NEW_TOKENS,
+        sampling.max_new_tokens,
         rate.get("forward_flops_per_s", rate["matmul_flops_per_s"]),
         rate["mem_bytes_per_s"],
-        shape.precision,
+        precision,
     )
     entry["time_breakdown_s"]["generation_s"] = gen_s
     entry["time_per_epoch_s"] *= (entry["step_s"] + gen_s) / entry["step_s"]

@@ -85,11 +85,14 @@ def _check_args(
     epochs: float,
     kl_beta: float = 0.0,
     dropout: float = 0.0,
+    grpo_flags: bool = False,
 ) -> None:
     if task is not None and task not in TASKS:
         raise UserError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
     if kl_beta < 0 or (kl_beta > 0 and task != "grpo"):
         raise UserError(f"--kl-beta {kl_beta:g}: GRPO's KL penalty, a number >= 0 with --task grpo")
+    if grpo_flags and task != "grpo":
+        raise UserError("--group-size and --max-new-tokens plan GRPO's sampling: add --task grpo")
     if not 0.0 <= dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1) (got {dropout:g})")
     for flag, value in (("--seq-len", seq_len), ("--batch", batch), ("--grad-accum", grad_accum)):
@@ -212,7 +215,7 @@ def _architecture(arch: Arch) -> dict[str, Any]:
     }
 
 
-def _notes(task: str, kl_beta: float = 0.0) -> list[str]:
+def _notes(task: str, kl_beta: float = 0.0, sampling: grpo_plan.Sampling | None = None) -> list[str]:
     notes = [
         "time per epoch is an estimate: training FLOPs and memory traffic over a micro-benchmark of this device",
         "QLoRA is estimated from its definition (NF4 weights, 0.5 byte + ~0.127 bit of constants per Linear "
@@ -220,9 +223,11 @@ def _notes(task: str, kl_beta: float = 0.0) -> list[str]:
         "DoRA/QLoRA estimates are not yet checked against runs; full and LoRA are (bench/plan_accuracy.py)",
     ]
     if task == "grpo":
+        sampling = sampling or grpo_plan.Sampling()
         notes.append(
-            "grpo: each step samples 8 completions of up to 32 tokens per prompt with a KV cache (memory: "
-            "memory.generation; time: time_breakdown_s.generation_s), then trains on them"
+            f"grpo: each step samples {sampling.group_size} completions of up to {sampling.max_new_tokens} "
+            "tokens per prompt, all its prompts' in one batch with a KV cache (memory: memory.generation; "
+            "time: time_breakdown_s.generation_s), then trains on them"
         )
         notes.append(
             f"grpo: kl_beta {kl_beta:g}: the reference scores each step's completions (a forward pass; full "
@@ -260,6 +265,8 @@ def plan(
     compare_root: str | None = None,
     kl_beta: float = 0.0,
     dropout: float = 0.0,
+    group_size: int | None = None,
+    max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Estimates for full, LoRA (each rank), DoRA and QLoRA, and a recommendation (see the module docstring).
 
@@ -268,12 +275,15 @@ def plan(
     compare_root: a folder of comparisons (OUT dirs); those of the same base are quoted as measurements.
     kl_beta: GRPO's KL penalty (`train --kl-beta`); above 0 each step adds the reference's forward pass
     and full fine-tuning a frozen copy of the base. dropout: the LoRA family's (`train --dropout`).
+    group_size, max_new_tokens: GRPO's sampling (`train --group-size`, `--max-new-tokens`; default 8, 32).
     """
     from adaptlab.hardware import choose_precision, pick_device
     from adaptlab.models import load_tokenizer
 
     sources = [data] if isinstance(data, str) else list(data)
-    _check_args(task, seq_len, batch, grad_accum, ranks, epochs, kl_beta, dropout)
+    grpo_flags = group_size is not None or max_new_tokens is not None
+    _check_args(task, seq_len, batch, grad_accum, ranks, epochs, kl_beta, dropout, grpo_flags)
+    sampling = grpo_plan.sampling_from(group_size, max_new_tokens)
     mem_limit = parse_memory(memory) if isinstance(memory, str) else memory
     dev = pick_device(device)
     prec = choose_precision(precision, dev)
@@ -284,7 +294,7 @@ def plan(
     if task == "grpo":  # a task of prompts (arithmetic or prompt/answer JSONL), sampled then trained on
         if len(sources) != 1:
             raise UserError("--task grpo takes one --data: arithmetic or a JSONL of prompt/answer rows")
-        size, prompt_len = grpo_plan.task_data_size(sources[0], load_tokenizer(model))
+        size, prompt_len = grpo_plan.task_data_size(sources[0], load_tokenizer(model), sampling)
     else:
         size = measure_data(
             sources, load_tokenizer(model), seq_len, task=task or "cpt", text_field=text_field
@@ -329,14 +339,14 @@ def plan(
     steps_per_epoch = max(1, -(-size.tokens_per_epoch // (batch * grad_accum * seq_len * rows)))
     if task == "grpo":
         steps_per_epoch = max(1, -(-size.train_documents // (batch * grad_accum)))
-        shape = grpo_plan.train_shape(shape, prompt_len)
+        shape = grpo_plan.train_shape(shape, prompt_len, sampling)
     methods = {
         key: _method_entry(arch, arm, shape, task, cost, mem_limit, size, steps_per_epoch, kl_beta)
         for key, arm in _arms(ranks, target_names, dropout).items()
     }
     if task == "grpo":
         for entry in methods.values():
-            grpo_plan.add_sampling(entry, arch, shape, prompt_len, rate)
+            grpo_plan.add_sampling(entry, arch, batch * grad_accum, prompt_len, sampling, prec, rate)
     limit_used = _device_limit(methods, dev, mem_limit)
     suggested = advice.suggest_rank(lambda r: arch.lora_params(r, list(target_names)), size.tokens_per_epoch)
     command = _compare_command(model, sources, min(budget, max(size.tokens_per_epoch, 1)))
@@ -381,7 +391,7 @@ def plan(
             command,
             advice.measured_comparisons(model, compare_root),
         ),
-        "notes": _notes(task, kl_beta),
+        "notes": _notes(task, kl_beta, sampling),
     }
 
 
