@@ -125,3 +125,35 @@ def test_rl_studies_run_end_to_end(tmp_path, kind) -> None:
     assert saved["arms"] == results["arms"] and (tmp_path / "study" / "report.md").read_text()
     if kind == "rl":
         assert set(results["rank1_vs_full"]) >= {"delta_pass1", "ci95", "matched"}
+
+
+def test_compare_rl_takes_its_task_from_data(run_cli, tmp_path: Path, monkeypatch) -> None:
+    """--data is the RL study's task (it used to be ignored for arithmetic); what a methods study would
+    take and an RL study would not use is refused in one line, exit 2."""
+    import adaptlab.compare.rl as rl
+
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"Say {i}.", "answer": str(i)}) + "\n" for i in range(6)))
+    seen: list[RLStudy] = []
+
+    def fake_run_study(study: RLStudy, out: str, on_event: object = None) -> dict:
+        seen.append(study)
+        Path(out, "report.md").write_text("report\n")
+        return {}
+
+    monkeypatch.setattr(rl, "run_study", fake_run_study)
+    code, out, err = run_cli(
+        "compare", "--study", "rl", "--model", "tiny-random", "--data", task, "--out", tmp_path / "s"
+    )
+    assert code == 0, err
+    assert seen[0].task == str(task) and seen[0].model == "tiny-random"
+    for args, match in (
+        (["--data", task, "--tokens", "100"], "--tokens"),
+        (["--data", task, "--general", "python-stdlib"], "--general"),
+        (["--data", task, "--data", "arithmetic"], "one --data"),
+    ):
+        code, _, err = run_cli(
+            "compare", "--study", "rl", "--model", "tiny-random", *args, "--out", tmp_path / "x"
+        )
+        assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()

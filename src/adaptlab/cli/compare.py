@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from adaptlab.cli.options import overwrite_option, push_to_hub_option, report_to_option
+from adaptlab.errors import UserError
 
 
 def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
@@ -224,6 +225,7 @@ def compare_command(
     check_targets(targets)
     check_push(push_to_hub)
     if flags["study"] in ("rl", "sft-vs-rl"):
+        _check_rl_flags(flags, config_path, force, executor, parallel_runs)
         _rl_study(flags, out, overwrite)
         _publish(out, targets, push_to_hub)
         return
@@ -243,6 +245,30 @@ def compare_command(
     _finish(results, out)
 
 
+RL_FLAGS = ("model", "data", "batch", "seq_len", "lr", "study")
+"""What an RL study takes from the command line; its other settings are compare/rl.py's RLStudy."""
+
+
+def _check_rl_flags(
+    flags: dict[str, Any], config_path: str | None, force: tuple[str, ...], executor: str, parallel_runs: int
+) -> None:
+    """An RL study refuses, in one line, what it would otherwise ignore (a methods study's settings)."""
+    ignored = [
+        f"--{k.replace('_', '-')}"
+        for k, v in flags.items()
+        if k not in RL_FLAGS and v not in (None, (), False)
+    ]
+    ignored += ["--config"] * bool(config_path) + ["--force"] * bool(force)
+    ignored += ["--executor"] * (executor != "local") + ["--parallel-runs"] * (parallel_runs != 1)
+    if ignored:
+        raise UserError(
+            f"--study {flags['study']} does not take {', '.join(ignored)}: it takes --model, --data (one task: "
+            "arithmetic or a prompt/answer JSONL), --batch, --seq-len and --lr"
+        )
+    if len(flags["data"]) > 1:
+        raise UserError(f"--study {flags['study']} takes one --data (its task), got {len(flags['data'])}")
+
+
 def _rl_study(flags: dict[str, Any], out: str, overwrite: bool) -> None:
     """An RL study (compare/rl.py): its own arms, GRPO settings and report."""
     from adaptlab.compare.rl import RLStudy, run_study
@@ -251,6 +277,7 @@ def _rl_study(flags: dict[str, Any], out: str, overwrite: bool) -> None:
 
     given = {
         "model": flags["model"],
+        "task": flags["data"][0] if flags["data"] else None,
         "batch": flags["batch"],
         "seq_len": flags["seq_len"],
         "full_lr": flags["lr"],
