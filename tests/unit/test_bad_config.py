@@ -241,3 +241,23 @@ def test_a_config_that_is_not_a_mapping_of_text_is_refused(tmp_path, text, expec
 
 def test_an_empty_config_file_is_an_empty_mapping(tmp_path) -> None:
     assert load_config(_yaml(tmp_path, "")) == {}
+
+
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (["--group-size", "4"], "--group-size"),
+        (["--kl-beta", "0.1"], "--kl-beta"),
+        (["--beta", "0.2"], "--beta"),
+        (["--dpo-loss", "ipo"], "--dpo-loss"),
+        (["--method", "full", "--rank", "8"], "--rank"),
+        (["--method", "full", "--targets", "attention"], "--targets"),
+    ],
+)
+def test_a_flag_the_run_would_not_use_is_one_line_exit_2(run_cli, tmp_path, args, flag):
+    """A task's or the LoRA family's flag on a run of another task or method is refused, not ignored."""
+    code, _, err = run_cli(
+        "train", "--model", "tiny-random", "--data", "python-stdlib", *args, "--out", tmp_path / "r"
+    )
+    assert code == 2 and f"{flag} applies to" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()

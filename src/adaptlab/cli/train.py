@@ -252,8 +252,33 @@ def _new_run_config(config_path: str | None, flags: dict[str, Any]) -> Any:
     config = build_config(merge(load_config(config_path) if config_path else {}, _overrides(**flags)))
     if config.out is None:
         raise UserError("no run directory: pass --out RUN (or `out:` in the config)")
+    _check_flags_apply(config, flags)
     check_names(config.model.name, config.data.train)
     return config
+
+
+APPLIES_TO = {
+    **dict.fromkeys(set(FLAG_FIELDS["objective"].values()) - {"task", "beta", "dpo_loss"}, ("task", "grpo")),
+    "beta": ("task", "dpo"),
+    "dpo_loss": ("task", "dpo"),
+    **dict.fromkeys(("rank", "alpha", "dropout", "rslora", "targets"), ("method", "the LoRA family")),
+}
+"""Flags that only one task or the LoRA family uses: given elsewhere they are refused, not ignored."""
+
+
+def _check_flags_apply(config: Any, flags: dict[str, Any]) -> None:
+    from adaptlab.config import is_lora
+    from adaptlab.errors import UserError
+
+    task, lora = config.objective.task, is_lora(config.method.method)
+    for flag, (kind, scope) in APPLIES_TO.items():
+        if flags.get(flag) in (None, ()):
+            continue
+        if (kind == "task" and task != scope) or (kind == "method" and not lora):
+            name = "--" + flag.replace("_", "-")
+            where = f"--task {scope}" if kind == "task" else f"{scope} (--method lora, dora or qlora)"
+            now = f"--task {task}" if kind == "task" else f"--method {config.method.method}"
+            raise UserError(f"{name} applies to {where}; this run is {now}: drop {name}")
 
 
 def _launch(ctx: click.Context, nproc: int, parallel: str | None, config: Any, resume: str | None) -> None:
