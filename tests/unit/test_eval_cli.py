@@ -155,3 +155,19 @@ def test_eval_and_compare_give_the_same_target_nll_for_a_qlora_run(run_cli, tmp_
     assert evaluated["tokens"] == compared["tokens"] > 0
     assert evaluated["nll"] == pytest.approx(compared["nll"], abs=1e-6)
     assert evaluated["base"]["nll"] == pytest.approx(compared["base"]["nll"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "args,parent",
+    [
+        (["--task-k", "2"], "--task"),
+        (["--task-reward", "exact"], "--task"),
+        (["--harness-limit", "3"], "--harness"),
+        (["--drift-tokens", "8"], "--drift"),
+    ],
+)
+def test_a_flag_without_the_evaluation_it_shapes_is_one_line(run_cli, args, parent) -> None:
+    code, _, err = run_cli(
+        "eval", "--model", "tiny-random", "--data", "python-stdlib", "--max-docs", "1", *args
+    )
+    assert code == 2 and f"{args[0]} applies to {parent}" in err and len(err.strip().splitlines()) == 1, err

@@ -242,6 +242,7 @@ def eval_command(
         raise UserError(
             "Can't provide both --adapter and --tuned. Choose one (both accept any tuned artifact)."
         )
+    _check_dependent_flags(click.get_current_context())
     tasks = [t.strip() for t in harness_tasks.split(",") if t.strip()] if harness_tasks else []
     if not (data or general or drift_data is not None or mc or tasks or task_source):
         raise UserError("nothing to evaluate: pass --data, --general, --drift, --mc, --harness or --task")
@@ -362,3 +363,24 @@ def _models(spec: str, ref: Any) -> tuple[Any, Any, dict[str, Any]]:
     if ref.kind == "adapter":  # the 4-bit base differs from `spec`: name both in the cache key
         kwargs["model_identity"] = kwargs["base_identity"] + "|qlora=" + kwargs["model_identity"]
     return tuned.model, tuned.tokenizer, kwargs
+
+
+DEPENDS_ON = {
+    "task_reward": ("--task-reward", "task_source", "--task"),
+    "task_k": ("--task-k", "task_source", "--task"),
+    "harness_include": ("--harness-include", "harness_tasks", "--harness"),
+    "harness_limit": ("--harness-limit", "harness_tasks", "--harness"),
+    "drift_tokens": ("--drift-tokens", "drift_data", "--drift"),
+}
+"""Flags that only shape another flag's evaluation: given without it they are refused, not ignored."""
+
+
+def _check_dependent_flags(ctx: click.Context) -> None:
+    from click.core import ParameterSource
+
+    from adaptlab.errors import UserError
+
+    for name, (flag, parent, parent_flag) in DEPENDS_ON.items():
+        given = ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+        if given and ctx.params.get(parent) in (None, ()):
+            raise UserError(f"{flag} applies to {parent_flag}: add {parent_flag} or drop {flag}")
