@@ -65,7 +65,8 @@ def test_unknown_force_arm_lists_the_arms(run_cli, tmp_path) -> None:
 
 @pytest.mark.parametrize("study", STUDIES)
 def test_every_study_builds_runs(study: str) -> None:
-    spec = build_spec({**BASE, "study": study, "study_data": ["b.jsonl"]})  # regime, continual need it
+    second = ["b.jsonl"] if study in ("regime", "continual") else []  # their second data set
+    spec = build_spec({**BASE, "study": study, "study_data": second})
     arms = study_arms(study, spec.model, spec.tokens, spec.train.lr, spec.study_data)
     spec = spec.model_copy(update={"arms": arms})
     arms, _ = resolve_ranks(spec)
@@ -231,3 +232,9 @@ def test_demo_is_a_valid_comparison_at_its_swept_lrs() -> None:
     assert spec.train.default_lr("lora") == pytest.approx(1e-3)
     assert spec.train.default_lr("dora") == pytest.approx(1e-3)
     assert spec.drift and not spec.eval.target_kl
+
+
+@pytest.mark.parametrize("extra", [{"study": "methods"}, {"arms": [{"name": "full", "method": "full"}]}])
+def test_study_data_a_comparison_would_not_use_is_refused(extra) -> None:
+    with pytest.raises(UserError, match="would not use it"):
+        build_spec({**BASE, **extra, "study_data": ["b.jsonl"]})

@@ -232,6 +232,11 @@ class CompareSpec(_Spec):
                 _check_init_from(arm, {a.name: a for a in self.arms})
         if self.study in ("regime", "continual") and not self.arms and not self.study_data:
             raise ValueError(f"study {self.study} needs study_data (--study-data): see compare/arms.py")
+        if self.study_data and (self.study not in ("regime", "continual") or self.arms):
+            raise ValueError(
+                "study_data (--study-data) is the second data set of the regime and continual studies, "
+                "which build their own arms; this comparison would not use it"
+            )
         if not self.arms and self.study is None:
             raise ValueError("give a list of arms or a study")
         if not (self.general or self.drift or self.mc):
