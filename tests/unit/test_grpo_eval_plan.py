@@ -157,3 +157,35 @@ def test_compare_rl_takes_its_task_from_data(run_cli, tmp_path: Path, monkeypatc
         )
         assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_killed_rl_study_reuses_finished_arms_and_resumes_the_rest(tmp_path, monkeypatch) -> None:
+    """Run again, a study trains nothing it finished with the same config; an arm without its summary
+    (killed before the end) resumes; the results are the same."""
+    import adaptlab.train as train_module
+    from adaptlab.compare.rl import run_study
+
+    study = RLStudy(
+        model="tiny-random",
+        steps=2,
+        prompts_per_step=2,
+        group_size=2,
+        max_new_tokens=4,
+        eval_prompts=4,
+        drift_tokens=4,
+        ranks=(1,),
+    )
+    first = run_study(study, tmp_path / "s", on_event=lambda msg: None)
+    trained: list[str] = []
+    real_train = train_module.train
+
+    def recording_train(config, *args, **kwargs):  # resume_run trains through it too
+        trained.append(f"{Path(config.out).name}{' (resumed)' if kwargs.get('resume') else ''}")
+        return real_train(config, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", recording_train)
+    (tmp_path / "s" / "runs" / "full" / "summary.json").unlink()  # as if killed before the end
+    again = run_study(study, tmp_path / "s", on_event=lambda msg: None)
+    assert trained == ["full (resumed)"]
+    assert [r["pass1"] for r in again["arms"]] == [r["pass1"] for r in first["arms"]]
+    assert again["rank1_vs_full"] == first["rank1_vs_full"]

@@ -14,7 +14,10 @@ fixed at 32 so the update scale is alpha/r, the parametrisation under which Schu
 The verdict "rank 1 matched full" holds when the paired 95% interval of their pass@1 difference
 contains 0 or lies above it.
 
-    adaptlab compare --study rl --model smollm2-135m --steps 12 --out runs/rl
+A killed study picks up where it stopped: an arm whose run directory holds a finished run with the
+same config is reused, an unfinished one resumes from its newest checkpoint.
+
+    adaptlab compare --study rl --model smollm2-135m --data arithmetic --out runs/rl
     python bench/rl_study.py            # the same study, small enough for a 2-core CPU
 """
 
@@ -209,11 +212,29 @@ def rank1_vs_full(scores: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def train_or_reuse(config: Any, on_event: Any = print) -> dict[str, Any]:
+    """An arm's training summary: its finished run reused when the run directory holds one with this
+    config, an unfinished one resumed, anything else (another config, no run) trained afresh."""
+    import yaml
+
+    from adaptlab.rundir import RunDir
+    from adaptlab.train import resume_run, train
+
+    rd = RunDir(config.out)
+    same = rd.config.exists() and yaml.safe_load(rd.config.read_text()) == yaml.safe_load(config.to_yaml())
+    if same and rd.is_finished():
+        on_event(f"{Path(config.out).name}: finished earlier with the same config, reused")
+        return rd.read_summary()
+    if same:
+        on_event(f"{Path(config.out).name}: resuming")
+        return resume_run(config.out)
+    return train(config, overwrite=True)
+
+
 def run_study(study: RLStudy, out: str | Path, on_event: Any = print) -> dict[str, Any]:
     """Train every arm, evaluate it and the base, write OUT/results.json and OUT/report.md; return the results."""
     from adaptlab.config import build_config
     from adaptlab.evaluate.task import task_items
-    from adaptlab.train import train
 
     root = Path(out)
     (root / "runs").mkdir(parents=True, exist_ok=True)
@@ -226,7 +247,7 @@ def run_study(study: RLStudy, out: str | Path, on_event: Any = print) -> dict[st
     for arm in arms:
         run_dir = root / "runs" / arm.name
         on_event(f"train {arm.name} ({arm.task}, {arm.method}, lr {arm.lr:g})")
-        summary = train(build_config(run_config(study, arm, run_dir, sft_data)), overwrite=True)
+        summary = train_or_reuse(build_config(run_config(study, arm, run_dir, sft_data)), on_event)
         on_event(f"evaluate {arm.name}")
         scores[arm.name], drift = evaluate_arm(study, run_dir, items)
         rows.append(arm_row(arm, scores[arm.name], base, drift or {}, summary))
