@@ -265,3 +265,17 @@ def test_cli_artifacts_for_another_base(run_cli: Any, tmp_path: Path) -> None:
     assert "does not fit base" in _one_error_line(code, err)
     code, _, err = run_cli("analyze", "--tuned", tmp_path / "other")  # a bare model records no base
     assert "--base" in _one_error_line(code, err)
+
+
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (["--rank-mode", "keep"], "--rank-mode"),
+        (["--lambdas", "0,1"], "--lambdas"),
+        (["--mitigate", "0.5", "--eval-docs", "4"], "--eval-docs"),
+        (["--mitigate", "0.5", "--general", "python-stdlib"], "--general"),
+    ],
+)
+def test_a_mitigation_flag_without_its_mitigation_is_one_line(run_cli, tmp_path, args, flag):
+    code, _, err = run_cli("analyze", "--tuned", tmp_path / "any", *args)
+    assert code == 2 and f"{flag} applies to --mitigate" in err and len(err.strip().splitlines()) == 1, err

@@ -207,6 +207,7 @@ def analyze_command(
     """Per-layer weight updates: norms, effective rank, stable rank, intruder dimensions (and mitigation)."""
     from adaptlab.analysis import analyze
 
+    _check_mitigation_flags(click.get_current_context(), mitigate_value)
     if mitigate_value is not None:
         _mitigate(tuned, base, _parse_mitigate(mitigate_value), out, overwrite, k=k, eps=eps, **kw)
         return
@@ -219,3 +220,26 @@ def analyze_command(
         click.echo(json.dumps(result, indent=1))
     else:
         _print_summary(result, out_dir)
+
+
+SWEEP_ONLY = ("lambdas", "data", "general", "eval_docs")
+"""Flags of `--mitigate sweep` alone; `--rank-mode` applies to any `--mitigate`."""
+
+
+def _check_mitigation_flags(ctx: click.Context, mitigate_value: str | None) -> None:
+    """A mitigation flag without the mitigation it shapes is refused in one line, not ignored."""
+    from click.core import ParameterSource
+
+    from adaptlab.errors import UserError
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+    if mitigate_value is None and given("rank_mode"):
+        raise UserError(
+            "--rank-mode applies to --mitigate: add --mitigate LAMBDA (or sweep) or drop --rank-mode"
+        )
+    for name in SWEEP_ONLY:
+        if given(name) and mitigate_value != "sweep":
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} applies to --mitigate sweep: add it or drop {flag}")

@@ -275,7 +275,7 @@ def _check_flags_apply(config: Any, flags: dict[str, Any]) -> None:
         if flags.get(flag) in (None, ()):
             continue
         if (kind == "task" and task != scope) or (kind == "method" and not lora):
-            name = "--" + flag.replace("_", "-")
+            name = "--" + ("no-" if flags[flag] is False else "") + flag.replace("_", "-")
             where = f"--task {scope}" if kind == "task" else f"{scope} (--method lora, dora or qlora)"
             now = f"--task {task}" if kind == "task" else f"--method {config.method.method}"
             raise UserError(f"{name} applies to {where}; this run is {now}: drop {name}")
