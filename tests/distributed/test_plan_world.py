@@ -44,3 +44,12 @@ def test_plan_cli_bad_world_flags(run_cli):
     assert code == 2 and err.count("\n") == 1 and "--gpus 3 does not divide" in err
     code, _, err = run_cli(*base, "--parallel", "fsdp")
     assert code == 2 and "--parallel needs --gpus N" in err
+
+
+def test_a_preference_pair_is_two_rows_per_device():
+    """dpo: every device runs chosen and rejected rows, so activations double; grpo says what is left out."""
+    sft = plan_world("tiny-random", 2, 80 * 2**30, batch=4)["methods"]["lora"]["ddp"]["memory"]
+    dpo = plan_world("tiny-random", 2, 80 * 2**30, batch=4, task="dpo")["methods"]["lora"]["ddp"]["memory"]
+    assert dpo["activations"] == 2 * sft["activations"] and dpo["weights"] == sft["weights"]
+    notes = plan_world("tiny-random", 2, 80 * 2**30, batch=4, task="grpo")["notes"]
+    assert any("sampling" in n for n in notes)

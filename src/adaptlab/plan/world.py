@@ -64,13 +64,13 @@ def fsdp_bytes(arch: Arch, arm: Arm, shape: Shape, runtime: int, world_size: int
     return {**mem, **sharded, "gathered": gathered, "peak": peak}
 
 
-def _arms(arch: Arch, rank: int, targets: str | list[str]) -> dict[str, Arm]:
+def _arms(arch: Arch, rank: int, targets: str | list[str], dropout: float = 0.0) -> dict[str, Arm]:
     names = tuple(targets_for(arch, targets))
     return {
         "full": Arm("full"),
-        "lora": Arm("lora", rank, names),
-        "dora": Arm("dora", rank, names),
-        "qlora": Arm("qlora", rank, names),
+        "lora": Arm("lora", rank, names, dropout),
+        "dora": Arm("dora", rank, names, dropout),
+        "qlora": Arm("qlora", rank, names, dropout),
     }
 
 
@@ -94,18 +94,25 @@ def plan_world(
     targets: str | list[str] = "all-linear",
     precision: str = "bf16",
     grad_checkpointing: bool = False,
+    task: str | None = None,
+    dropout: float = 0.0,
 ) -> dict[str, Any]:
-    """Per-device peak memory of every method at `gpus` devices, whether it fits, and the strategy to use."""
+    """Per-device peak memory of every method at `gpus` devices, whether it fits, and the strategy to use.
+
+    task dpo: a preference pair is two rows; grpo: the figures are a training step's of `batch` rows
+    of `seq_len` tokens (sampling and the KL reference are in the single-device plan, not here)."""
     if gpus < 1:
         raise UserError(f"--gpus must be at least 1 (got {gpus})")
     if parallel is not None and parallel not in STRATEGIES:
         raise UserError(f"--parallel {parallel!r}: choose ddp or fsdp")
     arch = load_arch(model)
     micro = device_micro_batch(batch, grad_accum, gpus)
-    shape = Shape(micro, seq_len, 1, precision, grad_checkpointing, "cuda")
+    shape = Shape(
+        micro, seq_len, 1, precision, grad_checkpointing, "cuda", rows_per_example=2 if task == "dpo" else 1
+    )
     wanted = [parallel] if parallel else list(STRATEGIES)
     methods: dict[str, Any] = {}
-    for key, arm in _arms(arch, rank, targets).items():
+    for key, arm in _arms(arch, rank, targets, dropout).items():
         entry: dict[str, Any] = {"method": arm.method, "rank": arm.rank or None}
         fits: dict[str, bool | None] = {}
         for strategy in wanted:
@@ -132,6 +139,13 @@ def plan_world(
         "notes": [
             "per-device estimates for GPUs (bf16 autocast, CUDA context); not yet checked against multi-GPU runs",
             "auto (`adaptlab train --parallel auto`) uses DDP when it fits one device, FSDP2 otherwise",
+            *(
+                [
+                    "grpo: a training step's memory only; sampling's KV cache and the KL reference are not in it"
+                ]
+                if task == "grpo"
+                else []
+            ),
         ],
     }
 
@@ -177,4 +191,6 @@ def world_args_from(
         "targets": flags.get("targets") or "all-linear",
         "precision": "fp32" if precision == "fp32" else "bf16",
         "grad_checkpointing": bool(flags.get("grad_checkpointing")),
+        "task": flags.get("task"),
+        "dropout": flags.get("dropout") or 0.0,
     }
