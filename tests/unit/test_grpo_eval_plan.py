@@ -128,8 +128,8 @@ def test_rl_studies_run_end_to_end(tmp_path, kind) -> None:
 
 
 def test_compare_rl_takes_its_task_from_data(run_cli, tmp_path: Path, monkeypatch) -> None:
-    """--data is the RL study's task (it used to be ignored for arithmetic); what a methods study would
-    take and an RL study would not use is refused in one line, exit 2."""
+    """--data is the RL study's task; what a methods study would take and an RL study would not use is
+    refused in one line, exit 2."""
     import adaptlab.compare.rl as rl
 
     task = tmp_path / "t.jsonl"
