@@ -99,15 +99,12 @@ def test_rl_study_arms_share_everything_but_method_and_lr(tmp_path: Path) -> Non
     assert cfg.objective.task == "sft" and cfg.train.batch == study.prompts_per_step
 
 
-@pytest.mark.parametrize("kind", ["rl", "sft-vs-rl"])
-def test_rl_studies_run_end_to_end(tmp_path, kind) -> None:
-    """Every arm trains and is scored next to the base; results.json and report.md are written."""
-    from adaptlab.compare.rl import run_study
-
-    study = RLStudy(
+def tiny_rl_study(kind: str, steps: int) -> RLStudy:
+    """An RL study of tiny-random at the smallest size that exercises every step: LoRA r1 and full."""
+    return RLStudy(
         study=kind,
         model="tiny-random",
-        steps=1,
+        steps=steps,
         prompts_per_step=2,
         group_size=2,
         max_new_tokens=4,
@@ -115,6 +112,14 @@ def test_rl_studies_run_end_to_end(tmp_path, kind) -> None:
         drift_tokens=4,
         ranks=(1,),
     )
+
+
+@pytest.mark.parametrize("kind", ["rl", "sft-vs-rl"])
+def test_rl_studies_run_end_to_end(tmp_path, kind) -> None:
+    """Every arm trains and is scored next to the base; results.json and report.md are written."""
+    from adaptlab.compare.rl import run_study
+
+    study = tiny_rl_study(kind, steps=1)
     results = run_study(study, tmp_path / "study", on_event=lambda msg: None)
     assert [r["arm"] for r in results["arms"]] == [a.name for a in study.arms()]
     for row in results["arms"]:
@@ -165,16 +170,7 @@ def test_a_killed_rl_study_reuses_finished_arms_and_resumes_the_rest(tmp_path, m
     import adaptlab.train as train_module
     from adaptlab.compare.rl import run_study
 
-    study = RLStudy(
-        model="tiny-random",
-        steps=2,
-        prompts_per_step=2,
-        group_size=2,
-        max_new_tokens=4,
-        eval_prompts=4,
-        drift_tokens=4,
-        ranks=(1,),
-    )
+    study = tiny_rl_study("rl", steps=2)
     first = run_study(study, tmp_path / "s", on_event=lambda msg: None)
     trained: list[str] = []
     real_train = train_module.train
