@@ -56,6 +56,12 @@ class RunDir:
     def is_finished(self) -> bool:
         return self.summary.exists()
 
+    def holds_config(self, config_yaml: str) -> bool:
+        """Whether this run was started with the config `config_yaml` (as RunConfig.to_yaml writes it)."""
+        import yaml
+
+        return self.config.exists() and yaml.safe_load(self.config.read_text()) == yaml.safe_load(config_yaml)
+
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics.open("a") as fh:
             fh.write(json.dumps(row) + "\n")

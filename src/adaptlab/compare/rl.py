@@ -215,13 +215,11 @@ def rank1_vs_full(scores: dict[str, Any]) -> dict[str, Any] | None:
 def train_or_reuse(config: Any, on_event: Any = print) -> dict[str, Any]:
     """An arm's training summary: its finished run reused when the run directory holds one with this
     config, an unfinished one resumed, anything else (another config, no run) trained afresh."""
-    import yaml
-
     from adaptlab.rundir import RunDir
     from adaptlab.train import resume_run, train
 
     rd = RunDir(config.out)
-    same = rd.config.exists() and yaml.safe_load(rd.config.read_text()) == yaml.safe_load(config.to_yaml())
+    same = rd.holds_config(config.to_yaml())
     if same and rd.is_finished():
         on_event(f"{Path(config.out).name}: finished earlier with the same config, reused")
         return rd.read_summary()

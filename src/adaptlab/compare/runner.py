@@ -230,7 +230,7 @@ def train_run(
     text = config.to_yaml()
     rd = RunDir(run_dir)
     base_event = {"run": plan.run, "arm": plan.arm, "index": index, "total": total}
-    stale = rd.config.exists() and yaml.safe_load(rd.config.read_text()) != yaml.safe_load(text)
+    stale = rd.config.exists() and not rd.holds_config(text)
     if force or stale or (not rd.config.exists() and _has_outputs(run_dir)):
         reason = "forced" if force else ("its config changed" if stale else "it holds an incomplete run")
         on_event({"event": "retrain", "reason": reason, **base_event})
