@@ -424,6 +424,7 @@ def step_time_s(
             traffic += shape.grad_accum * 6 * (arch.linear_params - held_block)
     if arm.method == "qlora":  # dequantize every 4-bit weight to the matmul dtype, forward and backward
         traffic += 2 * shape.grad_accum * arch.linear_params * (NF4_BYTES_PER_PARAM + shape.act_bytes)
+    draws = 0.0
     if arm.is_lora:
         widths = [(i, o) for p, (i, o) in arch.linear_shapes.items() if p.rsplit(".", 1)[-1] in arm.targets]
         fused = not arm.peft_forward  # adaptlab.fused_lora
@@ -431,6 +432,10 @@ def step_time_s(
         in_passes = FUSED_LORA_IN_PASSES if fused else LORA_IN_PASSES
         per_token = sum(out_passes * o + in_passes * i for i, o in widths)
         traffic += shape.act_bytes * tokens * per_token
+        if arm.dropout > 0:  # one mask element per token and input feature of every target
+            elements = tokens * sum(i for i, _ in widths)
+            traffic += elements * (FUSED_LORA_DROPOUT_BYTES if fused else PEFT_DROPOUT_BYTES)
+            draws = elements / (dropout_draws_per_s or NOMINAL_DROPOUT_DRAWS_PER_S)
     if arm.method == "dora":  # W + BA and its column norms, per target and micro-batch
         traffic += (
             shape.grad_accum
@@ -438,13 +443,6 @@ def step_time_s(
             * FP32
             * sum(i * o for p, (i, o) in arch.linear_shapes.items() if p.rsplit(".", 1)[-1] in arm.targets)
         )
-    draws = 0.0
-    if arm.is_lora and arm.dropout > 0:  # one mask element per token and input feature of every target
-        elements = tokens * sum(
-            i for p, (i, o) in arch.linear_shapes.items() if p.rsplit(".", 1)[-1] in arm.targets
-        )
-        traffic += elements * (PEFT_DROPOUT_BYTES if arm.peft_forward else FUSED_LORA_DROPOUT_BYTES)
-        draws = elements / (dropout_draws_per_s or NOMINAL_DROPOUT_DRAWS_PER_S)
     elementwise = traffic / mem_bytes_per_s
     # AdamW + clipping: read param, grad, two moments; write param and moments
     optimizer = 28.0 * trainable_params(arch, arm) / mem_bytes_per_s

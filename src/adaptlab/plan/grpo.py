@@ -16,7 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from adaptlab.config import ObjectiveSpec
+from pydantic import ValidationError
+
+from adaptlab.config import ObjectiveSpec, field_error
 from adaptlab.errors import UserError
 from adaptlab.plan.arch import Arch
 from adaptlab.plan.datasize import DataSize
@@ -40,20 +42,17 @@ class Sampling:
 
 
 def sampling_from(group_size: int | None, max_new_tokens: int | None) -> Sampling:
-    """The sampling `adaptlab plan` was asked for (train's defaults where not given), checked as train
-    checks it."""
-    default = Sampling()
-    sampling = Sampling(
-        default.group_size if group_size is None else group_size,
-        default.max_new_tokens if max_new_tokens is None else max_new_tokens,
-    )
-    if sampling.group_size < 2:
-        raise UserError(
-            f"--group-size must be at least 2 (got {sampling.group_size}): GRPO compares completions"
-        )
-    if sampling.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be positive (got {sampling.max_new_tokens})")
-    return sampling
+    """The sampling `adaptlab plan` was asked for (train's defaults where not given), checked by train's
+    own spec (config.ObjectiveSpec)."""
+    given = {
+        k: v for k, v in (("group_size", group_size), ("max_new_tokens", max_new_tokens)) if v is not None
+    }
+    try:
+        spec = ObjectiveSpec(task="grpo", **given)
+    except ValidationError as err:
+        where, msg = field_error(err)
+        raise UserError(f"--{where.replace('_', '-')}: {msg}") from None
+    return Sampling(spec.group_size, spec.max_new_tokens)
 
 
 def task_data_size(source: str, tokenizer: Any, sampling: Sampling) -> tuple[DataSize, int]:
