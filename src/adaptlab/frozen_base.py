@@ -24,7 +24,9 @@ on a 1B model the load's peak drops from 6.4 GB (fp32 model + the file's pages) 
 Only weights nothing else reads at full precision are held this way: a frozen plain nn.Linear's, not
 one tied to the input embeddings (the embedding lookup reads it in fp32), not DoRA's base (its
 magnitude is normalised by the fp32 row norms of W + scaling * B A) and not a trained one. Biases
-stay fp32 (autocast casts them with the weight). Adapters and the run's artifacts are unchanged:
+stay fp32 (autocast casts them with the weight). A held Linear called outside autocast (an API user
+running the model without it) widens its weight to the input's dtype for that call: the bf16 values in
+fp32, not a dtype error. Adapters and the run's artifacts are unchanged:
 adaptlab saves only what trains, and every later use of a run (evaluate, merge, export, serve) loads
 the base from its checkpoint again.
 """
@@ -32,34 +34,46 @@ the base from its checkpoint again.
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 def hold_frozen_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
     """Convert, in place, every frozen, untied plain nn.Linear weight to `dtype`; the number converted.
 
-    Call it only where every forward runs under autocast to `dtype` (training at --precision bf16):
-    outside autocast an fp32 input would meet a bf16 weight.
+    Meant for models whose forwards run under autocast to `dtype` (training at --precision bf16). Each
+    held Linear (converted here, or loaded in `dtype` by `load_held`) gets a forward that widens its
+    weight to the input's dtype when it is called outside autocast.
     """
     shared = _embedding_weights(model) | _dora_bases(model)
-    held = 0
+    converted = 0
     for module in model.modules():
         if type(module) is not nn.Linear:
             continue
         weight = module.weight
-        if weight.requires_grad or id(weight) in shared or weight.dtype == dtype:
+        if weight.requires_grad or id(weight) in shared or not weight.is_floating_point():
             continue
-        if not weight.is_floating_point():
-            continue
-        weight.data = weight.data.to(dtype)
-        held += 1
-    if held and next(model.parameters()).device.type == "cpu":
+        if weight.dtype != dtype:
+            weight.data = weight.data.to(dtype)
+            converted += 1
+        module.forward = types.MethodType(_held_forward, module)
+    if converted and next(model.parameters()).device.type == "cpu":
         _own_frozen_tensors(model, dtype)
-    return held
+    return converted
+
+
+def _held_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's forward over a held weight: under autocast as it is (autocast reads the held values);
+    outside autocast the weight widened to x's dtype, as the fp32 base with these values would compute."""
+    weight = self.weight
+    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        weight = weight.to(x.dtype)
+    return F.linear(x, weight, self.bias)
 
 
 def load_held(spec: str, device: str | torch.device, dtype: torch.dtype = torch.bfloat16) -> Any:

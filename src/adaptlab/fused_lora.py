@@ -249,11 +249,11 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         with torch.autocast(kind, enabled=False):
             dtype = torch.get_autocast_dtype(kind)
             return LoRALinear.apply(*tensors, self.scaling[adapter], dtype, quant_state, dropout)
-    if quant_state is None:
-        return LoRALinear.apply(*tensors, self.scaling[adapter], None, None, dropout)
     if x.dtype != tensors[3].dtype:  # PEFT would cast x, and its output back: its forward does that
         return type(self).forward(self, x)
-    return LoRALinear.apply(*tensors, self.scaling[adapter], x.dtype, quant_state, dropout)
+    # a 4-bit base is dequantized to x's dtype, a base held in bf16 (frozen_base) widened to it
+    same = quant_state is None and base.weight.dtype == x.dtype
+    return LoRALinear.apply(*tensors, self.scaling[adapter], None if same else x.dtype, quant_state, dropout)
 
 
 def _dropout_rate(module: nn.Module) -> float:
@@ -284,8 +284,14 @@ def _vanilla_adapter(module: Any) -> str | None:
             return None  # bitsandbytes' avx512 inference layout: its own kernel reads it
         compute = base.compute_dtype or w.quant_state.dtype
         return adapter if a.dtype == b.dtype == compute else None
-    # a frozen base held in autocast's dtype (adaptlab.frozen_base) is what autocast would cast it to
-    return adapter if a.dtype == b.dtype and w.dtype in (a.dtype, _autocast_dtype(w)) else None
+    if a.dtype != b.dtype:
+        return None
+    autocast = _autocast_dtype(w)
+    if w.dtype in (a.dtype, autocast):  # a base held in autocast's dtype (frozen_base): what it would cast
+        return adapter
+    # outside autocast a base held in half precision (never DoRA's) is widened to x's dtype (_fused_forward)
+    held = autocast is None and w.dtype in (torch.bfloat16, torch.float16)
+    return adapter if held and adapter not in getattr(module, "lora_variant", {}) else None
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:

@@ -102,6 +102,46 @@ def test_held_base_trains_bit_for_bit_like_the_fp32_base_under_bf16_autocast(
         assert calls == []
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_outside_autocast_a_held_base_computes_as_the_fp32_base_with_its_bf16_values(
+    fused: bool, monkeypatch
+) -> None:
+    held = _peft(targets=["q_proj", "v_proj"])  # LoRA-wrapped held Linears and plain ones
+    rounded = copy.deepcopy(held)
+    with torch.no_grad():  # what the held values are, in an fp32 model that holds nothing
+        for name, p in rounded.named_parameters():
+            if not p.requires_grad and p.dim() == 2 and "embed" not in name:
+                p.copy_(p.to(torch.bfloat16).float())
+    if fused:
+        fuse_loras(held)
+        fuse_loras(rounded)
+    assert hold_frozen_linears(held) > 0
+    loss_a, grads_a = step_grads(rounded, _ids(rounded), None)
+    calls = []
+    apply = fused_lora.LoRALinear.apply
+    monkeypatch.setattr(fused_lora.LoRALinear, "apply", lambda *a: calls.append(a[6]) or apply(*a))
+    loss_b, grads_b = step_grads(held, _ids(held), None)
+    # fused, every LoRA Linear took the fused path with its held weight widened to fp32
+    assert calls == ([torch.float32] * 2 * held.config.num_hidden_layers if fused else [])
+    assert loss_b.dtype == torch.float32 and torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 2 * held.config.num_hidden_layers
+    for name, g in grads_a.items():
+        assert torch.equal(grads_b[name], g), name
+
+
+def test_a_base_loaded_held_widens_outside_autocast_too(tmp_path: Path) -> None:
+    src = load_model("tiny-random").model
+    src.to(torch.bfloat16).save_pretrained(tmp_path)
+    load_model("tiny-random").tokenizer.save_pretrained(tmp_path)
+    model = load_held(str(tmp_path), "cpu").model
+    assert hold_frozen_linears(model.requires_grad_(False)) == 0  # stored in bf16: nothing to convert
+    ids = _ids(model)
+    with torch.no_grad():
+        logits = model(ids).logits
+        widened = load_model(str(tmp_path)).model(ids).logits  # the fp32 load of the same checkpoint
+    assert logits.dtype == torch.float32 and torch.equal(logits, widened)
+
+
 def _file_maps(path: Path) -> list[tuple[int, int]]:
     spans = []
     for line in Path("/proc/self/maps").read_text().splitlines():
