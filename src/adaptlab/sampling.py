@@ -8,6 +8,14 @@ comes only from the `torch.Generator` passed in, so the same generator state, we
 give the same completions; GRPO seeds it from (seed, step) so a resumed run samples what an
 uninterrupted one would. temperature 0 is greedy.
 
+A token is drawn by inverse CDF: one uniform number per row against the cumulative probabilities
+(in fp64), where torch.multinomial draws one exponential number per vocabulary entry (49,152 a row
+on smollm2, single-threaded on CPUs without MKL's generator: 0.85 s of a 6.5 s smollm2 rollout of
+32 rows). Under autocast the weights stay cast for the whole rollout: autocast keeps the casts of
+trained weights while no_grad (not inference_mode) is on, and a frozen fp32 output head (smollm2's,
+tied to its embeddings, under LoRA) is cast once for the rollout instead of at every token (0.6 s of
+the same rollout). Both are the values autocast would cast to, so the logits are unchanged.
+
 It returns, per completion, the log-probability of each chosen token under logits / temperature
 (the distribution it was drawn from, before top-p), which GRPO uses as the sampling-time
 log-probs of its importance ratio. serve/generation.py shares `left_pad`, `top_p_filter` and `next_token_logits`.
@@ -20,7 +28,7 @@ temperature=1.0, eos_ids={2}, pad_id=2, generator=torch.Generator().manual_seed(
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,14 +81,21 @@ def _choose(
     if temperature <= 0:
         return logits.argmax(-1), torch.zeros(logits.size(0))
     logp = torch.log_softmax(logits / temperature, dim=-1)
-    probs = top_p_filter(logp.exp(), top_p)
-    if generator is None or isinstance(generator, torch.Generator):
-        tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
-    else:
-        tokens = torch.cat(
-            [torch.multinomial(probs[b], 1, generator=generator[r]) for b, r in enumerate(rows)]
-        )
+    tokens = draw(top_p_filter(logp.exp(), top_p), generator, rows)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+def draw(probs: torch.Tensor, generator: Generators, rows: Sequence[int]) -> torch.Tensor:
+    """One index per row of probs (B, V), drawn with probability proportional to its entry: inverse CDF,
+    one fp64 uniform per row (from generator[rows[b]] for row b when there is one generator a row)."""
+    cdf = probs.double().cumsum(-1)
+    if generator is None or isinstance(generator, torch.Generator):
+        u = torch.rand((probs.size(0), 1), dtype=torch.float64, generator=generator)
+    else:
+        u = torch.cat([torch.rand((1, 1), dtype=torch.float64, generator=generator[r]) for r in rows])
+    # the first entry whose cumulative sum exceeds u * total: never one with probability 0
+    index = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True)[:, 0]
+    return index.clamp_(max=probs.size(-1) - 1)
 
 
 @functools.cache
@@ -108,7 +123,7 @@ def next_token_logits(
     return out.logits[:, -1, :].float()
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode, under which autocast re-casts every trained weight each token
 def sample(
     model: Any,
     prompts: Sequence[Sequence[int]],
@@ -137,6 +152,7 @@ def sample(
     )
     was_training = model.training
     model.eval()
+    restore_head = _cast_head_once(model)
     try:
         cache = DynamicCache()
         # each prompt's forward pass runs once; its n rows share the result (cache and logits repeated)
@@ -169,5 +185,27 @@ def sample(
             last_pos = last_pos + 1
             logits = next_token_logits(model, next_ids, mask, last_pos[:, None], cache).cpu()
     finally:
+        restore_head()
         model.train(was_training)
     return out
+
+
+def _cast_head_once(model: Any) -> Callable[[], None]:
+    """Under autocast, give a frozen fp32 output head (a plain Linear, often tied to the embeddings)
+    its autocast cast for the rollout, so it is cast once and not at every token (autocast keeps the
+    casts of trained weights only); the function returned puts the original weight back."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:
+        return lambda: None
+    weight = head.weight
+    kind = weight.device.type
+    if not torch.is_autocast_enabled(kind) or weight.requires_grad or weight.dtype != torch.float32:
+        return lambda: None
+    if type(weight.data) is not torch.Tensor:  # a sharded DTensor: its owner gathers it, not this
+        return lambda: None
+    head.weight = torch.nn.Parameter(weight.detach().to(torch.get_autocast_dtype(kind)), requires_grad=False)
+
+    def restore() -> None:
+        head.weight = weight  # the tied parameter itself again
+
+    return restore

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from collections import defaultdict
@@ -177,6 +178,58 @@ def test_a_rows_samples_do_not_depend_on_the_other_rows_of_its_batch(tiny) -> No
         other_step.initial_seed()
         != row_generators(seed=0, step=5, positions=[0], group_size=1)[0].initial_seed()
     )
+
+
+def test_draws_follow_the_probabilities_and_never_pick_a_zero() -> None:
+    """Inverse-CDF draws: frequencies within 4 standard errors of the probabilities (unnormalised rows
+    and zeros, as top-p leaves them); a row's draws with its own generator match it drawn alone."""
+    from adaptlab.sampling import draw
+
+    p = torch.tensor([0.0, 0.5, 0.0, 0.2, 1e-3, 0.299, 0.0])
+    rows = 40_000
+    tokens = draw((3 * p).expand(rows, -1), torch.Generator().manual_seed(0), range(rows))
+    freq = torch.bincount(tokens, minlength=p.numel()).double() / rows
+    assert freq[p == 0].sum() == 0
+    se = (p.double() * (1 - p.double()) / rows).sqrt()
+    assert ((freq - p.double()).abs() <= 4 * se + 1e-12).all(), freq
+    probs = torch.softmax(torch.randn(3, 50, generator=torch.Generator().manual_seed(1)), -1)
+    gens = [torch.Generator().manual_seed(10 + r) for r in range(3)]
+    together = draw(probs, gens, [0, 1, 2])
+    gens = [torch.Generator().manual_seed(10 + r) for r in range(3)]
+    alone = [int(draw(probs[r : r + 1], gens, [r])[0]) for r in range(3)]
+    assert together.tolist() == alone
+
+
+def test_a_frozen_head_cast_once_a_rollout_samples_what_autocast_would(tiny, monkeypatch) -> None:
+    """Under bf16 autocast a frozen tied fp32 head is cast once for the rollout: the same completions
+    and log-probs as casting it at every token, and the tied parameter is back afterwards."""
+    from adaptlab import sampling
+
+    model = copy.deepcopy(tiny.model).requires_grad_(False)
+    emb = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is emb
+
+    def rollout() -> sampling.Samples:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return sample(
+                model,
+                [(1, 2, 3), (4, 5)],
+                n=2,
+                max_new_tokens=5,
+                temperature=1.0,
+                eos_ids={2},
+                pad_id=2,
+                generator=torch.Generator().manual_seed(4),
+            )
+
+    casts = []
+    original = sampling._cast_head_once
+    monkeypatch.setattr(sampling, "_cast_head_once", lambda m: casts.append(1) or original(m))
+    once = rollout()
+    assert casts and model.get_output_embeddings().weight is emb
+    monkeypatch.setattr(sampling, "_cast_head_once", lambda m: lambda: None)
+    every_token = rollout()
+    assert once.completions == every_token.completions and once.logprobs == every_token.logprobs
 
 
 def test_greedy_sampling_equals_transformers_generate(tiny) -> None:
