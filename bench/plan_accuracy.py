@@ -11,6 +11,14 @@ within +-15%, time within +-30%.
     python bench/plan_accuracy.py --models smollm2-135m --shapes 4x256 --precisions fp32,bf16
     python bench/plan_accuracy.py --replan bench/results/plan_accuracy.json   # today's model, recorded runs
     python bench/plan_accuracy.py --replan FILE --remeasure   # ... and a fresh device micro-benchmark
+    python bench/plan_accuracy.py --task grpo --kl-beta 0.05 --models smollm2-135m --shapes 4x256 \
+        --methods full,lora --precisions bf16 --steps 3 --out bench/results/plan_accuracy_grpo_avx512bf16.json
+
+--task grpo trains on the embedded arithmetic task (train's defaults: 8 completions a prompt, at most 32
+new tokens; --kl-beta above 0 adds the KL reference) and plans it with `adaptlab plan --task grpo`: a
+step is the sampling phase and the training phase, a shape's sequence length is the cap train gets. A
+GRPO row is re-planned by `plan` itself with the row's own arguments (the device micro-benchmark cached
+for them, or with --remeasure a fresh one), not from the row's recorded throughput.
 """
 
 from __future__ import annotations
@@ -34,8 +42,10 @@ import json, sys, warnings
 warnings.filterwarnings("ignore")
 from adaptlab.config import RunConfig
 from adaptlab.train import train
-model, method, batch, seq_len, steps, data, out, precision, dropout = sys.argv[1:10]
-cfg = RunConfig(model={"name": model}, method={"method": method, "rank": 16, "dropout": float(dropout)},
+model, method, batch, seq_len, steps, data, out, precision, dropout, task, kl_beta = sys.argv[1:12]
+lora = {"rank": 16, "dropout": float(dropout)} if method != "full" else {}
+objective = {"task": "grpo", "kl_beta": float(kl_beta)} if task == "grpo" else {}
+cfg = RunConfig(model={"name": model}, method={"method": method, **lora}, objective=objective,
                 data={"train": [data]}, out=out,
                 train={"steps": int(steps), "batch": int(batch), "seq_len": int(seq_len), "eval_examples": 1,
                        "precision": precision})
@@ -54,7 +64,10 @@ def run_arm(
     steps: int,
     precision: str = "auto",
     dropout: float = 0.0,
+    task: str = "cpt",
+    kl_beta: float = 0.0,
 ) -> dict:
+    data = "arithmetic" if task == "grpo" else str(DATA)
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "run")
         cmd = [
@@ -66,10 +79,12 @@ def run_arm(
             str(batch),
             str(seq_len),
             str(steps),
-            str(DATA),
+            data,
             out,
             precision,
             str(dropout),
+            task,
+            str(kl_beta),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -124,6 +139,9 @@ def replan(path: Path, remeasure: bool = False) -> int:
     runtime = runtime_baseline_bytes()
     fresh: dict[tuple, dict] = {}
     for r in rows:
+        if r.get("task") == "grpo":  # sampling and training phases: plan itself, with the row's arguments
+            _replan_grpo(r, remeasure)
+            continue
         arch = load_arch(r["model"])
         if remeasure:
             key = (
@@ -158,6 +176,37 @@ def replan(path: Path, remeasure: bool = False) -> int:
     return 0
 
 
+def _replan_grpo(row: dict, remeasure: bool) -> None:
+    from adaptlab.plan import plan
+
+    est = plan(**row["plan_args"], refresh=remeasure)
+    m = est["methods"][row["method"]]
+    row.update(
+        planned_peak_mem_bytes=m["peak_mem_bytes"],
+        mem_error=m["peak_mem_bytes"] / row["measured_peak_mem_bytes"] - 1,
+        planned_step_s=m["step_s"],
+        time_error=m["step_s"] / row["measured_step_s"] - 1,
+        planned_memory=m["memory"],
+        planned_time_breakdown_s=m["time_breakdown_s"],
+        throughput=est["throughput"],
+    )
+    _print_row(row)
+
+
+def _plan_args(model: str, batch: int, seq_len: int, args: argparse.Namespace, precision: str) -> dict:
+    """`plan`'s arguments for one measured shape (keyword arguments, recorded in the row)."""
+    common = {"model": model, "batch": batch, "seq_len": seq_len, "ranks": [16], "precision": precision}
+    if args.task == "grpo":
+        return {
+            **common,
+            "data": ["arithmetic"],
+            "task": "grpo",
+            "kl_beta": args.kl_beta,
+            "dropout": args.dropout,
+        }
+    return {**common, "data": [str(DATA)], "tokens": args.steps * batch * seq_len, "dropout": args.dropout}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny-random,smollm2-135m")
@@ -170,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list of auto|fp32|bf16 (bf16 is emulated on avx2-only CPUs)",
     )
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout of the LoRA family's arms")
+    parser.add_argument("--task", choices=("cpt", "grpo"), default="cpt", help="grpo: the arithmetic task")
+    parser.add_argument(
+        "--kl-beta", type=float, default=0.0, help="with --task grpo: the KL penalty's weight"
+    )
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument(
         "--replan", type=Path, help="re-estimate the runs recorded in this JSON, train nothing"
@@ -178,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         "--remeasure", action="store_true", help="with --replan: take the device micro-benchmark again now"
     )
     args = parser.parse_args(argv)
+    if args.kl_beta and args.task != "grpo":
+        parser.error("--kl-beta applies to --task grpo")
     if args.replan:
         return replan(args.replan, args.remeasure)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -192,20 +247,21 @@ def main(argv: list[str] | None = None) -> int:
                 (m, p) for p in args.precisions.split(",") for m in args.methods.split(",")
             ]:
                 t0 = time.perf_counter()
-                measured = run_arm(model, method, batch, seq_len, args.steps, precision, args.dropout)
+                measured = run_arm(
+                    model,
+                    method,
+                    batch,
+                    seq_len,
+                    args.steps,
+                    precision,
+                    args.dropout,
+                    args.task,
+                    args.kl_beta,
+                )
                 # re-measure the device right after the run, once per model/shape, so load hits both sides
                 key = (model, shape, measured["precision"])
-                est = plan(
-                    model,
-                    [str(DATA)],
-                    batch=batch,
-                    seq_len=seq_len,
-                    ranks=[16],
-                    tokens=args.steps * batch * seq_len,
-                    precision=measured["precision"],
-                    refresh=key not in refreshed,
-                    dropout=args.dropout,
-                )
+                plan_args = _plan_args(model, batch, seq_len, args, measured["precision"])
+                est = plan(**plan_args, refresh=key not in refreshed)
                 refreshed.add(key)
                 m = est["methods"][method]
                 row = {
@@ -214,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                     "batch": batch,
                     "seq_len": seq_len,
                     "dropout": args.dropout,
+                    "task": args.task,
+                    "kl_beta": args.kl_beta,
+                    "plan_args": plan_args,
                     "precision": measured["precision"],
                     "measured_peak_mem_bytes": measured["peak_mem_bytes"],
                     "planned_peak_mem_bytes": m["peak_mem_bytes"],
