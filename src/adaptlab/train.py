@@ -290,7 +290,10 @@ def _loop(
     result = None
     for step in range(progress.step, setup.total_steps):
         apply_lr_changes(setup.config, step, optimizer, scheduler)
-        result = train_step(setup, setup.objective.micro_batches(setup, step), optimizer, scheduler, updates)
+        start = time.perf_counter()
+        batches = setup.objective.micro_batches(setup, step)  # GRPO samples and scores its rollouts here
+        result = train_step(setup, batches, optimizer, scheduler, updates)
+        result.seconds = time.perf_counter() - start  # a step's time includes making its data
         # an objective whose steps may carry no signal (grpo: every group agrees) is watched for divergence only
         labels = 0 if getattr(setup.objective, "zero_gradient_ok", False) else result.labels
         if (problem := health.check(step + 1, result.loss, result.grad_norm, labels)) is not None:

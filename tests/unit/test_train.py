@@ -100,6 +100,22 @@ def test_full_fine_tuning_writes_hf_model(corpus, tmp_path):
     assert len(changed) == len(list(base.named_parameters()))  # every weight tensor moved
 
 
+def test_a_steps_time_includes_making_its_data(corpus, tmp_path, monkeypatch):
+    """GRPO samples its rollouts in micro_batches: the time a step logs (elapsed_s, tokens_per_s,
+    summary train_s) counts it, not only forward, backward and the update."""
+    import time
+
+    from adaptlab.objectives.sft import SFTObjective
+
+    make = SFTObjective.micro_batches
+    monkeypatch.setattr(SFTObjective, "micro_batches", lambda *a: time.sleep(0.25) or make(*a))
+    summary = train(tiny_config(corpus, tmp_path / "r", steps=2))
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed_s"] for r in rows if "loss" in r]
+    assert elapsed[0] >= 0.25 and elapsed[1] - elapsed[0] >= 0.25
+    assert summary["train_s"] >= 0.5
+
+
 def test_batch_times_accum_invariance(corpus, tmp_path):
     a = train(tiny_config(corpus, tmp_path / "a", steps=3, batch=4, grad_accum=1))
     b = train(tiny_config(corpus, tmp_path / "b", steps=3, batch=1, grad_accum=4))

@@ -316,14 +316,16 @@ def plan(
         rows_per_example=rows,
         optimizer_in_backward=optimizer_in_backward,
     )
+    if task == "grpo":  # trains on rows of prompt + completion, shorter than seq_len
+        shape = grpo_plan.train_shape(shape, prompt_len, sampling)
 
-    if benchmark:
+    if benchmark:  # at the micro-batch training runs: a matmul's rate depends on its rows
         rate = {
             **device_throughput(
-                str(dev), prec, batch * seq_len, arch.hidden, arch.intermediate, refresh=refresh
+                str(dev), prec, shape.batch * shape.seq_len, arch.hidden, arch.intermediate, refresh=refresh
             ),
             **attention_throughput(
-                str(dev), prec, batch, seq_len, arch.n_heads, arch.head_dim, refresh=refresh
+                str(dev), prec, shape.batch, shape.seq_len, arch.n_heads, arch.head_dim, refresh=refresh
             ),
             **(dropout_throughput(str(dev), refresh=refresh) if dropout > 0 else {}),
         }
@@ -339,7 +341,6 @@ def plan(
     steps_per_epoch = max(1, -(-size.tokens_per_epoch // (batch * grad_accum * seq_len * rows)))
     if task == "grpo":
         steps_per_epoch = max(1, -(-size.train_documents // (batch * grad_accum)))
-        shape = grpo_plan.train_shape(shape, prompt_len, sampling)
     methods = {
         key: _method_entry(arch, arm, shape, task, cost, mem_limit, size, steps_per_epoch, kl_beta)
         for key, arm in _arms(ranks, target_names, dropout).items()
