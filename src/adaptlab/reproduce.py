@@ -43,9 +43,10 @@ RL_TASK = "arithmetic"
 SECONDS_PER_TOKEN = {"full": 7.6 / 512, "lora": 5.6 / 512}
 EVAL_SECONDS_PER_ARM = 135.0  # held-out target + general NLL, base and tuned, target KL, weight analysis
 # the rl study on the 2-core CPU (bench/results/rl_study.json): a GRPO step of 4 prompts x 8 completions
-# of 16 tokens, and scoring 60 held-out prompts plus the drift probe, per arm and for the base
-RL_SECONDS_PER_STEP = 16.0
-RL_EVAL_SECONDS = 180.0
+# of 16 tokens (sampling included; 82-95 s for 8 steps after the first arm), and scoring 60 held-out
+# prompts plus the drift probe, per arm and for the base (31-76 s)
+RL_SECONDS_PER_STEP = 12.0
+RL_EVAL_SECONDS = 65.0
 
 
 @dataclass

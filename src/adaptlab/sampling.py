@@ -18,7 +18,8 @@ the same rollout). Both are the values autocast would cast to, so the logits are
 
 It returns, per completion, the log-probability of each chosen token under logits / temperature
 (the distribution it was drawn from, before top-p), which GRPO uses as the sampling-time
-log-probs of its importance ratio. serve/generation.py shares `left_pad`, `top_p_filter` and `next_token_logits`.
+log-probs of its importance ratio. serve/generation.py shares `left_pad`, `top_p_filter`, `draw` and
+`next_token_logits`.
 
     python -c "import torch; from adaptlab.models import load_model; from adaptlab.sampling import sample; \\
 m = load_model('tiny-random'); print(sample(m.model, [[1, 2, 3]], n=2, max_new_tokens=4, \\

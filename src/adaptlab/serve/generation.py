@@ -30,7 +30,7 @@ import torch
 from adaptlab.artifacts import attach_adapter, resolve_adapter
 from adaptlab.errors import UserError
 from adaptlab.models import LoadedModel, load_model
-from adaptlab.sampling import left_pad, next_token_logits, top_p_filter
+from adaptlab.sampling import draw, left_pad, next_token_logits, top_p_filter
 
 BASE = "__base__"  # peft's name for rows of a mixed batch that use no adapter
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -239,7 +239,7 @@ class _Row:
         if self.generator is None:
             return logits.argmax()
         probs = top_p_filter(torch.softmax(logits / s.temperature, dim=-1), s.top_p)
-        return torch.multinomial(probs, 1, generator=self.generator)[0]
+        return draw(probs[None], self.generator, [0])[0]  # training's sampler: one uniform a token
 
     def push(self, token: int) -> bool:
         """Take the chosen token; return True when this row is finished."""
