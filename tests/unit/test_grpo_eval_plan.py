@@ -68,6 +68,8 @@ def test_plan_grpo_adds_sampling_memory_and_time() -> None:
     assert lora["time_breakdown_s"]["generation_s"] > 0
     assert lora["peak_mem_bytes"] >= lora["memory"]["weights"] + lora["memory"]["generation"]
     assert grpo["setup"]["steps_per_epoch"] == -(-grpo["data"]["train_documents"] // 8)
+    assert grpo["setup"]["sampling"] == {"group_size": 8, "max_new_tokens": 32, "prompt_len": prompt_len}
+    assert "--study rl" in grpo["recommendation"]["command"]  # GRPO arms are compared by the rl study
     wider = plan("tiny-random", ["arithmetic"], batch=4, grad_accum=2, group_size=16, **kwargs)["methods"]
     assert wider["lora"]["memory"]["generation"] == generation_memory_bytes(
         arch, 2 * rows, prompt_len + 32, "fp32"

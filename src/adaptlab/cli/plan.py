@@ -178,9 +178,9 @@ def plan_command(
         world_args = world_args_from(gpus, parallel, memory, flags, _ranks(ranks))
     result = plan(data=list(data), ranks=_ranks(ranks), memory=memory, benchmark=not no_benchmark, **flags)
     if world_args is not None:
-        from adaptlab.plan.world import plan_world
+        from adaptlab.plan.world import grpo_steps_from, plan_world
 
-        result["world"] = plan_world(**world_args)
+        result["world"] = plan_world(**world_args, grpo=grpo_steps_from(result))
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

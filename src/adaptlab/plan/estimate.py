@@ -271,9 +271,7 @@ def memory_breakdown(
         weights = FP32 * arch.total_params
     weights -= (FP32 - 2) * held
     if reference_model and arm.method == "full":  # a frozen copy of the base scores the reference policy
-        weights += FP32 * arch.total_params - (FP32 - 2) * (
-            arch.linear_params + arch.lm_head_params if held_bf16 and shape.precision == "bf16" else 0
-        )  # its Linears held in bf16 (frozen_base.py)
+        weights += reference_copy_bytes(arch, shape.precision)
     # training leaves the norms alone under activation checkpointing (its own recomputation)
     norms_fused = arch.fused_norms and not shape.grad_checkpointing
     per_layer = layer_activation_bytes(arch, arm, shape.precision, norms_fused=norms_fused)
@@ -481,6 +479,13 @@ def artifact_bytes(arch: Arch, arm: Arm, tokenizer_bytes: int = 0) -> int:
     per_module = 3 if arm.method == "dora" else 2
     # safetensors: fp32 values + a JSON header (~110 bytes per tensor); adapter_config.json; README.md
     return FP32 * n_train + 110 * per_module * n_modules + 1_100 + 5_200
+
+
+def reference_copy_bytes(arch: Arch, precision: str) -> int:
+    """GRPO's frozen copy of the base for full fine-tuning's KL term (objectives/grpo.load_reference_copy):
+    whole on every device, its Linears held in bf16 at bf16 (frozen_base.py)."""
+    held = arch.linear_params + arch.lm_head_params if precision == "bf16" else 0
+    return FP32 * arch.total_params - (FP32 - 2) * held
 
 
 def generation_memory_bytes(arch: Arch, rows: int, context_len: int, precision: str = "fp32") -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +71,11 @@ def _tokenizer_bytes(spec: str) -> int:
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.name in names or p.name.endswith(".model"))
 
 
-def _compare_command(model: str, data: list[str], tokens: int) -> str:
+def _compare_command(model: str, data: list[str], tokens: int, task: str = "cpt") -> str:
     name = Path(model).name or "model"
     data_args = " ".join(f"--data {d}" for d in data)
+    if task == "grpo":  # GRPO arms at matched episodes: the rl study
+        return f"adaptlab compare --model {model} {data_args} --study rl --out runs/rl-{name}"
     return f"adaptlab compare --model {model} {data_args} --study methods --tokens {tokens} --out runs/compare-{name}"
 
 
@@ -350,7 +353,7 @@ def plan(
             grpo_plan.add_sampling(entry, arch, batch * grad_accum, prompt_len, sampling, prec, rate)
     limit_used = _device_limit(methods, dev, mem_limit)
     suggested = advice.suggest_rank(lambda r: arch.lora_params(r, list(target_names)), size.tokens_per_epoch)
-    command = _compare_command(model, sources, min(budget, max(size.tokens_per_epoch, 1)))
+    command = _compare_command(model, sources, min(budget, max(size.tokens_per_epoch, 1)), task)
     return {
         "model": model,
         "data": {**size.as_dict(), "sources": sources},
@@ -371,6 +374,11 @@ def plan(
             "targets": list(target_names),
             "dropout": dropout,
             "kl_beta": kl_beta,
+            **(
+                {"sampling": {**asdict(sampling), "prompt_len": prompt_len}}  # the task's longest prompt
+                if task == "grpo"
+                else {}
+            ),
         },
         "throughput": rate,
         "methods": methods,

@@ -9,21 +9,47 @@ the one prefetched). Activations and logits are per device in both. QLoRA is DDP
 cannot be sharded). Like the rest of plan/, these are estimates from the architecture; the GPU
 constants have not been checked against runs.
 
+GRPO (task grpo, with the task's longest prompt): the step's prompts are split over the ranks, each
+rank samples its prompts' groups in one batch with a KV cache and trains on them in micro-batches of
+`batch` rows of prompt + completion. A device's peak is the larger of its training step's and its
+sampling phase's (no activations then, the KV cache of its rows instead); with a KL term, full
+fine-tuning adds its frozen copy of the base, whole on every device (it is not sharded).
+
     python -c "from adaptlab.plan.world import plan_world; import json; \
 print(json.dumps(plan_world('tiny-random', 4, 80 * 2**30)['recommendation'], indent=1))"
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from adaptlab.errors import UserError
+from adaptlab.plan import grpo as grpo_plan
 from adaptlab.plan.arch import Arch, load_arch, targets_for
-from adaptlab.plan.estimate import FP32, Arm, Shape, memory_breakdown, trainable_params
+from adaptlab.plan.estimate import (
+    FP32,
+    Arm,
+    Shape,
+    generation_memory_bytes,
+    memory_breakdown,
+    reference_copy_bytes,
+    trainable_params,
+)
 from adaptlab.plan.measure import CUDA_CONTEXT_BYTES
 
 STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class GrpoSteps:
+    """What a GRPO step samples: the task's longest prompt in tokens, the sampling, the KL weight."""
+
+    prompt_len: int
+    sampling: grpo_plan.Sampling = grpo_plan.Sampling()
+    kl_beta: float = 0.0
+
+
 PREFETCHED_BLOCKS = 2  # FSDP2 holds the block computing and the next one it prefetches
 
 
@@ -64,6 +90,18 @@ def fsdp_bytes(arch: Arch, arm: Arm, shape: Shape, runtime: int, world_size: int
     return {**mem, **sharded, "gathered": gathered, "peak": peak}
 
 
+def add_grpo(mem: dict[str, int], arch: Arch, arm: Arm, shape: Shape, rows: int, grpo: GrpoSteps) -> None:
+    """Add GRPO's sampling phase over `rows` (this device's completions) and the KL reference to one
+    device's memory (in place)."""
+    context = grpo.prompt_len + grpo.sampling.max_new_tokens
+    generation = generation_memory_bytes(arch, rows, context, shape.precision)
+    sampling_peak = mem["peak"] - mem["activations"] - mem["logits"] + generation
+    reference = (
+        reference_copy_bytes(arch, shape.precision) if grpo.kl_beta > 0 and arm.method == "full" else 0
+    )
+    mem.update(generation=generation, reference=reference, peak=max(mem["peak"], sampling_peak) + reference)
+
+
 def _arms(arch: Arch, rank: int, targets: str | list[str], dropout: float = 0.0) -> dict[str, Arm]:
     names = tuple(targets_for(arch, targets))
     return {
@@ -96,11 +134,12 @@ def plan_world(
     grad_checkpointing: bool = False,
     task: str | None = None,
     dropout: float = 0.0,
+    grpo: GrpoSteps | None = None,
 ) -> dict[str, Any]:
     """Per-device peak memory of every method at `gpus` devices, whether it fits, and the strategy to use.
 
-    task dpo: a preference pair is two rows; grpo: the figures are a training step's of `batch` rows
-    of `seq_len` tokens (sampling and the KL reference are in the single-device plan, not here)."""
+    task dpo: a preference pair is two rows; grpo: `grpo` says what a step samples (see the module
+    docstring); without it the figures are a training step's of `batch` rows of `seq_len` tokens."""
     if gpus < 1:
         raise UserError(f"--gpus must be at least 1 (got {gpus})")
     if parallel is not None and parallel not in STRATEGIES:
@@ -110,6 +149,11 @@ def plan_world(
     shape = Shape(
         micro, seq_len, 1, precision, grad_checkpointing, "cuda", rows_per_example=2 if task == "dpo" else 1
     )
+    grpo = grpo if task == "grpo" else None
+    if grpo is not None:  # micro-batches of `batch` rows of prompt + completion; the rank's prompts' groups
+        shape = grpo_plan.train_shape(replace(shape, batch=batch), grpo.prompt_len, grpo.sampling)
+        shape = replace(shape, grad_accum=1)
+        rows = batch * grad_accum // gpus * grpo.sampling.group_size
     wanted = [parallel] if parallel else list(STRATEGIES)
     methods: dict[str, Any] = {}
     for key, arm in _arms(arch, rank, targets, dropout).items():
@@ -125,6 +169,8 @@ def plan_world(
                 if strategy == "ddp"
                 else fsdp_bytes(arch, arm, shape, CUDA_CONTEXT_BYTES, gpus)
             )
+            if grpo is not None:
+                add_grpo(mem, arch, arm, shape, rows, grpo)
             fits[strategy] = mem["peak"] <= memory_per_device
             entry[strategy] = {"peak_mem_bytes": mem["peak"], "fits": fits[strategy], "memory": mem}
         entry["strategy"] = choose(fits)
@@ -132,7 +178,7 @@ def plan_world(
     return {
         "gpus": gpus,
         "memory_per_device_bytes": memory_per_device,
-        "device_micro_batch": micro,
+        "device_micro_batch": shape.batch,  # grpo: `batch` completions, whatever the world size
         "strategies": wanted,
         "methods": methods,
         "recommendation": {k: v["strategy"] for k, v in methods.items()},
@@ -143,11 +189,22 @@ def plan_world(
                 [
                     "grpo: a training step's memory only; sampling's KV cache and the KL reference are not in it"
                 ]
-                if task == "grpo"
+                if task == "grpo" and grpo is None
                 else []
             ),
         ],
     }
+
+
+def grpo_steps_from(single: dict[str, Any]) -> GrpoSteps | None:
+    """What a GRPO step samples, from the single-device plan of the same run (None for other tasks)."""
+    if single.get("task") != "grpo":
+        return None
+    setup = single["setup"]
+    s = setup["sampling"]
+    return GrpoSteps(
+        s["prompt_len"], grpo_plan.Sampling(s["group_size"], s["max_new_tokens"]), setup["kl_beta"]
+    )
 
 
 def fits_one_device(
