@@ -9,7 +9,8 @@ arithmetic task (4 a step by default) at temperature 1 for exactly --max-new-tok
 ignored on both sides), so both produce the same number of tokens. Both run in one process, their
 rollouts alternating (adaptlab first on even repeats, the reference on odd ones), so drift in the
 machine's speed hits both alike; the first repeat of each is a warm-up. tokens/s is rows x new tokens
-over the median time.
+over the median time. On a machine with a CUDA GPU both run there (the device synchronised around each
+rollout); the random-weight shapes of bench/train_step.py are not wired in here.
 
 Prints a table and writes bench/results/rollout.json.
 
@@ -35,6 +36,12 @@ from adaptlab.hardware import cpu_has_native_bf16
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rollout.json"
 RANK = 16
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where adaptlab's training puts the model
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def _adaptlab_model(model: str, method: str, precision: str, tmp: Path) -> tuple[Any, list[list[int]]]:
@@ -88,6 +95,8 @@ def _reference_rollout(model: Any, prompts: list[list[int]], args: argparse.Name
     from adaptlab.sampling import left_pad
 
     ids, mask = left_pad(prompts, 0)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
     torch.manual_seed(seed)
     out = model.generate(
         input_ids=ids,
@@ -108,7 +117,7 @@ def run_case(method: str, precision: str, args: argparse.Namespace) -> dict[str,
     with tempfile.TemporaryDirectory() as tmp:
         ours, prompts = _adaptlab_model(args.model, method, precision, Path(tmp))
         prompts = prompts[: args.prompts]
-        ref = _reference_model(args.model, method)
+        ref = _reference_model(args.model, method).to(next(ours.parameters()).device)
         ours.eval()
         ref.eval()
         times: dict[str, list[float]] = {"adaptlab": [], "reference": []}
@@ -117,9 +126,11 @@ def run_case(method: str, precision: str, args: argparse.Namespace) -> dict[str,
             order = ("adaptlab", "reference") if rep % 2 == 0 else ("reference", "adaptlab")
             for side in order:
                 fn, model = sides[side]
+                _sync()
                 t0 = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=precision == "bf16"):
                     fn(model, prompts, args, seed=rep)
+                _sync()
                 if rep:  # the first repeat warms up
                     times[side].append(time.perf_counter() - t0)
     tokens = len(prompts) * args.group_size * args.max_new_tokens
@@ -162,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "cpu": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name()
+        if DEVICE == "cuda"
+        else platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
     }
