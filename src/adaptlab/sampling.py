@@ -11,7 +11,7 @@ uninterrupted one would. temperature 0 is greedy.
 A token is drawn by inverse CDF: one uniform number per row against the cumulative probabilities
 (in fp64), where torch.multinomial draws one exponential number per vocabulary entry (49,152 a row
 on smollm2, single-threaded on CPUs without MKL's generator: 0.85 s of a 6.5 s smollm2 rollout of
-32 rows). Under autocast the weights stay cast for the whole rollout: autocast keeps the casts of
+32 rows in a torch.profiler table). Under autocast the weights stay cast for the whole rollout: autocast keeps the casts of
 trained weights while no_grad (not inference_mode) is on, and a frozen fp32 output head (smollm2's,
 tied to its embeddings, under LoRA) is cast once for the rollout instead of at every token (0.6 s of
 the same rollout). Both are the values autocast would cast to, so the logits are unchanged.
