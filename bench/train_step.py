@@ -35,7 +35,9 @@ and its gradient freed inside backward) and neither loop clips gradients, which 
 
 Separate processes on a shared machine see different load, so single ratios vary by +-15%. With
 --interleaved (speed only) both loops run in one process, their steps alternating (adaptlab first on
-even steps, the reference first on odd ones), so drift in the machine's speed hits both alike.
+even steps, the reference first on odd ones; with --compile adaptlab+compile takes a third turn), so drift
+in the machine's speed hits all alike. Each ratio comes with a 95% bootstrap interval over the timed
+steps (resampled as back-to-back groups).
 
 Prints a table and writes bench/results/train_step.json (--interleaved: train_step_interleaved.json).
 
@@ -154,13 +156,14 @@ def run_adaptlab(case: Case, tmp: Path, compile: bool = False) -> dict[str, Any]
     }
 
 
-def profile_step(case: Case, tmp: Path, rows: int = 20) -> str:
-    """torch.profiler table (self CPU time) of one adaptlab training step after two warm-up steps."""
+def profile_step(case: Case, tmp: Path, compile: bool = False, rows: int = 20) -> str:
+    """torch.profiler table (self CPU time) of one adaptlab training step after two warm-up steps
+    (with `compile`, of adaptlab+compile: the warm-up steps compile)."""
     from torch.profiler import ProfilerActivity, profile
 
     from adaptlab.train import build_optimizer, build_scheduler, prepare, train_step
 
-    config = _config(Case(**{**asdict(case), "steps": 3}), tmp)
+    config = _config(Case(**{**asdict(case), "steps": 3}), tmp, compile)
     setup = prepare(config)
     setup.objective.prepare(setup)
     optimizer = build_optimizer(setup.params, config.train, _lr(case.method))
@@ -308,39 +311,71 @@ def run_reference(case: Case, tmp: Path) -> dict[str, Any]:
     }
 
 
-def interleaved(case: Case, tmp: Path) -> dict[str, Any]:
-    """Both loops in one process, their steps alternating (adaptlab first on even steps, the reference on
-    odd ones), so the machine's drift hits both alike: median step seconds of each and their ratio."""
+def interleaved(case: Case, tmp: Path, compile: bool = False) -> dict[str, Any]:
+    """The loops in one process, their steps alternating (the order rotating each step: adaptlab first on
+    even steps, the reference on odd ones; with `compile` adaptlab+compile takes a third turn), so the
+    machine's drift hits all alike: median step seconds of each and each adaptlab loop's speed ratio."""
     from adaptlab.optim_backward import BackwardUpdates
     from adaptlab.train import build_optimizer, build_scheduler, prepare, train_step
 
-    config = _config(case, tmp)
-    setup = prepare(config)
-    setup.objective.prepare(setup)
-    optimizer = build_optimizer(setup.params, config.train, _lr(case.method))
-    scheduler = build_scheduler(optimizer, case.steps, config.train)
-    updates = BackwardUpdates(optimizer, setup.params.values()) if case.in_backward else None
+    def ours(out: Path, compiled: bool):
+        out.mkdir()
+        config = _config(case, out, compiled)
+        setup = prepare(config)
+        setup.objective.prepare(setup)
+        optimizer = build_optimizer(setup.params, config.train, _lr(case.method))
+        scheduler = build_scheduler(optimizer, case.steps, config.train)
+        updates = BackwardUpdates(optimizer, setup.params.values()) if case.in_backward else None
+
+        def step(i: int, ids: torch.Tensor) -> float:
+            micro = setup.objective.micro_batches(setup, i)
+            return train_step(setup, micro, optimizer, scheduler, updates).seconds
+
+        return step
+
+    loops = {"adaptlab": ours(tmp / "adaptlab", False)}
+    if compile:
+        loops["adaptlab+compile"] = ours(tmp / "compiled", True)
     model, params, ref_optimizer, tokenizer, device = _reference(case)
-    ours: list[float] = []
-    ref: list[float] = []
+
+    def reference(i: int, ids: torch.Tensor) -> float:
+        return _reference_step(
+            model, params, ref_optimizer, ids.to(device), case.precision, not case.in_backward
+        )[0]
+
+    loops["reference"] = reference
+    names = list(loops)  # the reference last
+    times: dict[str, list[float]] = {name: [] for name in names}
     for i, ids in enumerate(_blocks(tokenizer, _corpus(tmp), case.batch, case.seq_len, case.steps)):
-        for loop in ("adaptlab", "reference") if i % 2 == 0 else ("reference", "adaptlab"):
-            if loop == "adaptlab":
-                micro = setup.objective.micro_batches(setup, i)
-                ours.append(train_step(setup, micro, optimizer, scheduler, updates).seconds)
-            else:
-                step = _reference_step(
-                    model, params, ref_optimizer, ids.to(device), case.precision, not case.in_backward
-                )
-                ref.append(step[0])
-    ours_s, ref_s = statistics.median(ours[1:]), statistics.median(ref[1:])  # first step: warm-up
-    return {
-        "adaptlab_step_s": ours_s,
-        "reference_step_s": ref_s,
-        "speed_ratio": ref_s / ours_s,
-        "adaptlab_steps_s": ours,
-        "reference_steps_s": ref,
-    }
+        turn = i % len(names)
+        for name in names[turn:] + names[:turn]:
+            times[name].append(loops[name](i, ids))
+    ref_s = statistics.median(times["reference"][1:])  # first step: warm-up (and compilation)
+    result: dict[str, Any] = {"reference_step_s": ref_s, "reference_steps_s": times["reference"]}
+    for name in names[:-1]:
+        key = name.replace("+", "_")
+        step_s = statistics.median(times[name][1:])
+        result[f"{key}_step_s"] = step_s
+        result[f"{key}_steps_s"] = times[name]
+        ratio = ref_s / step_s
+        result["speed_ratio" if name == "adaptlab" else f"{key}_speed_ratio"] = ratio
+        result[f"{key}_speed_ratio_ci95"] = paired_ratio_ci(times["reference"][1:], times[name][1:])
+    return result
+
+
+def paired_ratio_ci(reference: list[float], ours: list[float], draws: int = 2000) -> list[float]:
+    """95% bootstrap interval of median(reference) / median(ours) over the timed steps, resampling
+    step indices so that the steps that ran back to back stay together (the machine's drift is shared)."""
+    import random
+
+    rng = random.Random(0)
+    n = min(len(reference), len(ours))
+    ratios = []
+    for _ in range(draws):
+        idx = [rng.randrange(n) for _ in range(n)]
+        ratios.append(statistics.median(reference[i] for i in idx) / statistics.median(ours[i] for i in idx))
+    ratios.sort()
+    return [ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]]
 
 
 def one(loop: str, case: Case) -> dict[str, Any]:
@@ -348,10 +383,10 @@ def one(loop: str, case: Case) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         if loop == "reference":
             return run_reference(case, Path(tmp))
-        if loop == "interleaved":
-            return interleaved(case, Path(tmp))
-        if loop == "profile":
-            return {"table": profile_step(case, Path(tmp))}
+        if loop.startswith("interleaved"):
+            return interleaved(case, Path(tmp), loop.endswith("compile"))
+        if loop.startswith("profile"):
+            return {"table": profile_step(case, Path(tmp), loop.endswith("compile"))}
         return run_adaptlab(case, Path(tmp), loop.endswith("compile"))
 
 
@@ -467,12 +502,10 @@ def main(argv: list[str] | None = None) -> int:
                 again = _in_subprocess(loop, method, precision, args, env=LIVE_ENV)
                 if "error" not in again and "error" not in results[loop]:
                     results[loop]["live_peak_mem_bytes"] = again["peak_mem_bytes"]
-            if args.profile:
-                prof = _in_subprocess("profile", method, precision, args)
-                results["adaptlab"]["profile"] = prof.get("table", prof.get("error"))
-                print(
-                    f"profile of one adaptlab step, {method} {precision}:\n{results['adaptlab']['profile']}"
-                )
+            for loop in [name for name in loops if name != "reference"] if args.profile else ():
+                prof = _in_subprocess(loop.replace("adaptlab", "profile"), method, precision, args)
+                results[loop]["profile"] = prof.get("table", prof.get("error"))
+                print(f"profile of one {loop} step, {method} {precision}:\n{results[loop]['profile']}")
             ref = results["reference"]
             for loop in loops:
                 r = results[loop]
@@ -568,34 +601,37 @@ def _write(
 
 
 def run_interleaved(args: argparse.Namespace, argv: list[str] | None) -> int:
-    """--interleaved: per method and precision, one process running both loops' steps alternately."""
+    """--interleaved: per method and precision, one process running the loops' steps alternately."""
     print(
         f"{args.model}, batch {args.batch} x {args.seq_len}, {args.steps - 1} timed steps per loop, one process"
     )
-    print(
-        f"{'method':<6} {'prec':<5} {'reference s':>12} {'adaptlab s':>11} {'MFU ref':>8} {'MFU ours':>9} {'speed':>6}"
-    )
+    print(f"{'method':<6} {'prec':<5} {'loop':<16} {'step s':>7} {'MFU':>6} {'speed':>6}  95% interval")
     rows = []
     peaks = {}
     tokens = args.batch * args.seq_len
+    loops = (*LOOPS, "adaptlab+compile") if args.compile else LOOPS
+    mode = "interleaved+compile" if args.compile else "interleaved"
     for precision in args.precisions.split(","):
         peaks[precision] = peak = peak_flops(precision)
         for method in args.only.split(","):
             per_token = flops_per_token(_case(args, method, precision))
-            r = _in_subprocess("interleaved", method, precision, args)
+            r = _in_subprocess(mode, method, precision, args)
             row = {"method": method, "precision": precision, "loop": "interleaved", **r}
             rows.append(row)
             if "error" in r:
                 print(f"{method:<6} {precision:<5} error: {r['error']}")
                 continue
             row["flops_per_token"] = per_token
-            for loop in LOOPS:
-                row[f"{loop}_mfu"] = tokens * per_token / r[f"{loop}_step_s"] / peak[0]
-            print(
-                f"{method:<6} {precision:<5} {r['reference_step_s']:>12.2f} {r['adaptlab_step_s']:>11.2f} "
-                f"{row['reference_mfu']:>8.1%} {row['adaptlab_mfu']:>9.1%} {r['speed_ratio']:>6.2f}",
-                flush=True,
-            )
+            for loop in loops:
+                key = loop.replace("+", "_")
+                row[f"{key}_mfu"] = mfu = tokens * per_token / r[f"{key}_step_s"] / peak[0]
+                ratio = r.get("speed_ratio" if loop == "adaptlab" else f"{key}_speed_ratio")
+                ci = r.get(f"{key}_speed_ratio_ci95")
+                tail = f"{ratio:>6.2f}  [{ci[0]:.2f}, {ci[1]:.2f}]" if ratio else ""
+                print(
+                    f"{method:<6} {precision:<5} {loop:<16} {r[f'{key}_step_s']:>7.2f} {mfu:>6.1%} {tail}",
+                    flush=True,
+                )
     _write(args, argv, rows, None, peaks)
     _print_peaks(peaks)
     print(f"wrote {args.out}")

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from random_model import SHAPES, random_model_dir  # noqa: E402
-from train_step import RANK, Case, flops_per_token, one  # noqa: E402
+from train_step import RANK, Case, flops_per_token, one, paired_ratio_ci  # noqa: E402
 
 from adaptlab.models import load_model  # noqa: E402
 
@@ -53,6 +53,14 @@ def test_one_interleaved_case_times_both_loops(tiny_dir: Path) -> None:
     assert len(result["adaptlab_steps_s"]) == len(result["reference_steps_s"]) == 3
     assert all(s > 0 for s in result["adaptlab_steps_s"] + result["reference_steps_s"])
     assert result["speed_ratio"] == pytest.approx(result["reference_step_s"] / result["adaptlab_step_s"])
+    low, high = result["adaptlab_speed_ratio_ci95"]
+    assert 0 < low <= high
+
+
+def test_the_ratio_interval_resamples_back_to_back_steps() -> None:
+    assert paired_ratio_ci([2.0, 2.2, 1.8, 2.0], [1.0, 1.1, 0.9, 1.0]) == [2.0, 2.0]  # drift shared
+    low, high = paired_ratio_ci([2.0, 1.0, 3.0, 2.5, 1.5], [1.0, 1.0, 1.0, 1.0, 1.0])
+    assert 1.0 <= low < 2.0 < high <= 3.0
 
 
 def test_gpu_check_script_parses_and_refuses_an_unknown_mode() -> None:
