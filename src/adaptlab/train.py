@@ -41,6 +41,7 @@ from adaptlab import outputs
 from adaptlab.autocast_linear import fuse_autocast_linears
 from adaptlab.checkpoint import LogFn, RankWriter, RunWriter, restore
 from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, check_against_model, load_config
+from adaptlab.cpu_attention import use_cpu_attention
 from adaptlab.errors import UserError
 from adaptlab.frozen_base import adapters_in_fp32, hold_frozen_linears, load_held
 from adaptlab.fused import fuse_mlps
@@ -132,6 +133,8 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
         fuse_norms(model)  # a block's norms keep their input only; their outputs are rebuilt in backward
     if config.train.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if precision == "bf16" and device.type == "cpu":
+        use_cpu_attention(model)  # torch's flash forward, a faster backward of fused matmuls
     if precision == "bf16" and strategy != "fsdp":
         hold_frozen_linears(model)  # the bf16 values autocast would cast them to at every call
     if strategy != "fsdp":

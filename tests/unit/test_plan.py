@@ -485,6 +485,25 @@ def test_attention_throughput_times_causal_sdpa_in_training(tmp_path, monkeypatc
     assert per_token * 2 * 32 == 3 * 2 * 2 * 1 * 32 * 32 * 8  # 3 x forward (2 B H T^2 d) for B=2, H=1, d=8
 
 
+def test_attention_throughput_times_the_kernel_a_step_takes(tmp_path, monkeypatch):
+    """On a CPU in bf16 from MIN_SEQ tokens a step's attention is cpu_attention's, elsewhere SDPA."""
+    from adaptlab.cpu_attention import MIN_SEQ
+    from adaptlab.plan import measure
+
+    monkeypatch.setenv("ADAPTLAB_CACHE", str(tmp_path))
+    kernel = {
+        (precision, seq): measure.attention_throughput("cpu", precision, 1, seq, 2, 16, seconds=0.05)[
+            "attention_kernel"
+        ]
+        for precision, seq in (("bf16", MIN_SEQ), ("bf16", MIN_SEQ // 2), ("fp32", MIN_SEQ))
+    }
+    assert kernel == {
+        ("bf16", MIN_SEQ): "flash forward, matmul backward",
+        ("bf16", MIN_SEQ // 2): "sdpa",
+        ("fp32", MIN_SEQ): "sdpa",
+    }
+
+
 def test_a_bf16_checkpoint_loads_as_stored_for_qlora_and_leaves_no_mapped_pages():
     """QLoRA quantizes from the checkpoint's own dtype: a bf16 1B model's load peak is 2 bytes a parameter;
     a bf16 checkpoint loaded in fp32 is converted, so no mapped file pages stay resident."""

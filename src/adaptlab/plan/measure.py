@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from adaptlab.cpu_attention import CausalAttention, takes_fast_path
 from adaptlab.models import cache_dir
 
 # Assumed when no measurement is possible (a GPU that is not this process's device).
@@ -155,14 +156,16 @@ def attention_throughput(
     """Measured FLOP/s of causal attention in training (forward and backward) on `device` (cached).
 
     `F.scaled_dot_product_attention` with is_causal on (batch, heads, seq_len, head_dim) queries, keys and
-    values that need gradients, under the autocast a step uses: the kernel a step's attention takes. Its
+    values that need gradients, under the autocast a step uses: the kernel a step's attention takes (on a
+    CPU in bf16 from `cpu_attention.MIN_SEQ` tokens, adaptlab's `CausalAttention`). Its
     FLOPs are counted as the plan counts them (QK^T and AV, causal half, backward twice the forward). On a
     2-core avx512_bf16 CPU it ran at a fraction of the Linear's bf16 rate, so a step's attention needs
     its own rate.
     """
     seq_len = max(16, min(seq_len, 4096))
     batch = max(1, min(batch, 64))
-    key = f"{device_name(device)}|{precision}|attention-train|{batch}x{heads}x{seq_len}x{head_dim}"
+    kernel = "flash-matmul-bwd" if takes_fast_path(torch.device(device), precision, seq_len) else "sdpa"
+    key = f"{device_name(device)}|{precision}|attention-train|{kernel}|{batch}x{heads}x{seq_len}x{head_dim}"
     return _cached(
         key, refresh, lambda: _attention_rate(device, precision, batch, seq_len, heads, head_dim, seconds)
     )
@@ -179,8 +182,13 @@ def _attention_rate(
         t.requires_grad_(True)
     g = torch.randn(batch, heads, seq_len, head_dim, device=dev, dtype=dtype)
 
+    fast = takes_fast_path(dev, precision, seq_len)
+
     def attention() -> None:
-        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+        if fast:
+            CausalAttention.apply(q, k, v, head_dim**-0.5).backward(g)
+        else:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
         q.grad = k.grad = v.grad = None
 
     flops = 3 * 2.0 * batch * heads * seq_len * seq_len * head_dim  # forward 2 B H T^2 d (causal half)
@@ -188,6 +196,7 @@ def _attention_rate(
         "device": device_name(device),
         "precision": precision,
         "attention_shape": [batch, heads, seq_len, head_dim],
+        "attention_kernel": "flash forward, matmul backward" if fast else "sdpa",
         "attention_flops_per_s": flops / _time(attention, seconds, sync),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
