@@ -1,27 +1,29 @@
-"""Causal attention for bf16 training on a CPU: torch's flash forward, a backward of fused matmuls.
+"""Causal attention for bf16 training on a CPU: torch's flash forward, a backward of batched matmuls.
 
 Under bf16 autocast on a CPU, torch's fused SDPA kernel (`_scaled_dot_product_flash_attention_for_cpu`)
 is quick forward but slow backward: on smollm2-135m at 4 x 256 tokens its backward takes 2-3x its
-forward and runs at about a third of the CPU's bf16 matmul rate, 13 ms of a layer's 19 (README). Here
-the forward is that kernel, which keeps only its output and the rows' log-sum-exp, and the backward
-recomputes the probabilities from them with five batched matmuls and one compiled elementwise pass
-(torch.compile, so the passes over the (heads x seq x seq) blocks are fused):
+forward and runs at about a third of the CPU's bf16 matmul rate (README). Here the forward is that
+kernel, which keeps only its output and the rows' log-sum-exp, and the backward recomputes the
+probabilities from them with five batched matmuls and one elementwise pass compiled by torch.compile
+(so the passes over the (heads x seq x seq) blocks are fused):
 
-    P = exp(scale * Q K^T - lse)          (Q K^T in fp32, as the flash kernel accumulates it)
+    P = exp(scale * Q K^T - lse)          (Q K^T in fp32)
     dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)) * scale
-    dQ = dS K,    dK = dS^T Q             (P and dS in bf16 for the matmuls, as the kernel rounds them)
+    dQ = dS K,    dK = dS^T Q             (P and dS rounded to bf16 for the matmuls)
 
-Against an fp64 reference its output and gradients are as close as the flash kernel's own (tested).
-Grouped-query attention stays grouped: K and V are expanded inside the backward and their gradients
-summed back per group.
+Against fp64 its gradients' errors are about the flash kernel's own: dq's a little larger, dk's and
+dv's smaller (bench/attention.py; tested within 1.15x). Grouped-query attention stays grouped: the
+query heads that share a key/value head are stacked as rows of one block, so K and V are never expanded
+and their gradients come out summed per group.
 
-`attention_forward` is registered with transformers' attention interface as "adaptlab_cpu" and takes
-the fast path only where it applies: a CPU, bf16 query, key and value (or bf16 autocast, whose cast
-it makes), autograd recording, no mask
-(plain causal), no dropout, no softcap or position bias, equal query and key lengths of at least
-`MIN_SEQ` tokens. Everything else (masks from packing or padding, decoding, fp32, CUDA, short rows)
-is transformers' own SDPA call. `use_cpu_attention` switches a model to it when a C++ compiler is on
-PATH (inductor needs one on a CPU); without one the model keeps SDPA.
+`attention_forward` is registered with transformers' attention interface as "adaptlab_cpu" (with SDPA's
+mask function, so padding and packing masks are built as for SDPA) and takes the fast path only where it
+applies: a CPU, bf16 query, key and value (or bf16 autocast, whose cast it makes), autograd recording,
+no mask (plain causal), no dropout, no softcap or position bias, equal query and key lengths of at least
+`MIN_SEQ` tokens. Everything else (masks from packing or padding, decoding, fp32, CUDA, short rows) is
+transformers' own SDPA call. `use_cpu_attention` switches a model to it when a C++ compiler is on PATH
+(inductor needs one on a CPU); without one the model keeps SDPA. Under `--compile` the backward is traced
+into each layer's graph instead.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 from torch import nn
 
 NAME = "adaptlab_cpu"
-MIN_SEQ = 128  # below this the backward's compilation costs more than the kernel's backward
+MIN_SEQ = 128  # shorter rows gain little from it (their attention is a small part of a step)
 _compiled: Any = None
 log = logging.getLogger(__name__)
 
