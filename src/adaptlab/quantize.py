@@ -37,24 +37,35 @@ QUANT_TYPE = "nf4"
 BLOCKSIZE = 64
 DOUBLE_QUANT = True
 # bitsandbytes logs this on avx512_bf16 CPUs without its optional `kernels` package, once per process
-_KERNELS_LINE = "Failed to load CPU gemm_4bit_forward from kernels-community"
-_BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+# (logger, start of the line) that bitsandbytes' import leaves when it cannot fetch its CPU kernel
+_KERNELS_LINES = (
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    # `kernels` (a transformers dependency) offline, on the same fetch
+    ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/"),
+)
 
 
 class _DropKernelsLine(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_KERNELS_LINE)
+        return not str(record.msg).startswith(self.start)
 
 
 def quiet_bitsandbytes() -> None:
-    """Drop bitsandbytes' 'Failed to load CPU gemm_4bit_forward' warning (idempotent; before or after import).
+    """Drop the warnings bitsandbytes' import leaves when it cannot fetch its CPU 4-bit kernel from the Hub
+    ('Failed to load CPU gemm_4bit_forward', and offline the `kernels` package's 'Skipping publisher trust
+    check'); idempotent, before or after import.
 
-    It names a fused kernel adaptlab does not use (see keep_canonical_layout), and would otherwise land in
+    They name a fused kernel adaptlab does not use (see keep_canonical_layout), and would otherwise land in
     every QLoRA command's output, one-line errors included.
     """
-    logger = logging.getLogger(_BNB_CPU_LOGGER)
-    if not any(isinstance(f, _DropKernelsLine) for f in logger.filters):
-        logger.addFilter(_DropKernelsLine())
+    for name, start in _KERNELS_LINES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKernelsLine) for f in logger.filters):
+            logger.addFilter(_DropKernelsLine(start))
 
 
 @dataclass(frozen=True)
