@@ -18,9 +18,14 @@ from adaptlab.distributed import decoder_layers
 from adaptlab.errors import UserError
 
 
+def cpp_compiler_available() -> bool:
+    """Whether inductor can compile on a CPU here: a C++ compiler on PATH."""
+    return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+
+
 def compile_layers(model: nn.Module, device: torch.device) -> int:
     """torch.compile every decoder layer of `model` in place; the number of layers compiled."""
-    if device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+    if device.type == "cpu" and not cpp_compiler_available():
         raise UserError(
             "--compile on a CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile"
         )

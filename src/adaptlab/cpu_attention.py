@@ -29,11 +29,12 @@ into each layer's graph instead.
 from __future__ import annotations
 
 import logging
-import shutil
 from typing import Any
 
 import torch
 from torch import nn
+
+from adaptlab.compiling import cpp_compiler_available
 
 NAME = "adaptlab_cpu"
 MIN_SEQ = 128  # shorter rows gain little from it (their attention is a small part of a step)
@@ -162,15 +163,10 @@ def attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def compiler_available() -> bool:
-    """Whether inductor can compile the backward here: a C++ compiler on PATH."""
-    return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
-
-
 def takes_fast_path(device: torch.device, precision: str, seq_len: int) -> bool:
     """Whether a training step's attention at this device, precision and row length runs `CausalAttention`
     (for the planner's measurement; a model must also be on SDPA and unmasked)."""
-    return device.type == "cpu" and precision == "bf16" and seq_len >= MIN_SEQ and compiler_available()
+    return device.type == "cpu" and precision == "bf16" and seq_len >= MIN_SEQ and cpp_compiler_available()
 
 
 def use_cpu_attention(model: nn.Module) -> bool:
@@ -181,7 +177,7 @@ def use_cpu_attention(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
-    if not compiler_available():
+    if not cpp_compiler_available():
         return False
     AttentionInterface.register(NAME, attention_forward)
     # the masks SDPA gets (padding, packed documents); an unregistered name would get none at all

@@ -130,3 +130,29 @@ def test_a_model_not_on_sdpa_is_left_alone() -> None:
     model.config._attn_implementation = "eager"
     assert not use_cpu_attention(model)
     assert model.config._attn_implementation == "eager"
+
+
+def test_accuracy_holds_on_the_avx2_kernels_too(tmp_path) -> None:
+    """The flash kernel and the matmuls differ by CPU capability: the same check with torch forced onto
+    its avx2 kernels, whatever this machine's CPU has. Its compiled kernels go to a cache of its own:
+    inductor's on-disk cache does not key on ATEN_CPU_CAPABILITY, and a kernel built under one capability
+    corrupts memory when a process under the other loads it."""
+    import os
+    import subprocess
+    import sys
+
+    test = f"{__file__}::test_as_accurate_as_the_flash_kernel_against_fp64"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:]
+    check = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    assert (
+        subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env).stdout.strip()
+        == "AVX2"
+    )
