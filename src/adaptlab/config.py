@@ -141,8 +141,9 @@ class StepSpec(_Spec):
     precision: Precision = "auto"
     """auto: bf16 autocast (fp32 master weights) on CUDA and CPUs with native bf16, else fp32."""
     grad_checkpointing: bool = False
-    compile: bool = False
-    """torch.compile each decoder layer (compile.py); off by default until measured to help (README)."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile each decoder layer (compiling.py); auto: only where measured to pay back, a long
+    single-process SFT run in bf16 on a CPU with native bf16 (compiling.auto_blockers)."""
     optimizer_in_backward: bool = False
     """Apply each parameter's AdamW update as soon as its gradient is complete and free that gradient
     (optim_backward.py), so the gradients are never all held at once. Global-norm clipping needs them

@@ -79,6 +79,8 @@ class Setup:
     world: dist.World = dist.SINGLE
     parallel: str | None = None
     """ddp | fsdp when several processes train this run, else None."""
+    compiled: bool = False
+    """Whether its decoder layers run under torch.compile (train.compile, compiling.resolve)."""
 
 
 def lr_lambda(total_steps: int, warmup: float, min_ratio: float) -> Callable[[int], float]:
@@ -115,6 +117,7 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
         dtype = STORED if config.method.method == "qlora" else torch.float32
         loaded = load_model(config.model.name, dtype=dtype, device="cpu" if strategy == "fsdp" else device)
     check_against_model(config, loaded.model)
+    compiled = _compiles(config, device, precision, world, sum(p.numel() for p in loaded.model.parameters()))
     tokenizer = loaded.tokenizer
     train_examples, val_examples = objective.build_data(config, tokenizer)
     with adapters_in_fp32() if held else nullcontext():
@@ -124,12 +127,12 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
 
         model = init_from.load_into(model, config)
     # bit-identical to the plain MLP, two (tokens x intermediate) tensors less per block
-    fuse_mlps(model, recompute_product=not (config.train.grad_checkpointing or config.train.compile))
-    if not config.train.compile:  # LoRA's adapter passes folded into accumulating matmuls
+    fuse_mlps(model, recompute_product=not (config.train.grad_checkpointing or compiled))
+    if not compiled:  # LoRA's adapter passes folded into accumulating matmuls
         fuse_loras(model)
-    if not (config.train.compile or strategy == "fsdp"):
+    if not (compiled or strategy == "fsdp"):
         fuse_autocast_linears(model)  # under autocast, trained Linears keep fp32 tensors, not bf16 casts
-    if not (config.train.grad_checkpointing or config.train.compile or strategy == "fsdp"):
+    if not (config.train.grad_checkpointing or compiled or strategy == "fsdp"):
         fuse_norms(model)  # a block's norms keep their input only; their outputs are rebuilt in backward
     if config.train.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -139,7 +142,7 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
         hold_frozen_linears(model)  # the bf16 values autocast would cast them to at every call
     if strategy != "fsdp":
         model.to(device)
-    if config.train.compile:
+    if compiled:
         from adaptlab.compiling import compile_layers
 
         compile_layers(model, device)
@@ -160,8 +163,32 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
         total_steps=config.train.total_steps(),
         world=world,
         parallel=strategy,
+        compiled=compiled,
         objective=objective,
     )
+
+
+def _compiles(
+    config: RunConfig, device: torch.device, precision: str, world: dist.World, n_params: int
+) -> bool:
+    """train.compile resolved for this run (`auto`: compiling.auto_blockers) on a base of `n_params`."""
+    from adaptlab import compiling
+
+    t = config.train
+    blockers = compiling.auto_blockers(
+        method=config.method.method,
+        device=device,
+        precision=precision,
+        world_size=world.world_size,
+        task=config.objective.task,
+        grad_checkpointing=t.grad_checkpointing,
+        optimizer_in_backward=t.optimizer_in_backward,
+        work=float(n_params) * t.total_steps() * t.tokens_per_step,
+    )
+    compiled, why = compiling.resolve(t.compile, blockers)
+    # auto turning it on is said: the first step then takes tens of seconds longer while it compiles
+    (log.warning if compiled and t.compile == "auto" else log.debug)(why)
+    return compiled
 
 
 def _fits_one_device(config: RunConfig, device: torch.device) -> bool | None:
@@ -576,6 +603,7 @@ def build_summary(
         "versions": versions(),
         "world_size": setup.world.world_size,
         "parallel": setup.parallel,
+        "compiled": setup.compiled,
         "step_time": step_time_spread(
             [r["tokens_per_s"] for r in setup.run.read_metrics() if "tokens_per_s" in r]
         ),

@@ -1,6 +1,7 @@
 """`train.compile` (--compile): each decoder layer under torch.compile trains the same run as eager
 (losses within float reordering), keeps the adapter's keys, and a CPU without a C++ compiler is one
-clear line.
+clear line. `auto` (the default) compiles only a long single-process bf16 SFT run on a CPU with native
+bf16, and a comparison's runs all decide alike.
 
     python -m pytest -q tests/unit/test_compile.py
 """
@@ -15,7 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from adaptlab import compiling
+from adaptlab.compare.arms import expand
+from adaptlab.compare.spec import build_spec
 from adaptlab.errors import UserError
+from adaptlab.models import load_model
 from adaptlab.train import train
 from tests.helpers import tiny_config, write_corpus
 
@@ -50,3 +54,88 @@ def test_a_cpu_without_a_cpp_compiler_is_one_line(monkeypatch: pytest.MonkeyPatc
 def test_a_model_without_decoder_layers_is_one_line() -> None:
     with pytest.raises(UserError, match="no decoder layers"):
         compiling.compile_layers(torch.nn.Linear(2, 2), torch.device("cuda"))
+
+
+LONG = dict(
+    method="lora",
+    device=torch.device("cpu"),
+    precision="bf16",
+    world_size=1,
+    task="sft",
+    grad_checkpointing=False,
+    optimizer_in_backward=False,
+    work=compiling.AUTO_MIN_WORK,
+)
+
+
+@pytest.fixture
+def native_bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compiling, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(compiling, "cpp_compiler_available", lambda: True)
+
+
+@pytest.mark.usefixtures("native_bf16_cpu")
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({}, None),
+        ({"method": "full"}, None),
+        ({"method": "dora"}, "dora was measured no faster"),
+        ({"method": "qlora"}, "qlora was measured no faster"),
+        ({"work": compiling.AUTO_MIN_WORK / 2}, "too short"),
+        ({"precision": "fp32"}, "native bf16"),
+        ({"device": torch.device("cuda")}, "not measured on cuda"),
+        ({"world_size": 2}, "several processes"),
+        ({"task": "dpo"}, "not measured for dpo"),
+        ({"grad_checkpointing": True}, "activation checkpointing"),
+        ({"optimizer_in_backward": True}, "optimizer-in-backward"),
+    ],
+)
+def test_auto_compiles_only_where_measured_to_pay(change: dict, words: str | None) -> None:
+    blockers = compiling.auto_blockers(**{**LONG, **change})
+    compiled, why = compiling.resolve("auto", blockers)
+    assert compiled is (words is None)
+    assert (words or "compile: on (auto") in why
+
+
+def test_auto_stays_eager_on_a_cpu_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compiling, "cpu_has_native_bf16", lambda: False)
+    assert compiling.resolve("auto", compiling.auto_blockers(**LONG))[0] is False
+
+
+@pytest.mark.parametrize("setting", [True, False])
+def test_an_explicit_setting_wins_over_auto(setting: bool) -> None:
+    assert compiling.resolve(setting, ["too short"]) == (
+        setting,
+        f"compile: {'on' if setting else 'off'} (set)",
+    )
+
+
+@pytest.mark.usefixtures("native_bf16_cpu")
+@pytest.mark.parametrize(("min_work", "compiled"), [(compiling.AUTO_MIN_WORK, False), (1.0, True)])
+def test_a_run_resolves_auto_by_its_length(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, min_work: float, compiled: bool
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(compiling, "AUTO_MIN_WORK", min_work)
+    monkeypatch.setattr(compiling, "compile_layers", lambda model, device: calls.append(1) or 0)
+    data = write_corpus(tmp_path / "data", n_docs=8)
+    summary = train(tiny_config(data, tmp_path / "run", steps=2, precision="bf16"))
+    assert summary["compiled"] is compiled
+    assert bool(calls) is compiled
+
+
+def _compare(tokens: dict[str, int]) -> dict[str, object]:
+    arms = [{"name": n, "method": n, "tokens": t} for n, t in tokens.items()]
+    spec = build_spec(
+        {"model": "tiny-random", "data": {"train": ["python-stdlib"]}, "tokens": 1000, "arms": arms}
+    )
+    return {p.arm: p.train_fields["compile"] for p in expand(spec, spec.arms)}
+
+
+def test_a_comparison_compiles_all_its_runs_or_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    n_params = sum(p.numel() for p in load_model("tiny-random").model.parameters())
+    monkeypatch.setattr(compiling, "AUTO_MIN_WORK", n_params * 10_000)
+    assert _compare({"full": 20_000, "lora": 20_000}) == {"full": "auto", "lora": "auto"}
+    assert _compare({"full": 20_000, "lora": 5_000}) == {"full": False, "lora": False}
+    assert _compare({"full": 20_000, "dora": 20_000}) == {"full": False, "dora": False}

@@ -323,4 +323,21 @@ def expand(
                     )
             else:
                 plans.append(RunPlan(run=a.name + suffix, lr=None, lr_source="sweep", **common))
+    if spec.train.compile == "auto":
+        _one_compile_decision(spec.model, plans)
     return plans
+
+
+def _one_compile_decision(model: str, plans: list[RunPlan]) -> None:
+    """`compile: auto` weighs each run's method and length; in a comparison every run stays eager unless
+    all would compile, so that no arm's speed is the compiler's and the others' not."""
+    from adaptlab import compiling
+
+    n_params = sum(p.numel() for p in _meta_model(model).parameters())
+    shortest = min(
+        f["steps"] * f["batch"] * f["grad_accum"] * f["seq_len"] for f in (p.train_fields for p in plans)
+    )
+    methods = {p.method_fields["method"] for p in plans}
+    if n_params * shortest < compiling.AUTO_MIN_WORK or not methods <= set(compiling.AUTO_METHODS):
+        for plan in plans:
+            plan.train_fields["compile"] = False
