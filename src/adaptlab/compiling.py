@@ -67,9 +67,7 @@ def auto_blockers(
     work: float,
 ) -> list[str]:
     """Why `compile: auto` leaves this run eager (empty: it compiles). `work` is parameters x tokens."""
-    why = []
-    if method not in AUTO_METHODS:
-        why.append(f"{method} was measured no faster compiled")
+    why = workload_blockers(method, work)
     if device.type != "cpu":
         why.append(f"not measured on {device.type}")
     elif precision != "bf16" or not cpu_has_native_bf16():
@@ -82,6 +80,14 @@ def auto_blockers(
         why.append(f"not measured for {task}")
     if grad_checkpointing or optimizer_in_backward:
         why.append("not measured with activation checkpointing or optimizer-in-backward")
+    return why
+
+
+def workload_blockers(method: str, work: float) -> list[str]:
+    """The part of `auto_blockers` that is the run's own, not the machine's: its method and length."""
+    why = []
+    if method not in AUTO_METHODS:
+        why.append(f"{method} was measured no faster compiled")
     if work < AUTO_MIN_WORK:
         why.append(
             f"too short to pay back the compilation ({work:.1e} < {AUTO_MIN_WORK:.1e} parameter-tokens)"

@@ -334,10 +334,10 @@ def _one_compile_decision(model: str, plans: list[RunPlan]) -> None:
     from adaptlab import compiling
 
     n_params = sum(p.numel() for p in _meta_model(model).parameters())
-    shortest = min(
-        f["steps"] * f["batch"] * f["grad_accum"] * f["seq_len"] for f in (p.train_fields for p in plans)
-    )
-    methods = {p.method_fields["method"] for p in plans}
-    if n_params * shortest < compiling.AUTO_MIN_WORK or not methods <= set(compiling.AUTO_METHODS):
+
+    def work(f: dict[str, Any]) -> float:
+        return float(n_params) * f["steps"] * f["batch"] * f["grad_accum"] * f["seq_len"]
+
+    if any(compiling.workload_blockers(p.method_fields["method"], work(p.train_fields)) for p in plans):
         for plan in plans:
             plan.train_fields["compile"] = False
