@@ -139,3 +139,20 @@ def test_a_comparison_compiles_all_its_runs_or_none(monkeypatch: pytest.MonkeyPa
     assert _compare({"full": 20_000, "lora": 20_000}) == {"full": "auto", "lora": "auto"}
     assert _compare({"full": 20_000, "lora": 5_000}) == {"full": False, "lora": False}
     assert _compare({"full": 20_000, "dora": 20_000}) == {"full": False, "dora": False}
+
+
+@pytest.mark.usefixtures("native_bf16_cpu")
+@pytest.mark.parametrize(("min_work", "on"), [(compiling.AUTO_MIN_WORK, set()), (1.0, {"full", "lora"})])
+def test_plan_says_what_auto_decides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, min_work: float, on: set
+) -> None:
+    from adaptlab.plan import plan
+
+    monkeypatch.setattr(compiling, "AUTO_MIN_WORK", min_work)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(20)))
+    methods = plan(
+        "tiny-random", [str(docs)], seq_len=64, batch=2, device="cpu", precision="bf16", benchmark=False
+    )["methods"]
+    assert {k for k, m in methods.items() if m["compile"].startswith("compile: on (auto")} == on
+    assert "qlora was measured no faster" in methods["qlora"]["compile"]

@@ -218,6 +218,23 @@ def _architecture(arch: Arch) -> dict[str, Any]:
     }
 
 
+def _auto_compile(method: str, dev: Any, prec: str, task: str, shape: Shape, work: float) -> str:
+    """`train.compile: auto`'s line for this method's run; its time is still the eager loop's estimate."""
+    from adaptlab import compiling
+
+    blockers = compiling.auto_blockers(
+        method=method,
+        device=dev,
+        precision=prec,
+        world_size=1,
+        task="sft" if task in ("cpt", "ift") else task,
+        grad_checkpointing=shape.grad_checkpointing,
+        optimizer_in_backward=shape.optimizer_in_backward,
+        work=work,
+    )
+    return compiling.resolve("auto", blockers)[1]
+
+
 def _notes(task: str, kl_beta: float = 0.0, sampling: grpo_plan.Sampling | None = None) -> list[str]:
     notes = [
         "time per epoch is an estimate: training FLOPs and memory traffic over a micro-benchmark of this device",
@@ -351,6 +368,8 @@ def plan(
     if task == "grpo":
         for entry in methods.values():
             grpo_plan.add_sampling(entry, arch, batch * grad_accum, prompt_len, sampling, prec, rate)
+    for entry in methods.values():  # what `train.compile: auto` would decide for this run
+        entry["compile"] = _auto_compile(entry["method"], dev, prec, task, shape, arch.total_params * budget)
     limit_used = _device_limit(methods, dev, mem_limit)
     suggested = advice.suggest_rank(lambda r: arch.lora_params(r, list(target_names)), size.tokens_per_epoch)
     command = _compare_command(model, sources, min(budget, max(size.tokens_per_epoch, 1)), task)
