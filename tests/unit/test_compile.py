@@ -20,7 +20,7 @@ from adaptlab.compare.arms import expand
 from adaptlab.compare.spec import build_spec
 from adaptlab.errors import UserError
 from adaptlab.models import load_model
-from adaptlab.train import train
+from adaptlab.train import resume_run, train
 from tests.helpers import tiny_config, write_corpus
 
 
@@ -43,6 +43,22 @@ def test_compiled_layers_train_the_eager_run(tmp_path: Path) -> None:
     assert weights["eager"].keys() == weights["compiled"].keys()  # no _orig_mod / compile prefixes
     for key, value in weights["eager"].items():
         torch.testing.assert_close(weights["compiled"][key], value, rtol=1e-3, atol=1e-5)
+
+
+def test_a_compiled_run_resumes_where_it_was_cut(tmp_path: Path) -> None:
+    data = write_corpus(tmp_path / "data", n_docs=12)
+    whole = tiny_config(data, tmp_path / "whole", steps=5, compile=True)
+    train(whole)
+
+    def stop_at_4(row: dict) -> None:
+        if row.get("step") == 4 and "loss" in row:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(data, tmp_path / "cut", steps=5, save_every=1, compile=True), on_log=stop_at_4)
+    summary = resume_run(tmp_path / "cut")
+    assert summary["compiled"] is True
+    assert _losses(tmp_path / "cut") == pytest.approx(_losses(tmp_path / "whole"), rel=1e-5)
 
 
 def test_a_cpu_without_a_cpp_compiler_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
