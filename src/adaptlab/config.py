@@ -144,6 +144,14 @@ class StepSpec(_Spec):
     compile: bool | Literal["auto"] = "auto"
     """torch.compile each decoder layer (compiling.py); auto: only where measured to pay back, a long
     single-process SFT run in bf16 on a CPU with native bf16 (compiling.auto_blockers)."""
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_setting(cls, value: Any) -> Any:
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError(f"true, false or auto (got {value!r})")
+
     optimizer_in_backward: bool = False
     """Apply each parameter's AdamW update as soon as its gradient is complete and free that gradient
     (optim_backward.py), so the gradients are never all held at once. Global-norm clipping needs them

@@ -61,6 +61,12 @@ def test_a_compiled_run_resumes_where_it_was_cut(tmp_path: Path) -> None:
     assert _losses(tmp_path / "cut") == pytest.approx(_losses(tmp_path / "whole"), rel=1e-5)
 
 
+@pytest.mark.parametrize("value", ["maybe", 1, None])
+def test_a_compile_setting_other_than_true_false_or_auto_is_one_line(tmp_path: Path, value: object) -> None:
+    with pytest.raises(UserError, match="train.compile: true, false or auto"):
+        tiny_config(tmp_path, tmp_path / "run", compile=value)
+
+
 def test_a_cpu_without_a_cpp_compiler_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(compiling.shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="C\\+\\+ compiler"):
