@@ -7,9 +7,9 @@ are faster depends on the device and the model. On a CPU, inductor writes C++ an
 PATH.
 
 `train.compile` is true, false or `auto` (the default). `auto` compiles only where it was measured to
-pay back (README, `--compile`): a single-process SFT run in bf16 on a CPU with native bf16, long enough
-to earn back the compilation (`AUTO_MIN_WORK`). Everywhere else (CUDA, fp32, DPO and GRPO, several
-processes, activation checkpointing, short runs) it stays eager until measured there.
+pay back (README, `--compile`): a single-process full or LoRA SFT run in bf16 on a CPU with native bf16,
+long enough to earn back the compilation (`AUTO_MIN_WORK`). Everywhere else (CUDA, fp32, DoRA and QLoRA,
+DPO and GRPO, several processes, activation checkpointing, short runs) it stays eager until measured.
 """
 
 from __future__ import annotations

@@ -145,19 +145,19 @@ class StepSpec(_Spec):
     """torch.compile each decoder layer (compiling.py); auto: only where measured to pay back, a long
     single-process SFT run in bf16 on a CPU with native bf16 (compiling.auto_blockers)."""
 
-    @field_validator("compile", mode="before")
-    @classmethod
-    def _compile_setting(cls, value: Any) -> Any:
-        if value is True or value is False or value == "auto":
-            return value
-        raise ValueError(f"true, false or auto (got {value!r})")
-
     optimizer_in_backward: bool = False
     """Apply each parameter's AdamW update as soon as its gradient is complete and free that gradient
     (optim_backward.py), so the gradients are never all held at once. Global-norm clipping needs them
     all first: max_grad_norm is null with it (left at its default it is dropped; set, it is refused)."""
     eval_examples: int = Field(32, gt=0)
     """Validation blocks scored at each evaluation."""
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_setting(cls, value: Any) -> Any:
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError(f"true, false or auto (got {value!r})")
 
     @model_validator(mode="before")
     @classmethod
