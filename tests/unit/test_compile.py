@@ -176,5 +176,6 @@ def test_plan_says_what_auto_decides(
     methods = plan(
         "tiny-random", [str(docs)], seq_len=64, batch=2, device="cpu", precision="bf16", benchmark=False
     )["methods"]
-    assert {k for k, m in methods.items() if m["compile"].startswith("compile: on (auto")} == on
-    assert "qlora was measured no faster" in methods["qlora"]["compile"]
+    assert {k for k, m in methods.items() if m["compile"]["on"]} == on
+    assert all(m["compile"]["why"].startswith("compile: ") for m in methods.values())
+    assert "qlora was measured no faster" in methods["qlora"]["compile"]["why"]

@@ -88,7 +88,7 @@ def _print(result: dict[str, Any]) -> None:
             _size(mem["logits"]),
         )
     console.print(table)
-    compiled = [key for key, m in result["methods"].items() if m["compile"].startswith("compile: on")]
+    compiled = [key for key, m in result["methods"].items() if m["compile"]["on"]]
     if compiled:
         console.print(
             f"compile: `auto` compiles {', '.join(compiled)} at this budget here; time/epoch is the eager "

@@ -218,8 +218,9 @@ def _architecture(arch: Arch) -> dict[str, Any]:
     }
 
 
-def _auto_compile(method: str, dev: Any, prec: str, task: str, shape: Shape, work: float) -> str:
-    """`train.compile: auto`'s line for this method's run; its time is still the eager loop's estimate."""
+def _auto_compile(method: str, dev: Any, prec: str, task: str, shape: Shape, work: float) -> dict[str, Any]:
+    """What `train.compile: auto` decides for this method's run (`on`) and why; the plan's time is still
+    the eager loop's estimate."""
     from adaptlab import compiling
 
     blockers = compiling.auto_blockers(
@@ -232,7 +233,8 @@ def _auto_compile(method: str, dev: Any, prec: str, task: str, shape: Shape, wor
         optimizer_in_backward=shape.optimizer_in_backward,
         work=work,
     )
-    return compiling.resolve("auto", blockers)[1]
+    on, why = compiling.resolve("auto", blockers)
+    return {"on": on, "why": why}
 
 
 def _notes(task: str, kl_beta: float = 0.0, sampling: grpo_plan.Sampling | None = None) -> list[str]:
