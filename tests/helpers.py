@@ -42,6 +42,17 @@ def pefts_forward(model: Any) -> Iterator[Any]:
             module.forward = forward
 
 
+def undeclared_outputs(out: Path, kind: str) -> list[str]:
+    """Entries a command wrote into `out` that adaptlab.outputs.WRITES does not list for its kind: a name
+    missing there could be written over a user's file when `--overwrite` hands over their folder."""
+    import fnmatch
+
+    from adaptlab.outputs import LOCK, MARKER, WRITES
+
+    names = [p.name for p in out.iterdir() if p.name not in (MARKER, LOCK)]
+    return [n for n in names if not any(fnmatch.fnmatch(n, w) for w in WRITES[kind])]
+
+
 def write_corpus(directory: Path, n_docs: int = 40) -> Path:
     """A JSONL corpus of real text (standard-library modules), one document a line."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,11 @@
 A directory adaptlab writes (a run, a comparison, an analysis, a merged model) carries a marker file,
 `.adaptlab`, written before anything else: what kind of output it is and which command wrote it.
 adaptlab writes only into a missing or empty directory, a directory it marked, or one the user hands
-over with `--overwrite`; even then it replaces only its own named outputs and deletes nothing else.
+over with `--overwrite`. In a directory it marked, `--overwrite` replaces what adaptlab wrote there
+before. In one it did not mark, `--overwrite` lets it write beside the user's files, and only when none
+of them bears a name the command writes (`WRITES`): a file adaptlab did not write is never replaced or
+deleted. The marker is written only after every check has passed, and a command that fails before
+writing anything takes it away again.
 
 A lock (`.adaptlab.lock`, fcntl.flock) is held by the writing process for as long as it writes. The
 kernel releases it when the process exits, however it exits, so a lock left by a dead process never
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import json
 import os
 import shutil
@@ -50,6 +55,29 @@ RUN_OUTPUTS = (
     "tensorboard",
 )
 
+WRITES: dict[str, tuple[str, ...]] = {
+    "run": tuple(sorted({p.split("/")[0] for p in RUN_OUTPUTS})),
+    "comparison": (
+        "compare.yaml",
+        "results.json",
+        "report.md",
+        "report.html",
+        "plots",
+        "runs",
+        "data",
+        "tensorboard",
+        "mlruns",
+    ),
+    "compare": ("results.json", "report.md", "runs", "sft-answers.jsonl"),
+    "export": ("*.gguf", "export.json", "Modelfile"),
+    "analysis": ("analysis.json", "intruders.png", "rel_update_norm.png"),
+    "mitigated adapter": ("adapter_config.json", "adapter_model.safetensors", "mitigation.json", "README.md"),
+    "mitigation sweep": ("lambda-*", "sweep.json", "sweep.png"),
+}
+"""The top-level names (globs) each kind of output writes: `--overwrite` into a directory adaptlab did
+not mark is refused while any of the user's entries matches one. A kind missing here (a merged model,
+whose files are named by the model's own format) is never written beside a user's files."""
+
 
 def marker_kind(path: Path) -> str | None:
     """The kind recorded in path's marker (\"run\", \"comparison\", ...), or None when unmarked."""
@@ -80,16 +108,25 @@ def check_out(path: Path, kind: str, overwrite: bool = False, inputs: Sequence[s
     if not path.exists():
         return
     found = marker_kind(path)
-    if found == kind or overwrite:
+    if found == kind or (found is not None and overwrite):
         return
     if found is not None:
         raise UserError(
             f"{path} holds an adaptlab {found}, not a {kind}: choose another --out, or pass --overwrite"
         )
-    if _foreign_entries(path, inputs):
+    foreign = _foreign_entries(path, inputs)
+    if foreign and not overwrite:
         raise UserError(
             f"{path} exists and holds files adaptlab did not write: choose another --out, or pass "
-            "--overwrite (adaptlab then replaces only its own outputs and keeps every other file)"
+            "--overwrite (adaptlab then writes beside them and never replaces one)"
+        )
+    if foreign and kind not in WRITES:
+        raise UserError(f"{path} exists and holds files adaptlab did not write: choose another --out")
+    clashes = sorted(p.name for p in foreign if any(fnmatch.fnmatch(p.name, w) for w in WRITES.get(kind, ())))
+    if clashes:
+        raise UserError(
+            f"{path} holds {', '.join(clashes[:4])}{' ...' if len(clashes) > 4 else ''}, not written by "
+            f"adaptlab, which this {kind} would write over: move them, or choose another --out"
         )
 
 
@@ -185,25 +222,30 @@ def owned(
 ) -> Iterator[None]:
     """Claim path for a `kind` output and hold its lock while the block writes it.
 
-    A directory that was absent or empty and is left holding nothing but the marker and the lock (the
-    command failed before writing) is returned to how it was (removed, or emptied again), so a mistake
-    leaves no trace.
+    A directory adaptlab had not marked (absent, empty, or the user's, handed over with `overwrite`) that
+    the failed command left holding nothing new but the marker and the lock is returned to how it was
+    (removed, or unmarked again), so a mistake leaves no trace and a later command does not take the
+    user's directory for adaptlab's.
     """
     existed = path.exists()
-    was_empty = not existed or (path.is_dir() and not any(path.iterdir()))
+    before = _names(path) if existed and path.is_dir() and marker_kind(path) is None else None
     claim(path, kind, overwrite, inputs)
     with locked(path):
         try:
             yield
         except BaseException:
-            if was_empty:  # still under the lock, so no other writer has started here
-                _remove_if_bare(path, remove_dir=not existed)
+            if before is not None or not existed:  # still under the lock: no other writer has started
+                _unmark_if_untouched(path, before or set(), remove_dir=not existed)
             raise
 
 
-def _remove_if_bare(path: Path, remove_dir: bool) -> None:
+def _names(path: Path) -> set[str]:
+    return {p.name for p in path.iterdir()}
+
+
+def _unmark_if_untouched(path: Path, before: set[str], remove_dir: bool) -> None:
     with contextlib.suppress(OSError):
-        if {p.name for p in path.iterdir()} <= {MARKER, LOCK}:
+        if _names(path) - {MARKER, LOCK} <= before:
             for name in (MARKER, LOCK):
                 (path / name).unlink(missing_ok=True)
             if remove_dir:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import undeclared_outputs
 
 from adaptlab.analysis import LayerUpdate, analyze, layer_stats, layer_updates
 
@@ -216,6 +217,7 @@ def test_cli_table_and_json(run_cli: Any, lora_pair: tuple[Path, Path], tmp_path
     code, out, err = run_cli("analyze", "--tuned", adapter, "--base", "tiny-random", "--out", tmp_path / "a")
     assert code == 0, err
     assert "all" in out and "eps sweep" in out and (tmp_path / "a" / "intruders.png").exists()
+    assert undeclared_outputs(tmp_path / "a", "analysis") == []
     code, out, err = run_cli("analyze", "--tuned", adapter, "--json", "--k", "3", "--out", tmp_path / "b")
     assert code == 0, err
     printed = json.loads(out)  # base defaults to the one the adapter records

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import undeclared_outputs
 from safetensors.torch import load_file
 
 from adaptlab.analysis import analyze, layer_updates
@@ -185,6 +186,7 @@ def test_cli_mitigate_writes_a_new_adapter_and_refuses_foreign_folders(
     assert (tmp_path / "m" / "adapter_model.safetensors").exists() and (
         tmp_path / "m" / "mitigation.json"
     ).exists()
+    assert undeclared_outputs(tmp_path / "m", "mitigated adapter") == []
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     code, _, err = run_cli("analyze", "--tuned", adapter, "--mitigate", "0.5", "--out", tmp_path / "mine")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import write_corpus
+from helpers import undeclared_outputs, write_corpus
 
 import adaptlab
 from adaptlab.outputs import LOCK, MARKER, claim, clear
@@ -122,26 +122,59 @@ def test_train_refuses_a_folder_it_did_not_write(run_cli, corpus, tmp_path):
     assert not (out / MARKER).exists()
 
 
-def test_train_overwrite_replaces_only_its_own_outputs(run_cli, corpus, tmp_path):
+def test_train_overwrite_never_replaces_a_users_file(run_cli, corpus, tmp_path):
     out = tmp_path / "d"
     out.mkdir()
-    (out / "config.yaml").write_text("mine\n")
-    (out / "NOTES.txt").write_text("keep\n")
-    (out / "checkpoints").mkdir()
-    (out / "checkpoints" / "notes.txt").write_text("keep\n")
+    mine = {
+        "config.yaml": "mine\n",
+        "NOTES.txt": "keep\n",
+        "eval.json": "{}\n",
+        "checkpoints/notes.txt": "keep\n",
+    }
+    for name, text in mine.items():
+        (out / name).parent.mkdir(exist_ok=True)
+        (out / name).write_text(text)
     code, _, err = run_cli(*TRAIN, "--data", corpus, "--out", out, "--overwrite")
-    assert code == 2 and "checkpoints" in _one_line(err)  # a finished run removes checkpoints/
-    assert (out / "checkpoints" / "notes.txt").read_text() == "keep\n"
-    (out / "checkpoints" / "notes.txt").unlink()
+    line = _one_line(err)
+    assert code == 2 and all(n in line for n in ("checkpoints", "config.yaml", "eval.json")), line
+    assert "NOTES.txt" not in line
+    assert {n: (out / n).read_text() for n in mine} == mine
+    assert not (out / MARKER).exists()  # refused: the folder is still the user's, not adaptlab's
+    code, _, err = run_cli(*TRAIN, "--data", corpus, "--out", out)
+    assert code == 2 and "--overwrite" in _one_line(err)
+    for name in ("config.yaml", "eval.json", "checkpoints/notes.txt", "checkpoints"):
+        path = out / name
+        path.rmdir() if path.is_dir() else path.unlink()
     code, _, err = run_cli(*TRAIN, "--data", corpus, "--out", out, "--overwrite")
     assert code == 0, err
     assert yaml.safe_load((out / "config.yaml").read_text())["model"]["name"] == "tiny-random"
     assert (out / "NOTES.txt").read_text() == "keep\n" and (out / "summary.json").exists()
+    assert undeclared_outputs(out, "run") == ["NOTES.txt"]
     # a finished run is still refused without --overwrite, and replaced (keeping NOTES.txt) with it
     assert run_cli(*TRAIN, "--data", corpus, "--out", out)[0] == 2
     assert run_cli(*TRAIN, "--data", corpus, "--out", out, "--overwrite", "--method", "full")[0] == 0
     assert (out / "model").is_dir() and not (out / "adapter").exists()
     assert (out / "NOTES.txt").read_text() == "keep\n"
+
+
+def test_every_kind_refuses_to_write_over_a_users_file(tmp_path):
+    from adaptlab.errors import UserError
+    from adaptlab.outputs import WRITES, check_out
+
+    for kind, names in WRITES.items():
+        for name in names:
+            out = tmp_path / f"{kind}-{name}".replace("*", "x").replace(" ", "-")
+            out.mkdir()
+            (out / name.replace("*", "x")).write_text("mine\n")
+            with pytest.raises(UserError, match="would write over"):
+                check_out(out, kind, overwrite=True)
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    (beside / "NOTES.txt").write_text("mine\n")
+    for kind in WRITES:
+        check_out(beside, kind, overwrite=True)  # nothing of the user's would be written over
+    with pytest.raises(UserError, match="did not write"):
+        check_out(beside, "artifact", overwrite=True)  # a merged model's file names are the model's
 
 
 def test_out_that_is_a_file_is_one_line(run_cli, corpus, tmp_path):

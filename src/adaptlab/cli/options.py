@@ -31,6 +31,9 @@ def push_to_hub_option(what: str) -> Callable[[F], F]:
 
 
 overwrite_option = click.option(
-    "--overwrite", is_flag=True, help="Write into an existing --out, replacing only adaptlab's outputs."
+    "--overwrite",
+    is_flag=True,
+    help="Write into an existing --out: replace adaptlab's earlier outputs, or write beside your files "
+    "(never over one).",
 )
-"""`--overwrite`: write into a directory adaptlab did not write (outputs.py keeps every other file)."""
+"""`--overwrite`: write into a directory adaptlab marked, or beside a user's files (outputs.check_out)."""
