@@ -16,6 +16,7 @@ resolved and loaded by artifacts.py.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -181,7 +182,10 @@ def require_safetensors(directory: Path, weights: str = "*.safetensors", missing
 
     `missing`, when given, is the error for a directory with neither (else transformers says what is missing).
     """
-    if any(directory.glob(weights)):
+    found = sorted(directory.glob(weights))
+    if found:
+        for path in found:
+            check_safetensors_file(path)
         return
     pickles = sorted(p.name for p in directory.glob("*.bin"))
     if pickles:
@@ -191,6 +195,30 @@ def require_safetensors(directory: Path, weights: str = "*.safetensors", missing
         )
     if missing:
         raise UserError(missing)
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Refuse a .safetensors file that is truncated or corrupt (a copy cut short, a disk that filled),
+    from its header alone: the 8-byte header length, the JSON header, and a file long enough to hold
+    every tensor the header places in it."""
+    if not _whole_safetensors(path):
+        raise UserError(
+            f"{path} is truncated or corrupt (not a whole safetensors file): copy or save it again"
+        )
+
+
+def _whole_safetensors(path: Path) -> bool:
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or not 0 < length <= size - 8:
+                return False
+            header = json.loads(f.read(length))
+        ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return False
+    return 8 + length + max(ends, default=0) <= size
 
 
 def quiet_transformers() -> None:

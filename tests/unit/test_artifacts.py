@@ -190,3 +190,24 @@ def test_rslora_merges_with_alpha_over_sqrt_r_exactly(runs, tmp_path):
                 merged[f"{name}.weight"].double(), w0 + ALPHA / RANK * (b @ a), atol=1e-6
             )
     assert told_apart > 0
+
+
+@pytest.mark.parametrize("keep", [300, 0.9])
+def test_a_truncated_adapter_is_one_line_naming_it_in_every_command(runs, tmp_path, run_cli, keep):
+    run = tmp_path / "cut"
+    shutil.copytree(runs["lora"]["run"], run)
+    weights = run / "adapter" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
+    commands = [
+        ("eval", "--model", "tiny-random", "--adapter", run, "--data", "python-stdlib", "--max-docs", "2"),
+        ("merge", "--adapter", run, "--out", tmp_path / "merged"),
+        ("analyze", "--tuned", run, "--base", "tiny-random", "--out", tmp_path / "a"),
+        ("generate", "--model", "tiny-random", "--adapter", f"cut={run}", "--prompt", "hi"),
+    ]
+    for args in commands:
+        code, _, err = run_cli(*args)
+        lines = [x for x in err.strip().splitlines() if x.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, (args, err)
+        assert "adapter_model.safetensors is truncated or corrupt" in lines[0], (args, err)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "a").exists()
