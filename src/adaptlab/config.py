@@ -57,7 +57,7 @@ def optional(spec: type[BaseModel], name: str) -> Any:
 
 class _Spec(BaseModel):
     # strict: YAML `steps: true` or `rank: "8"` is refused instead of coerced to 1 or 8
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Spec):

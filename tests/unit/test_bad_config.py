@@ -261,3 +261,22 @@ def test_a_flag_the_run_would_not_use_is_one_line_exit_2(run_cli, tmp_path, args
     )
     assert code == 2 and f"{flag} applies to" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_a_non_finite_number_is_refused_before_training(run_cli, corpus, tmp_path, value) -> None:
+    code, _, err = run_cli(*TRAIN, "--data", corpus, "--lr", value, "--out", tmp_path / "r")
+    assert code == 2 and "train.lr" in _one_error_line(err) and not (tmp_path / "r").exists()
+    with pytest.raises(UserError, match="finite"):
+        arm = {"name": "a", "method": "lora", "lr": float(value)}
+        build_spec(
+            {"model": "tiny-random", "data": {"train": ["python-stdlib"]}, "tokens": 100, "arms": [arm]}
+        )
+
+
+@pytest.mark.parametrize("gpus", ["0", "-3"])
+def test_plan_refuses_fewer_than_one_gpu(run_cli, corpus, gpus) -> None:
+    code, _, err = run_cli(
+        "plan", "--model", "tiny-random", "--data", corpus, "--gpus", gpus, "--no-benchmark"
+    )
+    assert code == 2 and "--gpus" in _one_error_line(err)
