@@ -167,6 +167,10 @@ def restore(
             "; ".join(f"{p.name}: {why}" for p, why in skipped),
             ckpt.path.name if ckpt else "the start",
         )
+    elif setup.world.is_main:  # the one line that says where a resumed run picks up
+        log.warning(
+            "resuming %s from %s", setup.run.root, ckpt.path.name if ckpt else "the start (no checkpoint)"
+        )
     if ckpt is None:
         writer.rewind(0)
         return None

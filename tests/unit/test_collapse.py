@@ -25,6 +25,12 @@ def test_a_random_init_at_the_uniform_level_is_not_a_collapse():
     assert all(health.check(s, 10.795, 2.0) is None for s in range(1, 10))
 
 
+def test_a_random_model_wandering_near_the_uniform_level_is_not_a_collapse():
+    health = Health(VOCAB)
+    assert health.check(1, 10.55, 1.0) is None  # 0.25 nats below uniform: noise, not learning
+    assert all(health.check(s, 10.8069, 0.7) is None for s in range(2, 2 + 2 * COLLAPSE_STEPS))
+
+
 def test_uniform_loss_after_learning_collapses_after_several_steps():
     health = Health(VOCAB)
     assert health.check(1, 3.0, 1.0) is None

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {err}", err=True)
         return 2
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+        click.echo(f"aborted{_resume_hint(argv)}", err=True)
         return 130
     except click.ClickException as err:  # usage errors: one line, exit 2, no usage dump
         click.echo(f"error: {err.format_message()}", err=True)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as err:
         return err.exit_code
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        click.echo(f"interrupted{_resume_hint(argv)}", err=True)
         return 130
     except OSError as err:
         if err.errno is None:  # not from the operating system: a bug, keep its traceback
@@ -101,6 +101,19 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {describe_os_error(err)}", err=True)
         return 2
     return 0
+
+
+def _resume_hint(argv: list[str] | None) -> str:
+    """For an interrupted `adaptlab train --out RUN`: how to continue it from its last checkpoint."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] != "train":
+        return ""
+    run = next((a.split("=", 1)[1] for a in args if a.startswith("--out=")), None)
+    if "--out" in args[:-1]:
+        run = args[args.index("--out") + 1]
+    if "--resume" in args[:-1]:
+        run = args[args.index("--resume") + 1]
+    return f"; continue from the last checkpoint with `adaptlab train --resume {run}`" if run else ""
 
 
 def describe_os_error(err: OSError) -> str:

@@ -155,7 +155,11 @@ def _print(result: dict[str, Any]) -> None:
     help="With --task grpo: the KL penalty train will use (> 0 adds the reference's pass).",
 )
 @click.option("--no-benchmark", is_flag=True, help="Skip the device micro-benchmark (nominal throughput).")
-@click.option("--gpus", type=click.IntRange(min=1), help="Plan one run on N GPUs: per-device memory under DDP and FSDP2.")
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=1),
+    help="Plan one run on N GPUs: per-device memory under DDP and FSDP2.",
+)
 @click.option("--parallel", type=click.Choice(["ddp", "fsdp"]), help="With --gpus: only this strategy.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option(
