@@ -121,3 +121,31 @@ def test_config_yaml_names_lr_changes_only_when_there_are_some(tmp_path):
     assert "lr_changes" not in yaml.safe_load(config.to_yaml())["train"]
     config.train.lr_changes = [{"step": 2, "lr": 1e-4}]
     assert yaml.safe_load(config.to_yaml())["train"]["lr_changes"] == [{"step": 2, "lr": 1e-4}]
+
+
+def test_an_interrupted_train_says_how_to_resume_it():
+    from adaptlab.cli import _resume_hint
+
+    assert _resume_hint(["train", "--model", "m", "--out", "runs/a"]).endswith(
+        "`adaptlab train --resume runs/a`"
+    )
+    assert _resume_hint(["train", "--out=runs/b"]).endswith("--resume runs/b`")
+    assert _resume_hint(["train", "--resume", "runs/c", "--lr", "1e-4"]).endswith("--resume runs/c`")
+    assert _resume_hint(["compare", "--out", "x"]) == "" and _resume_hint(["train"]) == ""
+
+
+def test_a_resumed_run_says_where_it_picks_up(corpus, tmp_path, caplog):
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(corpus, run.root, steps=4, save_every=1), on_log=_stop_at(2))
+    with caplog.at_level("WARNING", logger="adaptlab.checkpoint"):
+        resume_run(run.root)
+    assert f"resuming {run.root} from step-1" in caplog.text  # step 2 stopped before its checkpoint
+
+
+def _stop_at(step):
+    def stop(row):
+        if row.get("step") == step and "loss" in row:
+            raise KeyboardInterrupt
+
+    return stop
