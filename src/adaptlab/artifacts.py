@@ -15,6 +15,7 @@ refused here, before anything is loaded.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ Kind = Literal["adapter", "model"]
 BaseWeights = Literal["trained", "full", "dequantized"]
 BASE_WEIGHTS: tuple[str, ...] = ("trained", "full", "dequantized")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -314,3 +317,13 @@ def check_adapter_fits(model: Any, art: Artifact, base: str) -> None:
                 f"adapter {art.path} (trained on {trained_on}) does not fit base {base!r}: "
                 f"{name} is {have[0]}->{have[1]} in the base, the adapter expects {fan_in}->{fan_out}"
             )
+    if recorded and not _same_model(recorded, base):  # it fits, but another model's weights are under it
+        log.warning("adapter %s was trained on %r and is applied to %r here", art.path, recorded, base)
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model specs name the same model: equal, or the same local directory."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()

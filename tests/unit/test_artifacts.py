@@ -211,3 +211,14 @@ def test_a_truncated_adapter_is_one_line_naming_it_in_every_command(runs, tmp_pa
         assert code == 2 and len(lines) == 1 and "Traceback" not in err, (args, err)
         assert "adapter_model.safetensors is truncated or corrupt" in lines[0], (args, err)
     assert not (tmp_path / "merged").exists() and not (tmp_path / "a").exists()
+
+
+def test_an_adapter_on_another_model_of_the_same_shapes_is_named_in_a_warning(runs, tiny, tmp_path, caplog):
+    from adaptlab.artifacts import check_adapter_fits
+
+    art = resolve(runs["lora"]["run"])
+    with caplog.at_level("WARNING", logger="adaptlab.artifacts"):
+        check_adapter_fits(tiny.model, art, "tiny-random")
+        assert caplog.text == ""
+        check_adapter_fits(tiny.model, art, str(tmp_path))  # the same shapes under another name
+    assert "trained on 'tiny-random' and is applied to" in caplog.text
