@@ -331,7 +331,25 @@ def build_config(data: dict[str, Any]) -> RunConfig:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 with YAML 1.2 floats: `1e-3` and `2E5` are numbers, not strings (values are strictly typed)."""
+    """YAML 1.1 with YAML 1.2 floats: `1e-3` and `2E5` are numbers, not strings (values are strictly typed),
+    and a key given twice in one mapping refused (YAML 1.2 forbids it; PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by own keys
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader says what is wrong with it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -364,7 +382,8 @@ def load_config(path: str | Path, what: str = "config") -> dict[str, Any]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{what} {p}{line}: not valid YAML") from err
+        twice = str(getattr(err, "problem", "")) if "given twice" in str(getattr(err, "problem", "")) else ""
+        raise UserError(f"{what} {p}{line}: {twice or 'not valid YAML'}") from err
     if data is None:  # an empty file
         return {}
     if not isinstance(data, dict):

@@ -112,7 +112,7 @@ def check_out(path: Path, kind: str, overwrite: bool = False, inputs: Sequence[s
         return
     if found is not None:
         raise UserError(
-            f"{path} holds an adaptlab {found}, not a {kind}: choose another --out, or pass --overwrite"
+            f"{path} holds an adaptlab {found}, not {_a(kind)}: choose another --out, or pass --overwrite"
         )
     foreign = _foreign_entries(path, inputs)
     if foreign and not overwrite:
@@ -128,6 +128,10 @@ def check_out(path: Path, kind: str, overwrite: bool = False, inputs: Sequence[s
             f"{path} holds {', '.join(clashes[:4])}{' ...' if len(clashes) > 4 else ''}, not written by "
             f"adaptlab, which this {kind} would write over: move them, or choose another --out"
         )
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
 
 
 def check_file_out(path: Path, keys: Sequence[str], overwrite: bool = False) -> None:

@@ -280,3 +280,13 @@ def test_plan_refuses_fewer_than_one_gpu(run_cli, corpus, gpus) -> None:
         "plan", "--model", "tiny-random", "--data", corpus, "--gpus", gpus, "--no-benchmark"
     )
     assert code == 2 and "--gpus" in _one_error_line(err)
+
+
+def test_a_key_given_twice_names_the_file_and_line(run_cli, corpus, tmp_path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {name: tiny-random}\ntrain:\n  steps: 2\n  steps: 3\n")
+    code, _, err = run_cli("train", "--config", config, "--data", corpus, "--out", tmp_path / "r")
+    assert code == 2 and f"{config}:4: key 'steps' given twice" in _one_error_line(err)
+    merged = tmp_path / "m.yaml"  # a YAML merge key may still be overridden by the mapping's own keys
+    merged.write_text("base: &b {steps: 2}\ntrain:\n  <<: *b\n  steps: 3\n")
+    assert load_config(merged)["train"] == {"steps": 3}

@@ -20,7 +20,13 @@ from adaptlab.errors import UserError
     default=None,
     help="QLoRA adapters only: merge into the full-precision base or the dequantized 4-bit one.",
 )
-@click.option("--tolerance", default=1e-4, show_default=True, help="Max abs logit difference allowed (fp32).")
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(min=0.0),
+    default=1e-4,
+    show_default=True,
+    help="Max abs logit difference allowed (fp32).",
+)
 @push_to_hub_option("the merged model")
 def merge_command(
     adapter: str, out: str, base: str | None, into: str | None, tolerance: float, push_to_hub: str | None

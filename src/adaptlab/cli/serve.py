@@ -63,7 +63,9 @@ def generate_command(
 
     specs = parse_adapter_specs(adapters)
     if "base" in specs:
-        raise UserError("--adapter: 'base' names the base model; give the adapter another NAME")
+        raise UserError(
+            f"--adapter {specs['base']}: the name 'base' is the base model's; write NAME=DIR with another NAME"
+        )
     for name in use:
         if name != "base" and name not in specs:
             raise UserError(
