@@ -137,6 +137,8 @@ def test_seq_len_beyond_the_models_positions_is_refused(run_cli, corpus, tiny, t
     assert code == 2
     line = _one_error_line(err)
     assert f"--seq-len {limit + 1} exceeds the {limit:,} positions" in line, line
+    code, _, err = run_cli("eval", "--model", "tiny-random", "--data", corpus, "--seq-len", str(limit + 1))
+    assert code == 2 and f"--seq-len {limit + 1} exceeds" in _one_error_line(err)
 
 
 def test_plan_refuses_seq_len_and_ranks_beyond_the_model(run_cli, corpus, tiny) -> None:
@@ -290,3 +292,10 @@ def test_a_key_given_twice_names_the_file_and_line(run_cli, corpus, tmp_path) ->
     merged = tmp_path / "m.yaml"  # a YAML merge key may still be overridden by the mapping's own keys
     merged.write_text("base: &b {steps: 2}\ntrain:\n  <<: *b\n  steps: 3\n")
     assert load_config(merged)["train"] == {"steps": 3}
+
+
+def test_a_non_utf8_text_file_names_its_line(run_cli, tmp_path) -> None:
+    data = tmp_path / "notes.txt"
+    data.write_bytes(b"first line\nsecond \xff line\n")
+    code, _, err = run_cli("eval", "--model", "tiny-random", "--data", data)
+    assert code == 2 and f"{data}:2: not UTF-8" in _one_error_line(err)

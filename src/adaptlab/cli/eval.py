@@ -284,6 +284,9 @@ def eval_command(
 
     with err.status(f"loading {ref.path if ref else spec}"):
         model, tokenizer, kwargs = _models(spec, ref)
+    from adaptlab.config import check_seq_len
+
+    check_seq_len(seq_len, getattr(getattr(model, "config", None), "max_position_embeddings", None), spec)
     if no_cache:
         kwargs.pop("base_identity", None)
         kwargs.pop("model_identity", None)

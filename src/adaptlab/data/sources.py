@@ -140,10 +140,13 @@ def _file_documents(path: Path, text_field: str) -> list[Document]:
             for lineno, rec in read_jsonl(path)
         ]
     if path.suffix in TEXT_SUFFIXES:
+        raw = path.read_bytes()
         try:
-            text = path.read_text(encoding="utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+            line = raw.count(b"\n", 0, err.start) + 1
+            raise UserError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        text = text.replace("\r\n", "\n").replace("\r", "\n")  # the newlines read_text() gives
         return [Document(id=_portable_name(path), text=text)] if text.strip() else []
     raise UserError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
 
