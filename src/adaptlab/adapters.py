@@ -396,6 +396,7 @@ def combine_adapters(
         model.eval()
         with warnings.catch_warnings():  # peft looks for the base's config under the embedded name
             warnings.filterwarnings("ignore", message="Could not find a config file")
+            warnings.filterwarnings("ignore", message="Unable to fetch remote file")  # offline: the same
             model.save_pretrained(tmp, selected_adapters=["combined"], safe_serialization=True)
         # peft writes a non-default adapter into a subfolder named after it; the output is the adapter itself
         for item in (tmp / "combined").iterdir():
