@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import torch
+from safetensors.torch import save_file
+
 from adaptlab.cli import main
 from adaptlab.publish import comparison_card, model_card
 
@@ -37,7 +40,7 @@ def test_comparison_card_picks_the_recommended_arm(tmp_path):
     run = out / "runs" / "lora"
     (run / "adapter").mkdir(parents=True)
     (run / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 8, "base_model_name_or_path": "x"}))
-    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    save_file({"x": torch.zeros(1)}, run / "adapter" / "adapter_model.safetensors")  # a whole (tiny) file
     (run / "config.yaml").write_text("model:\n  name: tiny-random\n")
     (run / "summary.json").write_text(json.dumps({"method": "lora", "base_model": "tiny-random"}))
     arms = [{"name": "lora", "runs": [{"run": "lora", "dir": "runs/lora"}]}]
