@@ -276,6 +276,12 @@ def test_a_non_finite_number_is_refused_before_training(run_cli, corpus, tmp_pat
         )
 
 
+def test_plan_refuses_a_compare_root_that_is_not_there(run_cli, corpus, tmp_path) -> None:
+    args = ["plan", "--model", "tiny-random", "--data", corpus, "--no-benchmark"]
+    code, _, err = run_cli(*args, "--compare-root", tmp_path / "nope")
+    assert code == 2 and "--compare-root" in _one_error_line(err)
+
+
 @pytest.mark.parametrize("gpus", ["0", "-3"])
 def test_plan_refuses_fewer_than_one_gpu(run_cli, corpus, gpus) -> None:
     code, _, err = run_cli(

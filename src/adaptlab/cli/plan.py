@@ -7,9 +7,11 @@ adaptlab plan --model smollm2-135m --data notes.jsonl --task ift --ranks 8,16,64
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from adaptlab.config import PRECISIONS
 
@@ -178,6 +180,12 @@ def plan_command(
     from adaptlab.hub import check_names
 
     check_names(flags.get("model"), list(data))  # before torch is imported: a wrong name fails at once
+    root = flags.get("compare_root")
+    given = click.get_current_context().get_parameter_source("compare_root") != ParameterSource.DEFAULT
+    if given and root and not Path(root).is_dir():
+        raise click.BadParameter(
+            f"{root}: no such directory (a folder of comparisons)", param_hint="--compare-root"
+        )
     from adaptlab.plan import parse_memory, plan
 
     memory = parse_memory(flags.pop("memory")) if flags.get("memory") else flags.pop("memory")
