@@ -122,10 +122,13 @@ def plan(
     """Every comparison the reproduction runs, in order."""
     scale = scale or Scale()
     root = Path(data_root).expanduser()
-    files = {d: root / DOMAINS[d] for d in domains} if domains else {}
     unknown = [s for s in studies if s not in STUDIES]
     if unknown:
         raise UserError(f"--studies {', '.join(unknown)}: unknown; choose from {', '.join(STUDIES)}")
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        raise UserError(f"--domains {', '.join(unknown)}: unknown; choose from {', '.join(DOMAINS)}")
+    files = {d: root / DOMAINS[d] for d in domains} if domains else {}
     missing = [str(p) for p in [*files.values(), root / GENERAL, root / REGIME_PAIRS] if not p.exists()]
     if missing:
         raise UserError(f"--data-root {root}: missing {missing[0]} (the layout of DATA.md's shared data)")
@@ -560,10 +563,30 @@ def _coverage(comparisons: list[dict[str, Any]]) -> list[str]:
     return [" ".join(lines), ""]
 
 
+FINDINGS_TITLE = "# Findings: what adaptlab measured of the published claims"
+
+
+def check_findings_path(path: str | Path) -> None:
+    """Refuse a --findings file that exists and was not written by adaptlab (it would be replaced)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--findings {p} is a directory: give a Markdown file name")
+    if not p.exists():
+        return
+    try:
+        first = p.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]
+    except OSError as err:
+        raise UserError(f"--findings {p}: cannot read ({err.strerror})") from None
+    if first.strip() != FINDINGS_TITLE:
+        raise UserError(
+            f"--findings {p} exists and was not written by adaptlab: move it or choose another --findings"
+        )
+
+
 def write_findings(data: dict[str, Any], path: str | Path, header: str = "") -> Path:
     """docs/findings.md from findings.json: each finding, its verdict per comparison, with numbers and CIs."""
     lines = [
-        "# Findings: what adaptlab measured of the published claims",
+        FINDINGS_TITLE,
         "",
         header
         or "Written by `adaptlab reproduce` from its findings.json. Verdicts: agrees / disagrees when the 95% "

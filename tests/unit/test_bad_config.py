@@ -282,6 +282,14 @@ def test_plan_refuses_a_compare_root_that_is_not_there(run_cli, corpus, tmp_path
     assert code == 2 and "--compare-root" in _one_error_line(err)
 
 
+@pytest.mark.parametrize("epochs", ["nan", "inf", "0"])
+def test_plan_refuses_epochs_that_are_not_a_positive_number(run_cli, corpus, epochs) -> None:
+    code, _, err = run_cli(
+        "plan", "--model", "tiny-random", "--data", corpus, "--epochs", epochs, "--no-benchmark"
+    )
+    assert code == 2 and "--epochs" in _one_error_line(err)
+
+
 @pytest.mark.parametrize("gpus", ["0", "-3"])
 def test_plan_refuses_fewer_than_one_gpu(run_cli, corpus, gpus) -> None:
     code, _, err = run_cli(

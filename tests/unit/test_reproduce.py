@@ -159,3 +159,19 @@ def test_plan_and_estimate(root: Path, run_cli: Any) -> None:
     assert code == 0 and "estimated" in out and "wordnet/regime" in out
     code, _, err = run_cli("reproduce", "--data-root", root / "nope", "--out", "unused", "--dry-run")
     assert code == 2 and "missing" in err
+    code, _, err = run_cli(
+        "reproduce", "--data-root", root, "--out", "unused", "--dry-run", "--domains", "nosuch"
+    )
+    assert code == 2 and "--domains nosuch: unknown" in err
+
+
+def test_findings_never_replace_a_users_file(root: Path, run_cli: Any, tmp_path: Path) -> None:
+    mine = tmp_path / "findings.md"
+    mine.write_text("my own notes\n")
+    code, _, err = run_cli(
+        "reproduce", "--data-root", root, "--out", tmp_path / "o", "--judge-only", "--findings", mine
+    )
+    assert code == 2 and "not written by adaptlab" in err and len(err.strip().splitlines()) == 1
+    assert mine.read_text() == "my own notes\n" and not (tmp_path / "o").exists()
+    rep.write_findings({"findings": []}, mine)  # one adaptlab wrote may be written again
+    rep.check_findings_path(mine)

@@ -7,6 +7,7 @@ adaptlab plan --model smollm2-135m --data notes.jsonl --task ift --ranks 8,16,64
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,10 @@ def _print(result: dict[str, Any]) -> None:
     console.print(f"confirm it on your data:\n  {rec['command']}")
 
 
+def _not_finite(param: click.Parameter) -> float:
+    raise click.BadParameter("must be a finite number", param=param)
+
+
 @click.command("plan")
 @click.option(
     "--model", required=True, help="Base model: smollm2-135m, tiny-random, a local HF dir or a hub id."
@@ -133,7 +138,13 @@ def _print(result: dict[str, Any]) -> None:
     "--device", type=click.Choice(["cpu", "cuda"]), help="Device to plan for (default: this machine's)."
 )
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
-@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option(
+    "--epochs",
+    type=click.FloatRange(min=0.0, min_open=True, max=1e6),
+    default=1.0,
+    show_default=True,
+    callback=lambda ctx, param, v: v if math.isfinite(v) else _not_finite(param),
+)
 @click.option("--grad-checkpointing", is_flag=True, help="Plan with gradient checkpointing on.")
 @click.option(
     "--optimizer-in-backward", is_flag=True, help="Plan with each gradient applied and freed in backward."

@@ -62,6 +62,7 @@ def reproduce_command(
     from adaptlab.cli.compare import Printer, stop_on_sigterm
     from adaptlab.models import quiet_transformers
 
+    rep.check_findings_path(findings)  # before hours of training, not after
     comparisons = rep.plan(
         data_root,
         model=model,
