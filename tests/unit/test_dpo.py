@@ -115,6 +115,10 @@ def test_full_reference_is_computed_once_from_the_base_then_read_back(pairs, tmp
     stored = load_file(str(setup.run.root / REFERENCE_FILE))
     save_file({k: v + 1.0 for k, v in stored.items()}, str(setup.run.root / REFERENCE_FILE))
     assert torch.equal(load_or_compute_reference(setup)["train"], stored["train"] + 1.0)
+    # a damaged file (a copy cut short) is computed again from the untouched model, not a traceback
+    path = setup.run.root / REFERENCE_FILE
+    path.write_bytes(path.read_bytes()[:100])
+    assert torch.allclose(load_or_compute_reference(setup)["train"], computed["train"], atol=1e-6, rtol=0)
 
 
 def test_conversational_rows_tokenize_as_string_rows(tiny):

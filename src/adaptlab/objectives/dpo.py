@@ -22,6 +22,7 @@ logps/chosen, logps/rejected; validation reports them on held-out pairs with a `
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from adaptlab.data.preference import PreferencePair, collate_pairs, preference_p
 from adaptlab.hardware import autocast
 from adaptlab.objectives import rank_chunks, to_device
 
+log = logging.getLogger(__name__)
 REFERENCE_FILE = "reference_logps.safetensors"
 """Full fine-tuning's reference log-probs in the run directory: (pairs, 2) tensors `train` and `val`."""
 
@@ -169,13 +171,18 @@ def load_or_compute_reference(setup: Any) -> dict[str, torch.Tensor]:
     A fresh run computes them before its first step and rank 0 writes them; a resume reads that file,
     so the reference never comes from trained weights.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     path = setup.run.root / REFERENCE_FILE
     sizes = {"train": len(setup.train_examples), "val": len(setup.val_examples)}
     if path.exists():
-        stored = load_file(str(path))
-        if {k: v.shape[0] for k, v in stored.items()} == sizes:
+        try:
+            stored = load_file(str(path))
+        except (SafetensorError, OSError) as err:  # cut short or overwritten: it is adaptlab's own cache
+            log.warning("%s is damaged (%s): computing the reference log-probs again", path, err)
+            stored = {}
+        if stored and {k: v.shape[0] for k, v in stored.items()} == sizes:
             return stored
     reference = {split: _reference_logps(setup, split) for split, n in sizes.items()}
     if setup.world.is_main:
