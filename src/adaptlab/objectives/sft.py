@@ -78,7 +78,13 @@ class SFTObjective:
         self.spec = spec
 
     def build_data(self, config: RunConfig, tokenizer: Any) -> tuple[list[Example], list[Example]]:
-        return sft_examples(config, tokenizer)
+        train, val = sft_examples(config, tokenizer)
+        if train and not any(any(label != IGNORE_INDEX for label in ex.labels[1:]) for ex in train):
+            raise UserError(
+                f"no training example keeps a token to learn within --seq-len {config.train.seq_len}: every "
+                "prompt fills the window before its response starts; raise --seq-len or shorten the prompts"
+            )
+        return train, val
 
     def prepare(self, setup: Any) -> None:
         return None
