@@ -447,6 +447,21 @@ def _eos_text(tok_dir: Path) -> str | None:
     return eos.get("content") if isinstance(eos, dict) else eos
 
 
+def _check_fits(art: Any, base_dir: Path, spec: str) -> None:
+    """Refuse an adapter made for another base (modules or shapes), from the base's config alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from adaptlab.artifacts import check_adapter_fits
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base_dir)))
+    try:
+        check_adapter_fits(skeleton, art, spec)
+    except UserError as err:  # export names the base with --base
+        raise UserError(str(err).replace("pass --model", "pass --base")) from None
+
+
 def _embedded(spec: str) -> Any:
     """An embedded base model (smollm2-135m, tiny-random) as a model artifact, else None."""
     from adaptlab.artifacts import Artifact
@@ -494,6 +509,7 @@ def export(
                 raise UserError(
                     f"base {spec!r} is not a local directory: pass --base DIR (an HF model directory)"
                 )
+            _check_fits(art, base_dir, spec)
             report = export_lora_gguf(
                 art.path, base_dir, out / f"adapter-{quant}.gguf", quant, f"{spec} LoRA"
             )

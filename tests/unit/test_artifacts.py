@@ -222,3 +222,9 @@ def test_an_adapter_on_another_model_of_the_same_shapes_is_named_in_a_warning(ru
         assert caplog.text == ""
         check_adapter_fits(tiny.model, art, str(tmp_path))  # the same shapes under another name
     assert "trained on 'tiny-random' and is applied to" in caplog.text
+
+
+def test_export_refuses_an_adapter_for_another_base_in_one_line(runs, tmp_path, run_cli):
+    code, _, err = run_cli("export", runs["lora"]["run"], "--base", "smollm2-135m", "--out", tmp_path / "x")
+    assert code == 2 and "pass --base tiny-random" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
