@@ -56,6 +56,12 @@ def test_missing_budget_and_unknown_study_name_their_fields() -> None:
         build_spec(BASE)
 
 
+@pytest.mark.parametrize("name", ["x.yaml", "a.log"])
+def test_an_arm_name_that_is_a_run_file_name_is_refused(name) -> None:
+    with pytest.raises(UserError, match=r"arms.0.name: an arm name may not end in .yaml or .log"):
+        build_spec({**BASE, "arms": [{"name": name, "method": "lora"}]})
+
+
 def test_unknown_force_arm_lists_the_arms(run_cli, tmp_path) -> None:
     cfg = write(tmp_path, {**BASE, "arms": [{"name": "full", "method": "full"}]})
     code, _, err = run_cli("compare", "--config", cfg, "--out", tmp_path / "o", "--force", "nope")

@@ -83,6 +83,8 @@ class ArmSpec(MethodSpec):
             raise ValueError(
                 "arm names use letters, digits, '.', '_' and '-' and start with a letter or digit"
             )
+        if v.endswith((".yaml", ".log")):  # runs/NAME.yaml and runs/NAME.log sit beside each run's folder
+            raise ValueError("an arm name may not end in .yaml or .log (the names of each run's own files)")
         return v
 
     @field_validator("lr_sweep")
