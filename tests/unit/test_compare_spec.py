@@ -244,3 +244,12 @@ def test_demo_is_a_valid_comparison_at_its_swept_lrs() -> None:
 def test_study_data_a_comparison_would_not_use_is_refused(extra) -> None:
     with pytest.raises(UserError, match="would not use it"):
         build_spec({**BASE, **extra, "study_data": ["b.jsonl"]})
+
+
+def test_a_malformed_data_file_stops_compare_before_any_arm(run_cli, tmp_path) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine"}\n{bad\n')
+    args = ["compare", "--model", "tiny-random", "--data", data, "--tokens", "64", "--out", tmp_path / "c"]
+    code, _, err = run_cli(*args)
+    assert code == 2 and f"{data}:2: malformed JSON" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "c").exists()

@@ -505,8 +505,10 @@ def _compare(
 ) -> dict[str, Any]:
     from adaptlab.compare.executors import Job
     from adaptlab.compare.results import assemble
+    from adaptlab.data.sources import load_documents
 
     spec = resolve_spec(spec)
+    load_documents(spec.data.train, spec.data.text_field)  # a malformed file: one line now, not one per arm
     spec_path = out / "compare.yaml"
     if not any(spec_path.resolve() == Path(p).resolve() for p in inputs):
         _write_if_changed(spec_path, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
