@@ -315,11 +315,10 @@ def test_a_non_utf8_text_file_names_its_line(run_cli, tmp_path) -> None:
     assert code == 2 and f"{data}:2: not UTF-8" in _one_error_line(err)
 
 
-def test_instruction_data_whose_prompts_fill_the_window_is_refused(run_cli, tmp_path) -> None:
+def test_instruction_data_whose_prompts_fill_the_window_says_so(run_cli, tmp_path, caplog) -> None:
     data = tmp_path / "long.jsonl"
     data.write_text(
         "".join(json.dumps({"prompt": f"word {i} " * 60, "response": "ok"}) + "\n" for i in range(20))
     )
     code, _, err = run_cli(*TRAIN, "--steps", "1", "--seq-len", "64", "--data", data, "--out", tmp_path / "r")
-    assert code == 2 and "no training example keeps a token to learn" in _one_error_line(err)
-    assert not (tmp_path / "r").exists()
+    assert code == 0 and "no training example keeps a token to learn" in caplog.text, err

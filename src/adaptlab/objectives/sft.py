@@ -10,6 +10,7 @@ mean per-token loss on the val split.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ from adaptlab.data.sources import load_documents
 from adaptlab.errors import UserError
 from adaptlab.hardware import autocast
 from adaptlab.objectives import rank_chunks, to_device
+
+log = logging.getLogger(__name__)
 
 
 def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -80,9 +83,11 @@ class SFTObjective:
     def build_data(self, config: RunConfig, tokenizer: Any) -> tuple[list[Example], list[Example]]:
         train, val = sft_examples(config, tokenizer)
         if train and not any(any(label != IGNORE_INDEX for label in ex.labels[1:]) for ex in train):
-            raise UserError(
-                f"no training example keeps a token to learn within --seq-len {config.train.seq_len}: every "
-                "prompt fills the window before its response starts; raise --seq-len or shorten the prompts"
+            log.warning(
+                "no training example keeps a token to learn within --seq-len %d: every prompt fills the "
+                "window before its response starts, so the loss is 0 and nothing is learned; raise "
+                "--seq-len or shorten the prompts",
+                config.train.seq_len,
             )
         return train, val
 
