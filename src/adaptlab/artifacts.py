@@ -294,12 +294,13 @@ def lora_shapes(adapter_dir: Path) -> dict[str, tuple[int, int]]:
     return {m: (a_in[m], b_out[m]) for m in a_in if m in b_out}
 
 
-def check_adapter_fits(model: Any, art: Artifact, base: str) -> None:
-    """Raise UserError when the adapter was made for another base (wrong modules or shapes); loads nothing."""
+def check_adapter_fits(model: Any, art: Artifact, base: str, flag: str = "--model") -> None:
+    """Raise UserError when the adapter was made for another base (wrong modules or shapes); loads nothing.
+    `flag` is the command's option that names the base, for the line that says what to pass."""
     recorded = art.base_model
     if recorded in EMBEDDED_MODELS and base in EMBEDDED_MODELS and recorded != base:
         raise UserError(
-            f"adapter {art.path} was trained on {recorded!r}, not on {base!r}: pass --model {recorded}"
+            f"adapter {art.path} was trained on {recorded!r}, not on {base!r}: pass {flag} {recorded}"
         )
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     modules = dict(inner.named_modules())

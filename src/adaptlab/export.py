@@ -456,10 +456,7 @@ def _check_fits(art: Any, base_dir: Path, spec: str) -> None:
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base_dir)))
-    try:
-        check_adapter_fits(skeleton, art, spec)
-    except UserError as err:  # export names the base with --base
-        raise UserError(str(err).replace("pass --model", "pass --base")) from None
+    check_adapter_fits(skeleton, art, spec, flag="--base")
 
 
 def _embedded(spec: str) -> Any:
