@@ -59,7 +59,7 @@ def random_model_dir(spec: str) -> Path:
     def build(tmp: Path) -> None:
         save_random_llama(tmp, dtype=torch.bfloat16, max_positions=8192, **SHAPES[spec])
 
-    return build_atomically(cache_dir() / f"bench-models-v{VERSION}" / spec, build)
+    return build_atomically(cache_dir() / f"bench-models-v{VERSION}" / spec, build, spec, about_s=30)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session", autouse=True)
+def embedded_models_built(request) -> None:
+    """Build the embedded models before the first test: on an empty cache the workers meet here, one
+    builds under the cache lock while the other waits, and no test's output carries the build's line."""
+    from adaptlab.models import local_dir
+
+    local_dir("tiny-random")
+    if any(item.get_closest_marker("integration") for item in request.session.items):
+        local_dir("smollm2-135m")
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The tiny-random base model and tokenizer (LoadedModel); tests must not modify its weights."""

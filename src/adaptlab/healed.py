@@ -28,6 +28,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "smollm2-135m": {"steps": 60, "batch": 4, "seq_len": 128, "lr": 2e-5},
     "tiny-random": {"steps": 4, "batch": 2, "seq_len": 32, "lr": 1e-3},
 }
+BUILD_S = {"smollm2-135m": 240.0, "tiny-random": 10.0}  # about how long a build takes on a 2-core CPU
 HEALED_MODELS = tuple(name + SUFFIX for name in RECIPES)
 
 
@@ -49,7 +50,7 @@ def healed_dir(name: str) -> Path:
 
     base = name.removesuffix(SUFFIX)
     target = cache_dir() / "v1" / "models" / f"{name}-{_recipe_hash(base)}"
-    return build_atomically(target, lambda tmp: _build(base, tmp))
+    return build_atomically(target, lambda tmp: _build(base, tmp), name, about_s=BUILD_S[base])
 
 
 def _build(base: str, tmp: Path) -> None:

@@ -15,21 +15,27 @@ resolved and loaded by artifacts.py.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from adaptlab.errors import UserError
 from adaptlab.hub import EMBEDDED_MODELS, cache_dir, missing_model_dir, require_hub
 from adaptlab.quantize import quiet_bitsandbytes
 
+log = logging.getLogger(__name__)
 quiet_bitsandbytes()  # before peft is imported anywhere: importing peft imports bitsandbytes
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,21 +62,35 @@ def _smollm2_gguf_dir() -> str:
     return list(spec.submodule_search_locations)[0]
 
 
-def build_atomically(target: Path, build: Any) -> Path:
-    """Run build(tmp_dir) and rename tmp_dir to target, so a killed build leaves no half cache."""
+def build_atomically(target: Path, build: Callable[[Path], None], what: str, about_s: float) -> Path:
+    """Build `target` once per cache, safe when several processes ask for it at the same time.
+
+    build(tmp) writes into a fresh directory beside target, which is renamed to target when it is whole
+    (marked by `.complete`), so a killed build leaves no half cache and a reader never sees one. A lock
+    beside target lets one process build while the others wait and then read its result; a complete
+    target is never removed. The build says so in one line of adaptlab's own (`what`, about `about_s`
+    seconds) and keeps library progress bars off the terminal.
+    """
     if (target / ".complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / ".complete").write_text(_CACHE_VERSION)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / ".complete").exists():  # built by another process while this one waited
+            return target
+        log.warning("building %s into the cache (%s), once: about %.0f s", what, target, about_s)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        tmp.chmod(0o755)  # readable by every user of a shared cache, as a plain mkdir would make it
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF tqdm bar ignores its switch
+                build(tmp)
+            (tmp / ".complete").write_text(_CACHE_VERSION)
+            if target.exists():  # an incomplete leftover (no `.complete`): set aside, then removed
+                os.replace(target, tmp.with_name(tmp.name + ".stale"))
+            os.replace(tmp, target)
+        finally:
+            for leftover in (tmp, tmp.with_name(tmp.name + ".stale")):
+                if leftover.exists():
+                    shutil.rmtree(leftover, ignore_errors=True)
     return target
 
 
@@ -81,7 +101,8 @@ def _smollm2_tokenizer_dir() -> Path:
         tok = AutoTokenizer.from_pretrained(_smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
         tok.save_pretrained(tmp)
 
-    return build_atomically(cache_dir() / f"v{_CACHE_VERSION}" / "tokenizers" / "smollm2", build)
+    target = cache_dir() / f"v{_CACHE_VERSION}" / "tokenizers" / "smollm2"
+    return build_atomically(target, build, "the smollm2 tokenizer", about_s=5)
 
 
 def _smollm2_dir() -> Path:
@@ -103,7 +124,8 @@ def _smollm2_dir() -> Path:
         plain.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir()).save_pretrained(tmp)
 
-    return build_atomically(cache_dir() / f"v{_CACHE_VERSION}" / "models" / "smollm2-135m", build)
+    target = cache_dir() / f"v{_CACHE_VERSION}" / "models" / "smollm2-135m"
+    return build_atomically(target, build, "smollm2-135m", about_s=25)
 
 
 def _tiny_random_dir() -> Path:
@@ -119,7 +141,8 @@ def _tiny_random_dir() -> Path:
             num_key_value_heads=2,
         )
 
-    return build_atomically(cache_dir() / f"v{_CACHE_VERSION}" / "models" / "tiny-random", build)
+    target = cache_dir() / f"v{_CACHE_VERSION}" / "models" / "tiny-random"
+    return build_atomically(target, build, "tiny-random", about_s=8)
 
 
 def save_random_llama(
