@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import adaptlab.healed  # noqa: F401  the healed bases' builder, as the command line registers it
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

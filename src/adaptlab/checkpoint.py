@@ -17,16 +17,14 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from adaptlab import distributed as dist
 from adaptlab.config import RunConfig
+from adaptlab.run_setup import Setup
 from adaptlab.rundir import Checkpoint, RunDir, newest_valid_checkpoint, restore_checkpoint, save_checkpoint
-
-if TYPE_CHECKING:
-    from adaptlab.train import Setup
 
 LogFn = Callable[[dict[str, Any]], None]
 log = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ import shutil
 import torch
 from torch import nn
 
-from adaptlab.distributed import decoder_layers
 from adaptlab.errors import UserError
 from adaptlab.hardware import cpu_has_native_bf16
+from adaptlab.models import decoder_layers
 
 AUTO_MIN_WORK = 3.5e13
 """`auto` compiles a run of at least this many parameter-tokens (the model's parameters x the tokens it

@@ -275,14 +275,6 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def check_against_model(config: RunConfig, model: Any) -> None:
-    """Bounds only the loaded model knows: seq_len within its positions, rank within the targeted Linears."""
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    check_seq_len(config.train.seq_len, positions, config.model.name)
-    if config.method.is_lora:
-        check_rank(config.method.rank, _targeted_shapes(model, config.method.targets))
-
-
 def check_seq_len(seq_len: int, positions: int | None, model: str) -> None:
     """A sequence longer than the model's position table is refused."""
     if isinstance(positions, int) and seq_len > positions:
@@ -290,17 +282,6 @@ def check_seq_len(seq_len: int, positions: int | None, model: str) -> None:
             f"--seq-len {seq_len} exceeds the {positions:,} positions of {model} "
             f"(max_position_embeddings): use --seq-len {positions} or less"
         )
-
-
-def _targeted_shapes(model: Any, targets: str | list[str]) -> dict[str, tuple[int, int]]:
-    from adaptlab.methods import linear_modules, resolve_targets
-
-    names = set(resolve_targets(model, targets))
-    return {
-        n: (m.in_features, m.out_features)
-        for n, m in linear_modules(model).items()
-        if n.rsplit(".", 1)[-1] in names
-    }
 
 
 def check_rank(rank: int, shapes: dict[str, tuple[int, int]], flag: str = "--rank") -> None:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from adaptlab.errors import UserError
+from adaptlab.models import decoder_layers
 
 PARALLEL = ("ddp", "fsdp", "auto")
 DEFAULT_TIMEOUT_S = 1800
@@ -236,15 +237,6 @@ def resolve_parallel(
             return "ddp"
         return "fsdp"
     return parallel
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks FSDP2 shards one by one (each gathers its weights when used)."""
-    for module in model.modules():
-        layers = getattr(module, "layers", None)
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return list(layers)
-    return []
 
 
 def wrap(model: nn.Module, parallel: str | None, device: torch.device, precision: str) -> nn.Module:

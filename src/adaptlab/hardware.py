@@ -12,6 +12,7 @@ import resource
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from adaptlab.errors import UserError
@@ -88,3 +89,26 @@ def mem_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.memory_allocated(device))
     return current_rss_bytes()
+
+
+NOISY_CV = 0.3
+"""Step times varying more than this (std / mean) mean the machine, not the method, set the pace:
+on a quiet machine a run's steps take the same time to within a few percent."""
+
+
+def step_time_spread(tokens_per_s: list[float], warmup: int = 1) -> dict[str, float | int | bool | None]:
+    """How much a run's step times vary: {"steps", "cv", "slowest_over_median", "noisy"}.
+
+    Steps process equal token counts, so a step's time is proportional to 1 / its tokens per second.
+    The first `warmup` logged steps (allocation, compilation) are left out.
+    """
+    seconds = np.array([1.0 / x for x in tokens_per_s[warmup:] if x and x > 0], dtype=np.float64)
+    if len(seconds) < 3:
+        return {"steps": len(seconds), "cv": None, "slowest_over_median": None, "noisy": False}
+    cv = float(seconds.std() / seconds.mean())
+    return {
+        "steps": len(seconds),
+        "cv": cv,
+        "slowest_over_median": float(seconds.max() / np.median(seconds)),
+        "noisy": cv > NOISY_CV,
+    }

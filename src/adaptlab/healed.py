@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from adaptlab.hub import register_builder
+
 SUFFIX = "-healed"
 RECIPES: dict[str, dict[str, Any]] = {
     "smollm2-135m": {"steps": 60, "batch": 4, "seq_len": 128, "lr": 2e-5},
@@ -85,3 +87,7 @@ def _build(base: str, tmp: Path) -> None:
         (tmp / "healed.json").write_text(json.dumps(heal, indent=1) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+for _name in HEALED_MODELS:
+    register_builder(_name, healed_dir)  # the model loader builds a healed base on first use

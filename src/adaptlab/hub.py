@@ -3,20 +3,30 @@ names checked before torch is imported, so a name that cannot be found fails in 
 instead of after the imports and half a minute of the hub client's retries; and cache_dir(), where
 the embedded models that stand in for hub models offline are built.
 
-    python -c "from adaptlab.hub import check_names; check_names('not-a-model', ['python-stdlib'])"
+    python -c "from adaptlab.hub import check_model_name; check_model_name('not-a-model')"
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from adaptlab.errors import UserError
 
 EMBEDDED_MODELS = ("smollm2-135m", "tiny-random", "smollm2-135m-healed", "tiny-random-healed")
 PROBE_TIMEOUT_S = 3.0
+
+# Embedded models whose build needs a layer above the core (a healed base is a training run): the
+# layer that can build one registers its builder here (adaptlab.healed does, on import), and the model
+# loader calls it on first use.
+BUILDERS: dict[str, Callable[[str], Path]] = {}
+
+
+def register_builder(name: str, build: Callable[[str], Path]) -> None:
+    """Let the model loader build the embedded model `name` with build(name) -> its HF directory."""
+    BUILDERS[name] = build
 
 
 def cache_dir() -> Path:
@@ -69,12 +79,3 @@ def check_model_name(spec: str) -> None:
     if (err := missing_model_dir(spec)) is not None:
         raise err
     require_hub(spec)
-
-
-def check_names(model: str | None, data: Sequence[str] = ()) -> None:
-    """Check a model name and data sources before anything heavy is imported."""
-    from adaptlab.data.sources import check_sources
-
-    if model:
-        check_model_name(model)
-    check_sources(list(data))

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptlab.config import TARGET_PRESETS, MethodSpec
+from adaptlab.config import TARGET_PRESETS, MethodSpec, RunConfig, check_rank, check_seq_len
 from adaptlab.errors import UserError
 
 _ATTENTION_HINTS = ("attn", "attention")
@@ -144,3 +144,20 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
             seen.add(id(p))
             out[name] = p
     return out
+
+
+def check_against_model(config: RunConfig, model: Any) -> None:
+    """Bounds only the loaded model knows: seq_len within its positions, rank within the targeted Linears."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    check_seq_len(config.train.seq_len, positions, config.model.name)
+    if config.method.is_lora:
+        check_rank(config.method.rank, _targeted_shapes(model, config.method.targets))
+
+
+def _targeted_shapes(model: Any, targets: str | list[str]) -> dict[str, tuple[int, int]]:
+    names = set(resolve_targets(model, targets))
+    return {
+        n: (m.in_features, m.out_features)
+        for n, m in linear_modules(model).items()
+        if n.rsplit(".", 1)[-1] in names
+    }

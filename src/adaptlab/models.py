@@ -32,7 +32,7 @@ import torch
 from filelock import FileLock
 
 from adaptlab.errors import UserError
-from adaptlab.hub import EMBEDDED_MODELS, cache_dir, missing_model_dir, require_hub
+from adaptlab.hub import BUILDERS, EMBEDDED_MODELS, cache_dir, missing_model_dir, require_hub
 from adaptlab.quantize import quiet_bitsandbytes
 
 log = logging.getLogger(__name__)
@@ -175,10 +175,10 @@ def local_dir(spec: str) -> Path | None:
         return _smollm2_dir()
     if spec == "tiny-random":
         return _tiny_random_dir()
-    if spec.endswith("-healed") and spec in EMBEDDED_MODELS:
-        from adaptlab.healed import healed_dir
-
-        return healed_dir(spec)  # built once: the embedded model after a short full fine-tuning
+    if spec in EMBEDDED_MODELS:  # built by a layer above this one (a healed base is a training run)
+        if spec not in BUILDERS:
+            raise UserError(f"{spec} is built on first use by a training run: import adaptlab.healed first")
+        return BUILDERS[spec](spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "adapter_config.json").exists() or (path / "adapter").is_dir():
@@ -318,3 +318,12 @@ def save_model(spec: str, out: str | Path) -> Path:
     loaded.model.save_pretrained(out, safe_serialization=True)
     loaded.tokenizer.save_pretrained(out)
     return out
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks FSDP2 shards one by one (each gathers its weights when used)."""
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+            return list(layers)
+    return []

@@ -40,47 +40,36 @@ from adaptlab import distributed as dist
 from adaptlab import outputs
 from adaptlab.autocast_linear import fuse_autocast_linears
 from adaptlab.checkpoint import LogFn, RankWriter, RunWriter, restore
-from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, check_against_model, load_config
+from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, load_config
 from adaptlab.cpu_attention import use_cpu_attention
 from adaptlab.errors import UserError
 from adaptlab.frozen_base import adapters_in_fp32, hold_frozen_linears, load_held
 from adaptlab.fused import fuse_mlps
 from adaptlab.fused_lora import fuse_loras
 from adaptlab.fused_norm import fuse_norms
-from adaptlab.hardware import autocast, choose_precision, mem_bytes, peak_mem_bytes, pick_device, reset_peak
+from adaptlab.hardware import (
+    autocast,
+    choose_precision,
+    mem_bytes,
+    peak_mem_bytes,
+    pick_device,
+    reset_peak,
+    step_time_spread,
+)
 from adaptlab.health import Health, advice
-from adaptlab.methods import ParamReport, apply_method, param_report, trainable_parameters
+from adaptlab.methods import (
+    apply_method,
+    check_against_model,
+    param_report,
+    trainable_parameters,
+)
 from adaptlab.models import STORED, load_model
-from adaptlab.objectives import Objective, objective_for, to_device
+from adaptlab.objectives import objective_for, to_device
 from adaptlab.optim_backward import BackwardUpdates, check_one_process
+from adaptlab.run_setup import Setup
 from adaptlab.rundir import RunDir, dir_bytes, versions
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Setup:
-    """Everything a run needs, built the same way for a fresh run and a resume."""
-
-    config: RunConfig
-    run: RunDir
-    model: Any
-    tokenizer: Any
-    params: dict[str, torch.nn.Parameter]
-    report: ParamReport
-    train_examples: list[Any]
-    """The objective's training rows (sft: Example, dpo: PreferencePair, ...)."""
-    val_examples: list[Any]
-    device: torch.device
-    precision: str
-    total_steps: int
-    objective: Objective
-    """What each step minimises (config.objective.task): its data, micro-batches, loss and metrics."""
-    world: dist.World = dist.SINGLE
-    parallel: str | None = None
-    """ddp | fsdp when several processes train this run, else None."""
-    compiled: bool = False
-    """Whether its decoder layers run under torch.compile (train.compile, compiling.resolve)."""
 
 
 def lr_lambda(total_steps: int, warmup: float, min_ratio: float) -> Callable[[int], float]:
@@ -96,7 +85,17 @@ def lr_lambda(total_steps: int, warmup: float, min_ratio: float) -> Callable[[in
     return f
 
 
-def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | None = None) -> Setup:
+FitsOneDevice = Callable[[RunConfig, torch.device], "bool | None"]
+"""Whether a whole replica of the run fits one device (None when it cannot be told): what `--parallel auto`
+asks; the caller supplies it (the command line asks the planner's memory model)."""
+
+
+def prepare(
+    config: RunConfig,
+    world: dist.World = dist.SINGLE,
+    parallel: str | None = None,
+    fits_one_device: FitsOneDevice | None = None,
+) -> Setup:
     """Load the base, apply the method, build the data: the same for fresh runs and resumes.
 
     Under a process group the model is wrapped (DDP or FSDP2) and `params` are the wrapped model's.
@@ -106,7 +105,8 @@ def prepare(config: RunConfig, world: dist.World = dist.SINGLE, parallel: str | 
     device = dist.device_for(world) if world.distributed else pick_device()
     precision = choose_precision(config.train.precision, device)
     objective = objective_for(config)
-    strategy = dist.resolve_parallel(parallel, config.method.method, world, _fits_one_device(config, device))
+    fits = fits_one_device(config, device) if fits_one_device and world.distributed else None
+    strategy = dist.resolve_parallel(parallel, config.method.method, world, fits)
     # FSDP2 loads on the CPU and moves only each rank's shards to its device
     # QLoRA quantizes from the checkpoint's own dtype, and LoRA at bf16 keeps a bf16 checkpoint's
     # Linears as stored (frozen_base.py): neither holds the base whole in fp32
@@ -191,20 +191,6 @@ def _compiles(
     return compiled
 
 
-def _fits_one_device(config: RunConfig, device: torch.device) -> bool | None:
-    """Whether a whole replica fits one GPU (what --parallel auto asks); None when it cannot be told."""
-    if device.type != "cuda":
-        return None
-    from adaptlab.plan.world import fits_one_device
-
-    t = config.train
-    try:
-        memory = torch.cuda.get_device_properties(device).total_memory
-        return fits_one_device(config.model.name, config.method.method, t.batch, t.seq_len, "bf16", memory)
-    except (UserError, KeyError, ValueError):
-        return None
-
-
 def _check_out(run: RunDir, overwrite: bool) -> None:
     foreign = [p for p in run.checkpoints.glob("*") if not p.name.startswith(("step-", ".step-"))]
     if foreign:  # a finished run removes checkpoints/: it must hold only adaptlab's checkpoints
@@ -229,13 +215,15 @@ def train(
     new_lr: float | None = None,
     overwrite: bool = False,
     parallel: str | None = None,
+    fits_one_device: FitsOneDevice | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) training to the end of its budget; write the run directory; return summary.
 
     The run directory is claimed and locked first (adaptlab.outputs): a directory holding files
     adaptlab did not write is refused unless `overwrite`, and a second writer is refused while this one runs.
     Under torchrun every rank calls this: rank 0 owns and writes the run directory, every rank trains
-    its slice. `parallel` (ddp | fsdp | auto) picks how several processes share the model.
+    its slice. `parallel` (ddp | fsdp | auto) picks how several processes share the model; `auto` asks
+    `fits_one_device`.
     """
     if config.out is None:
         raise UserError("no run directory: pass --out RUN")
@@ -250,7 +238,7 @@ def train(
             _check_out(run, overwrite)
         world = dist.init_world()
         try:
-            setup = prepare(config, world, parallel)
+            setup = prepare(config, world, parallel, fits_one_device)
             if world.is_main and not resume:
                 outputs.clear(run.root)  # adaptlab's own outputs only; other files stay
                 run.config.write_text(config.to_yaml())
@@ -276,6 +264,7 @@ def resume_run(
     on_log: LogFn | None = None,
     lr: float | None = None,
     parallel: str | None = None,
+    fits_one_device: FitsOneDevice | None = None,
 ) -> dict[str, Any]:
     """Continue an interrupted run from its newest valid checkpoint (or from the start if it has none).
 
@@ -289,7 +278,15 @@ def resume_run(
         raise UserError(f"{run.root} has already finished (summary.json exists)")
     config = build_config(load_config(run.config))
     config.out = str(run.root)
-    return train(config, on_start=on_start, on_log=on_log, resume=True, new_lr=lr, parallel=parallel)
+    return train(
+        config,
+        on_start=on_start,
+        on_log=on_log,
+        resume=True,
+        new_lr=lr,
+        parallel=parallel,
+        fits_one_device=fits_one_device,
+    )
 
 
 def _loop(
@@ -578,8 +575,6 @@ def build_summary(
     setup: Setup, progress: Progress, artifact: Path, final_loss: float | None, val: dict[str, float]
 ) -> dict[str, Any]:
     """summary.json: what trained, what it cost, where the artifact is, and the software that ran it."""
-    from adaptlab.evaluate.stats import step_time_spread
-
     cfg = setup.config
     summary = {
         "method": cfg.method.method,

@@ -7,8 +7,9 @@ import pytest
 from adaptlab.artifacts import load_tuned, resolve
 from adaptlab.config import build_config
 from adaptlab.data.rewards import exact_reward
-from adaptlab.evaluate.task import greedy_accuracy, task_items
+from adaptlab.evaluate.task import task_items
 from adaptlab.models import load_model
+from adaptlab.objectives.scoring import greedy_accuracy
 from adaptlab.rundir import RunDir
 from adaptlab.train import train
 

@@ -113,7 +113,7 @@ def test_rank_above_the_smallest_targeted_dimension_is_refused(run_cli, corpus, 
 
 
 def test_rank_limit_is_the_targeted_modules_own(tiny) -> None:
-    from adaptlab.config import check_against_model
+    from adaptlab.methods import check_against_model
 
     small = min(min(m.in_features, m.out_features) for m in _linears(tiny.model))
     ok = build_config({"method": {"rank": small}, "model": {"name": "tiny-random"}})

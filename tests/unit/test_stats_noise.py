@@ -6,7 +6,7 @@ import json
 
 from helpers import tiny_config, write_corpus
 
-from adaptlab.evaluate.stats import NOISY_CV, step_time_spread
+from adaptlab.hardware import NOISY_CV, step_time_spread
 from adaptlab.train import train
 
 

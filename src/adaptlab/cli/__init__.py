@@ -17,6 +17,7 @@ import warnings
 
 import click
 
+import adaptlab.healed  # noqa: F401  registers the healed bases' builder (a training run) with the model loader
 from adaptlab.errors import UserError
 
 # command name -> module under adaptlab.cli that defines a click command called `command`

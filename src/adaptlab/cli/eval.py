@@ -228,7 +228,7 @@ def eval_command(
 
     from rich.console import Console
 
-    from adaptlab.hub import check_names
+    from adaptlab.data.sources import check_names
 
     check_names(model_spec, [*data, *general])  # before torch is imported: a wrong name fails at once
     from adaptlab.artifacts import resolve

@@ -188,7 +188,7 @@ def plan_command(
     **flags: Any,
 ) -> None:
     """Estimate memory, time and LoRA capacity for full, LoRA, DoRA and QLoRA, and recommend one."""
-    from adaptlab.hub import check_names
+    from adaptlab.data.sources import check_names
 
     check_names(flags.get("model"), list(data))  # before torch is imported: a wrong name fails at once
     root = flags.get("compare_root")

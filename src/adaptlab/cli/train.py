@@ -211,7 +211,12 @@ def train_command(
                 lr = flags["lr"]
                 summary = progress.run(
                     lambda start, log: resume_run(
-                        resume, on_start=start, on_log=reporter.wrap(log), lr=lr, parallel=parallel
+                        resume,
+                        on_start=start,
+                        on_log=reporter.wrap(log),
+                        lr=lr,
+                        parallel=parallel,
+                        fits_one_device=fits_one_gpu,
                     )
                 )
             else:
@@ -222,6 +227,7 @@ def train_command(
                         on_log=reporter.wrap(log),
                         overwrite=overwrite,
                         parallel=parallel,
+                        fits_one_device=fits_one_gpu,
                     )
                 )
         except BaseException:
@@ -247,8 +253,8 @@ def _new_run_config(config_path: str | None, flags: dict[str, Any]) -> Any:
     """The config of a new run from --config and flags, its names checked before torch is imported, so
     a model or data name that cannot be found fails at once."""
     from adaptlab.config import build_config, load_config, merge
+    from adaptlab.data.sources import check_names
     from adaptlab.errors import UserError
-    from adaptlab.hub import check_names
 
     config = build_config(merge(load_config(config_path) if config_path else {}, _overrides(**flags)))
     if config.out is None:
@@ -280,6 +286,24 @@ def _check_flags_apply(config: Any, flags: dict[str, Any]) -> None:
             where = f"--task {scope}" if kind == "task" else f"{scope} (--method lora, dora or qlora)"
             now = f"--task {task}" if kind == "task" else f"--method {config.method.method}"
             raise UserError(f"{name} applies to {where}; this run is {now}: drop {name}")
+
+
+def fits_one_gpu(config: Any, device: Any) -> bool | None:
+    """Whether a whole replica fits one GPU by the planner's memory model (what --parallel auto asks);
+    None off CUDA or when it cannot be told."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    from adaptlab.errors import UserError
+    from adaptlab.plan.world import fits_one_device
+
+    t = config.train
+    try:
+        memory = torch.cuda.get_device_properties(device).total_memory
+        return fits_one_device(config.model.name, config.method.method, t.batch, t.seq_len, "bf16", memory)
+    except (UserError, KeyError, ValueError):
+        return None
 
 
 def _launch(ctx: click.Context, nproc: int, parallel: str | None, config: Any, resume: str | None) -> None:

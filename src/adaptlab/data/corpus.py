@@ -126,3 +126,17 @@ def _too_short(split: str, n_docs: int, n_tokens: int, seq_len: int) -> UserErro
         f"the {what} split ({n_docs} document{'s' * (n_docs != 1)}, {n_tokens:,} tokens) is shorter than "
         f"one --seq-len {seq_len} block: {fix}"
     )
+
+
+def start_token(tokenizer: Any) -> int:
+    """BOS when the tokenizer adds it by default, else EOS (the document separator in packed training)."""
+    bos = tokenizer.bos_token_id
+    if bos is not None:
+        probe = tokenizer("a")["input_ids"]
+        if probe and probe[0] == bos:
+            return int(bos)
+    if tokenizer.eos_token_id is None:
+        raise UserError(
+            "the tokenizer has neither a BOS nor an EOS token: cannot mark where a document starts"
+        )
+    return int(tokenizer.eos_token_id)

@@ -18,12 +18,13 @@ import glob
 import json
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from adaptlab.errors import UserError
+from adaptlab.hub import check_model_name, hub_reachable
 
 EMBEDDED_CORPORA = ("python-stdlib",)
 EMBEDDED_TASKS = ("arithmetic",)
@@ -167,8 +168,6 @@ def _datasets_dir_documents(path: Path, text_field: str) -> list[Document]:
 
 def _hub_unreachable(name: str) -> ConnectionError | None:
     """Why the hub cannot serve data set `name` (offline mode set, or no answer), or None."""
-    from adaptlab.hub import hub_reachable
-
     if os.environ.get("HF_DATASETS_OFFLINE", "") == "1" or os.environ.get("HF_HUB_OFFLINE", "") == "1":
         return ConnectionError("offline mode is set")
     if not hub_reachable():  # without a network the hub client retries for half a minute
@@ -195,6 +194,13 @@ def check_sources(sources: list[str]) -> None:
             continue
         if (err := _hub_unreachable(source)) is not None:
             raise _not_found(source, err)
+
+
+def check_names(model: str | None, data: Sequence[str] = ()) -> None:
+    """Check a model name and data sources before anything heavy is imported."""
+    if model:
+        check_model_name(model)
+    check_sources(list(data))
 
 
 def _hub_documents(name: str, text_field: str) -> list[Document]:

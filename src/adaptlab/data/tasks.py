@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from adaptlab.data.corpus import split_fraction
+from adaptlab.data.corpus import split_fraction, start_token
 from adaptlab.data.sources import EMBEDDED_TASKS, read_jsonl
 from adaptlab.errors import UserError
 
@@ -114,7 +114,11 @@ def split_items(items: list[TaskItem], split: TaskSplit, test_frac: float = TEST
 
 
 def render_prompt_ids(prompt: str, tokenizer: Any) -> list[int]:
-    """A task prompt as token ids: the chat template's user turn with the generation prompt, or the text."""
-    from adaptlab.evaluate.drift import render_prompt
-
-    return render_prompt(prompt, tokenizer)
+    """A prompt as token ids: the chat template's user turn with the generation prompt, or the start
+    token + the text."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return [start_token(tokenizer), *tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]]

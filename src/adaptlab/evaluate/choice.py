@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from adaptlab.data.corpus import start_token
 from adaptlab.data.example import IGNORE_INDEX
 from adaptlab.data.packing import pack_rows, pack_sequences
 from adaptlab.data.sources import read_jsonl
 from adaptlab.errors import UserError
-from adaptlab.evaluate.perplexity import Progress, model_device, start_token
+from adaptlab.evaluate.perplexity import Progress, model_device
 from adaptlab.losses import next_token_nll
 
 PACK_WIDTH = 256

@@ -28,8 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adaptlab.data.corpus import start_token
 from adaptlab.data.example import IGNORE_INDEX
-from adaptlab.evaluate.perplexity import Progress, make_windows, model_device, start_token, window_batches
+from adaptlab.data.tasks import render_prompt_ids
+from adaptlab.evaluate.perplexity import Progress, make_windows, model_device, window_batches
 from adaptlab.losses import HeadFn, chunk_tokens, hidden_states, model_inputs, output_head
 
 SAMPLE_BATCH = 16  # fixed, so the sampled text does not depend on --batch
@@ -59,16 +61,6 @@ def as_base(model: Any) -> Iterator[Any]:
         yield model
 
 
-def render_prompt(prompt: str, tokenizer: Any) -> list[int]:
-    """A general prompt as token ids: the chat template with a generation prompt, or the start token + text."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return [start_token(tokenizer), *tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]]
-
-
 def sample_from_base(
     model: Any, tokenizer: Any, prompts: Sequence[str], new_tokens: int = NEW_TOKENS, seed: int = 0
 ) -> tuple[list[list[int]], list[list[bool]]]:
@@ -92,7 +84,7 @@ def sample_from_base(
         pad_token_id=pad,
         eos_token_id=eos,
     )
-    encoded = [render_prompt(p, tokenizer) for p in prompts]
+    encoded = [render_prompt_ids(p, tokenizer) for p in prompts]
     seqs: list[list[int]] = []
     masks: list[list[bool]] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from adaptlab.data.corpus import start_token
 from adaptlab.data.example import IGNORE_INDEX
 from adaptlab.data.instruct import encode_chat
 from adaptlab.data.packing import Span, pack_rows, pack_sequences
@@ -74,20 +75,6 @@ class DocScores:
             np.asarray(obj["tokens"], dtype=np.int64),
             np.asarray(obj["bytes"], dtype=np.int64),
         )
-
-
-def start_token(tokenizer: Any) -> int:
-    """BOS when the tokenizer adds it by default, else EOS (the document separator in packed training)."""
-    bos = tokenizer.bos_token_id
-    if bos is not None:
-        probe = tokenizer("a")["input_ids"]
-        if probe and probe[0] == bos:
-            return int(bos)
-    if tokenizer.eos_token_id is None:
-        raise UserError(
-            "the tokenizer has neither a BOS nor an EOS token: cannot mark where a document starts"
-        )
-    return int(tokenizer.eos_token_id)
 
 
 def as_documents(texts: Sequence[str | Document]) -> list[Document]:

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from adaptlab.data.rewards import Reward, load_reward
-from adaptlab.data.tasks import load_task, render_prompt_ids, split_items
+from adaptlab.data.tasks import load_task, split_items
 from adaptlab.errors import UserError
 from adaptlab.evaluate import stats
-from adaptlab.sampling import sample
+from adaptlab.objectives.scoring import completion_rewards
 
 MAX_NEW_TOKENS = 32
 DEFAULT_K = 4
@@ -51,66 +51,6 @@ def task_items(source: str, limit: int | None = None) -> list[TaskPrompt]:
     if not items:
         raise UserError(f"task {source!r} has no held-out items (it needs at least 3 rows)")
     return [TaskPrompt(it.prompt, it.answer) for it in items[:limit]]
-
-
-def _eos_and_pad(model: Any, tokenizer: Any) -> tuple[set[int], int]:
-    from adaptlab.objectives.grpo import eos_ids, pad_id
-
-    return eos_ids(model, tokenizer), pad_id(tokenizer)
-
-
-def _ids(p: Any, tokenizer: Any) -> tuple[int, ...]:
-    ids = getattr(p, "ids", ())
-    return tuple(ids) if ids else tuple(render_prompt_ids(p.prompt, tokenizer))
-
-
-def completion_rewards(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[Any],
-    reward: Reward,
-    *,
-    n: int,
-    temperature: float,
-    max_new_tokens: int,
-    batch: int,
-    seed: int = 0,
-) -> np.ndarray:
-    """Rewards (len(prompts), n) of n completions per prompt (greedy when temperature is 0).
-
-    `prompts` are items with .prompt, .answer and optionally .ids (token ids; rendered when absent).
-    """
-    eos, pad = _eos_and_pad(model, tokenizer)
-    generator = torch.Generator().manual_seed(seed)
-    per_call = max(1, batch // n)
-    out = np.zeros((len(prompts), n))
-    for lo in range(0, len(prompts), per_call):
-        chunk = prompts[lo : lo + per_call]
-        s = sample(
-            model,
-            [_ids(p, tokenizer) for p in chunk],
-            n=n,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            eos_ids=eos,
-            pad_id=pad,
-            generator=generator,
-        )
-        for row, (i, ids) in enumerate(zip(s.prompt_index, s.completions, strict=True)):
-            item = getattr(chunk[i], "item", chunk[i])
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            out[lo + i, row % n] = reward(item.prompt, text, item.answer)
-    return out
-
-
-def greedy_accuracy(
-    model: Any, tokenizer: Any, prompts: Sequence[Any], reward: Reward, max_new_tokens: int, batch: int
-) -> float:
-    """Mean reward of the greedy completion of each prompt (pass@1 for a 0/1 reward)."""
-    r = completion_rewards(
-        model, tokenizer, prompts, reward, n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch=batch
-    )
-    return float(r.mean())
 
 
 @dataclass

@@ -42,6 +42,7 @@ from adaptlab.data.tasks import TaskItem, load_task, render_prompt_ids, split_it
 from adaptlab.errors import UserError
 from adaptlab.hardware import autocast
 from adaptlab.objectives import batch_indices
+from adaptlab.objectives.scoring import eos_ids, greedy_accuracy, pad_id
 from adaptlab.sampling import Generators, Samples, left_pad, sample
 
 STD_EPS = 1e-4
@@ -156,18 +157,6 @@ def task_source(config: RunConfig) -> str:
             "--task grpo takes one --data source: arithmetic or a JSONL file of prompt/answer rows"
         )
     return sources[0]
-
-
-def eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
-def pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def rollout_batch(prompts: list[Prompt], samples: Samples, pad: int) -> dict[str, torch.Tensor]:
@@ -322,8 +311,6 @@ class GRPOObjective:
         """Greedy accuracy (pass@1) on held-out prompts of the task."""
         if not setup.val_examples:
             return {}
-        from adaptlab.evaluate.task import greedy_accuracy
-
         model = dist.unwrap(setup.model)
         with autocast(setup.device, setup.precision):
             acc = greedy_accuracy(

@@ -112,7 +112,7 @@ def _check_args(
 def _check_against_arch(
     arch: Arch, target_names: tuple[str, ...], seq_len: int, ranks: Sequence[int]
 ) -> None:
-    """The bounds training enforces (config.check_against_model), from the architecture alone."""
+    """The bounds training enforces (methods.check_against_model), from the architecture alone."""
     check_seq_len(seq_len, arch.max_positions, arch.spec)
     targeted = {n: s for n, s in arch.linear_shapes.items() if n.rsplit(".", 1)[-1] in target_names}
     check_rank(max(ranks), targeted, flag="--ranks")
