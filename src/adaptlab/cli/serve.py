@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -25,6 +26,24 @@ def _read_prompt(prompt: str) -> str:
     except UnicodeEncodeError as err:  # bytes the terminal could not decode arrive as lone surrogates
         raise UserError(f"--prompt: not UTF-8 text (at character {err.start}); pass text") from None
     return prompt
+
+
+# what `adaptlab serve` imports beyond the core install: the extra `adaptlab[serve]`
+SERVE_EXTRA = ("fastapi", "uvicorn")
+
+
+def _require_serve_extra() -> None:
+    """Refuse in one line, naming the extra, when the HTTP server's packages are not installed."""
+    missing: list[str] = []
+    for name in SERVE_EXTRA:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise UserError(
+            f"adaptlab serve needs {' and '.join(missing)}, not installed: run `pip install 'adaptlab[serve]'`"
+        )
 
 
 @click.command("generate")
@@ -117,6 +136,7 @@ def serve_command(
     max_prompt_tokens: int,
 ) -> None:
     """Serve the base and its adapters over an OpenAI-compatible HTTP API, batching across adapters."""
+    _require_serve_extra()  # before the model loads: a missing extra is one line at once
     from pathlib import Path
 
     from adaptlab.serve import Engine, parse_adapter_specs
