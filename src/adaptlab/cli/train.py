@@ -171,6 +171,8 @@ def train_command(
     from adaptlab.publish import check_push
     from adaptlab.tracking import RunReporter, check_targets, parse_report_to
 
+    if nproc is not None and nproc < 1:
+        raise UserError(f"--nproc {nproc}: the number of processes must be at least 1")
     targets = parse_report_to(report_to)
     if os.environ.get("RANK", "0") == "0":  # only rank 0 reports or uploads
         check_targets(targets)
