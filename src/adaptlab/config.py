@@ -125,6 +125,10 @@ class LrChange(_Spec):
     """The new peak learning rate (warmup and cosine decay still scale it)."""
 
 
+SEED_MAX = 2**32 - 1
+"""The largest seed: numpy.random.seed (which train.seed_everything calls) takes 0 to 2**32 - 1."""
+
+
 class StepSpec(_Spec):
     """How each optimizer step is taken: the settings one run and every arm of a comparison share."""
 
@@ -137,7 +141,8 @@ class StepSpec(_Spec):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    """Seeds the data order, LoRA initialisation, dropout and sampling; numpy's global seed bounds it."""
     precision: Precision = "auto"
     """auto: bf16 autocast (fp32 master weights) on CUDA and CPUs with native bf16, else fp32."""
     grad_checkpointing: bool = False

@@ -322,3 +322,27 @@ def test_instruction_data_whose_prompts_fill_the_window_says_so(run_cli, tmp_pat
     )
     code, _, err = run_cli(*TRAIN, "--steps", "1", "--seq-len", "64", "--data", data, "--out", tmp_path / "r")
     assert code == 0 and "no training example keeps a token to learn" in caplog.text, err
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999", "4294967296"])
+def test_a_seed_outside_what_the_seeding_accepts_is_refused_before_writing(run_cli, corpus, tmp_path, seed):
+    code, _, err = run_cli(*TRAIN, "--data", corpus, "--seed", seed, "--out", tmp_path / "r")
+    assert code == 2 and "train.seed" in _one_error_line(err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_largest_seed_trains_sft_and_grpo(run_cli, corpus, tmp_path) -> None:
+    """2**32 - 1 seeds numpy, the data order, and GRPO's per-row sampling generators."""
+    steps = ["--steps", "1", "--seed", str(2**32 - 1)]
+    code, _, err = run_cli(*TRAIN, "--data", corpus, "--seq-len", "16", *steps, "--out", tmp_path / "s")
+    assert code == 0, err
+    grpo = ["--task", "grpo", "--data", "arithmetic", "--group-size", "2", "--max-new-tokens", "4"]
+    code, _, err = run_cli(*TRAIN, *grpo, *steps, "--out", tmp_path / "g")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("nproc", ["0", "-2"])
+def test_fewer_than_one_process_is_one_line_exit_2(run_cli, corpus, tmp_path, nproc) -> None:
+    code, _, err = run_cli(*TRAIN, "--data", corpus, "--nproc", nproc, "--out", tmp_path / "r")
+    assert code == 2 and "--nproc" in _one_error_line(err)
+    assert not (tmp_path / "r").exists()

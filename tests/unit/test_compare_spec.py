@@ -69,6 +69,16 @@ def test_unknown_force_arm_lists_the_arms(run_cli, tmp_path) -> None:
     assert "--force nope: no such arm; arms: full" in err
 
 
+@pytest.mark.parametrize("study", [None, "rl"])
+def test_seq_len_beyond_the_models_positions_stops_compare_before_any_arm(run_cli, tmp_path, study) -> None:
+    args = ["compare", "--model", "tiny-random", "--seq-len", "100000"]
+    args += ["--tokens", "64", "--data", "python-stdlib"] if study is None else ["--study", study]
+    code, _, err = run_cli(*args, "--out", tmp_path / "c")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--seq-len 100000 exceeds the 2,048 positions" in err, err
+    assert not (tmp_path / "c" / "runs").exists()
+
+
 @pytest.mark.parametrize("study", STUDIES)
 def test_every_study_builds_runs(study: str) -> None:
     second = ["b.jsonl"] if study in ("regime", "continual") else []  # their second data set

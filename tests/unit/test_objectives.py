@@ -39,6 +39,7 @@ def test_every_config_flag_of_train_lands_in_the_config():
         "overwrite",
         "parallel",
         "nproc",
+        "no_memory_check",
         "report_to",
         "push_to_hub",
         "out",

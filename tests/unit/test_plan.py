@@ -545,3 +545,61 @@ def test_a_bf16_checkpoint_loads_as_stored_for_qlora_and_leaves_no_mapped_pages(
     assert fp16["peak"] == (4 + 2) * arch.total_params
     gpu = memory_breakdown(replace(arch, stored_bf16=False), lora, replace(cpu_bf16, device_type="cuda"), 0)
     assert gpu["peak"] == 4 * arch.total_params  # the file's pages are host memory
+
+
+# -- the memory check before `adaptlab train` ----------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo", "grpo"])
+@pytest.mark.parametrize("method", ["full", "lora", "dora", "qlora"])
+def test_default_runs_plan_well_inside_a_24gib_machine(task, method):
+    """The check must never refuse a normal run: tiny-random and smollm2-135m at default sizes plan
+    under 8 GiB, a third of that machine, in either precision."""
+    from adaptlab.config import RunConfig
+    from adaptlab.plan.fit import run_peak_bytes
+
+    config = RunConfig.model_validate({"method": {"method": method}, "objective": {"task": task}})
+    for arch in (load_arch("tiny-random"), arch_from_config(smollm2_config(), "smollm2-135m")):
+        for precision in ("fp32", "bf16"):
+            peak = run_peak_bytes(config, "cpu", precision, arch)
+            assert 0 < peak < 8 * 2**30, (arch.spec, precision, peak / 2**30)
+
+
+@pytest.mark.parametrize(
+    ("run", "flag"),
+    [
+        ({"train": {"batch": 100_000_000}}, "--batch 100000000"),
+        ({"train": {"seq_len": 2048, "batch": 50_000}}, "--batch 50000"),
+        ({"objective": {"task": "grpo", "group_size": 2_000_000}}, "--group-size 2000000"),
+        ({"objective": {"task": "grpo"}, "train": {"batch": 100_000_000}}, "--batch 100000000"),
+        ({"objective": {"task": "grpo", "max_new_tokens": 1000, "prompts_per_step": 100_000}},
+         "--prompts-per-step 100000"),
+    ],
+)  # fmt: skip
+def test_a_run_beyond_the_memory_available_names_the_flag_to_lower(run, flag):
+    from adaptlab.config import RunConfig
+    from adaptlab.plan.fit import check_run_fits
+
+    config = RunConfig.model_validate({"model": {"name": "tiny-random"}, **run})
+    with pytest.raises(UserError) as err:
+        check_run_fits(config, torch.device("cpu"), "fp32")
+    message = str(err.value)
+    assert message.startswith(f"{flag} needs about ") and "GiB available: lower " + flag.split()[0] in message
+    assert message.endswith("or pass --no-memory-check") and "\n" not in message
+    check_run_fits(RunConfig.model_validate({"model": {"name": "tiny-random"}}), torch.device("cpu"), "fp32")
+
+
+def test_train_refuses_a_run_that_cannot_fit_before_writing_anything(run_cli, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{bad\n')
+    for args, flag in (
+        (["--batch", "100000000", "--data", "python-stdlib"], "--batch 100000000"),
+        (["--task", "grpo", "--data", "arithmetic", "--group-size", "2000000"], "--group-size 2000000"),
+    ):
+        code, _, err = run_cli("train", "--model", "tiny-random", *args, "--out", tmp_path / "r")
+        assert code == 2 and err.startswith(f"error: {flag} needs about "), err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists(), err
+    # --no-memory-check starts the run: here it stops at the malformed data, past the check
+    args = ["train", "--model", "tiny-random", "--batch", "100000000", "--data", bad, "--out", tmp_path / "r"]
+    code, _, err = run_cli(*args, "--no-memory-check")
+    assert code == 2 and "malformed JSON" in err and "needs about" not in err, err

@@ -379,6 +379,82 @@ def test_load_and_unload_adapters_at_run_time(server, adapters, engine):
         )
 
 
+def test_unloading_an_adapter_waits_for_its_requests_in_flight(engine, adapters):
+    """DELETE while ~20 requests for the adapter are queued: those admitted finish (200), later ones get
+    404, none a 500; the adapter is gone once DELETE answers."""
+    from adaptlab.serve.server import ServerLimits, create_app
+
+    limits = ServerLimits(max_prompt_tokens=64, max_new_tokens=32)
+    app = create_app(engine, "tiny-random", adapters["allowed"], limits, max_batch_size=2, batch_wait_ms=1)
+    body = {"model": "d", "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0}
+    want = single(Engine.load("tiny-random", {"d": adapters["c"]}), engine.encode(PROMPTS[1]), "d", 12).text
+    with running(app) as url, httpx.Client(timeout=120) as http:
+        assert http.post(f"{url}/adapters", json={"name": "d", "path": "c"}).status_code == 201
+        batches = len(app.state.batcher.batch_sizes)
+        with ThreadPoolExecutor(20) as pool:
+            replies = [pool.submit(http.post, f"{url}/completions", json=body) for _ in range(20)]
+            for _ in range(600):  # the first batch has started: the rest wait in the queue
+                if len(app.state.batcher.batch_sizes) > batches:
+                    break
+                time.sleep(0.01)
+            deleted = http.delete(f"{url}/adapters/d")
+            late = http.post(f"{url}/completions", json=body)
+            results = [r.result() for r in replies]
+        assert deleted.status_code == 200, deleted.text
+        assert "d" not in engine.adapters
+        assert late.status_code == 404 and late.json()["error"]["code"] == "model_not_found"
+        statuses = sorted(r.status_code for r in results)
+        assert set(statuses) <= {200, 404}, [r.text for r in results if r.status_code not in (200, 404)]
+        assert statuses.count(200) >= 1, statuses  # at least the request of the first batch
+        assert all(r.json()["choices"][0]["text"] == want for r in results if r.status_code == 200)
+
+
+def test_counts_must_be_json_integers(server):
+    url, _ = server
+    ok = {"model": "a", "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+    cases = [("max_tokens", "3"), ("max_tokens", True), ("max_tokens", 2.0), ("max_completion_tokens", "3"),
+             ("n", True), ("n", "1"), ("seed", True), ("seed", "7")]  # fmt: skip
+    with httpx.Client(timeout=60) as http:
+        for field, value in cases:
+            r = http.post(f"{url}/completions", json={**ok, field: value})
+            assert r.status_code == 400, (field, value, r.text)
+            err = r.json()["error"]
+            assert err["param"] == field and "valid integer" in err["message"], err
+        assert http.post(f"{url}/completions", json=ok).status_code == 200
+
+
+def test_client_dropping_mid_body_logs_one_line_not_a_traceback(server):
+    import logging
+
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"model": "a", "prompt": '
+            )
+            time.sleep(0.3)
+        for _ in range(100):
+            if records:
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)  # anything else it would log
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if r.exc_info], [r.getMessage() for r in records]
+    assert len(records) <= 1 and all("\n" not in r.getMessage() for r in records), records
+    assert (
+        httpx.post(f"{url}/completions", json={"model": "a", "prompt": "Hi", "max_tokens": 2}).status_code
+        == 200
+    )
+
+
 class _Planted:
     """Unpickling this creates a file: the proof that a pickle was loaded."""
 

@@ -150,6 +150,12 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option(
     "--nproc", type=int, help="Train on N processes of this machine (starts torchrun; one per GPU)."
 )
+@click.option(
+    "--no-memory-check",
+    "no_memory_check",
+    is_flag=True,
+    help="Start even when the planned peak memory exceeds the memory available (adaptlab plan's estimate).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @report_to_option("metrics", kind_uri="KIND=URI for a location")
 @push_to_hub_option("the finished run's adapter/model")
@@ -159,6 +165,7 @@ def train_command(
     config_path: str | None,
     resume: str | None,
     quiet: bool,
+    no_memory_check: bool,
     overwrite: bool,
     parallel: str | None,
     nproc: int | None,
@@ -171,6 +178,8 @@ def train_command(
     from adaptlab.publish import check_push
     from adaptlab.tracking import RunReporter, check_targets, parse_report_to
 
+    if nproc is not None and nproc < 1:
+        raise UserError(f"--nproc {nproc}: the number of processes must be at least 1")
     targets = parse_report_to(report_to)
     if os.environ.get("RANK", "0") == "0":  # only rank 0 reports or uploads
         check_targets(targets)
@@ -203,6 +212,8 @@ def train_command(
                 check_one_process(config.train.optimizer_in_backward, nproc)
             _launch(ctx, nproc, parallel, config, resume)
             return
+        if config is not None and not world.distributed and not no_memory_check:
+            _check_memory(config)
         progress = _Progress(quiet or not world.is_main)
         run_dir = resume if config is None else config.out
         reporter = RunReporter(targets if world.is_main else [], run_dir)
@@ -262,6 +273,15 @@ def _new_run_config(config_path: str | None, flags: dict[str, Any]) -> Any:
     _check_flags_apply(config, flags)
     check_names(config.model.name, config.data.train)
     return config
+
+
+def _check_memory(config: Any) -> None:
+    """Refuse, before loading anything, a one-process run whose planned peak exceeds the memory available."""
+    from adaptlab.hardware import choose_precision, pick_device
+    from adaptlab.plan.fit import check_run_fits
+
+    device = pick_device()
+    check_run_fits(config, device, choose_precision(config.train.precision, device))
 
 
 APPLIES_TO = {

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptlab.compare.spec import ArmSpec, CompareSpec
-from adaptlab.config import FULL_LR, StepSpec, check_rank
+from adaptlab.config import FULL_LR, StepSpec, check_rank, check_seq_len
 from adaptlab.errors import UserError
 
 RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -43,6 +43,13 @@ def _meta_model(model: str) -> Any:
     config = load_model_config(model)  # outside the meta context: it may build an embedded model
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+def check_seq_len_fits(model: str, seq_len: int) -> None:
+    """Refuse a sequence length beyond the model's position table before any arm starts (each arm's own
+    run would refuse it, one arm after another)."""
+    config = _meta_model(model).config
+    check_seq_len(seq_len, getattr(config, "max_position_embeddings", None), model)
 
 
 def linear_shapes(model: str) -> dict[str, tuple[int, int]]:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from adaptlab.compare.arms import check_seq_len_fits
 from adaptlab.errors import UserError
 
 FULL_RL_LR = 1e-5
@@ -234,6 +235,7 @@ def run_study(study: RLStudy, out: str | Path, on_event: Any = print) -> dict[st
     from adaptlab.config import build_config
     from adaptlab.evaluate.task import task_items
 
+    check_seq_len_fits(study.model, study.seq_len)
     root = Path(out)
     (root / "runs").mkdir(parents=True, exist_ok=True)
     arms = study.arms()

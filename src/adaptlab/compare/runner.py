@@ -30,7 +30,14 @@ from typing import Any
 import yaml
 
 from adaptlab import outputs
-from adaptlab.compare.arms import RunPlan, expand, lr_text, resolve_ranks, study_arms
+from adaptlab.compare.arms import (
+    RunPlan,
+    check_seq_len_fits,
+    expand,
+    lr_text,
+    resolve_ranks,
+    study_arms,
+)
 from adaptlab.compare.executors import Executor
 from adaptlab.compare.spec import ArmSpec, CompareSpec
 from adaptlab.config import build_config
@@ -508,6 +515,7 @@ def _compare(
     from adaptlab.data.sources import load_documents
 
     spec = resolve_spec(spec)
+    check_seq_len_fits(spec.model, spec.train.seq_len)
     load_documents(spec.data.train, spec.data.text_field)  # a malformed file: one line now, not one per arm
     spec_path = out / "compare.yaml"
     if not any(spec_path.resolve() == Path(p).resolve() for p in inputs):

@@ -49,8 +49,8 @@ STD_EPS = 1e-4
 """Added to the group's reward std before dividing (TRL's value)."""
 DEFAULT_TASK = "arithmetic"
 SAMPLE_SEED_STRIDE = 1_000_003
-"""Sampling seeds: (seed * stride + step) * stride + row, distinct for every (seed, step, row) while a
-step has fewer than `stride` rows."""
+"""Sampling seeds: (seed * stride + step) * stride + row, modulo 2**64, distinct for every (seed, step,
+row) while a step has fewer than `stride` rows and the seed is below 2**64 / stride**2 (about 18 million)."""
 
 
 def row_generators(seed: int, step: int, positions: list[int], group_size: int) -> list[torch.Generator]:
@@ -58,8 +58,8 @@ def row_generators(seed: int, step: int, positions: list[int], group_size: int) 
     what a row draws depends on (seed, step, its place in the global batch) only, so a resumed run and a
     run on any number of processes sample the same completions."""
     base = (seed * SAMPLE_SEED_STRIDE + step) * SAMPLE_SEED_STRIDE
-    return [
-        torch.Generator().manual_seed(base + p * group_size + member)
+    return [  # torch takes seeds below 2**64: a large run seed wraps there
+        torch.Generator().manual_seed((base + p * group_size + member) % 2**64)
         for p in positions
         for member in range(group_size)
     ]

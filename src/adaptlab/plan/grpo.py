@@ -99,6 +99,17 @@ def reference(arm: Arm, timing: dict[str, float]) -> dict[str, object]:
     }
 
 
+def with_sampling(
+    mem: dict[str, int], arch: Arch, prompts: int, prompt_len: int, sampling: Sampling, precision: str
+) -> int:
+    """The peak of a GRPO step: the training phase's (`mem`, estimate.memory_breakdown of train_shape) or
+    the sampling phase's, when the KV cache of every row of the step replaces the activations; records
+    the sampling phase's own bytes as mem["generation"]."""
+    rows = prompts * sampling.group_size
+    mem["generation"] = generation_memory_bytes(arch, rows, prompt_len + sampling.max_new_tokens, precision)
+    return max(mem["peak"], mem["peak"] - mem["activations"] - mem["logits"] + mem["generation"])
+
+
 def add_sampling(
     entry: dict[str, Any],
     arch: Arch,
@@ -111,11 +122,8 @@ def add_sampling(
     """Add the sampling phase of a step over `prompts` prompts to one method's estimate (in place): all
     their completions are decoded together, group_size rows a prompt."""
     rows = prompts * sampling.group_size
-    gen_mem = generation_memory_bytes(arch, rows, prompt_len + sampling.max_new_tokens, precision)
     mem = entry["memory"]
-    mem["generation"] = gen_mem
-    sampling_peak = mem["peak"] - mem["activations"] - mem["logits"] + gen_mem
-    mem["peak"] = entry["peak_mem_bytes"] = max(mem["peak"], sampling_peak)
+    mem["peak"] = entry["peak_mem_bytes"] = with_sampling(mem, arch, prompts, prompt_len, sampling, precision)
     gen_s = generation_time_s(
         arch,
         rows,

@@ -34,6 +34,16 @@ def too_large(limit: int) -> APIError:
     return APIError(413, f"request body over {limit} bytes", "invalid_request_error", "request_too_large")
 
 
+def client_gone() -> APIError:
+    """HTTP 400 for a client that disconnected before its body was read (an answer nobody receives)."""
+    return APIError(
+        400,
+        "the client disconnected before its request body was read",
+        "invalid_request_error",
+        "client_disconnected",
+    )
+
+
 def not_found(message: str, param: str) -> APIError:
     """HTTP 404: the named model or adapter is not loaded."""
     return APIError(404, message, "not_found_error", "model_not_found", param)

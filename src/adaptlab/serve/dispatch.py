@@ -117,12 +117,21 @@ Event = tuple[int, str | None, Job | None]  # (choice, new text, the job when it
 
 
 def _submit(ctx: ServerContext, prep: Prepared) -> asyncio.Queue[Event]:
-    """Submit the jobs; their text and their end arrive on the returned queue (from the engine thread)."""
+    """Submit the jobs; their text and their end arrive on the returned queue (from the engine thread).
+
+    Each job counts as in flight for its adapter until its end arrives (the Batcher ends every job it
+    takes, cancelled ones included)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def finished(i: int, job: Job) -> None:  # on the event loop
+        ctx.release(prep.adapter)
+        events.put_nowait((i, None, job))
+
     for i, job in enumerate(prep.jobs):
         job.on_text = lambda text, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, text, None))
-        job.on_finish = lambda j, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, None, j))
+        job.on_finish = lambda j, i=i: loop.call_soon_threadsafe(finished, i, j)
+    ctx.admit(prep.adapter, len(prep.jobs))  # an unload of this adapter now waits for these jobs
     ctx.batcher.submit(prep.jobs)
     return events
 

@@ -281,7 +281,9 @@ class _Row:
 
 
 class Batcher:
-    """Runs jobs on one worker thread, batching those that arrive within `wait_ms` of each other."""
+    """Runs jobs on one worker thread, batching those that arrive within `wait_ms` of each other.
+
+    Every job it takes ends with one call of its `on_finish`: done, failed or cancelled."""
 
     def __init__(self, engine: Engine, max_batch_size: int = 8, wait_ms: float = 5.0) -> None:
         self.engine = engine
@@ -318,7 +320,14 @@ class Batcher:
                     stop = True
                     break
                 batch.append(job)
-            batch = [j for j in batch if not j.cancelled.is_set()]
+            waiting, batch = batch, []
+            for job in waiting:  # a job whose client went away while it waited ends without running
+                if not job.cancelled.is_set():
+                    batch.append(job)
+                    continue
+                job.finish_reason = "cancelled"
+                if job.on_finish is not None:
+                    job.on_finish(job)
             self.batch_sizes.append(len(batch))
             try:
                 self.engine.generate(batch)

@@ -9,13 +9,17 @@ their schema (`seed` outside 64 bits, a NUL byte in a path, a non-string content
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.requests import ClientDisconnect
 
-from adaptlab.serve.api_errors import bad_request, too_large
+from adaptlab.serve.api_errors import bad_request, client_gone, too_large
+
+log = logging.getLogger("uvicorn.error")  # the server's own log, next to uvicorn's lines
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # the seeds torch.Generator accepts
 
@@ -37,15 +41,16 @@ class GenerationBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    # strict: a count or a seed is a JSON integer, never "3", 3.0 or true
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, strict=True)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX, strict=True)
     logprobs: Any = None
 
 
@@ -110,10 +115,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_large(limit)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:  # stop reading: the rest of a huge or endless body never reaches memory
-            raise too_large(limit)
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:  # stop reading: the rest of a huge or endless body never reaches memory
+                raise too_large(limit)
+    except ClientDisconnect:  # nobody is left to answer: one log line instead of a traceback
+        log.info("client went away while sending its request body (%d bytes read)", len(body))
+        raise client_gone() from None
     return bytes(body)
 
 

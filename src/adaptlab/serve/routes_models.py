@@ -1,6 +1,7 @@
 """GET /health, GET /v1/models, and runtime adapters: POST /v1/adapters {name, path}, DELETE /v1/adapters/NAME.
 
-Adapters load only from the server's --adapter-dir (a path that resolves outside it is refused with
+Unloading an adapter refuses new requests for it at once (404), waits for those already admitted to
+finish, then removes it. Adapters load only from the server's --adapter-dir (a path that resolves outside it is refused with
 403), so a client cannot make the server read arbitrary files.
 """
 
@@ -58,7 +59,7 @@ def _allowed_path(ctx: ServerContext, body: AdapterBody) -> Path:
             "permission_error",
             "adapter_loading_disabled",
         )
-    if body.name in ctx.loaded_names() or body.name == BASE:
+    if body.name in (ctx.base_name, BASE, *ctx.engine.adapters):  # one being unloaded too
         raise APIError(
             409,
             f"a model named {body.name!r} is already loaded; loaded models: {', '.join(ctx.loaded_names())}",
@@ -102,9 +103,21 @@ async def remove_adapter(name: str, request: Request) -> dict[str, Any]:
         raise bad_request(
             f"{name!r} is the base model; only adapters can be unloaded", "cannot_unload_base", "name"
         )
-    if name not in ctx.engine.adapters:
-        raise not_found(
-            f"no adapter named {name!r}; loaded adapters: {', '.join(ctx.engine.adapters) or 'none'}", "name"
+    if name in ctx.unloading:
+        raise APIError(
+            409,
+            f"adapter {name!r} is already being unloaded",
+            "invalid_request_error",
+            "adapter_unloading",
+            "name",
         )
-    await asyncio.to_thread(ctx.engine.remove_adapter, name)
+    if name not in ctx.engine.adapters:
+        loaded = ctx.loaded_names()[1:]
+        raise not_found(f"no adapter named {name!r}; loaded adapters: {', '.join(loaded) or 'none'}", "name")
+    ctx.unloading.add(name)  # new requests for it get 404 from here on
+    try:
+        await ctx.drained(name)  # the requests already admitted finish first
+        await asyncio.to_thread(ctx.engine.remove_adapter, name)
+    finally:
+        ctx.unloading.discard(name)
     return {"id": name, "object": "model", "deleted": True}
