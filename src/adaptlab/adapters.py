@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -358,6 +359,9 @@ def combine_adapters(
         raise UserError(
             f"--weights has {len(weights)} values for {len(adapters)} adapters: give one per adapter"
         )
+    if not all(math.isfinite(w) for w in weights):
+        given = ",".join(f"{w:g}" for w in weights)
+        raise UserError(f"--weights {given}: every weight must be a finite number (no nan or inf)")
     if density is not None and how != "ties":
         raise UserError("--density applies to --how ties only")
     if how == "ties":

@@ -7,13 +7,15 @@ directory for full fine-tuning; otherwise the base (quantized to NF4 for a QLoRA
 training) with the adapter put on by `attach_adapter`, the one function that attaches an adapter.
 
 Weights are read from safetensors only: an adapter holding only adapter_model.bin (pickle) is
-refused here, before anything is loaded.
+refused here, before anything is loaded, and so is one whose weights are truncated or hold NaN or inf
+(checked once per version of the file), so every command that reads an adapter refuses it in one line.
 
     python -c "from adaptlab.artifacts import resolve; print(resolve('RUN').describe())"
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -99,6 +101,7 @@ def _adapter_artifact(adapter_dir: Path, run_dir: Path | None) -> Artifact:
     require_safetensors(
         adapter_dir, ADAPTER_WEIGHTS, f"{adapter_dir} has adapter_config.json but no {ADAPTER_WEIGHTS}"
     )
+    check_finite(adapter_dir / ADAPTER_WEIGHTS)
     config = _read_json(adapter_dir / "adapter_config.json")
     run = _run_facts(run_dir)
     return Artifact(
@@ -109,6 +112,29 @@ def _adapter_artifact(adapter_dir: Path, run_dir: Path | None) -> Artifact:
         method=_method(run.get("method"), _adapter_config_method(config)),
         quantization=run.get("quantization"),
     )
+
+
+def check_finite(weights: Path) -> None:
+    """Refuse an adapter whose weights hold NaN or inf (every output of it would be NaN), naming the file."""
+    stat = weights.stat()
+    bad = _non_finite_tensor(str(weights), stat.st_mtime_ns, stat.st_size)
+    if bad is not None:
+        raise UserError(
+            f"adapter {weights} holds non-finite weights (NaN or inf in {bad}): every output of it would be "
+            "NaN; train it again or use another adapter"
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _non_finite_tensor(weights: str, mtime_ns: int, size: int) -> str | None:
+    """The first tensor of a safetensors file holding NaN or inf, or None; read once per version of the file."""
+    from safetensors import safe_open
+
+    with safe_open(weights, framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            if not torch.isfinite(f.get_tensor(key)).all():
+                return key
+    return None
 
 
 def _model_artifact(model_dir: Path, run_dir: Path | None) -> Artifact:

@@ -413,6 +413,12 @@ def export_lora_gguf(adapter_dir: Path, base_dir: Path, path: Path, quant: str, 
 
 
 def _report(kind: str, source: Path, path: Path, quant: str, written: dict[str, Any]) -> ExportReport:
+    nonfinite = next((n for n, (a, _) in written.items() if not np.isfinite(a).all()), None)
+    if nonfinite is not None:  # NaN never reads back equal, and Q8_0 would hide it
+        raise UserError(
+            f"{source} holds non-finite weights (NaN or inf in {nonfinite}): nothing exported; "
+            "train it again or export another model"
+        )
     checks = verify(path, written)
     max_abs, max_rel, exact = _summarize(checks, written)
     bad = [c for c in checks if c.max_err_in_steps is not None and c.max_err_in_steps > Q8_BOUND_STEPS]
