@@ -127,12 +127,26 @@ def check_finite(weights: Path) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _non_finite_tensor(weights: str, mtime_ns: int, size: int) -> str | None:
-    """The first tensor of a safetensors file holding NaN or inf, or None; read once per version of the file."""
+    """The first tensor of a safetensors file holding NaN or inf, or None; read once per version of the file.
+
+    Checked in numpy, on one thread: torch.isfinite (and bf16 -> fp32) took 6-15 s on a 117M-parameter
+    adapter on a busy 2-core machine where this takes 0.15 s."""
+    import numpy as np
     from safetensors import safe_open
 
     with safe_open(weights, framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-            if not torch.isfinite(f.get_tensor(key)).all():
+            tensor = f.get_tensor(key)
+            if not tensor.is_floating_point():
+                continue
+            if tensor.dtype == torch.bfloat16:  # NaN and inf have every exponent bit set
+                bits = tensor.view(torch.int16).numpy()
+                bad = bool(((bits & 0x7F80) == 0x7F80).any())
+            elif tensor.dtype in (torch.float16, torch.float32, torch.float64):
+                bad = not np.isfinite(tensor.numpy()).all()
+            else:  # float8 has no numpy dtype
+                bad = not np.isfinite(tensor.float().numpy()).all()
+            if bad:
                 return key
     return None
 

@@ -337,6 +337,27 @@ def test_an_adapter_with_non_finite_weights_is_one_line_in_every_command(tmp_pat
     assert [p.name for p in tmp_path.iterdir() if p.name not in ("ad", "ok")] == []  # nothing written
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_non_finite_check_reads_every_float_dtype(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    from adaptlab.artifacts import check_finite
+
+    largest = torch.finfo(dtype).max  # finite, with every exponent bit but one set
+    tensors = {"a.lora_A.weight": torch.tensor([[largest, -largest, 0.0]], dtype=dtype),
+               "steps": torch.tensor([7], dtype=torch.int64)}  # fmt: skip
+    for i, bad in enumerate([None, math.nan, math.inf, -math.inf]):
+        weights = tmp_path / f"{i}.safetensors"
+        if bad is not None:
+            tensors["a.lora_A.weight"][0, 2] = bad
+        save_file(tensors, str(weights))
+        if bad is None:
+            check_finite(weights)
+        else:
+            with pytest.raises(UserError, match=r"non-finite weights \(NaN or inf in a\.lora_A\.weight\)"):
+                check_finite(weights)
+
+
 # -- NLL helper and text reading -----------------------------------------------------------------
 
 
