@@ -179,3 +179,4 @@ def test_a_model_with_non_finite_weights_is_one_line(tmp_path, capsys, quant):
     assert main(["export", str(model), "--quant", quant, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{model} holds non-finite weights" in err[0] and "blk.1.ffn_down" in err[0], err
+    assert not (tmp_path / "out").exists()  # the refused GGUF, written under a temp name, is gone with it
