@@ -3,6 +3,7 @@ in a child process (torchrun runs)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -102,3 +103,78 @@ def train_in_child(*args: str, timeout: float = 600, **kwargs: Any) -> subproces
         timeout=timeout,
         **kwargs,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# a disk that fills up: the write calls of the file system fail with ENOSPC, as write(2) does on a full one
+
+
+def no_space() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class FillingFile:
+    """An open file on a disk with `room` bytes left: a write past it writes what fits, then fails with
+    ENOSPC (write(2) on a full file system), naming no path as Python's own file write does not."""
+
+    def __init__(self, fh: Any, room: int) -> None:
+        self._fh = fh
+        self.room = room
+
+    def write(self, data: Any) -> int:
+        if len(data) <= self.room:
+            self.room -= len(data)
+            return self._fh.write(data)
+        self._fh.write(data[: self.room])
+        self._fh.flush()
+        self.room = 0
+        raise no_space()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+    def __enter__(self) -> FillingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
+
+
+def fill_disk_on_open(monkeypatch: Any, where: Any, name: str, room: int = 0, after: int = 0) -> None:
+    """Files whose name holds `name` (a temp name beside it too) opened for writing through `where.open`
+    (pathlib.Path, or a module whose global `open` is patched) find `room` bytes left, from the open after
+    the first `after` such opens."""
+    import builtins
+
+    real = getattr(where, "open", builtins.open)  # a module's `open` is the builtin one
+    seen = {"n": 0}
+
+    def fake_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        fh = real(file, mode, *args, **kwargs)
+        if name not in Path(file).name or not any(m in mode for m in "wax+"):
+            return fh
+        seen["n"] += 1
+        return fh if seen["n"] <= after else FillingFile(fh, room)
+
+    monkeypatch.setattr(where, "open", fake_open, raising=False)
+
+
+def fill_disk_on_safetensors(monkeypatch: Any, after: int = 0, room: int = 64) -> list[str]:
+    """safetensors' writer (serialize_file, under every save_file) writes `room` bytes of a file, then fails
+    as it does on a full disk (SafetensorError naming os error 28), from the call after the first `after`;
+    returns the paths it was asked to write."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real = safetensors.torch.serialize_file
+    calls: list[str] = []
+
+    def fake_serialize(tensors: Any, filename: Any, metadata: Any = None) -> None:
+        calls.append(str(filename))
+        if len(calls) <= after:
+            return real(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(b"\0" * room)  # what fitted before the disk was full
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", fake_serialize)
+    return calls

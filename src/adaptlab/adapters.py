@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ import torch
 
 from adaptlab import outputs
 from adaptlab.artifacts import Artifact, BaseWeights, attach_adapter, base_spec, load_base, resolve_adapter
-from adaptlab.errors import UserError
+from adaptlab.errors import UserError, writing
 from adaptlab.models import load_model
 
 MergeTarget = Literal["full", "dequantized"]
@@ -82,10 +83,13 @@ def _claimed(out: Path) -> Iterator[Path]:
 
 def _publish(tmp: Path, out: Path, report_name: str, report: Any) -> None:
     """Move the verified result from `tmp` into `out`, the report (a dataclass) last: an output with its
-    report is complete."""
+    report is complete. The report is written into `tmp` first, so a full disk stops it before anything
+    moves."""
+    with writing(out / report_name):
+        (tmp / report_name).write_text(json.dumps(asdict(report), indent=2) + "\n")
     for item in tmp.iterdir():
-        os.replace(item, out / item.name)
-    (tmp / report_name).write_text(json.dumps(asdict(report), indent=2) + "\n")
+        if item.name != report_name:
+            os.replace(item, out / item.name)
     os.replace(tmp / report_name, out / report_name)
 
 
@@ -186,8 +190,9 @@ def merge_adapter(
         tokenizer = loaded.tokenizer
         unmerged = [_batch_logits(model, tokenizer, texts)[0] for texts in check_texts]
         merged = model.merge_and_unload()
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        with writing(out):  # into the temp dir beside `out`, which a failure removes
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         del merged, model
         written = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         worst, tokens = 0.0, 0
@@ -358,6 +363,9 @@ def combine_adapters(
         raise UserError(
             f"--weights has {len(weights)} values for {len(adapters)} adapters: give one per adapter"
         )
+    if not all(math.isfinite(w) for w in weights):
+        given = ",".join(f"{w:g}" for w in weights)
+        raise UserError(f"--weights {given}: every weight must be a finite number (no nan or inf)")
     if density is not None and how != "ties":
         raise UserError("--density applies to --how ties only")
     if how == "ties":
@@ -394,18 +402,19 @@ def combine_adapters(
             raise UserError(f"peft cannot combine these adapters with --how {how}: {err}") from err
         _fix_combined_scaling(model, "combined")
         model.eval()
-        with warnings.catch_warnings():  # peft looks for the base's config under the embedded name
-            warnings.filterwarnings("ignore", message="Could not find a config file")
-            warnings.filterwarnings("ignore", message="Unable to fetch remote file")  # offline: the same
-            model.save_pretrained(tmp, selected_adapters=["combined"], safe_serialization=True)
-        # peft writes a non-default adapter into a subfolder named after it; the output is the adapter itself
-        for item in (tmp / "combined").iterdir():
-            os.replace(item, tmp / item.name)
-        (tmp / "combined").rmdir()
-        config_path = tmp / "adapter_config.json"
-        config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = spec
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        with writing(out):  # into the temp dir beside `out`, which a failure removes
+            with warnings.catch_warnings():  # peft looks for the base's config under the embedded name
+                warnings.filterwarnings("ignore", message="Could not find a config file")
+                warnings.filterwarnings("ignore", message="Unable to fetch remote file")  # offline: the same
+                model.save_pretrained(tmp, selected_adapters=["combined"], safe_serialization=True)
+            # peft writes a non-default adapter into a subfolder named after it; the output is the adapter
+            for item in (tmp / "combined").iterdir():
+                os.replace(item, tmp / item.name)
+            (tmp / "combined").rmdir()
+            config_path = tmp / "adapter_config.json"
+            config = json.loads(config_path.read_text())
+            config["base_model_name_or_path"] = spec
+            config_path.write_text(json.dumps(config, indent=2) + "\n")
 
         report = CombineReport(
             out=str(out),

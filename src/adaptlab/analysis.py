@@ -124,7 +124,13 @@ class _SafetensorsWeights(_Weights):
         from safetensors import safe_open
 
         with safe_open(str(self._file[name]), framework="pt") as f:
-            return f.get_tensor(name + ".weight").float()
+            weight = f.get_tensor(name + ".weight").float()
+        if not torch.isfinite(weight).all():  # its SVD would fail with a LinAlgError
+            raise UserError(
+                f"{self._file[name]} holds non-finite weights (NaN or inf in {name}.weight): "
+                "it cannot be analyzed; train it again or analyze another model"
+            )
+        return weight
 
 
 class _ModelWeights(_Weights):

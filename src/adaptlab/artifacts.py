@@ -7,13 +7,15 @@ directory for full fine-tuning; otherwise the base (quantized to NF4 for a QLoRA
 training) with the adapter put on by `attach_adapter`, the one function that attaches an adapter.
 
 Weights are read from safetensors only: an adapter holding only adapter_model.bin (pickle) is
-refused here, before anything is loaded.
+refused here, before anything is loaded, and so is one whose weights are truncated or hold NaN or inf
+(checked once per version of the file), so every command that reads an adapter refuses it in one line.
 
     python -c "from adaptlab.artifacts import resolve; print(resolve('RUN').describe())"
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -99,6 +101,7 @@ def _adapter_artifact(adapter_dir: Path, run_dir: Path | None) -> Artifact:
     require_safetensors(
         adapter_dir, ADAPTER_WEIGHTS, f"{adapter_dir} has adapter_config.json but no {ADAPTER_WEIGHTS}"
     )
+    check_finite(adapter_dir / ADAPTER_WEIGHTS)
     config = _read_json(adapter_dir / "adapter_config.json")
     run = _run_facts(run_dir)
     return Artifact(
@@ -109,6 +112,43 @@ def _adapter_artifact(adapter_dir: Path, run_dir: Path | None) -> Artifact:
         method=_method(run.get("method"), _adapter_config_method(config)),
         quantization=run.get("quantization"),
     )
+
+
+def check_finite(weights: Path) -> None:
+    """Refuse an adapter whose weights hold NaN or inf (every output of it would be NaN), naming the file."""
+    stat = weights.stat()
+    bad = _non_finite_tensor(str(weights), stat.st_mtime_ns, stat.st_size)
+    if bad is not None:
+        raise UserError(
+            f"adapter {weights} holds non-finite weights (NaN or inf in {bad}): every output of it would be "
+            "NaN; train it again or use another adapter"
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _non_finite_tensor(weights: str, mtime_ns: int, size: int) -> str | None:
+    """The first tensor of a safetensors file holding NaN or inf, or None; read once per version of the file.
+
+    Checked in numpy, on one thread: torch.isfinite (and bf16 -> fp32) took 6-15 s on a 117M-parameter
+    adapter on a busy 2-core machine where this takes 0.15 s."""
+    import numpy as np
+    from safetensors import safe_open
+
+    with safe_open(weights, framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            tensor = f.get_tensor(key)
+            if not tensor.is_floating_point():
+                continue
+            if tensor.dtype == torch.bfloat16:  # NaN and inf have every exponent bit set
+                bits = tensor.view(torch.int16).numpy()
+                bad = bool(((bits & 0x7F80) == 0x7F80).any())
+            elif tensor.dtype in (torch.float16, torch.float32, torch.float64):
+                bad = not np.isfinite(tensor.numpy()).all()
+            else:  # float8 has no numpy dtype
+                bad = not np.isfinite(tensor.float().numpy()).all()
+            if bad:
+                return key
+    return None
 
 
 def _model_artifact(model_dir: Path, run_dir: Path | None) -> Artifact:

@@ -16,6 +16,8 @@ values fall back to F16, as llama.cpp's converter does). After writing, every te
 with gguf's GGUFReader and compared with the source: F16 must equal the F16-cast source exactly;
 Q8_0's error is reported and must stay within Q8_BOUND_STEPS quantization steps of its block.
 `--ollama` writes a Modelfile next to it (an adapter: FROM the base exported beside it + ADAPTER).
+Each GGUF is written and verified under a temp name beside it (`.NAME.XXXX.partial`) and renamed into
+place only once verified, so a failed export (a full disk, a failed check) leaves no truncated .gguf.
 
 Only llama-architecture models (LlamaForCausalLM, e.g. SmolLM2, Llama 2/3 without rope scaling)
 are written; any other architecture is refused in one line naming it.
@@ -25,16 +27,19 @@ are written; any other architecture is refused in one line naming it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Iterator
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from adaptlab.errors import UserError
+from adaptlab.errors import UserError, writing
 
 QUANTS = ("f16", "q8_0")
 ARCHITECTURES = {"llama": "LlamaForCausalLM"}
@@ -313,35 +318,46 @@ def write_gguf(
     import gguf
 
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(name)
-    metadata(writer)
     written: dict[str, tuple[np.ndarray, Any]] = {}
-    for tname, array in tensors:
-        qtype = storage_type(array, quant)
-        data = encode(array, qtype)
-        writer.add_tensor(tname, data, raw_dtype=qtype if qtype == gguf.GGMLQuantizationType.Q8_0 else None)
-        written[tname] = (array, qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    try:
+        writer.add_name(name)
+        metadata(writer)
+        for tname, array in tensors:
+            qtype = storage_type(array, quant)
+            data = encode(array, qtype)
+            raw_dtype = qtype if qtype == gguf.GGMLQuantizationType.Q8_0 else None
+            writer.add_tensor(tname, data, raw_dtype=raw_dtype)
+            written[tname] = (array, qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    except BaseException:
+        for fout in writer.fout or []:  # the caller removes the file; its buffered bytes need not land
+            with contextlib.suppress(OSError):
+                fout.close()
+        raise
     writer.close()
     return written
 
 
-def verify(path: Path, written: dict[str, tuple[np.ndarray, Any]]) -> list[TensorCheck]:
-    """Read every tensor back with GGUFReader and compare it with its source (see the module docstring)."""
+def verify(
+    path: Path, written: dict[str, tuple[np.ndarray, Any]], named: Path | None = None
+) -> list[TensorCheck]:
+    """Read every tensor back with GGUFReader and compare it with its source (see the module docstring);
+    `named` is the path errors give (the final name of a GGUF written under a temp name)."""
     import gguf
 
     T = gguf.GGMLQuantizationType
+    named = named or path
     reader = gguf.GGUFReader(str(path))
     found = {t.name: t for t in reader.tensors}
     if set(found) != set(written):
-        raise UserError(f"{path}: read back {len(found)} tensors, {len(written)} were written")
+        raise UserError(f"{named}: read back {len(found)} tensors, {len(written)} were written")
     checks = []
     for name, (source, qtype) in written.items():
         t = found[name]
         if t.tensor_type != qtype:
-            raise UserError(f"{path}: {name} reads back as {t.tensor_type.name}, not {qtype.name}")
+            raise UserError(f"{named}: {name} reads back as {t.tensor_type.name}, not {qtype.name}")
         back = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(source.shape)
         reference = source.astype(np.float16).astype(np.float32) if qtype == T.F16 else source
         err = np.abs(back - reference)
@@ -391,8 +407,11 @@ def export_model_gguf(model_dir: Path, path: Path, quant: str, base: str | None,
         model_metadata(writer, config, quant)
         tokenizer_metadata(writer, tok_dir, config, _pre_tokenizer(base))
 
-    written = write_gguf(path, model_tensors(model_dir, config), quant, metadata, name)
-    return _report("model", model_dir, path, quant, written)
+    def write(tmp: Path) -> ExportReport:
+        written = write_gguf(tmp, model_tensors(model_dir, config), quant, metadata, name)
+        return _report("model", model_dir, tmp, path, quant, written)
+
+    return _write_verified(path, write)
 
 
 def export_lora_gguf(adapter_dir: Path, base_dir: Path, path: Path, quant: str, name: str) -> ExportReport:
@@ -408,12 +427,39 @@ def export_lora_gguf(adapter_dir: Path, base_dir: Path, path: Path, quant: str, 
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
 
-    written = write_gguf(path, lora_tensors(adapter_dir, config), quant, metadata, name)
-    return _report("adapter", adapter_dir, path, quant, written)
+    def write(tmp: Path) -> ExportReport:
+        written = write_gguf(tmp, lora_tensors(adapter_dir, config), quant, metadata, name)
+        return _report("adapter", adapter_dir, tmp, path, quant, written)
+
+    return _write_verified(path, write)
 
 
-def _report(kind: str, source: Path, path: Path, quant: str, written: dict[str, Any]) -> ExportReport:
-    checks = verify(path, written)
+def _write_verified(path: Path, write: Callable[[Path], ExportReport]) -> ExportReport:
+    """Run `write` on a temp file beside `path` (it writes and verifies a GGUF), then rename it to `path`.
+    A failure removes the temp file: no truncated or unverified GGUF is left, and an earlier one stays."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        with writing(path):
+            report = write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return report
+
+
+def _report(
+    kind: str, source: Path, tmp: Path, path: Path, quant: str, written: dict[str, Any]
+) -> ExportReport:
+    """The report of the GGUF written at `tmp` (renamed to `path` next); refused unless it reads back."""
+    nonfinite = next((n for n, (a, _) in written.items() if not np.isfinite(a).all()), None)
+    if nonfinite is not None:  # NaN never reads back equal, and Q8_0 would hide it
+        raise UserError(
+            f"{source} holds non-finite weights (NaN or inf in {nonfinite}): nothing exported; "
+            "train it again or export another model"
+        )
+    checks = verify(tmp, written, named=path)
     max_abs, max_rel, exact = _summarize(checks, written)
     bad = [c for c in checks if c.max_err_in_steps is not None and c.max_err_in_steps > Q8_BOUND_STEPS]
     if not exact or bad:
@@ -424,7 +470,7 @@ def _report(kind: str, source: Path, path: Path, quant: str, written: dict[str, 
         )
         raise UserError(f"{path}: tensor {what} does not read back as written; the export is not usable")
     return ExportReport(
-        kind, str(source), str(path), quant, len(checks), path.stat().st_size, max_abs, max_rel, exact, checks
+        kind, str(source), str(path), quant, len(checks), tmp.stat().st_size, max_abs, max_rel, exact, checks
     )
 
 
@@ -483,6 +529,7 @@ def export(
     from adaptlab import outputs
     from adaptlab.artifacts import base_spec, resolve
     from adaptlab.models import local_dir
+    from adaptlab.rundir import atomic_write
 
     if fmt != "gguf":
         raise UserError(f"--format {fmt!r}: only gguf is supported")
@@ -516,7 +563,7 @@ def export(
                 base_report = export_model_gguf(base_dir, out / f"base-{quant}.gguf", quant, spec, spec)
                 report.base_gguf, model_file = base_report.gguf, Path(base_report.gguf).name
         if ollama:
-            (out / "Modelfile").write_text(modelfile(str(model_file), adapter_file, _eos_text(tok_dir)))
+            atomic_write(out / "Modelfile", modelfile(str(model_file), adapter_file, _eos_text(tok_dir)))
             report.modelfile = str(out / "Modelfile")
-        (out / "export.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        atomic_write(out / "export.json", json.dumps(report.to_json(), indent=2) + "\n")
     return report

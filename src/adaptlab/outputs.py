@@ -45,6 +45,8 @@ RUN_OUTPUTS = (
     "summary.json",
     "adapter",
     "model",
+    ".adapter.*",
+    ".model.*",
     "checkpoints/step-*",
     "checkpoints/.step-*",
     "reference_logps.safetensors",

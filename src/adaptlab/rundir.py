@@ -11,11 +11,14 @@ and scheduler state, every RNG state and the step, so a resumed run continues bi
 manifest.json, written last, holds each file's size and sha256: a resume takes the newest checkpoint
 that verifies and skips (and names) the others. Checkpoints, config.yaml and summary.json are flushed to
 disk (fsync) before they are renamed into place, and their directory after, so a power loss leaves the
-old file or the new one, never an empty one.
+old file or the new one, never an empty one. adapter/ and model/ are written in a temp dir beside them
+(RUN/.adapter.XXXX) and renamed into place, so a failed write (a full disk) leaves no half artifact.
+A write that finds the disk full names the file it was writing (adaptlab.errors.writing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -25,6 +28,7 @@ import random
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adaptlab
-from adaptlab.errors import UserError
+from adaptlab.errors import UserError, writing
 
 TEMP_PREFIX = ".step-"
 """Checkpoint writes go to RUN/checkpoints/.step-N.XXXX until they are renamed to step-N."""
@@ -63,8 +67,15 @@ class RunDir:
         return self.config.exists() and yaml.safe_load(self.config.read_text()) == yaml.safe_load(config_yaml)
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        with self.metrics.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        """Append one row; a write that fails leaves the file as it was (no half row)."""
+        size = self.metrics.stat().st_size if self.metrics.exists() else 0
+        try:
+            with writing(self.metrics), self.metrics.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.truncate(self.metrics, size)
+            raise
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics.exists():
@@ -80,7 +91,7 @@ class RunDir:
     def truncate_metrics(self, step: int) -> None:
         """Keep only rows up to `step` (rows logged after the checkpoint a resume starts from go)."""
         rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
-        self.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
 
     def write_config(self, text: str) -> None:
         atomic_write(self.config, text)
@@ -125,12 +136,17 @@ def fsync_path(path: Path) -> None:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write `path` whole or not at all: a temp file, flushed to disk, renamed over it, the rename flushed."""
+    """Write `path` whole or not at all: a temp file, flushed to disk, renamed over it, the rename flushed.
+    A failed write removes the temp file and leaves `path` as it was."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with writing(path), tmp.open("w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     fsync_path(path.parent)
 
@@ -148,6 +164,20 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_path(final.parent)
+
+
+def write_dir(final: Path, write: Callable[[Path], None]) -> None:
+    """Build the directory `final` by `write(tmp)` in a temp dir beside it (RUN/.adapter.XXXX), then rename
+    it into place over adaptlab's earlier one: a failed write leaves `final` as it was and no temp dir."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        with writing(final):
+            write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -217,16 +247,22 @@ def save_checkpoint(
     final = run.checkpoints / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{step}.", dir=run.checkpoints))
     try:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in params.items()}, str(tmp / "trainable.safetensors")
-        )
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-            tmp / "optimizer.pt",
-        )
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        write_manifest(tmp, "single")
-        replace_dir(tmp, final)
+        with writing(final):
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in params.items()},
+                str(tmp / "trainable.safetensors"),
+            )
+            torch.save(
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(),
+                },
+                tmp / "optimizer.pt",
+            )
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+            write_manifest(tmp, "single")
+            replace_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

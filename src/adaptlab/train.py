@@ -42,7 +42,7 @@ from adaptlab.autocast_linear import fuse_autocast_linears
 from adaptlab.checkpoint import LogFn, RankWriter, RunWriter, restore
 from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, load_config
 from adaptlab.cpu_attention import use_cpu_attention
-from adaptlab.errors import UserError
+from adaptlab.errors import UserError, writing
 from adaptlab.frozen_base import adapters_in_fp32, hold_frozen_linears, load_held
 from adaptlab.fused import fuse_mlps
 from adaptlab.fused_lora import fuse_loras
@@ -67,7 +67,7 @@ from adaptlab.models import STORED, load_model
 from adaptlab.objectives import objective_for, to_device
 from adaptlab.optim_backward import BackwardUpdates, check_one_process
 from adaptlab.run_setup import Setup
-from adaptlab.rundir import RunDir, dir_bytes, versions
+from adaptlab.rundir import RunDir, dir_bytes, versions, write_dir
 
 log = logging.getLogger(__name__)
 
@@ -241,8 +241,10 @@ def train(
             setup = prepare(config, world, parallel, fits_one_device)
             if world.is_main and not resume:
                 outputs.clear(run.root)  # adaptlab's own outputs only; other files stay
-                run.config.write_text(config.to_yaml())
-                run.metrics.write_text("")
+                with writing(run.config):
+                    run.config.write_text(config.to_yaml())
+                with writing(run.metrics):
+                    run.metrics.write_text("")
             dist.barrier()
             if on_start and world.is_main:
                 on_start(setup)
@@ -642,10 +644,14 @@ def save_artifact(setup: Setup) -> Path:
     state = dist.full_state(setup.model, trainable_only=is_lora) if setup.parallel == "fsdp" else None
     if setup.world.is_main:
         model = dist.unwrap(setup.model)
-        if is_lora:
-            model.save_pretrained(str(target), save_embedding_layers=False, state_dict=state)
-        else:
-            model.save_pretrained(str(target), safe_serialization=True, state_dict=state)
-            setup.tokenizer.save_pretrained(str(target))
+
+        def write(tmp: Path) -> None:
+            if is_lora:
+                model.save_pretrained(str(tmp), save_embedding_layers=False, state_dict=state)
+            else:
+                model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
+                setup.tokenizer.save_pretrained(str(tmp))
+
+        write_dir(target, write)
     dist.barrier()
     return target

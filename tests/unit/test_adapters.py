@@ -278,6 +278,86 @@ def test_combine_ties_and_bad_inputs(tmp_path, run_cli):
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, (args, err)
 
 
+@pytest.mark.parametrize("weights", ["nan,1", "1,inf", "-inf,0.5"])
+def test_combine_refuses_non_finite_weights(tmp_path, run_cli, weights):
+    a = make_adapter(tmp_path / "a", seed=9)
+    b = make_adapter(tmp_path / "b", seed=10)
+    code, _, err = run_cli(
+        "combine", "--adapter", a, "--adapter", b, "--weights", weights, "--out", tmp_path / "o"
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--weights" in err and "finite" in err
+    assert not (tmp_path / "o").exists()
+
+
+# -- an adapter with NaN or inf weights ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_an_adapter_with_non_finite_weights_is_one_line_in_every_command(tmp_path, run_cli, bad):
+    from safetensors.torch import load_file, save_file
+
+    adapter = make_adapter(tmp_path / "ad", seed=12)
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = sorted(k for k in tensors if "lora_B" in k)[-1]
+    tensors[key][3, 1] = bad
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    commands = [
+        ("merge", "--adapter", adapter, "--out", tmp_path / "merged"),
+        ("analyze", "--tuned", adapter, "--base", "tiny-random", "--out", tmp_path / "analysis"),
+        ("export", adapter, "--out", tmp_path / "gguf"),
+        (
+            "eval",
+            "--model",
+            "tiny-random",
+            "--adapter",
+            adapter,
+            "--data",
+            "python-stdlib",
+            "--max-docs",
+            "2",
+        ),
+        ("generate", "--model", "tiny-random", "--adapter", f"ad={adapter}", "--prompt", "hi"),
+        (
+            "combine",
+            "--adapter",
+            adapter,
+            "--adapter",
+            make_adapter(tmp_path / "ok", 13),
+            "--out",
+            tmp_path / "c",
+        ),
+    ]
+    for args in commands:
+        code, _, err = run_cli(*args)
+        lines = [x for x in err.strip().splitlines() if x.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, (args, err)
+        assert f"adapter {weights} holds non-finite weights" in lines[0] and key in lines[0], (args, err)
+    assert [p.name for p in tmp_path.iterdir() if p.name not in ("ad", "ok")] == []  # nothing written
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_non_finite_check_reads_every_float_dtype(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    from adaptlab.artifacts import check_finite
+
+    largest = torch.finfo(dtype).max  # finite, with every exponent bit but one set
+    tensors = {"a.lora_A.weight": torch.tensor([[largest, -largest, 0.0]], dtype=dtype),
+               "steps": torch.tensor([7], dtype=torch.int64)}  # fmt: skip
+    for i, bad in enumerate([None, math.nan, math.inf, -math.inf]):
+        weights = tmp_path / f"{i}.safetensors"
+        if bad is not None:
+            tensors["a.lora_A.weight"][0, 2] = bad
+        save_file(tensors, str(weights))
+        if bad is None:
+            check_finite(weights)
+        else:
+            with pytest.raises(UserError, match=r"non-finite weights \(NaN or inf in a\.lora_A\.weight\)"):
+                check_finite(weights)
+
+
 # -- NLL helper and text reading -----------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -281,3 +282,21 @@ def test_cli_artifacts_for_another_base(run_cli: Any, tmp_path: Path) -> None:
 def test_a_mitigation_flag_without_its_mitigation_is_one_line(run_cli, tmp_path, args, flag):
     code, _, err = run_cli("analyze", "--tuned", tmp_path / "any", *args)
     assert code == 2 and f"{flag} applies to --mitigate" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_a_model_with_non_finite_weights_is_one_line(run_cli: Any, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from adaptlab.models import local_dir
+
+    model = tmp_path / "nan-model"
+    shutil.copytree(local_dir("tiny-random"), model)
+    weights = load_file(str(model / "model.safetensors"))
+    weights["model.layers.0.self_attn.q_proj.weight"][2, 5] = math.inf
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    code, _, err = run_cli("analyze", "--tuned", model, "--base", "tiny-random", "--out", tmp_path / "a")
+    line = _one_error_line(code, err)
+    assert f"{model}/model.safetensors holds non-finite weights" in line and "q_proj.weight" in line
+    assert not (tmp_path / "a").exists()

@@ -162,3 +162,21 @@ def test_unsupported_architecture_is_one_line(tmp_path, capsys):
     assert main(["export", str(model), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Qwen2ForCausalLM" in err[0]
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_a_model_with_non_finite_weights_is_one_line(tmp_path, capsys, quant):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model = tmp_path / "nan-model"
+    shutil.copytree(local_dir("tiny-random"), model)
+    weights = load_file(str(model / "model.safetensors"))
+    key = "model.layers.1.mlp.down_proj.weight"
+    weights[key][0, 0] = math.nan  # Q8_0 would carry it silently: its error check sees NaN as no error
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["export", str(model), "--quant", quant, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{model} holds non-finite weights" in err[0] and "blk.1.ffn_down" in err[0], err
+    assert not (tmp_path / "out").exists()  # the refused GGUF, written under a temp name, is gone with it

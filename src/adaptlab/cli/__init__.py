@@ -2,7 +2,9 @@
 
 Each command lives in its own module under adaptlab/cli/ and imports heavy libraries inside the
 command, so `adaptlab --help` stays fast. UserError, and an OSError from a failed file or system call
-(read-only or full disk, a path through a file), become one line on stderr and exit code 2.
+(read-only or full disk, a path through a file), become one line on stderr and exit code 2. A full disk
+names the file being written (library code names it through adaptlab.errors.writing); an interrupted
+`train` also says how to continue from its last checkpoint.
 
     adaptlab --help
 """
@@ -39,10 +41,10 @@ COMMANDS = {
 }
 
 
+# errnos of a write that found the disk full: one line saying what was being written and what to do
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # what to check after a failed file or system call, by errno
 OS_ERROR_HINTS = {
-    errno.ENOSPC: " (the disk is full: free space or write elsewhere)",
-    errno.EDQUOT: " (disk quota exceeded: free space or write elsewhere)",
     errno.EROFS: " (a read-only file system: write elsewhere)",
     errno.EACCES: " (check the permissions, or write elsewhere)",
     errno.EPERM: " (check the permissions, or write elsewhere)",
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         if err.errno is None:  # not from the operating system: a bug, keep its traceback
             raise
-        click.echo(f"error: {describe_os_error(err)}", err=True)
+        hint = _resume_hint(argv) if err.errno in DISK_FULL else ""
+        click.echo(f"error: {describe_os_error(err)}{hint}", err=True)
         return 2
     return 0
 
@@ -120,6 +123,9 @@ def _resume_hint(argv: list[str] | None) -> str:
 def describe_os_error(err: OSError) -> str:
     """One line for a failed file or system call: the path(s), the system's reason, what to check."""
     reason = err.strerror or os.strerror(err.errno or 0)
+    if err.errno in DISK_FULL:
+        where = f" while writing {err.filename}" if err.filename is not None else ""
+        return f"{reason[:1].lower()}{reason[1:]}{where}: free space or pass another --out"
     paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
     hint = OS_ERROR_HINTS.get(err.errno or 0, "")
     return f"{paths}: {reason}{hint}" if paths else f"{reason}{hint}"
