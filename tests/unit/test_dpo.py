@@ -199,3 +199,23 @@ def test_plan_dpo_has_the_reference_pass_and_no_second_model(pairs, tmp_path):
     again = plan("tiny-random", [str(chat)], task="dpo", seq_len=SEQ_LEN, batch=2, benchmark=False)
     assert again["data"]["tokens_per_epoch"] > 0
     assert again["data"]["documents"] == result["data"]["documents"] == len(rows)
+
+
+def test_plan_dpo_suggests_dpo_runs_that_train(pairs, tmp_path, run_cli):
+    """compare has no DPO study: plan suggests one `train --task dpo` per method, and they run."""
+    import shlex
+
+    from adaptlab.plan.planner import plan
+
+    rec = plan("tiny-random", [str(pairs)], task="dpo", seq_len=SEQ_LEN, batch=2, benchmark=False)[
+        "recommendation"
+    ]
+    lines = rec["command"].splitlines()
+    assert [line.split(" --method ")[1].split()[0] for line in lines] == ["lora", "full"]
+    assert all(line.startswith("adaptlab train --task dpo --model tiny-random --data ") for line in lines)
+    assert "compare" not in rec["command"] and "DPO runs below" in rec["reasons"][-1]
+    args = shlex.split(lines[0])[1:]
+    args[args.index("--out") + 1] = str(tmp_path / "run")
+    code, _, err = run_cli(*args, "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["task"] == "dpo"

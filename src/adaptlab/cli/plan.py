@@ -108,7 +108,9 @@ def _print(result: dict[str, Any]) -> None:
     console.print(f"\n[bold]recommendation: {rec['method']}[/bold]")
     for reason in rec["reasons"]:
         console.print(f"  - {reason}")
-    console.print(f"confirm it on your data:\n  {rec['command']}")
+    console.print("confirm it on your data:")
+    for line in rec["command"].splitlines():  # DPO: one train command per method
+        console.print(f"  {line}", soft_wrap=True)
 
 
 def _not_finite(param: click.Parameter) -> float:
