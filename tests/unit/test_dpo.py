@@ -150,8 +150,33 @@ def test_conversational_rows_tokenize_as_string_rows(tiny):
             {"prompt": "word " * 200, "chosen": "c", "rejected": "r"},
             "leaves no room for a response within --seq-len",
         ),
+        ({"prompt": "p", "chosen": "same", "rejected": "same"}, "are the same response"),
+        (
+            {"prompt": "p", "chosen": [{"role": "assistant", "content": "c"}], "rejected": "c"},
+            "are the same response",
+        ),
+        ({"prompt": "p", "chosen": "", "rejected": "r"}, "`chosen` is empty"),
+        (
+            {"prompt": "p", "chosen": "c", "rejected": [{"role": "assistant", "content": " "}]},
+            "`rejected` is empty",
+        ),
+        (
+            {"prompt": [{"role": "wizard", "content": "p"}], "chosen": "c", "rejected": "r"},
+            "unknown role 'wizard' in `prompt`",
+        ),
     ],
-    ids=["missing", "ill-typed", "bad-prompt", "not-assistant", "prompt-too-long"],
+    ids=[
+        "missing",
+        "ill-typed",
+        "bad-prompt",
+        "not-assistant",
+        "prompt-too-long",
+        "same",
+        "same-chat",
+        "empty-chosen",
+        "empty-rejected",
+        "unknown-role",
+    ],
 )
 def test_bad_rows_are_one_line_naming_file_and_line(tmp_path, run_cli, row, message):
     good = {"prompt": 'Define "cat".', "chosen": "a small feline", "rejected": "a large river"}
