@@ -449,3 +449,36 @@ def test_progress_off_a_terminal_is_whole_lines(capsys) -> None:
         "step 2/4: loss 1.5000  10 tok/s",
         "step 2: val loss 2.5000",
     ]
+
+
+@pytest.mark.parametrize("exit_code", [0, 3])
+def test_a_reward_that_calls_sys_exit_is_one_line_and_keeps_the_checkpoint(
+    run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exit_code: int
+) -> None:
+    """sys.exit in the user's reward (even exit 0) stops the run with exit 2 and one line, not silently."""
+    name = "grpo_exiting_reward"
+    (tmp_path / f"{name}.py").write_text(
+        "import sys\ncalls = 0\n"
+        "def score(prompt, completion, answer):\n"
+        "    global calls\n    calls += 1\n"
+        f"    if calls > 4:  # one step of 2 prompts x 2 completions, then exit\n        sys.exit({exit_code})\n"
+        "    return 1.0\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    try:
+        code, _, err = run_cli(
+            "train", "--task", "grpo", "--model", "tiny-random", "--reward", f"python:{name}:score",
+            "--steps", "3", "--save-every", "1", "--batch", "2", "--group-size", "2", "--max-new-tokens", "4",
+            "--seq-len", "64", "--quiet", "--out", tmp_path / "r",
+        )  # fmt: skip
+    finally:
+        sys.modules.pop(name, None)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err
+    assert errors == [
+        f"error: reward python:{name}:score called sys.exit({exit_code}) (raised SystemExit); a reward must "
+        "return a number, not end the process"
+    ]
+    run = RunDir(tmp_path / "r")
+    latest = run.latest_checkpoint()
+    assert latest is not None and latest.name.endswith("1") and not run.summary.exists()

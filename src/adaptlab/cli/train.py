@@ -131,7 +131,9 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option("--temperature", type=float, help="GRPO: sampling temperature (default 1.0).")
 @click.option("--clip-eps", type=float, help="GRPO: policy-ratio clip (default 0.2).")
 @click.option("--kl-beta", type=float, help="GRPO: weight of the KL to the reference (default 0).")
-@click.option("--reward", help="GRPO: exact | regex | python:module:function (default exact).")
+@click.option(
+    "--reward", help="GRPO: exact | regex:PATTERN (its first group) | python:module:function (default exact)."
+)
 @click.option(
     "--prompts-per-step", type=int, help="GRPO: prompts sampled per step (default batch x grad-accum)."
 )
