@@ -7,13 +7,13 @@ adaptlab plan --model smollm2-135m --data notes.jsonl --task ift --ranks 8,16,64
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
 
+from adaptlab.cli.options import finite
 from adaptlab.config import PRECISIONS
 
 
@@ -113,10 +113,6 @@ def _print(result: dict[str, Any]) -> None:
         console.print(f"  {line}", soft_wrap=True)
 
 
-def _not_finite(param: click.Parameter) -> float:
-    raise click.BadParameter("must be a finite number", param=param)
-
-
 @click.command("plan")
 @click.option(
     "--model", required=True, help="Base model: smollm2-135m, tiny-random, a local HF dir or a hub id."
@@ -145,7 +141,7 @@ def _not_finite(param: click.Parameter) -> float:
     type=click.FloatRange(min=0.0, min_open=True, max=1e6),
     default=1.0,
     show_default=True,
-    callback=lambda ctx, param, v: v if math.isfinite(v) else _not_finite(param),
+    callback=finite,
 )
 @click.option("--grad-checkpointing", is_flag=True, help="Plan with gradient checkpointing on.")
 @click.option(
