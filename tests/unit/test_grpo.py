@@ -482,3 +482,42 @@ def test_a_reward_that_calls_sys_exit_is_one_line_and_keeps_the_checkpoint(
     run = RunDir(tmp_path / "r")
     latest = run.latest_checkpoint()
     assert latest is not None and latest.name.endswith("1") and not run.summary.exists()
+
+
+def test_decoding_emits_no_deprecation_warning(tiny) -> None:
+    """GRPO rollouts, drift's sampling from the base and serve's decoding pass the KV cache as the installed
+    transformers expects: no deprecation line (transformers logs its own once per process, so its
+    once-cache is cleared first)."""
+    import logging
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from adaptlab.evaluate.drift import sample_from_base
+    from adaptlab.models import load_model
+    from adaptlab.sampling import sample
+    from adaptlab.serve import Engine, Sampling
+    from adaptlab.serve.generation import generate_text
+
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    peft = get_peft_model(load_model("tiny-random").model, LoraConfig(r=4, target_modules=["q_proj"]))
+    prompt = tiny.tokenizer("What is 2 + 2?")["input_ids"]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for model in (tiny.model, peft):
+                sample(model, [prompt], n=2, max_new_tokens=4, temperature=1.0, eos_ids=set(), pad_id=0)
+            sample_from_base(peft, tiny.tokenizer, ["What is 2 + 2?"], new_tokens=4)
+            generate_text(Engine(tiny), "What is 2 + 2?", sampling=Sampling(max_new_tokens=4))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    said = records + [str(w.message) for w in caught]
+    assert not [s for s in said if "past_key_values" in s or ("cache" in s and "deprecat" in s)], said
