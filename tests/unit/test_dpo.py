@@ -236,8 +236,9 @@ def test_plan_dpo_suggests_dpo_runs_that_train(pairs, tmp_path, run_cli):
         "recommendation"
     ]
     lines = rec["command"].splitlines()
-    assert [line.split(" --method ")[1].split()[0] for line in lines] == ["lora", "full"]
-    assert all(line.startswith("adaptlab train --task dpo --model tiny-random --data ") for line in lines)
+    assert [line.split(" --method ")[1].split()[0] for line in lines[:2]] == ["lora", "full"]
+    assert all(line.startswith("adaptlab train --task dpo --model tiny-random --data ") for line in lines[:2])
+    assert lines[2:] == [f"adaptlab eval --tuned {shlex.split(line)[-1]} --drift" for line in lines[:2]]
     assert "compare" not in rec["command"] and "DPO runs below" in rec["reasons"][-1]
     args = shlex.split(lines[0])[1:]
     args[args.index("--out") + 1] = str(tmp_path / "run")

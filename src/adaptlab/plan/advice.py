@@ -168,7 +168,7 @@ def recommend(
     reasons.append(
         "these are estimates and heuristics: "
         + (
-            "the two DPO runs below (LoRA, full) measure it on your data"
+            "the two DPO runs below (LoRA, full) and the drift of each measure it on your data"
             if task == "dpo"
             else "the compare command below measures it on your data"
         )

@@ -4,7 +4,7 @@ It reads the model's architecture (config + a meta-device build, no weights), co
 the model's tokens, and estimates for each method the trainable parameters, peak training memory
 (broken down), time per epoch and artifact size, then recommends one with reasons and the
 `adaptlab compare` command that confirms it (for DPO, which compare's studies do not train, one
-`adaptlab train --task dpo` command per method). Library only: the CLI (`adaptlab plan`) prints it.
+`adaptlab train --task dpo` command per method and an `adaptlab eval --drift` of each run). Library only: the CLI (`adaptlab plan`) prints it.
 
     python -c "from adaptlab.plan import plan; import json; \
 print(json.dumps(plan('tiny-random', ['python-stdlib'], benchmark=False)['recommendation'], indent=1))"
@@ -78,11 +78,12 @@ def _compare_command(model: str, data: list[str], tokens: int, task: str = "cpt"
     if task == "grpo":  # GRPO arms at matched episodes: the rl study
         return f"adaptlab compare --model {model} {data_args} --study rl --out runs/rl-{name}"
     if task == "dpo":  # compare's studies train on text, not preference pairs: one DPO run per method
-        return "\n".join(
-            f"adaptlab train --task dpo --model {model} {data_args} --method {method} --tokens {tokens} "
-            f"--out runs/dpo-{method}-{name}"
-            for method in ("lora", "full")
-        )
+        runs = {method: f"runs/dpo-{method}-{name}" for method in ("lora", "full")}
+        train = [
+            f"adaptlab train --task dpo --model {model} {data_args} --method {method} --tokens {tokens} --out {run}"
+            for method, run in runs.items()
+        ]
+        return "\n".join(train + [f"adaptlab eval --tuned {run} --drift" for run in runs.values()])
     return f"adaptlab compare --model {model} {data_args} --study methods --tokens {tokens} --out runs/compare-{name}"
 
 
