@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -43,6 +44,16 @@ LORA_LR_FACTOR = 10.0
 def is_lora(method: str) -> bool:
     """Whether a method trains low-rank adapters on a frozen base (lora, dora, qlora)."""
     return method in LORA_FAMILY
+
+
+LORA_FIELDS = ("rank", "alpha", "dropout", "rslora", "targets")
+"""MethodSpec fields only the LoRA family uses: given with full fine-tuning they are refused, not ignored."""
+
+
+def lora_fields_misused(method: str, given: Iterable[str]) -> list[str]:
+    """The LoRA-family-only fields among `given` when `method` trains every weight (none for the LoRA family)."""
+    given = set(given)
+    return [] if is_lora(method) else [f for f in LORA_FIELDS if f in given]
 
 
 def default_lr(method: str, base_lr: float = FULL_LR, factor: float = LORA_LR_FACTOR) -> float:

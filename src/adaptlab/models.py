@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
+from adaptlab import outputs
 from adaptlab.errors import UserError
 from adaptlab.hub import BUILDERS, EMBEDDED_MODELS, cache_dir, missing_model_dir, require_hub
 from adaptlab.quantize import quiet_bitsandbytes
@@ -308,15 +309,37 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, path=path)
 
 
-def save_model(spec: str, out: str | Path) -> Path:
-    """Write any model spec as a plain HF directory (safetensors) that from_pretrained loads."""
+def save_model(spec: str, out: str | Path, overwrite: bool = False) -> Path:
+    """Write any model spec as a plain HF directory (safetensors) that from_pretrained loads.
+
+    `out` follows adaptlab.outputs: new or empty, or with `overwrite` a model this command saved
+    earlier (its files are replaced) or the user's directory (the model is written beside their files
+    and never over one). The model is saved to a temporary directory beside `out` first.
+    """
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty: choose a new directory")
+    outputs.check_out(out, "model", overwrite)
+    if not overwrite and outputs.marker_kind(out) == "model" and _saved_files(out):
+        raise UserError(
+            f"{out} holds a model saved earlier: pass --overwrite to replace it, or choose another OUT"
+        )
     loaded = load_model(spec)
-    out.mkdir(parents=True, exist_ok=True)
-    loaded.model.save_pretrained(out, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(out)
+    with outputs.owned(out, "model", overwrite):
+        if outputs.marker_kind(out) == "model":
+            outputs.clear(out, outputs.WRITES["model"])
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            loaded.model.save_pretrained(tmp, safe_serialization=True)
+            loaded.tokenizer.save_pretrained(tmp)
+            clashes = sorted(p.name for p in tmp.iterdir() if (out / p.name).exists())
+            if clashes:  # a name outside WRITES["model"] that the user's directory already holds
+                raise UserError(
+                    f"{out} holds {', '.join(clashes[:4])}, not written by adaptlab, which this model would "
+                    "write over: move them, or choose another OUT"
+                )
+            for item in tmp.iterdir():
+                os.replace(item, out / item.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -327,3 +350,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
             return list(layers)
     return []
+
+
+def _saved_files(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if p.name not in (outputs.MARKER, outputs.LOCK)]

@@ -75,6 +75,18 @@ WRITES: dict[str, tuple[str, ...]] = {
     "analysis": ("analysis.json", "intruders.png", "rel_update_norm.png"),
     "mitigated adapter": ("adapter_config.json", "adapter_model.safetensors", "mitigation.json", "README.md"),
     "mitigation sweep": ("lambda-*", "sweep.json", "sweep.png"),
+    "model": (
+        "config.json",
+        "generation_config.json",
+        "model*.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer*",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.*",
+    ),
 }
 """The top-level names (globs) each kind of output writes: `--overwrite` into a directory adaptlab did
 not mark is refused while any of the user's entries matches one. A kind missing here (a merged model,

@@ -308,8 +308,11 @@ def parse_where(text: str) -> list[tuple[str, str, Any]]:
     """
     conditions = []
     for part in re.split(r",|\band\b", text):
-        if not part.strip():
-            continue
+        if not part.strip():  # '', 'a<1,' or 'a<1 and': a filter that filters nothing is a mistake
+            raise UserError(
+                f"--where {text!r}: an empty condition; write FIELD OP VALUE, e.g. 'forgetting<0.05', "
+                "joined by 'and' or ','"
+            )
         match = CONDITION.match(part)
         if not match:
             raise UserError(

@@ -44,6 +44,8 @@ INSTALL = {
     "mlflow": "pip install mlflow-skinny",
     "wandb": "pip install wandb",
 }
+EXTRAS = {"tensorboard": "tracking", "mlflow": "tracking", "wandb": "wandb"}
+"""The adaptlab extra (pyproject.toml) that installs each tracker."""
 PROBE_TIMEOUT_S = 3.0
 ROW_KEYS_SKIPPED = ("step", "split")
 EXPERIMENT = "adaptlab"
@@ -65,7 +67,12 @@ def parse_report_to(values: Sequence[str]) -> list[Target]:
     """`--report-to` values (repeatable, each a comma list of `kind` or `kind=URI`) as Targets."""
     targets: list[Target] = []
     for value in values:
-        for item in filter(None, (v.strip() for v in value.split(","))):
+        for item in (v.strip() for v in value.split(",")):
+            if not item:
+                raise UserError(
+                    f"--report-to {value!r}: empty tracker name; choose from {', '.join(KINDS)} "
+                    "(a comma list, optionally KIND=URI)"
+                )
             kind, _, uri = item.partition("=")
             kind = kind.strip().lower()
             if kind not in KINDS:
@@ -82,7 +89,7 @@ def check_targets(targets: Sequence[Target]) -> None:
         if importlib.util.find_spec(PACKAGES[t.kind]) is None:
             raise UserError(
                 f"--report-to {t.kind}: the {PACKAGES[t.kind]} package is not installed: run "
-                f"`{INSTALL[t.kind]}` (or `pip install 'adaptlab[tracking]'`)"
+                f"`{INSTALL[t.kind]}` (or `pip install 'adaptlab[{EXTRAS[t.kind]}]'`)"
             )
         if t.kind == "mlflow":
             _check_url(mlflow_uri(t), "--report-to mlflow: tracking server")

@@ -390,3 +390,13 @@ def test_read_texts_formats_and_errors(tmp_path):
     csv.write_text("x")
     with pytest.raises(UserError, match="expected a .jsonl"):
         read_texts(csv)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_merge_refuses_a_tolerance_that_is_not_finite(tmp_path, run_cli, value):
+    adapter = make_adapter(tmp_path / "ad", seed=5)
+    code, _, err = run_cli("merge", "--adapter", adapter, "--out", tmp_path / "out", "--tolerance", value)
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert "--tolerance" in line and "finite" in line, line
+    assert not (tmp_path / "out").exists()

@@ -263,3 +263,46 @@ def test_a_malformed_data_file_stops_compare_before_any_arm(run_cli, tmp_path) -
     code, _, err = run_cli(*args)
     assert code == 2 and f"{data}:2: malformed JSON" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_study_flag_with_a_config_that_lists_arms_is_refused(run_cli, tmp_path) -> None:
+    cfg = write(
+        tmp_path, {**BASE, "arms": [{"name": "a", "method": "lora"}, {"name": "b", "method": "full"}]}
+    )
+    code, _, err = run_cli("compare", "--config", cfg, "--study", "rank", "--out", tmp_path / "out")
+    assert code == 2
+    assert err.strip().splitlines() == [f"error: --study and a config with arms ({cfg}): choose one"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field", [{"rank": 4}, {"alpha": 8.0}, {"rslora": True}, {"targets": "attention"}])
+def test_a_lora_field_on_a_full_arm_is_refused_as_train_refuses_it(run_cli, tmp_path, field) -> None:
+    (name,) = field
+    cfg = write(tmp_path, {**BASE, "arms": [{"name": "f4", "method": "full", **field}]})
+    code, _, err = run_cli("compare", "--config", cfg, "--out", tmp_path / "out")
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"error: {cfg} field arms.0: arm f4: {name} applies to the LoRA family"), line
+    assert f"drop {name}" in line
+
+
+def test_a_written_spec_with_full_arms_reads_back() -> None:
+    spec = build_spec({**BASE, "study": "methods", "arms": [{"name": "full", "method": "full"}]})
+    dumped = spec.model_dump(mode="json")
+    assert "rank" not in dumped["arms"][0]
+    assert build_spec(dumped).arms[0].method == "full"
+
+
+def test_an_arm_budget_below_one_optimizer_step_is_refused(run_cli, tmp_path) -> None:
+    arms = [{"name": "tiny", "method": "lora", "tokens": 1}, {"name": "b", "method": "full"}]
+    cfg = write(tmp_path, {**BASE, "train": {"batch": 2, "seq_len": 32}, "arms": arms})
+    code, _, err = run_cli("compare", "--config", cfg, "--out", tmp_path / "out")
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"error: {cfg} field top level: arm tiny: tokens 1 is less than one"), line
+    assert "at least 64" in line
+    arms[0].update(tokens=64, grad_accum=2)
+    with pytest.raises(UserError, match="arm tiny: .* at least 128"):
+        build_spec({**BASE, "train": {"batch": 2, "seq_len": 32}, "arms": arms})
+    arms[0]["tokens"] = 128
+    build_spec({**BASE, "train": {"batch": 2, "seq_len": 32}, "arms": arms})

@@ -150,8 +150,33 @@ def test_conversational_rows_tokenize_as_string_rows(tiny):
             {"prompt": "word " * 200, "chosen": "c", "rejected": "r"},
             "leaves no room for a response within --seq-len",
         ),
+        ({"prompt": "p", "chosen": "same", "rejected": "same"}, "are the same response"),
+        (
+            {"prompt": "p", "chosen": [{"role": "assistant", "content": "c"}], "rejected": "c"},
+            "are the same response",
+        ),
+        ({"prompt": "p", "chosen": "", "rejected": "r"}, "`chosen` is empty"),
+        (
+            {"prompt": "p", "chosen": "c", "rejected": [{"role": "assistant", "content": " "}]},
+            "`rejected` is empty",
+        ),
+        (
+            {"prompt": [{"role": "wizard", "content": "p"}], "chosen": "c", "rejected": "r"},
+            "unknown role 'wizard' in `prompt`",
+        ),
     ],
-    ids=["missing", "ill-typed", "bad-prompt", "not-assistant", "prompt-too-long"],
+    ids=[
+        "missing",
+        "ill-typed",
+        "bad-prompt",
+        "not-assistant",
+        "prompt-too-long",
+        "same",
+        "same-chat",
+        "empty-chosen",
+        "empty-rejected",
+        "unknown-role",
+    ],
 )
 def test_bad_rows_are_one_line_naming_file_and_line(tmp_path, run_cli, row, message):
     good = {"prompt": 'Define "cat".', "chosen": "a small feline", "rejected": "a large river"}
@@ -199,3 +224,24 @@ def test_plan_dpo_has_the_reference_pass_and_no_second_model(pairs, tmp_path):
     again = plan("tiny-random", [str(chat)], task="dpo", seq_len=SEQ_LEN, batch=2, benchmark=False)
     assert again["data"]["tokens_per_epoch"] > 0
     assert again["data"]["documents"] == result["data"]["documents"] == len(rows)
+
+
+def test_plan_dpo_suggests_dpo_runs_that_train(pairs, tmp_path, run_cli):
+    """compare has no DPO study: plan suggests one `train --task dpo` per method, and they run."""
+    import shlex
+
+    from adaptlab.plan.planner import plan
+
+    rec = plan("tiny-random", [str(pairs)], task="dpo", seq_len=SEQ_LEN, batch=2, benchmark=False)[
+        "recommendation"
+    ]
+    lines = rec["command"].splitlines()
+    assert [line.split(" --method ")[1].split()[0] for line in lines[:2]] == ["lora", "full"]
+    assert all(line.startswith("adaptlab train --task dpo --model tiny-random --data ") for line in lines[:2])
+    assert lines[2:] == [f"adaptlab eval --tuned {shlex.split(line)[-1]} --drift" for line in lines[:2]]
+    assert "compare" not in rec["command"] and "DPO runs below" in rec["reasons"][-1]
+    args = shlex.split(lines[0])[1:]
+    args[args.index("--out") + 1] = str(tmp_path / "run")
+    code, _, err = run_cli(*args, "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["task"] == "dpo"

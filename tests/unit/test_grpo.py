@@ -449,3 +449,75 @@ def test_progress_off_a_terminal_is_whole_lines(capsys) -> None:
         "step 2/4: loss 1.5000  10 tok/s",
         "step 2: val loss 2.5000",
     ]
+
+
+@pytest.mark.parametrize("exit_code", [0, 3])
+def test_a_reward_that_calls_sys_exit_is_one_line_and_keeps_the_checkpoint(
+    run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exit_code: int
+) -> None:
+    """sys.exit in the user's reward (even exit 0) stops the run with exit 2 and one line, not silently."""
+    name = "grpo_exiting_reward"
+    (tmp_path / f"{name}.py").write_text(
+        "import sys\ncalls = 0\n"
+        "def score(prompt, completion, answer):\n"
+        "    global calls\n    calls += 1\n"
+        f"    if calls > 4:  # one step of 2 prompts x 2 completions, then exit\n        sys.exit({exit_code})\n"
+        "    return 1.0\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    try:
+        code, _, err = run_cli(
+            "train", "--task", "grpo", "--model", "tiny-random", "--reward", f"python:{name}:score",
+            "--steps", "3", "--save-every", "1", "--batch", "2", "--group-size", "2", "--max-new-tokens", "4",
+            "--seq-len", "64", "--quiet", "--out", tmp_path / "r",
+        )  # fmt: skip
+    finally:
+        sys.modules.pop(name, None)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err
+    assert errors == [
+        f"error: reward python:{name}:score called sys.exit({exit_code}) (raised SystemExit); a reward must "
+        "return a number, not end the process"
+    ]
+    run = RunDir(tmp_path / "r")
+    latest = run.latest_checkpoint()
+    assert latest is not None and latest.name.endswith("1") and not run.summary.exists()
+
+
+def test_decoding_emits_no_deprecation_warning(tiny) -> None:
+    """GRPO rollouts, drift's sampling from the base and serve's decoding pass the KV cache as the installed
+    transformers expects: no deprecation line (transformers logs its own once per process, so its
+    once-cache is cleared first)."""
+    import logging
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from adaptlab.evaluate.drift import sample_from_base
+    from adaptlab.models import load_model
+    from adaptlab.sampling import sample
+    from adaptlab.serve import Engine, Sampling
+    from adaptlab.serve.generation import generate_text
+
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    peft = get_peft_model(load_model("tiny-random").model, LoraConfig(r=4, target_modules=["q_proj"]))
+    prompt = tiny.tokenizer("What is 2 + 2?")["input_ids"]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for model in (tiny.model, peft):
+                sample(model, [prompt], n=2, max_new_tokens=4, temperature=1.0, eos_ids=set(), pad_id=0)
+            sample_from_base(peft, tiny.tokenizer, ["What is 2 + 2?"], new_tokens=4)
+            generate_text(Engine(tiny), "What is 2 + 2?", sampling=Sampling(max_new_tokens=4))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    said = records + [str(w.message) for w in caught]
+    assert not [s for s in said if "past_key_values" in s or ("cache" in s and "deprecat" in s)], said

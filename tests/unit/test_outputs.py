@@ -338,3 +338,36 @@ def test_compare_children_die_with_it_and_a_rerun_resumes(corpus, tmp_path):
         assert "lora: resuming" in again.stderr.read()
     finally:
         _stop(again)
+
+
+def test_model_save_replaces_its_own_output_only_with_overwrite(run_cli, tmp_path):
+    out = tmp_path / "saved"
+    assert run_cli("model", "save", "tiny-random", out)[0] == 0
+    (out / "notes.txt").write_text("mine")  # the user's file, added beside the saved model
+    (out / "model-00002-of-00002.safetensors").write_bytes(b"")  # as an earlier, sharded save left it
+    code, _, err = run_cli("model", "save", "tiny-random", out)
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"error: {out} holds a model saved earlier: pass --overwrite to replace it, or choose another OUT"
+    ]
+    code, _, err = run_cli("model", "save", "tiny-random", out, "--overwrite")
+    assert code == 0, err
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "model-00002-of-00002.safetensors").exists()  # the earlier save's, replaced
+    assert (out / "model.safetensors").stat().st_size > 0 and not list(tmp_path.glob(".saved.*"))
+
+
+def test_model_save_overwrite_writes_beside_a_users_files_never_over_one(run_cli, tmp_path):
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    code, _, err = run_cli("model", "save", "tiny-random", users)
+    assert code == 2 and "pass --overwrite" in err and len(err.strip().splitlines()) == 1
+    assert run_cli("model", "save", "tiny-random", users, "--overwrite")[0] == 0
+    assert (users / "notes.txt").read_text() == "mine" and (users / "config.json").exists()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.json").write_text("{}")
+    code, _, err = run_cli("model", "save", "tiny-random", theirs, "--overwrite")
+    assert code == 2 and "config.json" in err and len(err.strip().splitlines()) == 1
+    assert (theirs / "config.json").read_text() == "{}"

@@ -120,3 +120,10 @@ def test_cli_json_show_and_bad_where(runs_root, capsys):
     assert "corrupt" in capsys.readouterr().out
     assert main(["runs", str(runs_root), "--where", "bogus~1"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["", "  ", "forgetting<0.05,", "method==lora and"])
+def test_an_empty_where_condition_is_refused(runs_root, capsys, where):
+    assert main(["runs", str(runs_root), "--where", where]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: --where {where!r}: an empty condition")

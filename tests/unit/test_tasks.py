@@ -111,3 +111,24 @@ def test_python_reward_failures_are_one_line_naming_the_function(user_module: st
         load_reward("python:no_such_module_xyz:f")
     with pytest.raises(UserError, match="unknown reward"):
         load_reward("fuzzy")
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [("regex:", "empty pattern"), (r"regex:answer: \d+", "has no group"), ("regex:(?:x)", "has no group")],
+)
+def test_a_regex_reward_without_a_pattern_or_group_is_refused(spec: str, words: str) -> None:
+    with pytest.raises(UserError, match=words):
+        load_reward(spec)
+
+
+def test_a_reward_module_that_exits_on_import_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit(0)\n")
+    monkeypatch.chdir(tmp_path)
+    try:
+        with pytest.raises(UserError, match=r"importing 'exits_on_import' called sys.exit\(0\)"):
+            load_reward("python:exits_on_import:f")
+    finally:
+        sys.modules.pop("exits_on_import", None)

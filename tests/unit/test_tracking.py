@@ -113,10 +113,21 @@ def test_report_to_parses_lists_and_rejects_unknown_and_repeats():
         parse_report_to(["mlflow", "mlflow"])
 
 
+@pytest.mark.parametrize("value", ["", " ", "tensorboard,", "tensorboard,,mlflow"])
+def test_an_empty_tracker_name_is_refused(value: str) -> None:
+    with pytest.raises(UserError, match=r"empty tracker name; choose from tensorboard, mlflow, wandb"):
+        parse_report_to([value])
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
 def test_missing_tracker_package_names_the_pip_install():
-    with pytest.raises(UserError, match=r"pip install wandb"):
+    with pytest.raises(UserError, match=r"pip install wandb") as err:
         check_targets([Target("wandb")])
+    extra = str(err.value).split("adaptlab[")[1].split("]")[0]
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+    assert any(dep.startswith("wandb") for dep in extras[extra]), (extra, extras[extra])
 
 
 def test_eval_rows_keep_their_split_in_metric_names():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from adaptlab.cli.options import push_to_hub_option
+from adaptlab.cli.options import finite, push_to_hub_option
 from adaptlab.errors import UserError
 
 
@@ -25,6 +25,7 @@ from adaptlab.errors import UserError
     type=click.FloatRange(min=0.0),
     default=1e-4,
     show_default=True,
+    callback=finite,
     help="Max abs logit difference allowed (fp32).",
 )
 @push_to_hub_option("the merged model")

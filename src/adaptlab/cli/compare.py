@@ -230,6 +230,8 @@ def compare_command(
         _publish(out, targets, push_to_hub)
         return
     base = load_spec_file(config_path) if config_path else {}
+    if flags["study"] and base.get("arms"):  # the config's arms would run under the study's name
+        raise UserError(f"--study and a config with arms ({config_path}): choose one")
     data = merge(base, _overrides(flags))
     if not config_path and "study" not in data:
         data["study"] = "methods"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from adaptlab.cli.options import overwrite_option
+
 
 @click.group("model")
 def model_command() -> None:
@@ -13,13 +15,10 @@ def model_command() -> None:
 @model_command.command("save")
 @click.argument("name")
 @click.argument("out", type=click.Path())
-def save(name: str, out: str) -> None:
+@overwrite_option
+def save(name: str, out: str, overwrite: bool) -> None:
     """Save model NAME (embedded name, local dir or hub id) to OUT as a plain HF directory."""
-    from pathlib import Path
-
     from adaptlab.models import save_model
-    from adaptlab.outputs import not_a_file
 
-    not_a_file(Path(out))
-    path = save_model(name, out)
+    path = save_model(name, out, overwrite=overwrite)
     click.echo(f"saved {name} to {path}")

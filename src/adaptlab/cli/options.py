@@ -8,6 +8,7 @@ def train_command(..., overwrite: bool, report_to: tuple[str, ...], push_to_hub:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -37,3 +38,10 @@ overwrite_option = click.option(
     "(never over one).",
 )
 """`--overwrite`: write into a directory adaptlab marked, or beside a user's files (outputs.check_out)."""
+
+
+def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A float option's callback: nan and +-inf are refused in one line naming the option."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter("must be a finite number", ctx=ctx, param=param)
+    return value

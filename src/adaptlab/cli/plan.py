@@ -7,13 +7,13 @@ adaptlab plan --model smollm2-135m --data notes.jsonl --task ift --ranks 8,16,64
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
 
+from adaptlab.cli.options import finite
 from adaptlab.config import PRECISIONS
 
 
@@ -108,11 +108,9 @@ def _print(result: dict[str, Any]) -> None:
     console.print(f"\n[bold]recommendation: {rec['method']}[/bold]")
     for reason in rec["reasons"]:
         console.print(f"  - {reason}")
-    console.print(f"confirm it on your data:\n  {rec['command']}")
-
-
-def _not_finite(param: click.Parameter) -> float:
-    raise click.BadParameter("must be a finite number", param=param)
+    console.print("confirm it on your data:")
+    for line in rec["command"].splitlines():  # DPO: one train command per method
+        console.print(f"  {line}", soft_wrap=True)
 
 
 @click.command("plan")
@@ -143,7 +141,7 @@ def _not_finite(param: click.Parameter) -> float:
     type=click.FloatRange(min=0.0, min_open=True, max=1e6),
     default=1.0,
     show_default=True,
-    callback=lambda ctx, param, v: v if math.isfinite(v) else _not_finite(param),
+    callback=finite,
 )
 @click.option("--grad-checkpointing", is_flag=True, help="Plan with gradient checkpointing on.")
 @click.option(

@@ -131,7 +131,9 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 @click.option("--temperature", type=float, help="GRPO: sampling temperature (default 1.0).")
 @click.option("--clip-eps", type=float, help="GRPO: policy-ratio clip (default 0.2).")
 @click.option("--kl-beta", type=float, help="GRPO: weight of the KL to the reference (default 0).")
-@click.option("--reward", help="GRPO: exact | regex | python:module:function (default exact).")
+@click.option(
+    "--reward", help="GRPO: exact | regex:PATTERN (its first group) | python:module:function (default exact)."
+)
 @click.option(
     "--prompts-per-step", type=int, help="GRPO: prompts sampled per step (default batch x grad-accum)."
 )
@@ -285,27 +287,33 @@ def _check_memory(config: Any) -> None:
 
 
 APPLIES_TO = {
-    **dict.fromkeys(set(FLAG_FIELDS["objective"].values()) - {"task", "beta", "dpo_loss"}, ("task", "grpo")),
-    "beta": ("task", "dpo"),
-    "dpo_loss": ("task", "dpo"),
-    **dict.fromkeys(("rank", "alpha", "dropout", "rslora", "targets"), ("method", "the LoRA family")),
+    **dict.fromkeys(set(FLAG_FIELDS["objective"].values()) - {"task", "beta", "dpo_loss"}, "grpo"),
+    "beta": "dpo",
+    "dpo_loss": "dpo",
 }
-"""Flags that only one task or the LoRA family uses: given elsewhere they are refused, not ignored."""
+"""Flags that only one task uses: given with another task they are refused, not ignored (the LoRA family's
+own flags follow config.LORA_FIELDS)."""
 
 
 def _check_flags_apply(config: Any, flags: dict[str, Any]) -> None:
-    from adaptlab.config import is_lora
+    from adaptlab.config import lora_fields_misused
     from adaptlab.errors import UserError
 
-    task, lora = config.objective.task, is_lora(config.method.method)
-    for flag, (kind, scope) in APPLIES_TO.items():
-        if flags.get(flag) in (None, ()):
-            continue
-        if (kind == "task" and task != scope) or (kind == "method" and not lora):
-            name = "--" + ("no-" if flags[flag] is False else "") + flag.replace("_", "-")
-            where = f"--task {scope}" if kind == "task" else f"{scope} (--method lora, dora or qlora)"
-            now = f"--task {task}" if kind == "task" else f"--method {config.method.method}"
-            raise UserError(f"{name} applies to {where}; this run is {now}: drop {name}")
+    def name(flag: str) -> str:
+        return "--" + ("no-" if flags[flag] is False else "") + flag.replace("_", "-")
+
+    given = [flag for flag, value in flags.items() if value not in (None, ())]
+    task = config.objective.task
+    for flag, scope in APPLIES_TO.items():
+        if flag in given and task != scope:
+            raise UserError(
+                f"{name(flag)} applies to --task {scope}; this run is --task {task}: drop {name(flag)}"
+            )
+    for flag in lora_fields_misused(config.method.method, given):
+        raise UserError(
+            f"{name(flag)} applies to the LoRA family (--method lora, dora or qlora); this run is "
+            f"--method {config.method.method}: drop {name(flag)}"
+        )
 
 
 def fits_one_gpu(config: Any, device: Any) -> bool | None:

@@ -21,17 +21,28 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from adaptlab import config
 from adaptlab.config import (
     FULL_LR,
+    LORA_FIELDS,
     LORA_LR_FACTOR,
     Method,
     MethodSpec,
     StepSpec,
     TrainSpec,
     field_error,
+    lora_fields_misused,
     optional,
 )
 from adaptlab.errors import UserError
@@ -98,6 +109,24 @@ class ArmSpec(MethodSpec):
             if len(set(v)) != len(v):
                 raise ValueError("lr_sweep has repeated values")
         return v
+
+    @model_validator(mode="after")
+    def _lora_fields(self) -> ArmSpec:
+        for field in lora_fields_misused(self.method, self.model_fields_set):
+            raise ValueError(
+                f"arm {self.name}: {field} applies to the LoRA family (method lora, dora or qlora); "
+                f"this arm is method {self.method}: drop {field}"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A full arm is written without the LoRA fields, so a written spec reads back."""
+        out: dict[str, Any] = handler(self)
+        if not self.is_lora:
+            for field in LORA_FIELDS:
+                out.pop(field, None)
+        return out
 
     @model_validator(mode="after")
     def _one_lr(self) -> ArmSpec:
@@ -229,6 +258,14 @@ class CompareSpec(_Spec):
                     raise ValueError(f"arm {arm.name}: match_params names no arm ({arm.match_params!r})")
                 if not arm.is_lora:
                     raise ValueError(f"arm {arm.name}: match_params applies to LoRA-family arms only")
+        for arm in self.arms:
+            step = (arm.batch or self.train.batch) * (arm.grad_accum or self.train.grad_accum)
+            step *= self.train.seq_len
+            if arm.tokens is not None and arm.tokens < step:
+                raise ValueError(
+                    f"arm {arm.name}: tokens {arm.tokens:,} is less than one optimizer step (batch x "
+                    f"grad_accum x seq_len = {step:,} tokens): give tokens of at least {step:,}"
+                )
         for arm in self.arms:
             if arm.init_from is not None:
                 _check_init_from(arm, {a.name: a for a in self.arms})

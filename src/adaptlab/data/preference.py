@@ -30,6 +30,8 @@ from adaptlab.data.sources import _portable_name, local_files, read_jsonl
 from adaptlab.errors import UserError
 
 FIELDS = ("prompt", "chosen", "rejected")
+ROLES = ("system", "user", "assistant", "tool")
+"""Roles a conversational prompt's messages may take (the roles chat templates render)."""
 Message = dict[str, str]
 
 
@@ -87,13 +89,18 @@ def _record(row: Any, where: str, default_id: str) -> PreferenceRecord:
         raise UserError(
             f"{where}: no field {missing[0]!r} (fields: {keys}); a preference row needs prompt, chosen, rejected"
         )
-    return PreferenceRecord(
+    record = PreferenceRecord(
         id=str(row.get("id", default_id)),
         where=where,
         prompt=_prompt(row["prompt"], where),
         chosen=_response(row["chosen"], "chosen", where),
         rejected=_response(row["rejected"], "rejected", where),
     )
+    if record.chosen["content"] == record.rejected["content"]:  # its loss stays at ln 2, its gradient ~0
+        raise UserError(
+            f"{where}: `chosen` and `rejected` are the same response, which teaches no preference"
+        )
+    return record
 
 
 def _is_message(m: Any) -> bool:
@@ -104,17 +111,27 @@ def _prompt(value: Any, where: str) -> tuple[Message, ...]:
     if isinstance(value, str):
         return ({"role": "user", "content": value},)
     if isinstance(value, list) and value and all(_is_message(m) for m in value):
+        for m in value:
+            if m["role"] not in ROLES:
+                raise UserError(
+                    f"{where}: unknown role {m['role']!r} in `prompt`; a message's role is one of {', '.join(ROLES)}"
+                )
         return tuple({"role": m["role"], "content": m["content"]} for m in value)
     raise UserError(f"{where}: `prompt` must be a string or a non-empty list of {{role, content}} strings")
 
 
 def _response(value: Any, field: str, where: str) -> Message:
-    if isinstance(value, str):
-        return {"role": "assistant", "content": value}
-    message = value[0] if isinstance(value, list) and len(value) == 1 else value
-    if _is_message(message) and message["role"] == "assistant":
-        return {"role": "assistant", "content": message["content"]}
-    raise UserError(f"{where}: `{field}` must be a string or one assistant message [{{role, content}}]")
+    message = {"role": "assistant", "content": value} if isinstance(value, str) else None
+    if message is None:
+        given = value[0] if isinstance(value, list) and len(value) == 1 else value
+        if not (_is_message(given) and given["role"] == "assistant"):
+            raise UserError(
+                f"{where}: `{field}` must be a string or one assistant message [{{role, content}}]"
+            )
+        message = {"role": "assistant", "content": given["content"]}
+    if not message["content"].strip():
+        raise UserError(f"{where}: `{field}` is empty: a preference pair needs two responses to rank")
+    return message
 
 
 def tokenize_pair(record: PreferenceRecord, tokenizer: Any, seq_len: int) -> PreferencePair:

@@ -4,12 +4,12 @@ A reward spec is one of:
   - `exact`: 1.0 when the completion's answer equals `answer`, else 0.0. A numeric answer is
     compared with the last number in the completion (commas and a trailing ".0" ignored); any
     other answer with the completion's stripped, case-folded text (trailing '.' dropped).
-  - `regex:PATTERN`: the first match of PATTERN in the completion (its first group when it has
-    one), normalised as above, compared with `answer`.
+  - `regex:PATTERN`: the first group of PATTERN's first match in the completion, normalised as
+    above, compared with `answer`. A pattern that is empty or has no group is refused.
   - `python:module:function`: the user's own, called as function(prompt=..., completion=...,
     answer=...) and returning a number (bool counts as 0/1). The module is imported from the
-    current directory or sys.path. Import errors, exceptions and non-number returns become one
-    line naming the function.
+    current directory or sys.path. Import errors, exceptions, a sys.exit (SystemExit) and
+    non-number returns become one line naming the function.
 
     python -c "from adaptlab.data.rewards import load_reward; print(load_reward('exact')('p', 'It is 42.', '42'))"
 """
@@ -66,16 +66,25 @@ def exact_reward(prompt: str, completion: str, answer: str) -> float:
 
 
 def regex_reward(pattern: str) -> Reward:
+    if not pattern:
+        raise UserError(
+            r"reward regex: has an empty pattern: give one with a group, e.g. 'regex:answer: (\d+)'"
+        )
     try:
         compiled = re.compile(pattern)
     except re.error as err:
         raise UserError(f"reward regex:{pattern}: not a valid regular expression ({err})") from err
+    if not compiled.groups:
+        raise UserError(
+            f"reward regex:{pattern}: the pattern has no group; the reward compares its first group with the "
+            r"answer: put the answer in parentheses, e.g. 'regex:answer: (\d+)'"
+        )
 
     def reward(prompt: str, completion: str, answer: str) -> float:
         m = compiled.search(completion)
         if m is None:
             return 0.0
-        return float(same_answer(m.group(1) if compiled.groups else m.group(0), answer))
+        return float(same_answer(m.group(1), answer))
 
     return reward
 
@@ -92,6 +101,8 @@ def python_reward(spec: str) -> Reward:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
+    except SystemExit as err:
+        raise UserError(f"reward {name}: importing {module_name!r} {_exited(err)}") from err
     except Exception as err:  # noqa: BLE001 - any import failure of the user's module is one line
         raise UserError(
             f"reward {name}: cannot import {module_name!r} ({type(err).__name__}: {err})"
@@ -106,6 +117,8 @@ def python_reward(spec: str) -> Reward:
     def reward(prompt: str, completion: str, answer: str) -> float:
         try:
             value = func(prompt=prompt, completion=completion, answer=answer)
+        except SystemExit as err:  # a reward ends nothing: the run stops here with its checkpoints kept
+            raise UserError(f"reward {name} {_exited(err)}") from err
         except Exception as err:  # noqa: BLE001 - the user's code: one line naming it
             raise UserError(f"reward {name} raised {type(err).__name__}: {err}") from err
         if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
@@ -115,6 +128,13 @@ def python_reward(spec: str) -> Reward:
         return float(value)
 
     return reward
+
+
+def _exited(err: SystemExit) -> str:
+    return (
+        f"called sys.exit({err.code!r}) (raised SystemExit); a reward must return a number, "
+        "not end the process"
+    )
 
 
 def load_reward(spec: str) -> Reward:

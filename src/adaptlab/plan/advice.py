@@ -165,7 +165,14 @@ def recommend(
             f"one base serves many domains: each adapter is {lora['artifact_bytes'] / 2**20:.1f} MiB on disk vs "
             f"{full['artifact_bytes'] / 2**20:.0f} MiB for a fully fine-tuned copy"
         )
-    reasons.append("these are estimates and heuristics: the compare command below measures it on your data")
+    reasons.append(
+        "these are estimates and heuristics: "
+        + (
+            "the two DPO runs below (LoRA, full) and the drift of each measure it on your data"
+            if task == "dpo"
+            else "the compare command below measures it on your data"
+        )
+    )
     return {
         "method": method,
         "reasons": reasons,

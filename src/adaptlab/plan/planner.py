@@ -3,7 +3,8 @@
 It reads the model's architecture (config + a meta-device build, no weights), counts the data in
 the model's tokens, and estimates for each method the trainable parameters, peak training memory
 (broken down), time per epoch and artifact size, then recommends one with reasons and the
-`adaptlab compare` command that confirms it. Library only: the CLI (`adaptlab plan`) prints it.
+`adaptlab compare` command that confirms it (for DPO, which compare's studies do not train, one
+`adaptlab train --task dpo` command per method and an `adaptlab eval --drift` of each run). Library only: the CLI (`adaptlab plan`) prints it.
 
     python -c "from adaptlab.plan import plan; import json; \
 print(json.dumps(plan('tiny-random', ['python-stdlib'], benchmark=False)['recommendation'], indent=1))"
@@ -76,6 +77,13 @@ def _compare_command(model: str, data: list[str], tokens: int, task: str = "cpt"
     data_args = " ".join(f"--data {d}" for d in data)
     if task == "grpo":  # GRPO arms at matched episodes: the rl study
         return f"adaptlab compare --model {model} {data_args} --study rl --out runs/rl-{name}"
+    if task == "dpo":  # compare's studies train on text, not preference pairs: one DPO run per method
+        runs = {method: f"runs/dpo-{method}-{name}" for method in ("lora", "full")}
+        train = [
+            f"adaptlab train --task dpo --model {model} {data_args} --method {method} --tokens {tokens} --out {run}"
+            for method, run in runs.items()
+        ]
+        return "\n".join(train + [f"adaptlab eval --tuned {run} --drift" for run in runs.values()])
     return f"adaptlab compare --model {model} {data_args} --study methods --tokens {tokens} --out runs/compare-{name}"
 
 
