@@ -73,6 +73,9 @@ WRITES: dict[str, tuple[str, ...]] = {
     "analysis": ("analysis.json", "intruders.png", "rel_update_norm.png"),
     "mitigated adapter": ("adapter_config.json", "adapter_model.safetensors", "mitigation.json", "README.md"),
     "mitigation sweep": ("lambda-*", "sweep.json", "sweep.png"),
+    # one folder per domain (legal, systems), the regime study's wordnet, continual's A-then-B, the rl
+    # task's arithmetic (reproduce.plan's comparison keys)
+    "reproduction": ("findings.json", "legal", "systems", "wordnet", "*-then-*", "arithmetic"),
 }
 """The top-level names (globs) each kind of output writes: `--overwrite` into a directory adaptlab did
 not mark is refused while any of the user's entries matches one. A kind missing here (a merged model,
