@@ -304,10 +304,26 @@ def is_dcp_checkpoint(path: Path) -> bool:
     return (path / DCP_MARKER).exists()
 
 
-def _state_options(full: bool = False) -> Any:
+def _state_options(full: bool = False, strict: bool = True) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True, full_state_dict=full, cpu_offload=full)
+    return StateDictOptions(ignore_frozen_params=True, full_state_dict=full, cpu_offload=full, strict=strict)
+
+
+def _trained_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's trainable tensors and the optimizer's state, keyed by parameter name (a collective).
+
+    ignore_frozen_params drops a frozen parameter under its first name only: a frozen head tied to the
+    frozen embeddings (LoRA on a tied model) would stay under its second name, a copy of the vocabulary
+    matrix in every checkpoint. Every name of a frozen parameter is dropped here.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
+    frozen = {n for n, p in unwrap(model).named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k not in frozen}, optim_sd
 
 
 def _broadcast_text(text: str) -> str:
@@ -331,7 +347,6 @@ def save_sharded(
     """Write RUN/checkpoints/step-N as a DCP directory: every rank writes its shards into a temp dir,
     rank 0 adds state.json (step, scheduler, RNG) and renames it into place; the newest `keep` stay."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from adaptlab.rundir import replace_dir, rng_state, write_manifest
 
@@ -341,7 +356,7 @@ def save_sharded(
         checkpoints.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
+    model_sd, optim_sd = _trained_state(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     barrier()
     if world.is_main:
@@ -365,11 +380,11 @@ def load_sharded(
 ) -> dict[str, Any]:
     """Restore a DCP checkpoint written at any world size into this run's (wrapped or plain) model."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     from adaptlab.rundir import set_rng_state
 
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
+    model_sd, optim_sd = _trained_state(model, optimizer)
     target = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(target, checkpoint_id=str(path))
@@ -378,7 +393,15 @@ def load_sharded(
             f"checkpoint {path} does not match this run's trainable parameters ({str(err).splitlines()[0][:160]}): "
             "was the config edited?"
         ) from None
-    set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    # the checkpoint holds the trained tensors only (dcp.load has checked every one is there): the
+    # frozen base stays as this run loaded it, so a strict load would miss its keys
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=target["model"],
+        optim_state_dict=target["optim"],
+        options=_state_options(strict=False),
+    )
     extra = torch.load(path / "extra.pt", weights_only=True)
     scheduler.load_state_dict(extra["scheduler"])
     set_rng_state(extra["rng"])
