@@ -480,14 +480,17 @@ class RunStopped(Exception):
         self.code = code
 
 
-def launch(nproc: int, argv: list[str], run_dir: str | None) -> None:
+def launch(nproc: int, argv: list[str], run_dir: str | None) -> str | None:
     """Run `adaptlab train ARGV` on `nproc` local processes, as `torchrun --standalone` would.
 
     Uses torchrun's own launcher (torch.distributed.launcher), which stops every rank when one fails.
     A rank that exits with a user error has printed its line already (RunStopped code 2); a rank killed
-    by a signal or crashing becomes one line naming it (RunStopped code 1).
+    by a signal or crashing becomes one line naming it (RunStopped code 1). A rank that died after rank 0
+    wrote RUN/summary.json (during this launch) stopped nothing: the run is complete, and the line naming
+    that rank is returned, not raised (None when every rank exited cleanly).
     """
     import logging
+    import time
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
@@ -502,15 +505,31 @@ def launch(nproc: int, argv: list[str], run_dir: str | None) -> None:
     args = parse_args([*rdzv, "--nproc-per-node", str(nproc), "-m", "adaptlab", "train", *argv])
     config, cmd, cmd_args = config_from_args(args)
     os.environ[LAUNCHED_ENV] = "1"  # the ranks inherit it: a rank that loses a peer stays quiet
+    started = time.time()
     try:
         elastic_launch(config, cmd)(*cmd_args)
     except ChildFailedError as err:
-        raise RunStopped(*_failure_line(err, run_dir)) from None
+        finished = run_dir is not None and _written_since(Path(run_dir) / "summary.json", started)
+        message, code = _failure_line(err, run_dir, finished)
+        if code == 0:
+            return message
+        raise RunStopped(message, code) from None
     finally:
         os.environ.pop(LAUNCHED_ENV, None)
+    return None
 
 
-def _failure_line(err: Any, run_dir: str | None) -> tuple[str | None, int]:
+def _written_since(path: Path, since: float) -> bool:
+    """Whether path exists and was last written at or after `since` (a time.time())."""
+    try:
+        return path.stat().st_mtime >= since
+    except OSError:
+        return False
+
+
+def _failure_line(err: Any, run_dir: str | None, finished: bool = False) -> tuple[str | None, int]:
+    """What the launcher says of failed ranks, and its exit status; `finished`: this launch's run wrote
+    its summary.json, so a rank that died stopped nothing (status 0)."""
     failures = sorted(err.failures.items(), key=lambda kv: kv[1].timestamp)
     if all(f.exitcode == 2 for _, f in failures):
         return None, 2  # a user error: rank 0 printed it
@@ -520,8 +539,14 @@ def _failure_line(err: Any, run_dir: str | None) -> tuple[str | None, int]:
         if first.exitcode < 0
         else f"exited with status {first.exitcode}"
     )
-    resume = f"`adaptlab train --resume {run_dir}`" if run_dir else "`adaptlab train --resume RUN`"
+    where = run_dir or "RUN"
+    if finished:
+        return (
+            f"rank {rank} {how} after the run finished: {where}/summary.json and its artifact are complete",
+            0,
+        )
     return (
-        f"rank {rank} {how}: the run stopped on every rank; the last good checkpoint is kept: continue with {resume}",
+        f"rank {rank} {how}: the run stopped on every rank; the last good checkpoint is kept: "
+        f"continue with `adaptlab train --resume {where}`",
         1,
     )

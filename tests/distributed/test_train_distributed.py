@@ -198,6 +198,34 @@ def test_killed_lora_run_resumes_at_one_process_and_at_two(corpus, tmp_path):
     _assert_same_run(whole, again, "lora")
 
 
+def test_rank_killed_after_the_run_finished_stops_nothing(corpus, tmp_path):
+    """A rank that dies once summary.json is written (the run is complete) is said, and the launch
+    succeeds with the run's summary: there is nothing to resume."""
+    import psutil
+
+    out = tmp_path / "run"
+    cfg = _write(_config(corpus, out, "lora", save_every=2), tmp_path / "cfg.yaml")
+    launcher = _launch(cfg)
+    deadline = time.time() + 240
+    pid = None
+    while not (out / "summary.json").exists() and launcher.poll() is None and time.time() < deadline:
+        pid = pid or _rank_pid(launcher, 1)
+        time.sleep(0.005)
+    assert pid is not None and (out / "summary.json").exists(), launcher.communicate()[1][-2000:]
+    # the ranks take seconds to leave the process group and exit after the summary is written
+    assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE, "rank 1 exited before the kill"
+    os.kill(pid, signal.SIGKILL)
+    stdout, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 0, err[-2000:]
+    assert json.loads(stdout) == json.loads((out / "summary.json").read_text())
+    lines = [x for x in err.splitlines() if x.startswith(("warning:", "error:"))]
+    assert lines == [
+        f"warning: rank 1 was killed by SIGKILL after the run finished: {out}/summary.json and its artifact "
+        "are complete"
+    ], err[-2000:]
+    assert (out / ARTIFACT["lora"]).exists()
+
+
 def test_stopped_at_one_process_resumes_at_two(corpus, reference, tmp_path):
     def stop_at_3(row):
         if row.get("step") == 3 and "loss" in row:
