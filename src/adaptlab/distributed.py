@@ -296,10 +296,26 @@ def is_dcp_checkpoint(path: Path) -> bool:
     return (path / DCP_MARKER).exists()
 
 
-def _state_options(full: bool = False) -> Any:
+def _state_options(full: bool = False, strict: bool = True) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=True, full_state_dict=full, cpu_offload=full)
+    return StateDictOptions(ignore_frozen_params=True, full_state_dict=full, cpu_offload=full, strict=strict)
+
+
+def _trained_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's trainable tensors and the optimizer's state, keyed by parameter name (a collective).
+
+    ignore_frozen_params drops a frozen parameter under its first name only: a frozen head tied to the
+    frozen embeddings (LoRA on a tied model) would stay under its second name, a copy of the vocabulary
+    matrix in every checkpoint. Every name of a frozen parameter is dropped here.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
+    frozen = {n for n, p in unwrap(model).named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k not in frozen}, optim_sd
 
 
 def _broadcast_text(text: str) -> str:
@@ -323,7 +339,6 @@ def save_sharded(
     """Write RUN/checkpoints/step-N as a DCP directory: every rank writes its shards into a temp dir,
     rank 0 adds state.json (step, scheduler, RNG) and renames it into place; the newest `keep` stay."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from adaptlab.rundir import replace_dir, rng_state, write_manifest
 
@@ -333,7 +348,7 @@ def save_sharded(
         checkpoints.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
+    model_sd, optim_sd = _trained_state(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     barrier()
     if world.is_main:
@@ -357,11 +372,11 @@ def load_sharded(
 ) -> dict[str, Any]:
     """Restore a DCP checkpoint written at any world size into this run's (wrapped or plain) model."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     from adaptlab.rundir import set_rng_state
 
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
+    model_sd, optim_sd = _trained_state(model, optimizer)
     target = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(target, checkpoint_id=str(path))
@@ -370,7 +385,15 @@ def load_sharded(
             f"checkpoint {path} does not match this run's trainable parameters ({str(err).splitlines()[0][:160]}): "
             "was the config edited?"
         ) from None
-    set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    # the checkpoint holds the trained tensors only (dcp.load has checked every one is there): the
+    # frozen base stays as this run loaded it, so a strict load would miss its keys
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=target["model"],
+        optim_state_dict=target["optim"],
+        options=_state_options(strict=False),
+    )
     extra = torch.load(path / "extra.pt", weights_only=True)
     scheduler.load_state_dict(extra["scheduler"])
     set_rng_state(extra["rng"])
@@ -449,14 +472,17 @@ class RunStopped(Exception):
         self.code = code
 
 
-def launch(nproc: int, argv: list[str], run_dir: str | None) -> None:
+def launch(nproc: int, argv: list[str], run_dir: str | None) -> str | None:
     """Run `adaptlab train ARGV` on `nproc` local processes, as `torchrun --standalone` would.
 
     Uses torchrun's own launcher (torch.distributed.launcher), which stops every rank when one fails.
     A rank that exits with a user error has printed its line already (RunStopped code 2); a rank killed
-    by a signal or crashing becomes one line naming it (RunStopped code 1).
+    by a signal or crashing becomes one line naming it (RunStopped code 1). A rank that died after rank 0
+    wrote RUN/summary.json (during this launch) stopped nothing: the run is complete, and the line naming
+    that rank is returned, not raised (None when every rank exited cleanly).
     """
     import logging
+    import time
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
@@ -471,15 +497,31 @@ def launch(nproc: int, argv: list[str], run_dir: str | None) -> None:
     args = parse_args([*rdzv, "--nproc-per-node", str(nproc), "-m", "adaptlab", "train", *argv])
     config, cmd, cmd_args = config_from_args(args)
     os.environ[LAUNCHED_ENV] = "1"  # the ranks inherit it: a rank that loses a peer stays quiet
+    started = time.time()
     try:
         elastic_launch(config, cmd)(*cmd_args)
     except ChildFailedError as err:
-        raise RunStopped(*_failure_line(err, run_dir)) from None
+        finished = run_dir is not None and _written_since(Path(run_dir) / "summary.json", started)
+        message, code = _failure_line(err, run_dir, finished)
+        if code == 0:
+            return message
+        raise RunStopped(message, code) from None
     finally:
         os.environ.pop(LAUNCHED_ENV, None)
+    return None
 
 
-def _failure_line(err: Any, run_dir: str | None) -> tuple[str | None, int]:
+def _written_since(path: Path, since: float) -> bool:
+    """Whether path exists and was last written at or after `since` (a time.time())."""
+    try:
+        return path.stat().st_mtime >= since
+    except OSError:
+        return False
+
+
+def _failure_line(err: Any, run_dir: str | None, finished: bool = False) -> tuple[str | None, int]:
+    """What the launcher says of failed ranks, and its exit status; `finished`: this launch's run wrote
+    its summary.json, so a rank that died stopped nothing (status 0)."""
     failures = sorted(err.failures.items(), key=lambda kv: kv[1].timestamp)
     if all(f.exitcode == 2 for _, f in failures):
         return None, 2  # a user error: rank 0 printed it
@@ -489,8 +531,14 @@ def _failure_line(err: Any, run_dir: str | None) -> tuple[str | None, int]:
         if first.exitcode < 0
         else f"exited with status {first.exitcode}"
     )
-    resume = f"`adaptlab train --resume {run_dir}`" if run_dir else "`adaptlab train --resume RUN`"
+    where = run_dir or "RUN"
+    if finished:
+        return (
+            f"rank {rank} {how} after the run finished: {where}/summary.json and its artifact are complete",
+            0,
+        )
     return (
-        f"rank {rank} {how}: the run stopped on every rank; the last good checkpoint is kept: continue with {resume}",
+        f"rank {rank} {how}: the run stopped on every rank; the last good checkpoint is kept: "
+        f"continue with `adaptlab train --resume {where}`",
         1,
     )

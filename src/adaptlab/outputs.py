@@ -87,6 +87,9 @@ WRITES: dict[str, tuple[str, ...]] = {
         "merges.txt",
         "chat_template.*",
     ),
+    # one folder per domain (legal, systems), the regime study's wordnet, continual's A-then-B, the rl
+    # task's arithmetic (reproduce.plan's comparison keys)
+    "reproduction": ("findings.json", "legal", "systems", "wordnet", "*-then-*", "arithmetic"),
 }
 """The top-level names (globs) each kind of output writes: `--overwrite` into a directory adaptlab did
 not mark is refused while any of the user's entries matches one. A kind missing here (a merged model,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adaptlab import outputs
 from adaptlab.compare.studies import _diff
 from adaptlab.errors import UserError
 from adaptlab.healed import RECIPES
@@ -195,14 +196,28 @@ def run(
     on_event: Callable[[dict[str, Any]], None] | None = None,
     executor: Any = None,
     judge_only: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run (or reuse) every comparison, then judge every finding; write OUT/findings.json.
 
+    OUT is claimed and locked first (adaptlab.outputs), as a comparison's folder is: a folder holding
+    files adaptlab did not write is refused unless `overwrite`, and even then none of them is replaced.
     judge_only: run nothing; judge the comparisons whose OUT/<key>/results.json exists (the others'
     findings read "not run")."""
+    out = Path(out)
+    with outputs.owned(out, "reproduction", overwrite=overwrite):
+        return _run(comparisons, out, on_event, executor, judge_only)
+
+
+def _run(
+    comparisons: list[Comparison],
+    out: Path,
+    on_event: Callable[[dict[str, Any]], None] | None,
+    executor: Any,
+    judge_only: bool,
+) -> dict[str, Any]:
     from adaptlab.compare import build_spec, compare
 
-    out = Path(out)
     results: dict[str, dict[str, Any]] = {}
     for c in comparisons:
         if judge_only:
@@ -232,7 +247,6 @@ def run(
         ]
     }
     data["findings"] = verdicts
-    out.mkdir(parents=True, exist_ok=True)
     (out / "findings.json").write_text(json.dumps(data, indent=1) + "\n")
     return data
 

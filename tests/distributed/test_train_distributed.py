@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -122,30 +123,21 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
     return None
 
 
-def test_killed_rank_stops_the_run_and_it_resumes_at_one_process(corpus, tmp_path):
-    steps = 24  # each checkpoint of full fine-tuning takes long enough that the kill lands mid-run
-    whole = tmp_path / "whole"
-    train(_config(corpus, whole, "full", steps=steps, save_every=2))
-    out = tmp_path / "cut"
-    cfg = _write(_config(corpus, out, "full", steps=steps, save_every=2), tmp_path / "cfg.yaml")
-    launcher = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "adaptlab",
-            "train",
-            "--config",
-            str(cfg),
-            "--nproc",
-            "2",
-            "--parallel",
-            "fsdp",
-        ],
+def _launch(cfg: Path, *args: str) -> subprocess.Popen:
+    """`adaptlab train --config CFG --nproc 2 ARGS` started in a child, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "adaptlab", "train", "--config", str(cfg), "--nproc", "2", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+
+
+def _kill_rank_1_after_a_checkpoint(cfg: Path, out: Path, *args: str) -> tuple[int, str]:
+    """Launch the run on two processes, SIGKILL rank 1 once its first checkpoint is in place; return the
+    launcher's exit status and stderr."""
+    launcher = _launch(cfg, *args)
     deadline = time.time() + 240
     while RunDir(out).latest_checkpoint() is None and launcher.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -153,8 +145,18 @@ def test_killed_rank_stops_the_run_and_it_resumes_at_one_process(corpus, tmp_pat
     assert pid is not None, "rank 1 not found (the run ended before a checkpoint?)"
     os.kill(pid, signal.SIGKILL)
     _, err = launcher.communicate(timeout=120)
+    return launcher.returncode, err
+
+
+def test_killed_rank_stops_the_run_and_it_resumes_at_one_process(corpus, tmp_path):
+    steps = 24  # each checkpoint of full fine-tuning takes long enough that the kill lands mid-run
+    whole = tmp_path / "whole"
+    train(_config(corpus, whole, "full", steps=steps, save_every=2))
+    out = tmp_path / "cut"
+    cfg = _write(_config(corpus, out, "full", steps=steps, save_every=2), tmp_path / "cfg.yaml")
+    code, err = _kill_rank_1_after_a_checkpoint(cfg, out, "--parallel", "fsdp")
     lines = [x for x in err.splitlines() if x.startswith("error:")]
-    assert launcher.returncode == 1, err[-2000:]
+    assert code == 1, err[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: rank 1 was killed by SIGKILL"), err[-2000:]
     assert "--resume" in lines[0]
     assert not (out / "summary.json").exists()
@@ -163,6 +165,65 @@ def test_killed_rank_stops_the_run_and_it_resumes_at_one_process(corpus, tmp_pat
     assert int(ckpt.name.split("-")[1]) < steps
     resume_run(out)  # one process resumes what two wrote
     _assert_same_run(whole, out, "full")
+
+
+def test_killed_lora_run_resumes_at_one_process_and_at_two(corpus, tmp_path):
+    """LoRA's sharded checkpoint holds what trains (no frozen base tensor, not even the head tied to the
+    embeddings); a resume puts it over the base it loaded itself, at any world size."""
+    import torch.distributed.checkpoint as dcp
+
+    steps = 12
+    whole = tmp_path / "whole"
+    train(_config(corpus, whole, "lora", steps=steps, save_every=2))
+    out = tmp_path / "cut"
+    cfg = _write(_config(corpus, out, "lora", steps=steps, save_every=2), tmp_path / "cfg.yaml")
+    code, err = _kill_rank_1_after_a_checkpoint(cfg, out)  # DDP, the default on CPU
+    assert code == 1 and "error: rank 1 was killed by SIGKILL" in err, err[-2000:]
+    ckpt = RunDir(out).latest_checkpoint()
+    assert ckpt is not None and (ckpt / ".metadata").exists() and int(ckpt.name.split("-")[1]) < steps
+    again = tmp_path / "cut-again"
+    shutil.copytree(out, again)
+    resume_run(out)  # one process resumes what two wrote
+    _assert_same_run(whole, out, "lora")
+    saved = [
+        k
+        for k in dcp.FileSystemReader(str(again / "checkpoints" / ckpt.name))
+        .read_metadata()
+        .state_dict_metadata
+        if k.startswith("model.")
+    ]
+    assert saved and all(".lora_" in k for k in saved), [k for k in saved if ".lora_" not in k]
+    proc = train_in_child("--resume", str(again), "--nproc", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _assert_same_run(whole, again, "lora")
+
+
+def test_rank_killed_after_the_run_finished_stops_nothing(corpus, tmp_path):
+    """A rank that dies once summary.json is written (the run is complete) is said, and the launch
+    succeeds with the run's summary: there is nothing to resume."""
+    import psutil
+
+    out = tmp_path / "run"
+    cfg = _write(_config(corpus, out, "lora", save_every=2), tmp_path / "cfg.yaml")
+    launcher = _launch(cfg)
+    deadline = time.time() + 240
+    pid = None
+    while not (out / "summary.json").exists() and launcher.poll() is None and time.time() < deadline:
+        pid = pid or _rank_pid(launcher, 1)
+        time.sleep(0.005)
+    assert pid is not None and (out / "summary.json").exists(), launcher.communicate()[1][-2000:]
+    # the ranks take seconds to leave the process group and exit after the summary is written
+    assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE, "rank 1 exited before the kill"
+    os.kill(pid, signal.SIGKILL)
+    stdout, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 0, err[-2000:]
+    assert json.loads(stdout) == json.loads((out / "summary.json").read_text())
+    lines = [x for x in err.splitlines() if x.startswith(("warning:", "error:"))]
+    assert lines == [
+        f"warning: rank 1 was killed by SIGKILL after the run finished: {out}/summary.json and its artifact "
+        "are complete"
+    ], err[-2000:]
+    assert (out / ARTIFACT["lora"]).exists()
 
 
 def test_stopped_at_one_process_resumes_at_two(corpus, reference, tmp_path):

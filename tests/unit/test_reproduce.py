@@ -7,14 +7,17 @@ invocation reuses what is finished.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import undeclared_outputs
 
 from adaptlab import reproduce as rep
 from adaptlab.compare.inline import InlineExecutor
+from adaptlab.outputs import WRITES, marker_kind
 
 TINY = rep.Scale(
     tokens=64,
@@ -97,6 +100,7 @@ def test_every_study_runs_with_its_arms_and_results_fields(reproduced: Any) -> N
             assert results[c.study]["rows"]
     healed = next(c for c in comparisons if c.study == "healed")
     assert healed.spec["model"] == "tiny-random-healed"
+    assert marker_kind(out) == "reproduction" and undeclared_outputs(out, "reproduction") == []
 
 
 def test_a_verdict_row_per_finding_and_findings_md(reproduced: Any, tmp_path: Path) -> None:
@@ -175,3 +179,68 @@ def test_findings_never_replace_a_users_file(root: Path, run_cli: Any, tmp_path:
     assert mine.read_text() == "my own notes\n" and not (tmp_path / "o").exists()
     rep.write_findings({"findings": []}, mine)  # one adaptlab wrote may be written again
     rep.check_findings_path(mine)
+
+
+def _judge_only(root: Path, out: Path, findings: Path) -> tuple[str, ...]:
+    return (
+        *("reproduce", "--data-root", str(root), "--out", str(out), "--judge-only"),
+        *(
+            "--findings",
+            str(findings),
+            "--model",
+            "tiny-random",
+            "--studies",
+            "methods",
+            "--domains",
+            "legal",
+        ),
+    )
+
+
+def _line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_judge_only_never_replaces_a_users_findings_json(root: Path, run_cli: Any, tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "findings.json").write_text("my findings\n")
+    args = _judge_only(root, out, tmp_path / "findings.md")
+    code, _, err = run_cli(*args)
+    assert code == 2 and "did not write" in _line(err) and "--overwrite" in _line(err)
+    code, _, err = run_cli(*args, "--overwrite")  # beside the user's files, never over one
+    assert code == 2 and "findings.json" in _line(err) and "write over" in _line(err)
+    assert [p.name for p in out.iterdir()] == ["findings.json"]
+    assert (out / "findings.json").read_text() == "my findings\n"
+    assert not (tmp_path / "findings.md").exists()
+    own = tmp_path / "own"  # a reproduction adaptlab wrote is judged again, its findings.json replaced
+    for _ in range(2):
+        code, _, err = run_cli(*_judge_only(root, own, tmp_path / "findings.md"))
+        assert code == 0, err
+        assert json.loads((own / "findings.json").read_text())["comparisons"][0]["key"] == "legal/methods"
+    assert marker_kind(own) == "reproduction"
+
+
+def test_reproduce_refuses_a_users_folder_as_compare_and_train_do(
+    root: Path, run_cli: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "NOTES.txt").write_text("keep\n")
+    code, _, err = run_cli(
+        "reproduce", "--data-root", root, "--out", out, "--model", "tiny-random", "--studies", "rank",
+        "--domains", "legal", "--tokens", "64", "--findings", tmp_path / "findings.md",
+    )  # fmt: skip
+    assert code == 2 and "did not write" in _line(err) and "--overwrite" in _line(err)
+    assert [p.name for p in out.iterdir()] == ["NOTES.txt"]  # nothing trained, no marker left
+    code, _, err = run_cli(*_judge_only(root, out, tmp_path / "findings.md"), "--overwrite")
+    assert code == 0, err
+    assert (out / "NOTES.txt").read_text() == "keep\n" and (out / "findings.json").exists()
+    assert undeclared_outputs(out, "reproduction") == ["NOTES.txt"]
+
+
+def test_every_folder_a_reproduction_writes_is_declared(root: Path) -> None:
+    tops = {c.key.split("/")[0] for c in rep.plan(root, model="tiny-random")}
+    assert [t for t in sorted(tops) if not any(fnmatch.fnmatch(t, w) for w in WRITES["reproduction"])] == []

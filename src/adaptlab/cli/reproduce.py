@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from adaptlab.cli.options import overwrite_option
+
 
 def _split(text: str | None) -> tuple[str, ...] | None:
     return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
@@ -40,6 +42,7 @@ def _split(text: str | None) -> tuple[str, ...] | None:
     "--findings", type=click.Path(), default="docs/findings.md", show_default=True, help="Markdown to write."
 )
 @click.option("--judge-only", is_flag=True, help="Train nothing: judge the comparisons OUT already holds.")
+@overwrite_option
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -55,6 +58,7 @@ def reproduce_command(
     eval_docs: int,
     findings: str,
     judge_only: bool,
+    overwrite: bool,
     dry_run: bool,
 ) -> None:
     """Test the LoRA-vs-full findings on the embedded model; verdicts with numbers and CIs."""
@@ -87,7 +91,7 @@ def reproduce_command(
         printer(e)
 
     with stop_on_sigterm():
-        data = rep.run(comparisons, out, on_event=on_event, judge_only=judge_only)
+        data = rep.run(comparisons, out, on_event=on_event, judge_only=judge_only, overwrite=overwrite)
     path = rep.write_findings(data, findings)
     counts: dict[str, int] = {}
     for f in data["findings"]:

@@ -255,7 +255,8 @@ def train_command(
             raise
         raise SystemExit(2) from None
     if world.is_main:
-        click.echo(json.dumps(summary, indent=2))
+        if not os.environ.get(dist.LAUNCHED_ENV):  # under --nproc the launcher prints it once the ranks exit
+            click.echo(json.dumps(summary, indent=2))
         if push_to_hub:
             from adaptlab.publish import push_run
 
@@ -336,28 +337,34 @@ def fits_one_gpu(config: Any, device: Any) -> bool | None:
 
 def _launch(ctx: click.Context, nproc: int, parallel: str | None, config: Any, resume: str | None) -> None:
     """Check what can be checked here, then start `nproc` ranks of this same command under torchrun."""
+    from pathlib import Path
+
     from adaptlab import distributed as dist
     from adaptlab.config import build_config, load_config
 
     if dist.launched_by_torchrun():
         raise click.UsageError("--nproc starts torchrun itself: drop it when launching with torchrun")
     if config is None:
-        from pathlib import Path
-
         path = Path(resume or "") / "config.yaml"
         config = build_config(load_config(path)) if path.exists() else None
     if config is not None:
         world = dist.World(0, nproc, 0)
         dist.check_parallel(parallel, config.method.method, world)
         dist.check_global_batch(config.train.batch * config.train.grad_accum, world)
+    run_dir = resume or (config.out if config else None)
     try:
-        dist.launch(nproc, _argv(ctx, drop=("nproc",)), resume or (config.out if config else None))
+        note = dist.launch(nproc, _argv(ctx, drop=("nproc",)), run_dir)
     except dist.RunStopped as stop:
         if stop.message is None:  # a rank printed its own error line
             raise SystemExit(stop.code) from None
         err = click.ClickException(stop.message)
         err.exit_code = stop.code
         raise err from None
+    if note:  # a rank died after the run finished
+        click.echo(f"warning: {note}", err=True)
+    summary = Path(run_dir or "") / "summary.json"
+    if run_dir and summary.exists():
+        click.echo(summary.read_text().rstrip("\n"))
 
 
 def _argv(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
