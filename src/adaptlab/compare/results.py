@@ -4,10 +4,12 @@ Schema (nats per token throughout; ci95 = [lo, hi]):
 
     {"version": 1, "study", "model", "data", "budget_tokens", "budget_note", "lr_rule", "seeds",
      "forgetting_metric": "general_nll" | "drift_kl" | "mc_acc_drop", "notes": [...],
+     ("seeds": replicates per arm; 1 means every difference is unreplicated)
      "arms": [{"name", "method", "status": "ok" | "failed", "error"?, "label",
                "config": {method, rank, alpha, rslora, targets, lr, lr_source, batch, grad_accum,
                           seq_len, steps, tokens, data_fraction, data, init_from},
-               "runs": [{"run", "dir", "seed"}],
+               "runs": [{"run", "dir", "seed"}], "seeds": replicates (1: unreplicated),
+               "per_seed"?: [{"run", "seed", "learning", "forgetting"}] (with more than one seed),
                "learning": {"value", "ci95", "base_nll", "tuned_nll", "tokens", "docs", "spread"?},
                "own_learning"?: {as learning, on the held-out split of the arm's own data},
                "forgetting": {"metric", "value", "ci95", "general_nll"?: {...}, "drift"?: {...},
@@ -268,6 +270,7 @@ def assemble(
             "label": a.label,
             "config": config,
             "runs": [{"run": p.run, "dir": f"runs/{p.run}", "seed": p.seed} for p in reps],
+            "seeds": len(reps),
             "lr_sweep": sweeps.get(a.name),
         }
         failed = [p.run for p in reps if status.get(p.run, {}).get("status") != "ok" or p.run not in measured]
@@ -303,7 +306,7 @@ def assemble(
             rec["quantized_base"] = _quantized_base(quantized)
             notes.append(_quantization_note(a.name, rec))
         if len(reps) > 1:
-            rec["seeds"] = [
+            rec["per_seed"] = [
                 {
                     "run": p.run,
                     "seed": p.seed,

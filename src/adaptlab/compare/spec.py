@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from adaptlab import config
 from adaptlab.config import (
+    COMPARE_SEEDS,
+    EVAL_DOCS,
     FULL_LR,
     LORA_LR_FACTOR,
     Method,
@@ -150,7 +152,7 @@ class TrainSettings(StepSpec):
 class EvalSettings(_Spec):
     """How learning and forgetting are measured per arm."""
 
-    max_docs: int = Field(64, gt=0)
+    max_docs: int = Field(EVAL_DOCS, gt=0)
     """Held-out target documents (and general documents) scored."""
     max_chars: int | None = Field(6000, gt=0)
     """Each scored document is cut to its first max_chars characters."""
@@ -192,7 +194,8 @@ class CompareSpec(_Spec):
     """Multiple-choice JSONL files of general ability: forgetting = accuracy drop."""
     tokens: int = Field(gt=0)
     """The budget: tokens every arm sees (equal across arms unless the study is about budget)."""
-    seeds: int = Field(1, ge=1)
+    seeds: int = Field(COMPARE_SEEDS, ge=1)
+    """Replicates per arm (seed s of every arm sees the same data order); 1 is reported as unreplicated."""
     target_tokens: int | None = Field(None, gt=0)
     """Extrapolate arms measured at several budgets (e.g. the data-size study) to this many tokens."""
     study: str | None = None
@@ -279,8 +282,9 @@ def load_spec_file(path: str | Path) -> dict[str, Any]:
     return config.load_config(path, what="compare config")
 
 
-# `adaptlab demo`: sized (arms, steps, seq_len, eval docs, drift prompts) to finish in about 15 minutes on
-# a 2-core CPU; bench numbers in the README come from running it.
+# `adaptlab demo`: sized (arms, one seed, steps, seq_len, eval docs, drift prompts) to finish in about 15
+# minutes on a 2-core CPU, so its report says its differences are unreplicated; bench numbers in the README
+# come from running it.
 DEMO_TOKENS = 6_144
 DEMO_FULL_LR = 1e-4
 """The demo's LRs come from a sweep at its own budget (README, `make demo`): on python-stdlib at 6,144
@@ -306,6 +310,7 @@ def demo_spec(tokens: int = DEMO_TOKENS) -> dict[str, Any]:
         "study": "methods",
         "arms": arms,
         "tokens": tokens,
+        "seeds": 1,
         "train": {
             "batch": 4,
             "seq_len": 128,
