@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from adaptlab.cli.options import overwrite_option, push_to_hub_option, report_to_option
-from adaptlab.config import COMPARE_SEEDS, EVAL_DOCS
+from adaptlab.config import COMPARE_SEEDS, EVAL_DOCS, RANK_SCALINGS
 from adaptlab.errors import UserError
 
 
@@ -32,7 +32,7 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
     for key in ("general", "mc", "study_data"):
         if flags[key]:
             out[key] = list(flags[key])
-    for key in ("tokens", "seeds", "study", "target_tokens"):
+    for key in ("tokens", "seeds", "study", "target_tokens", "rank_scaling"):
         if flags[key] is not None:
             out[key] = flags[key]
     if flags["drift"] is not None:
@@ -166,6 +166,12 @@ def _finish(results: dict[str, Any], out: str) -> None:
     "--study-data",
     multiple=True,
     help="regime: the domain as instruction pairs; continual: domain B (trained after --data).",
+)
+@click.option(
+    "--rank-scaling",
+    type=click.Choice(RANK_SCALINGS),
+    help="Rank study: rslora (default) scales every rank's update by alpha/sqrt(r) with one alpha, so the "
+    "update scale stays fixed across ranks; alpha-2r uses alpha = 2 x rank.",
 )
 @click.option("--tokens", type=int, help="Budget: tokens every arm sees.")
 @click.option(

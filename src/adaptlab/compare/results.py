@@ -28,7 +28,8 @@ Schema (nats per token throughout; ci95 = [lo, hi]):
                "lr_sweep": {"points": [{"lr", "run", "final_val_loss", "chosen"}], "best_lr"} | null}],
      "kl_predictor": {see adaptlab.report.predictor}, "extrapolation": {see adaptlab.report.extrapolate} | null,
      "recommendation": {see adaptlab.report.recommend},
-     "regime"? | "continual"?: {"rows": [...]} (see adaptlab.compare.studies)}
+     "regime"? | "continual"?: {"rows": [...]} (see adaptlab.compare.studies),
+     "rank_scaling"?: {"rule": "rslora" | "alpha-2r" | "per-arm", "alpha", "text"} (rank study)}
 
 Differences between arms are paired over the documents (and seeds): adaptlab.report.paired, from "per_doc".
 
@@ -43,7 +44,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from adaptlab.compare.arms import RunPlan
+from adaptlab.compare.arms import RunPlan, rank_scaling_of
 from adaptlab.compare.spec import ArmSpec, CompareSpec
 from adaptlab.evaluate.stats import t95
 from adaptlab.report.paired import FALLBACK_NOTE, per_doc_of
@@ -351,6 +352,8 @@ def assemble(
         "notes": notes,
         "arms": records,
     }
+    if spec.study == "rank":
+        results["rank_scaling"] = rank_scaling_of(arms)
     if any(r.get("status") == "ok" and not r.get("per_doc") for r in records):
         notes.append(FALLBACK_NOTE)
     results["kl_predictor"] = kl_predictor(records, metric)

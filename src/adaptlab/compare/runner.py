@@ -480,7 +480,7 @@ def resolve_spec(spec: CompareSpec) -> CompareSpec:
     """The spec with a study's preset arms filled in (explicit arms win over the study's)."""
     if spec.arms or spec.study is None:
         return spec
-    arms = study_arms(spec.study, spec.model, spec.tokens, spec.train.lr, spec.study_data)
+    arms = study_arms(spec.study, spec.model, spec.tokens, spec.train.lr, spec.study_data, spec.rank_scaling)
     return spec.model_copy(update={"arms": arms})
 
 

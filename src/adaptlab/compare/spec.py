@@ -29,6 +29,7 @@ from adaptlab.config import (
     EVAL_DOCS,
     FULL_LR,
     LORA_LR_FACTOR,
+    RANK_SCALINGS,
     Method,
     MethodSpec,
     StepSpec,
@@ -199,6 +200,9 @@ class CompareSpec(_Spec):
     target_tokens: int | None = Field(None, gt=0)
     """Extrapolate arms measured at several budgets (e.g. the data-size study) to this many tokens."""
     study: str | None = None
+    rank_scaling: str = "rslora"
+    """The rank study's update scaling (RANK_SCALINGS): rslora keeps it fixed across ranks; alpha-2r is the
+    LoRA default alpha = 2 x rank."""
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
@@ -212,6 +216,13 @@ class CompareSpec(_Spec):
     @classmethod
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("rank_scaling")
+    @classmethod
+    def _rank_scaling(cls, v: str) -> str:
+        if v not in RANK_SCALINGS:
+            raise ValueError(f"unknown rank scaling {v!r}; choose one of {', '.join(RANK_SCALINGS)}")
+        return v
 
     @field_validator("study")
     @classmethod
@@ -244,6 +255,8 @@ class CompareSpec(_Spec):
             )
         if not self.arms and self.study is None:
             raise ValueError("give a list of arms or a study")
+        if self.rank_scaling != "rslora" and self.study != "rank":
+            raise ValueError("rank_scaling (--rank-scaling) applies to the rank study only")
         if not (self.general or self.drift or self.mc):
             raise ValueError("no general probe: set drift: true, or give general text or mc files")
         return self
