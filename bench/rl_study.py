@@ -5,7 +5,7 @@ It runs adaptlab.compare.rl.run_study (what `adaptlab compare --study rl` runs) 
 2-core CPU in about 15 minutes: few steps, short completions, 60 held-out prompts. Prints the
 Markdown table and writes bench/results/rl_study.json (the run directories go to a temp dir).
 
-    python bench/rl_study.py [--steps 6] [--eval-prompts 60] [--study rl|sft-vs-rl] [--out DIR]
+    python bench/rl_study.py [--steps 6] [--eval-prompts 60] [--study rl|sft-vs-rl] [--seeds 1] [--out DIR]
 """
 
 from __future__ import annotations
@@ -30,6 +30,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--eval-prompts", type=int, default=60)
     parser.add_argument("--full-lr", type=float, default=5e-5)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="Replicates per arm (1 fits the CPU budget; reported unreplicated).",
+    )
     parser.add_argument("--out", help="Keep the study directory here (default: a temp dir).")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -42,6 +48,7 @@ def main() -> None:
         eval_prompts=args.eval_prompts,
         drift_tokens=32,
         full_lr=args.full_lr,
+        seeds=args.seeds,
     )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,6 +39,17 @@ FULL_LR = 2e-5
 """Default peak LR of full fine-tuning."""
 LORA_LR_FACTOR = 10.0
 """The LoRA family's default LR is this multiple of full fine-tuning's (Schulman et al. 2025)."""
+COMPARE_SEEDS = 3
+"""Replicates per arm of a comparison (and of each comparison `adaptlab reproduce` runs): one seed's
+difference between arms cannot be told from seed-to-seed noise, so a single seed is reported as
+unreplicated."""
+RANK_SCALINGS = ("rslora", "alpha-2r")
+"""How the rank study scales each rank's update: rslora (alpha/sqrt(r) with one alpha for every rank, so
+the update scale stays fixed across ranks) or alpha-2r (alpha = 2 x rank, the LoRA default: alpha/r = 2)."""
+EVAL_DOCS = 64
+"""Held-out target documents, and general-probe documents, a comparison scores: at 16 a paired
+interval's coverage depends on how skewed the per-document differences are (bench/interval_coverage.py);
+at 64 it holds."""
 
 
 def is_lora(method: str) -> bool:

@@ -71,3 +71,8 @@ def _full(path: Path) -> bool:
                 st = os.statvfs(place)
                 return st.f_bavail * st.f_frsize < FULL_BELOW_BYTES
     return False
+
+
+class StudyRefused(UserError):
+    """A comparison whose study cannot mean anything at its settings (e.g. data fractions that select the
+    same documents): `adaptlab reproduce` records it as not run and goes on with the other comparisons."""

@@ -29,7 +29,8 @@ from typing import Any
 
 from adaptlab import outputs
 from adaptlab.compare.studies import _diff
-from adaptlab.errors import UserError
+from adaptlab.config import COMPARE_SEEDS, EVAL_DOCS
+from adaptlab.errors import StudyRefused, UserError
 from adaptlab.healed import RECIPES
 
 # the shipped data layout (DATA.md): domain name -> file under the data root
@@ -43,6 +44,7 @@ RL_TASK = "arithmetic"
 # (README): 7.6 s a full step and 5.6 s a LoRA step, the run's start and validation included
 SECONDS_PER_TOKEN = {"full": 7.6 / 512, "lora": 5.6 / 512}
 EVAL_SECONDS_PER_ARM = 135.0  # held-out target + general NLL, base and tuned, target KL, weight analysis
+EVAL_SECONDS_DOCS = 16  # ... measured at this many documents per probe; scoring time grows with them
 # the rl study on the 2-core CPU (bench/results/rl_study.json): a GRPO step of 4 prompts x 8 completions
 # of 16 tokens (sampling included; 82-95 s for 8 steps after the first arm), and scoring 60 held-out
 # prompts plus the drift probe, per arm and for the base (31-76 s)
@@ -52,12 +54,13 @@ RL_EVAL_SECONDS = 65.0
 
 @dataclass
 class Scale:
-    """How big every comparison is: the budget per arm and the evaluation sizes."""
+    """How big every comparison is: the replicates and budget per arm and the evaluation sizes."""
 
     tokens: int = 8_192
+    seeds: int = COMPARE_SEEDS
     batch: int = 4
     seq_len: int = 128
-    eval_docs: int = 16
+    eval_docs: int = EVAL_DOCS
     eval_chars: int = 2000
     eval_seq_len: int = 256
     analysis: bool = True
@@ -74,16 +77,20 @@ class Scale:
             "max_new_tokens": 16,
             "eval_prompts": self.rl_eval_prompts,
             "full_lr": 5e-5,
+            "seeds": self.seeds,
         }
 
-    def spec(self, model: str, study: str, data: str, general: str | None, **extra: Any) -> dict[str, Any]:
+    def spec(
+        self, model: str, study: str, data: str, general: str | None, test_frac: float, **extra: Any
+    ) -> dict[str, Any]:
         return {
             "model": model,
             "study": study,
-            "data": {"train": [data]},
+            "data": {"train": [data], "test_frac": test_frac},
             "general": [general] if general else [],
             "drift": general is None,
             "tokens": self.tokens,
+            "seeds": self.seeds,
             "train": {
                 "batch": self.batch,
                 "seq_len": self.seq_len,
@@ -101,6 +108,22 @@ class Scale:
             "analysis": {"enabled": self.analysis},
             **extra,
         }
+
+
+def held_out_frac(path: str | Path, eval_docs: int) -> float:
+    """The smallest test fraction (from the default 0.05, in steps of 0.01) whose held-out split of the
+    file holds eval_docs documents, so every comparison scores that many."""
+    from adaptlab.data.corpus import split_documents
+    from adaptlab.data.sources import load_documents
+
+    docs = load_documents(str(path))
+    for step in range(5, 45):
+        if len(split_documents(docs, "test", 0.05, step / 100)) >= eval_docs:
+            return step / 100
+    raise UserError(
+        f"--eval-docs {eval_docs}: {path} has {len(docs)} documents, too few to hold out that many; "
+        "lower --eval-docs"
+    )
 
 
 @dataclass
@@ -134,26 +157,25 @@ def plan(
     if missing:
         raise UserError(f"--data-root {root}: missing {missing[0]} (the layout of DATA.md's shared data)")
     general = str(root / GENERAL)
+    fracs = {d: held_out_frac(p, scale.eval_docs) for d, p in files.items()}
     out = []
     for domain, path in files.items():
         for study in PER_DOMAIN:
             if study in studies:
-                out.append(
-                    Comparison(
-                        f"{domain}/{study}", study, domain, scale.spec(model, study, str(path), general)
-                    )
-                )
+                spec = scale.spec(model, study, str(path), general, fracs[domain])
+                out.append(Comparison(f"{domain}/{study}", study, domain, spec))
         if "healed" in studies:
             healed = model + "-healed" if not model.endswith("-healed") else model
-            spec = scale.spec(healed, "methods", str(path), general)
+            spec = scale.spec(healed, "methods", str(path), general, fracs[domain])
             out.append(Comparison(f"{domain}/healed-methods", "healed", domain, spec))
     names = list(files)
     if "regime" in studies:  # WordNet: the same domain as raw glosses and as definition pairs
-        spec = scale.spec(model, "regime", general, None, study_data=[str(root / REGIME_PAIRS)])
+        frac = held_out_frac(general, scale.eval_docs)
+        spec = scale.spec(model, "regime", general, None, frac, study_data=[str(root / REGIME_PAIRS)])
         out.append(Comparison("wordnet/regime", "regime", "wordnet", spec))
     if "continual" in studies and len(names) >= 2:
         a, b = names[0], names[1]
-        spec = scale.spec(model, "continual", str(files[a]), general, study_data=[str(files[b])])
+        spec = scale.spec(model, "continual", str(files[a]), general, fracs[a], study_data=[str(files[b])])
         out.append(Comparison(f"{a}-then-{b}/continual", "continual", f"{a}-then-{b}", spec))
     if "rl" in studies:  # GRPO on the embedded arithmetic task: LoRA ranks 1, 4, 16 and full
         out.append(Comparison(f"{RL_TASK}/rl", "rl", RL_TASK, scale.rl_spec(model)))
@@ -171,7 +193,8 @@ def estimate_s(comparisons: list[Comparison]) -> float:
     for c in comparisons:
         if c.study == "rl":
             arms = len(RLStudy(**c.spec).arms())
-            total += arms * c.spec["steps"] * RL_SECONDS_PER_STEP + (arms + 1) * RL_EVAL_SECONDS
+            runs = arms * c.spec["seeds"]
+            total += runs * c.spec["steps"] * RL_SECONDS_PER_STEP + (runs + 1) * RL_EVAL_SECONDS
             continue
         # the healed base has its base's shapes: plan with the base, so estimating builds nothing
         spec = resolve_spec(
@@ -182,7 +205,9 @@ def estimate_s(comparisons: list[Comparison]) -> float:
             t = p.train_fields
             tokens = t["steps"] * t["batch"] * t["grad_accum"] * t["seq_len"]
             total += tokens * SECONDS_PER_TOKEN["full" if p.method_fields["method"] == "full" else "lora"]
-        total += EVAL_SECONDS_PER_ARM * len(arms)
+        # every replicate is evaluated; scoring time grows with the documents scored
+        docs = spec.eval.max_docs / EVAL_SECONDS_DOCS
+        total += EVAL_SECONDS_PER_ARM * docs * len(arms) * spec.seeds
     healed = {c.spec["model"] for c in comparisons if c.study == "healed"}
     for name in healed:  # built once on first use: a short full fine-tuning (healed.py)
         r = RECIPES.get(name.removesuffix("-healed"), {"steps": 0, "batch": 0, "seq_len": 0})
@@ -203,7 +228,8 @@ def run(
     OUT is claimed and locked first (adaptlab.outputs), as a comparison's folder is: a folder holding
     files adaptlab did not write is refused unless `overwrite`, and even then none of them is replaced.
     judge_only: run nothing; judge the comparisons whose OUT/<key>/results.json exists (the others'
-    findings read "not run")."""
+    findings read "not run"). A comparison whose study refuses its settings (StudyRefused) is not run:
+    its line is said and kept in findings.json, and the other comparisons go on."""
     out = Path(out)
     with outputs.owned(out, "reproduction", overwrite=overwrite):
         return _run(comparisons, out, on_event, executor, judge_only)
@@ -219,6 +245,7 @@ def _run(
     from adaptlab.compare import build_spec, compare
 
     results: dict[str, dict[str, Any]] = {}
+    refused: dict[str, str] = {}
     for c in comparisons:
         if judge_only:
             path = out / c.key / "results.json"
@@ -231,7 +258,11 @@ def _run(
             results[c.key] = _run_rl(c, out / c.key, say)
             continue
         spec = build_spec(c.spec, source=c.key)
-        results[c.key] = compare(spec, out / c.key, on_event=on_event, report=True, executor=executor)
+        try:
+            results[c.key] = compare(spec, out / c.key, on_event=on_event, report=True, executor=executor)
+        except StudyRefused as err:
+            refused[c.key] = str(err)
+            say({"event": "message", "text": f"{c.key}: not run: {err}"})
     verdicts = judge(comparisons, results)
     data = {
         "comparisons": [
@@ -242,6 +273,7 @@ def _run(
                 "model": c.spec["model"],
                 "tokens": c.spec.get("tokens"),
                 "finished": c.key in results,
+                **({"refused": refused[c.key]} if c.key in refused else {}),
             }
             for c in comparisons
         ]

@@ -23,6 +23,7 @@ def _spec(tmp_path: Path) -> Path:
         "data": {"train": [str(data)], "val_frac": 0.1, "test_frac": 0.1},
         "drift": True,
         "tokens": 192,
+        "seeds": 1,
         "train": {"batch": 2, "seq_len": 32, "lr": 1e-3, "precision": "fp32", "eval_examples": 2},
         "eval": {
             "max_docs": 2,

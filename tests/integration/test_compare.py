@@ -30,6 +30,7 @@ def _spec(tmp_path: Path) -> Path:
         "general": [str(general)],
         "drift": True,
         "tokens": 256,
+        "seeds": 1,
         "train": {
             "batch": 2,
             "seq_len": 32,

@@ -43,6 +43,7 @@ def _spec(tmp_path: Path, arms: list[dict[str, Any]], **extra: Any) -> Path:
         "eval": {"max_docs": 8, "max_chars": 600, "seq_len": 64, "batch": 8},
         "analysis": {"enabled": False},
         "arms": arms,
+        "seeds": 1,
         **extra,
     }
     path = tmp_path / "compare.yaml"

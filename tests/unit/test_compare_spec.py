@@ -11,7 +11,7 @@ from adaptlab.compare.arms import expand, lora_params, resolve_ranks, study_arms
 from adaptlab.compare.spec import STUDIES, build_spec
 from adaptlab.errors import UserError
 
-BASE = {"model": "tiny-random", "data": {"train": ["python-stdlib"]}, "tokens": 1000}
+BASE = {"model": "tiny-random", "data": {"train": ["python-stdlib"]}, "tokens": 1000, "seeds": 1}
 
 
 def write(tmp_path: Path, data: dict) -> Path:

@@ -113,6 +113,7 @@ def tiny_rl_study(kind: str, steps: int) -> RLStudy:
         eval_prompts=4,
         drift_tokens=4,
         ranks=(1,),
+        seeds=1,
     )
 
 

@@ -228,8 +228,8 @@ def test_compare_refuses_a_folder_it_did_not_write(run_cli, corpus, tmp_path):
     out = tmp_path / "cmp"
     out.mkdir()
     (out / "report.md").write_text("my report\n")
-    args = ["compare", "--model", "tiny-random", "--data", corpus, "--tokens", "64", "--out", out]
-    code, _, err = run_cli(*args)
+    args = ["compare", "--model", "tiny-random", "--data", corpus, "--tokens", "64", "--seeds", "1"]
+    code, _, err = run_cli(*args, "--out", out)
     assert code == 2 and "--overwrite" in _one_line(err)
     assert (out / "report.md").read_text() == "my report\n"
 
@@ -239,8 +239,8 @@ def test_compare_keeps_user_files_in_a_run_folder(run_cli, corpus, tmp_path):
     claim(out, "comparison")  # a comparison adaptlab started earlier
     (out / "runs" / "lora").mkdir(parents=True)
     (out / "runs" / "lora" / "NOTES.txt").write_text("keep\n")
-    args = ["compare", "--model", "tiny-random", "--data", corpus, "--tokens", "64", "--out", out]
-    code, _, err = run_cli(*args)
+    args = ["compare", "--model", "tiny-random", "--data", corpus, "--tokens", "64", "--seeds", "1"]
+    code, _, err = run_cli(*args, "--out", out)
     assert code == 2 and "runs/lora" in _one_line(err)
     assert (out / "runs" / "lora" / "NOTES.txt").read_text() == "keep\n"
 
@@ -294,6 +294,7 @@ def _compare_config(corpus: Path, path: Path) -> Path:
         "general": [str(corpus)],
         "drift": False,
         "tokens": 10**8,
+        "seeds": 1,
         "train": {"batch": 1, "seq_len": 16, "eval_points": 1, "checkpoints": 0},
         "analysis": {"enabled": False},
         "arms": [{"name": "lora", "method": "lora", "rank": 2}],

@@ -21,6 +21,7 @@ from adaptlab.outputs import WRITES, marker_kind
 
 TINY = rep.Scale(
     tokens=64,
+    seeds=1,
     batch=2,
     seq_len=32,
     eval_docs=2,
@@ -35,7 +36,6 @@ EXPECTED_ARMS = {
     "targets": {"lora-all", "lora-attn", "lora-mlp"},
     "batch": {f"{m}-{b}" for m in ("full", "lora") for b in ("small", "default", "large")},
     "rank": {"full", "lora-r1"},
-    "data-size": {"full-1pct", "full-10pct", "full-100pct"},
     "regime": {f"{r}-{m}-{b}" for r in ("cpt", "ift") for m in ("full", "lora") for b in ("small", "large")},
     "continual": {"full-a", "lora-a", "full-a-then-b", "lora-a-then-b", "lora-b"},
     "healed": {"full", "lora"},
@@ -81,12 +81,20 @@ def reproduced(
 
 
 def test_every_study_runs_with_its_arms_and_results_fields(reproduced: Any) -> None:
-    comparisons, _, out = reproduced
+    comparisons, data, out = reproduced
     assert {c.study for c in comparisons} == set(rep.STUDIES)
+    refused = {r["key"]: r.get("refused") for r in data["comparisons"]}
     for c in comparisons:
+        if c.study == "data-size":  # a pool of one document at 64 tokens: every fraction the same
+            assert "1%, 10% and 100% train on the same 1 document(s)" in refused[c.key]
+            assert not (out / c.key / "results.json").exists()
+            continue
+        assert refused[c.key] is None, c.key
         results = json.loads((out / c.key / "results.json").read_text())
+        assert results["seeds"] == 1, c.key  # what the verdicts read to call a finding unreplicated
         if c.study == "rl":  # compare/rl.py's own results: pass@1 per arm and the rank-1 verdict
             assert {a["arm"] for a in results["arms"]} == EXPECTED_ARMS["rl"]
+            assert all(a["seeds"] == 1 for a in results["arms"])
             assert results["rank1_vs_full"]["ci95"] and results["study"]["model"] == "tiny-random"
             continue
         names = {a["name"] for a in results["arms"]}
@@ -96,6 +104,7 @@ def test_every_study_runs_with_its_arms_and_results_fields(reproduced: Any) -> N
         ]
         for a in results["arms"]:
             assert {"learning", "forgetting", "cost", "config"} <= set(a), c.key
+            assert a["seeds"] == 1, c.key
         if c.study in ("regime", "continual"):
             assert results[c.study]["rows"]
     healed = next(c for c in comparisons if c.study == "healed")
@@ -110,6 +119,9 @@ def test_a_verdict_row_per_finding_and_findings_md(reproduced: Any, tmp_path: Pa
     verdicts = {"agrees", "disagrees", "inconclusive", "not run", "mixed"}
     for f in data["findings"]:
         assert f["overall"] in verdicts
+        if f["study"] == "data-size":  # refused at this budget: no comparison to judge
+            assert f["overall"] == "not run" and not f["rows"]
+            continue
         assert f["rows"], f["id"]
         for row in f["rows"]:
             assert row["verdict"] in verdicts - {"mixed"}
@@ -127,7 +139,7 @@ def test_a_verdict_row_per_finding_and_findings_md(reproduced: Any, tmp_path: Pa
     ):
         assert by_id[fid]["rows"][0]["verdict"] != "not run", fid
     md = rep.write_findings(data, tmp_path / "findings.md").read_text()
-    assert f"Comparisons judged ({len(comparisons)})" in md and "Not run yet" not in md
+    assert f"Comparisons judged ({len(comparisons) - 1})" in md and "Not run yet (1): `legal/data-size`" in md
     nothing = rep.run(comparisons, tmp_path / "empty", judge_only=True)
     assert all(f["overall"] == "not run" for f in nothing["findings"])
     assert (
@@ -148,7 +160,8 @@ def test_second_run_reuses_finished_comparisons(reproduced: Any) -> None:
 
 
 def test_plan_and_estimate(root: Path, run_cli: Any) -> None:
-    comparisons = rep.plan(root, model="tiny-random")
+    # the root holds 24 documents per domain: too few to hold out the default 64
+    comparisons = rep.plan(root, model="tiny-random", scale=rep.Scale(eval_docs=4))
     keys = [c.key for c in comparisons]
     assert (
         "legal/methods" in keys
@@ -158,9 +171,20 @@ def test_plan_and_estimate(root: Path, run_cli: Any) -> None:
     )
     assert rep.estimate_s(comparisons) > 0
     code, out, _ = run_cli(
-        "reproduce", "--data-root", root, "--out", "unused", "--dry-run", "--model", "tiny-random"
+        "reproduce",
+        "--data-root",
+        root,
+        "--out",
+        "unused",
+        "--dry-run",
+        "--model",
+        "tiny-random",
+        "--eval-docs",
+        "4",
     )
     assert code == 0 and "estimated" in out and "wordnet/regime" in out
+    code, _, err = run_cli("reproduce", "--data-root", root, "--out", "unused", "--dry-run")
+    assert code == 2 and "lower --eval-docs" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli("reproduce", "--data-root", root / "nope", "--out", "unused", "--dry-run")
     assert code == 2 and "missing" in err
     code, _, err = run_cli(

@@ -35,6 +35,7 @@ def tiny_study(study: str, data: Path, second: Path, general: Path, tokens: int 
         "general": [str(general)],
         "drift": False,
         "tokens": tokens,
+        "seeds": 1,
         "train": {"batch": 2, "seq_len": 32, "eval_points": 1, "eval_examples": 2, "checkpoints": 0},
         "eval": {"max_docs": 3, "max_chars": 400, "seq_len": 64},
         "analysis": {"enabled": False},

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from adaptlab.cli.options import overwrite_option, push_to_hub_option, report_to_option
+from adaptlab.config import COMPARE_SEEDS, EVAL_DOCS, RANK_SCALINGS
 from adaptlab.errors import UserError
 
 
@@ -31,7 +32,7 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
     for key in ("general", "mc", "study_data"):
         if flags[key]:
             out[key] = list(flags[key])
-    for key in ("tokens", "seeds", "study", "target_tokens"):
+    for key in ("tokens", "seeds", "study", "target_tokens", "rank_scaling"):
         if flags[key] is not None:
             out[key] = flags[key]
     if flags["drift"] is not None:
@@ -166,15 +167,26 @@ def _finish(results: dict[str, Any], out: str) -> None:
     multiple=True,
     help="regime: the domain as instruction pairs; continual: domain B (trained after --data).",
 )
+@click.option(
+    "--rank-scaling",
+    type=click.Choice(RANK_SCALINGS),
+    help="Rank study: rslora (default) scales every rank's update by alpha/sqrt(r) with one alpha, so the "
+    "update scale stays fixed across ranks; alpha-2r uses alpha = 2 x rank.",
+)
 @click.option("--tokens", type=int, help="Budget: tokens every arm sees.")
-@click.option("--seeds", type=int, help="Replicates per arm (mean and spread are reported).")
+@click.option(
+    "--seeds",
+    type=int,
+    help=f"Replicates per arm (default {COMPARE_SEEDS}; 1 is reported as unreplicated): mean and spread "
+    "are reported.",
+)
 @click.option(
     "--target-tokens", type=int, help="Extrapolate arms measured at several budgets to this many tokens."
 )
 @click.option("--batch", type=int, help="Sequences per micro-batch (default 4).")
 @click.option("--seq-len", type=int, help="Tokens per sequence (default 256).")
 @click.option("--lr", type=float, help="Base LR: full uses it, the LoRA family 10x (default 2e-5).")
-@click.option("--eval-docs", type=int, help="Held-out documents scored per probe (default 64).")
+@click.option("--eval-docs", type=int, help=f"Held-out documents scored per probe (default {EVAL_DOCS}).")
 @click.option("--no-analysis", is_flag=True, help="Skip the weight-update analysis.")
 @click.option("--forgetting-limit", type=float, help="Largest acceptable forgetting (nats/token).")
 @click.option("--memory-limit-gb", type=float, help="Largest acceptable peak training memory (GB).")
@@ -247,7 +259,7 @@ def compare_command(
     _finish(results, out)
 
 
-RL_FLAGS = ("model", "data", "batch", "seq_len", "lr", "study")
+RL_FLAGS = ("model", "data", "batch", "seq_len", "lr", "seeds", "study")
 """What an RL study takes from the command line; its other settings are compare/rl.py's RLStudy."""
 
 
@@ -265,7 +277,7 @@ def _check_rl_flags(
     if ignored:
         raise UserError(
             f"--study {flags['study']} does not take {', '.join(ignored)}: it takes --model, --data (one task: "
-            "arithmetic or a prompt/answer JSONL), --batch, --seq-len and --lr"
+            "arithmetic or a prompt/answer JSONL), --batch, --seq-len, --lr and --seeds"
         )
     if len(flags["data"]) > 1:
         raise UserError(f"--study {flags['study']} takes one --data (its task), got {len(flags['data'])}")
@@ -283,6 +295,7 @@ def _rl_study(flags: dict[str, Any], out: str, overwrite: bool) -> None:
         "batch": flags["batch"],
         "seq_len": flags["seq_len"],
         "full_lr": flags["lr"],
+        "seeds": flags["seeds"],
     }
     study = RLStudy(study=flags["study"], **{k: v for k, v in given.items() if v is not None})
     quiet_transformers()

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from adaptlab.cli.options import overwrite_option
+from adaptlab.config import COMPARE_SEEDS, EVAL_DOCS
 
 
 def _split(text: str | None) -> tuple[str, ...] | None:
@@ -36,7 +37,18 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 @click.option("--domains", help="Comma list of shipped domains (default legal,systems).")
 @click.option("--tokens", type=int, default=8192, show_default=True, help="Budget per arm in tokens.")
 @click.option(
-    "--eval-docs", type=int, default=16, show_default=True, help="Held-out documents scored per probe."
+    "--seeds",
+    type=click.IntRange(min=1),
+    default=COMPARE_SEEDS,
+    show_default=True,
+    help="Replicates per arm of every comparison, the rl study's included (1: unreplicated).",
+)
+@click.option(
+    "--eval-docs",
+    type=click.IntRange(min=1),
+    default=EVAL_DOCS,
+    show_default=True,
+    help="Held-out target documents per domain, and general-probe documents, scored per comparison.",
 )
 @click.option(
     "--findings", type=click.Path(), default="docs/findings.md", show_default=True, help="Markdown to write."
@@ -55,6 +67,7 @@ def reproduce_command(
     studies: str | None,
     domains: str | None,
     tokens: int,
+    seeds: int,
     eval_docs: int,
     findings: str,
     judge_only: bool,
@@ -70,7 +83,7 @@ def reproduce_command(
     comparisons = rep.plan(
         data_root,
         model=model,
-        scale=rep.Scale(tokens=tokens, eval_docs=eval_docs),
+        scale=rep.Scale(tokens=tokens, seeds=seeds, eval_docs=eval_docs),
         studies=_split(studies) or rep.STUDIES,
         domains=_split(domains) or tuple(rep.DOMAINS),
     )

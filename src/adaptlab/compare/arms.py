@@ -79,8 +79,38 @@ def min_linear_dim(model: str) -> int:
     return min(min(s) for s in linear_shapes(model).values())
 
 
+def rank_alpha(model: str) -> float:
+    """The rank study's one alpha under rsLoRA: 2 x sqrt(default rank), so at the default rank the update
+    scale alpha/sqrt(r) is standard LoRA's alpha/r = 2 (the scale the LR rule is set for)."""
+    return 2.0 * math.sqrt(min(DEFAULT_RANK, min_linear_dim(model)))
+
+
+def rank_scaling_of(arms: list[ArmSpec]) -> dict[str, Any]:
+    """How the LoRA arms of a rank study scaled their updates: {"rule", "alpha", "text"} for the report."""
+    lora = [a for a in arms if a.is_lora]
+    alphas = {a.alpha for a in lora}
+    if lora and all(a.rslora for a in lora) and len(alphas) == 1 and None not in alphas:
+        (alpha,) = alphas
+        text = (
+            f"rsLoRA: every rank's update is scaled by alpha/sqrt(r) with alpha {alpha:g} at every rank, so "
+            "the update scale stays fixed across ranks (rank_scaling: alpha-2r for alpha = 2 x rank)"
+        )
+        return {"rule": "rslora", "alpha": alpha, "text": text}
+    if lora and not any(a.rslora for a in lora) and alphas == {None}:
+        text = (
+            "alpha = 2 x rank, the LoRA default: alpha/r = 2 at every rank (rank_scaling: rslora for rsLoRA)"
+        )
+        return {"rule": "alpha-2r", "alpha": None, "text": text}
+    return {"rule": "per-arm", "alpha": None, "text": "each arm's own alpha and scaling (see its config)"}
+
+
 def study_arms(
-    study: str, model: str, tokens: int = 0, base_lr: float = FULL_LR, study_data: list[str] | None = None
+    study: str,
+    model: str,
+    tokens: int = 0,
+    base_lr: float = FULL_LR,
+    study_data: list[str] | None = None,
+    rank_scaling: str = "rslora",
 ) -> list[ArmSpec]:
     """The ready-made arm list of a study (sized to the model and, for rank, to the budget)."""
     r = min(DEFAULT_RANK, min_linear_dim(model))
@@ -106,8 +136,10 @@ def study_arms(
         ranks = [x for x in RANKS if x <= cap]
         if tokens < 1_000_000:  # small budgets: every other rank, always keeping 1 and the largest
             ranks = sorted({*ranks[::2], ranks[-1]})
+        scaling = {"rslora": True, "alpha": rank_alpha(model)} if rank_scaling == "rslora" else {}
         return [arm({"name": "full", "method": "full"})] + [
-            arm({"name": f"lora-r{x}", "method": "lora", "rank": x, "label": str(x)}) for x in ranks
+            arm({"name": f"lora-r{x}", "method": "lora", "rank": x, "label": str(x), **scaling})
+            for x in ranks
         ]
     if study == "lr":
         full_grid = [base_lr * f for f in (0.3, 1, 3, 10)]

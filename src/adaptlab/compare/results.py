@@ -4,10 +4,12 @@ Schema (nats per token throughout; ci95 = [lo, hi]):
 
     {"version": 1, "study", "model", "data", "budget_tokens", "budget_note", "lr_rule", "seeds",
      "forgetting_metric": "general_nll" | "drift_kl" | "mc_acc_drop", "notes": [...],
+     ("seeds": replicates per arm; 1 means every difference is unreplicated)
      "arms": [{"name", "method", "status": "ok" | "failed", "error"?, "label",
                "config": {method, rank, alpha, rslora, targets, lr, lr_source, batch, grad_accum,
                           seq_len, steps, tokens, data_fraction, data, init_from},
-               "runs": [{"run", "dir", "seed"}],
+               "runs": [{"run", "dir", "seed"}], "seeds": replicates (1: unreplicated),
+               "per_seed"?: [{"run", "seed", "learning", "forgetting"}] (with more than one seed),
                "learning": {"value", "ci95", "base_nll", "tuned_nll", "tokens", "docs", "spread"?},
                "own_learning"?: {as learning, on the held-out split of the arm's own data},
                "forgetting": {"metric", "value", "ci95", "general_nll"?: {...}, "drift"?: {...},
@@ -26,7 +28,8 @@ Schema (nats per token throughout; ci95 = [lo, hi]):
                "lr_sweep": {"points": [{"lr", "run", "final_val_loss", "chosen"}], "best_lr"} | null}],
      "kl_predictor": {see adaptlab.report.predictor}, "extrapolation": {see adaptlab.report.extrapolate} | null,
      "recommendation": {see adaptlab.report.recommend},
-     "regime"? | "continual"?: {"rows": [...]} (see adaptlab.compare.studies)}
+     "regime"? | "continual"?: {"rows": [...]} (see adaptlab.compare.studies),
+     "rank_scaling"?: {"rule": "rslora" | "alpha-2r" | "per-arm", "alpha", "text"} (rank study)}
 
 Differences between arms are paired over the documents (and seeds): adaptlab.report.paired, from "per_doc".
 
@@ -41,7 +44,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from adaptlab.compare.arms import RunPlan
+from adaptlab.compare.arms import RunPlan, rank_scaling_of
 from adaptlab.compare.spec import ArmSpec, CompareSpec
 from adaptlab.evaluate.stats import t95
 from adaptlab.report.paired import FALLBACK_NOTE, per_doc_of
@@ -268,6 +271,7 @@ def assemble(
             "label": a.label,
             "config": config,
             "runs": [{"run": p.run, "dir": f"runs/{p.run}", "seed": p.seed} for p in reps],
+            "seeds": len(reps),
             "lr_sweep": sweeps.get(a.name),
         }
         failed = [p.run for p in reps if status.get(p.run, {}).get("status") != "ok" or p.run not in measured]
@@ -303,7 +307,7 @@ def assemble(
             rec["quantized_base"] = _quantized_base(quantized)
             notes.append(_quantization_note(a.name, rec))
         if len(reps) > 1:
-            rec["seeds"] = [
+            rec["per_seed"] = [
                 {
                     "run": p.run,
                     "seed": p.seed,
@@ -348,6 +352,8 @@ def assemble(
         "notes": notes,
         "arms": records,
     }
+    if spec.study == "rank":
+        results["rank_scaling"] = rank_scaling_of(arms)
     if any(r.get("status") == "ok" and not r.get("per_doc") for r in records):
         notes.append(FALLBACK_NOTE)
     results["kl_predictor"] = kl_predictor(records, metric)

@@ -14,6 +14,10 @@ fixed at 32 so the update scale is alpha/r, the parametrisation under which Schu
 The verdict "rank 1 matched full" holds when the paired 95% interval of their pass@1 difference
 contains 0 or lies above it.
 
+With seeds > 1 every arm trains once per seed (seed s of every arm samples with the same seed; runs
+RUN-s0, RUN-s1, ...); a row's figures are means over seeds and its intervals pair the seeds as well as
+the prompts (evaluate.stats.contrast_ci). One seed is reported as unreplicated.
+
 A killed study picks up where it stopped: an arm whose run directory holds a finished run with the
 same config is reused, an unfinished one resumes from its newest checkpoint.
 
@@ -31,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from adaptlab.compare.arms import check_seq_len_fits
+from adaptlab.config import COMPARE_SEEDS
 from adaptlab.errors import UserError
 
 FULL_RL_LR = 1e-5
@@ -71,6 +76,8 @@ class RLStudy:
     eval_k: int = 1
     drift_tokens: int = 32
     seed: int = 0
+    seeds: int = COMPARE_SEEDS
+    """Replicates per arm, trained with seeds seed, seed + 1, ..."""
     full_lr: float = FULL_RL_LR
     ranks: tuple[int, ...] = (1, 4, 16)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -91,6 +98,10 @@ class RLStudy:
             ]
         raise UserError(f"unknown RL study {self.study!r}; choose {', '.join(RL_STUDIES)}")
 
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise UserError(f"--seeds {self.seeds}: an RL study needs at least 1 seed per arm")
+
 
 def sft_answers_file(task: str, out: Path) -> Path:
     """The task's train split as prompt/response records (response = the answer), for the SFT arm."""
@@ -103,8 +114,11 @@ def sft_answers_file(task: str, out: Path) -> Path:
     return path
 
 
-def run_config(study: RLStudy, arm: RLArm, out: Path, sft_data: Path | None) -> dict[str, Any]:
-    """The RunConfig fields of one arm (the SFT arm takes one answer per prompt the GRPO arms sample)."""
+def run_config(
+    study: RLStudy, arm: RLArm, out: Path, sft_data: Path | None, seed: int | None = None
+) -> dict[str, Any]:
+    """The RunConfig fields of one run of an arm (seed: the run's, default the study's); the SFT arm
+    takes one answer per prompt the GRPO arms sample."""
     method: dict[str, Any] = {"method": arm.method}
     if arm.rank is not None:
         method.update(rank=arm.rank, alpha=LORA_RL_ALPHA, targets="all-linear")
@@ -113,7 +127,7 @@ def run_config(study: RLStudy, arm: RLArm, out: Path, sft_data: Path | None) -> 
         "batch": study.batch,
         "seq_len": study.seq_len,
         "lr": arm.lr,
-        "seed": study.seed,
+        "seed": study.seed if seed is None else seed,
         "warmup": 0.0,
         "eval_examples": 8,
     }
@@ -196,15 +210,44 @@ def arm_row(
     }
 
 
+def combine_seeds(per_seed: list[dict[str, Any]], scores: list[Any], base: Any) -> dict[str, Any]:
+    """An arm's row from its rows per seed: means over seeds; the gain's interval paired over the prompts
+    and the seeds, drift's per-seed interval widened by the seed-to-seed spread. One seed: its row."""
+    from adaptlab.evaluate import stats
+
+    seeds = len(per_seed)
+    if seeds == 1:
+        return {**per_seed[0], "seeds": 1}
+    acc = np.stack([s.pass1 for s in scores])  # (seeds, prompts)
+    gain = stats.contrast_ci([(1.0, acc, np.ones_like(acc)), (-1.0, base.pass1, np.ones_like(base.pass1))])
+    drifts = np.array([r["drift_kl"] for r in per_seed])
+    half_eval = float(np.mean([(r["drift_ci95"][1] - r["drift_ci95"][0]) / 2 for r in per_seed]))
+    half = float(np.hypot(half_eval, stats.t95(seeds - 1) * drifts.std(ddof=1) / np.sqrt(seeds)))
+    mean = lambda key: float(np.mean([r[key] for r in per_seed]))  # noqa: E731
+    return {
+        **{k: per_seed[0][k] for k in ("arm", "task", "method", "rank", "lr", "trainable_params")},
+        "pass1": mean("pass1"),
+        "delta_pass1": gain["value"],
+        "delta_pass1_ci95": gain["ci95"],
+        "mean_reward_k": mean("mean_reward_k"),
+        "drift_kl": float(drifts.mean()),
+        "drift_ci95": [float(drifts.mean()) - half, float(drifts.mean()) + half],
+        "train_s": sum(r["train_s"] or 0 for r in per_seed),
+        "seeds": seeds,
+        "per_seed": per_seed,
+    }
+
+
 def rank1_vs_full(scores: dict[str, Any]) -> dict[str, Any] | None:
-    """Paired bootstrap of pass@1(rank 1) - pass@1(full) over the same held-out prompts."""
+    """pass@1(rank 1) - pass@1(full), paired over the same held-out prompts and seeds (scores: per arm,
+    one TaskScores per seed)."""
     from adaptlab.evaluate import stats
 
     if "lora-r1" not in scores or "full" not in scores:
         return None
-    a, b = scores["lora-r1"].pass1, scores["full"].pass1
-    ones = np.ones(len(a))
-    ci = stats.paired_delta_ci(a, ones, b, ones)
+    a = np.stack([s.pass1 for s in scores["lora-r1"]])  # (seeds, prompts)
+    b = np.stack([s.pass1 for s in scores["full"]])
+    ci = stats.contrast_ci([(1.0, a, np.ones_like(a)), (-1.0, b, np.ones_like(b))])["ci95"]
     return {
         "delta_pass1": float(a.mean() - b.mean()),
         "ci95": ci,
@@ -245,15 +288,22 @@ def run_study(study: RLStudy, out: str | Path, on_event: Any = print) -> dict[st
     base, _ = evaluate_arm(study, None, items)
     rows, scores = [], {}
     for arm in arms:
-        run_dir = root / "runs" / arm.name
-        on_event(f"train {arm.name} ({arm.task}, {arm.method}, lr {arm.lr:g})")
-        summary = train_or_reuse(build_config(run_config(study, arm, run_dir, sft_data)), on_event)
-        on_event(f"evaluate {arm.name}")
-        scores[arm.name], drift = evaluate_arm(study, run_dir, items)
-        rows.append(arm_row(arm, scores[arm.name], base, drift or {}, summary))
-        on_event(json.dumps(rows[-1]))
+        scores[arm.name], per_seed = [], []
+        for s in range(study.seeds):
+            run = f"{arm.name}-s{s}" if study.seeds > 1 else arm.name
+            run_dir = root / "runs" / run
+            on_event(f"train {run} ({arm.task}, {arm.method}, lr {arm.lr:g})")
+            config = run_config(study, arm, run_dir, sft_data, seed=study.seed + s)
+            summary = train_or_reuse(build_config(config), on_event)
+            on_event(f"evaluate {run}")
+            task_scores, drift = evaluate_arm(study, run_dir, items)
+            scores[arm.name].append(task_scores)
+            per_seed.append({**arm_row(arm, task_scores, base, drift or {}, summary), "seed": study.seed + s})
+        rows.append(combine_seeds(per_seed, scores[arm.name], base))
+        on_event(json.dumps({k: v for k, v in rows[-1].items() if k != "per_seed"}))
     results = {
         "study": asdict(study),
+        "seeds": study.seeds,
         "base": {"pass1": float(base.pass1.mean()), "n": len(items)},
         "arms": rows,
         "rank1_vs_full": rank1_vs_full(scores),
@@ -261,6 +311,12 @@ def run_study(study: RLStudy, out: str | Path, on_event: Any = print) -> dict[st
     (root / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (root / "report.md").write_text(render(results))
     return results
+
+
+def _seeds_line(seeds: int) -> str:
+    if seeds == 1:
+        return "Seeds per arm: 1 (unreplicated: every figure is one seed's, seed-to-seed noise is not in it)."
+    return f"Seeds per arm: {seeds}; figures are means over seeds, intervals paired over prompts and seeds."
 
 
 def render(results: dict[str, Any]) -> str:
@@ -272,6 +328,8 @@ def render(results: dict[str, Any]) -> str:
         f"{s['steps']} steps x {s['prompts_per_step']} prompts x {s['group_size']} completions "
         f"({s['steps'] * s['prompts_per_step'] * s['group_size']} episodes per GRPO arm); "
         f"held-out prompts: {results['base']['n']}; base pass@1 {results['base']['pass1']:.3f}.",
+        "",
+        _seeds_line(results.get("seeds", 1)),
         "",
         "| arm | objective | LR | pass@1 | gain over base [95% CI] | drift KL [95% CI] | train s |",
         "| --- | --- | --- | --- | --- | --- | --- |",

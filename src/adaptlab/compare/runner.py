@@ -41,7 +41,7 @@ from adaptlab.compare.arms import (
 from adaptlab.compare.executors import Executor
 from adaptlab.compare.spec import ArmSpec, CompareSpec
 from adaptlab.config import build_config
-from adaptlab.errors import UserError
+from adaptlab.errors import StudyRefused, UserError
 from adaptlab.rundir import RunDir, atomic_write
 
 OnEvent = Callable[[dict[str, Any]], None]
@@ -143,7 +143,8 @@ def data_subsets(
     The pool ("100%") is the training documents in hash order, cut where `epochs` passes over it
     would exceed the budget; each fraction takes a prefix of the pool (so subsets are nested),
     keeps the validation and test documents (so every arm is measured on the same held-out text),
-    and trains the same number of epochs over its own documents.
+    and trains the same number of epochs over its own documents. Fractions that would select the same
+    documents (a pool too small for them to differ) are refused: their arms would differ in name only.
     """
     sized = [a for a in arms if a.data_fraction is not None]
     if not sized:
@@ -174,6 +175,7 @@ def data_subsets(
         else:
             continue
         break
+    _check_distinct_subsets(spec, sized, len(pool))
     notes = [
         f"data-size: the 100% pool is {len(pool)} of {len(train)} training documents ({pool_tokens:,} tokens), "
         f"as many as {epochs:g} epochs fit in the budget of {spec.tokens:,} tokens; every arm trains "
@@ -184,7 +186,7 @@ def data_subsets(
     result: dict[str, tuple[list[str], int]] = {}
     for a in sized:
         frac = a.data_fraction or 1.0
-        n_docs = max(1, round(frac * len(pool)))
+        n_docs = subset_size(frac, len(pool))
         subset = pool[:n_docs]
         blocks = max(1, sum(counts[:n_docs]) // spec.train.seq_len)
         path = data_dir / f"subset-{frac:g}.jsonl"
@@ -200,6 +202,28 @@ def data_subsets(
         tokens = math.ceil((a.epochs or epochs) * blocks * spec.train.seq_len)
         result[a.name] = ([str(path.resolve())], tokens)
     return result, notes
+
+
+def subset_size(fraction: float, pool: int) -> int:
+    """Documents of a pool of `pool` documents that a data fraction trains on (at least one)."""
+    return max(1, round(fraction * pool))
+
+
+def _check_distinct_subsets(spec: CompareSpec, sized: list[ArmSpec], pool: int) -> None:
+    """Refuse fractions that select the same documents of the pool, naming them and what to raise."""
+    by_size: dict[int, list[float]] = {}
+    for frac in sorted({a.data_fraction or 1.0 for a in sized}):
+        by_size.setdefault(subset_size(frac, pool), []).append(frac)
+    same = next(((n, fr) for n, fr in sorted(by_size.items()) if len(fr) > 1), None)
+    if same is None:
+        return
+    n, fracs = same
+    names = [f"{100 * f:g}%" for f in fracs]
+    listed = ", ".join(names[:-1]) + " and " + names[-1]
+    raise StudyRefused(
+        f"data-size: at --tokens {spec.tokens:,} the pool is {pool} training document(s), so fractions "
+        f"{listed} train on the same {n} document(s); raise --tokens or give fewer fractions"
+    )
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -463,7 +487,7 @@ def resolve_spec(spec: CompareSpec) -> CompareSpec:
     """The spec with a study's preset arms filled in (explicit arms win over the study's)."""
     if spec.arms or spec.study is None:
         return spec
-    arms = study_arms(spec.study, spec.model, spec.tokens, spec.train.lr, spec.study_data)
+    arms = study_arms(spec.study, spec.model, spec.tokens, spec.train.lr, spec.study_data, spec.rank_scaling)
     return spec.model_copy(update={"arms": arms})
 
 

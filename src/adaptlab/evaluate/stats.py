@@ -4,6 +4,9 @@ Figures here are ratios of sums (NLL per token = sum of NLL / sum of tokens; acc
 correct / items), so each resample draws documents with replacement and recomputes the ratio.
 A difference between a tuned model and its base is paired: one resample draws the same
 documents for both, which is what makes small differences on the same text detectable.
+Differences between the arms of a comparison (contrast_ci) use a jackknife t interval instead: at
+the 16 to 64 documents a comparison scores it keeps its 95% coverage, which the percentile
+bootstrap loses at the small end (bench/interval_coverage.py).
 
     python -c "import numpy as np; from adaptlab.evaluate.stats import ratio_ci; \\
 print(ratio_ci(np.random.rand(100), np.ones(100)))"
@@ -12,6 +15,7 @@ print(ratio_ci(np.random.rand(100), np.ones(100)))"
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 N_RESAMPLES = 1000
 SEED = 0
@@ -91,20 +95,21 @@ def item_deltas(
     return out
 
 
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
-"""Two-sided 95% Student t quantiles by degrees of freedom (1.96 beyond), for the spread over seeds."""
-
-
 def t95(df: int) -> float:
-    return T95.get(df, 1.96)
+    """Two-sided 95% Student t quantile with df degrees of freedom."""
+    return float(scipy_stats.t.ppf(0.975, df))
 
 
-def _seed_mean(num: np.ndarray, den: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray | float:
-    """Mean over seeds of sum(num)/sum(den) per seed; with idx (R, N) one value per resample."""
-    if idx is None:
-        return float(np.mean(num.sum(axis=1) / den.sum(axis=1)))
+def _seed_mean(num: np.ndarray, den: np.ndarray) -> float:
+    """Mean over seeds of sum(num)/sum(den) per seed."""
+    return float(np.mean(num.sum(axis=1) / den.sum(axis=1)))
+
+
+def _jackknife_seed_mean(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """(N,): mean over seeds of sum(num)/sum(den) per seed with document i left out, for each i."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        return (num[:, idx].sum(axis=2) / den[:, idx].sum(axis=2)).mean(axis=0)  # (R,)
+        loo = (num.sum(axis=1, keepdims=True) - num) / (den.sum(axis=1, keepdims=True) - den)  # (S, N)
+    return loo.mean(axis=0)
 
 
 def _seed_half(terms: list[tuple[float, np.ndarray, np.ndarray]]) -> float:
@@ -131,17 +136,19 @@ def _seed_half(terms: list[tuple[float, np.ndarray, np.ndarray]]) -> float:
     return t95(min(s for s in seeds if s > 1) - 1) * float(np.sqrt(var))
 
 
-def contrast_ci(
-    terms: list[tuple[float, np.ndarray, np.ndarray]],
-    n_resamples: int = N_RESAMPLES,
-    seed: int = SEED,
-) -> dict[str, float | list[float]]:
+def contrast_ci(terms: list[tuple[float, np.ndarray, np.ndarray]]) -> dict[str, float | list[float]]:
     """sum_i w_i * mean over seeds of sum(num_i)/sum(den_i), with its paired 95% interval.
 
     terms: (weight, num (S, N), den (S, N)) per figure: S seeds (replicates) of the same N documents.
-    Every resample draws one set of documents for all terms (the documents are shared: that is the
-    pairing); the seed-to-seed spread (_seed_half) widens each side of that interval in quadrature.
-    A difference A - B is [(1, A), (-1, B)].
+    The documents' part of the interval is a jackknife t interval: each document is left out of
+    every term at once (the documents are shared: that is the pairing), the spread of those N
+    leave-one-out contrasts gives the standard error, Student t with N - 1 degrees of freedom its
+    half-width, widened by sqrt(N / (N - 1)) (the small-sample correction of Hesterberg's expanded
+    bootstrap intervals) for the skew of per-document differences that a symmetric interval
+    ignores. On simulated comparisons with skewed per-document differences and unequal document
+    lengths it covers a known difference about 94% of the time at 16 and at 64 documents, where a
+    percentile bootstrap covers about 90% at 16 (bench/interval_coverage.py). The seed-to-seed
+    spread (_seed_half) widens that half-width in quadrature. A difference A - B is [(1, A), (-1, B)].
     """
     terms = [
         (float(w), np.atleast_2d(np.asarray(n, float)), np.atleast_2d(np.asarray(d, float)))
@@ -155,29 +162,18 @@ def contrast_ci(
     seed_half = _seed_half(terms)
     if n < 2:
         return {"value": value, "ci95": [value - seed_half, value + seed_half]}
-    rng = np.random.default_rng(seed)
-    samples = np.zeros(n_resamples, dtype=np.float64)
-    per_chunk = max(1, _CHUNK // max(n, 1))
-    for lo in range(0, n_resamples, per_chunk):
-        hi = min(lo + per_chunk, n_resamples)
-        idx = rng.integers(0, n, size=(hi - lo, n))
-        for w, num, den in terms:
-            samples[lo:hi] += w * _seed_mean(num, den, idx)
-    doc_lo, doc_hi = interval95(samples)
-    return {
-        "value": value,
-        "ci95": [
-            value - float(np.hypot(value - doc_lo, seed_half)),
-            value + float(np.hypot(doc_hi - value, seed_half)),
-        ],
-    }
+    loo = sum(w * _jackknife_seed_mean(num, den) for w, num, den in terms)  # (N,)
+    se = float(np.sqrt((n - 1) / n * np.sum((loo - loo.mean()) ** 2)))
+    doc_half = t95(n - 1) * se * np.sqrt(n / (n - 1))
+    half = float(np.hypot(doc_half, seed_half))
+    return {"value": value, "ci95": [value - half, value + half]}
 
 
 def paired_difference(
-    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], sign: float = 1.0, **kw: int
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], sign: float = 1.0
 ) -> dict[str, float | list[float]]:
     """sign * (figure of A - figure of B), each a ratio of sums per seed, paired over documents and seeds."""
-    return contrast_ci([(sign, *a), (-sign, *b)], **kw)
+    return contrast_ci([(sign, *a), (-sign, *b)])
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:

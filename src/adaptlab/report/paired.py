@@ -1,9 +1,9 @@
 """Differences between arms, paired over the same held-out documents (and seeds), with 95% intervals.
 
 Every arm of a comparison is scored on the same documents, so a difference between two arms (or
-any contrast, e.g. how a gap changes between two data sizes) is bootstrapped by drawing the same
-documents for every arm in each resample (evaluate.stats.contrast_ci). That removes the documents'
-own difficulty from the interval, which per-arm intervals keep. results.json keeps each arm's
+any contrast, e.g. how a gap changes between two data sizes) leaves each document out of every arm
+at once (a jackknife t interval, evaluate.stats.contrast_ci). That removes the documents' own
+difficulty from the interval, which per-arm intervals keep. results.json keeps each arm's
 per-document numbers under "per_doc"; results written before they were kept fall back to the
 conservative rule (an interval from the two per-arm intervals' ends: distinguishable exactly when
 those intervals do not overlap), and say so.

@@ -12,7 +12,8 @@ first {{ r.data.eval_docs }} documents{% if r.data.eval_max_chars %}, each cut t
 
 - Budget: {{ r.budget_note }}
 - Learning rates: {{ r.lr_rule }}
-- Seeds per arm: {{ r.seeds }}
+{% if r.get("rank_scaling") %}- Rank scaling: {{ r.rank_scaling.text }}
+{% endif %}- Seeds per arm: {{ r.seeds }}{% if r.seeds == 1 %} (unreplicated: every difference below is one seed's, so seed-to-seed noise is not in its interval){% endif %}
 {% for n in r.notes %}
 - {{ n }}
 {% endfor %}
@@ -164,7 +165,8 @@ table.main td.num { min-width: 8em; }
 <li>General probes: {% if r.data.general %}text {{ r.data.general | join(", ") }}; {% endif %}{% if r.data.drift %}drift KL(base || tuned); {% endif %}{% if r.data.mc %}multiple choice {{ r.data.mc | join(", ") }}{% endif %}</li>
 <li>Budget: {{ r.budget_note }}</li>
 <li>Learning rates: {{ r.lr_rule }}</li>
-<li>Seeds per arm: {{ r.seeds }}</li>
+{% if r.get("rank_scaling") %}<li>Rank scaling: {{ r.rank_scaling.text }}</li>
+{% endif %}<li>Seeds per arm: {{ r.seeds }}{% if r.seeds == 1 %} (unreplicated: every difference below is one seed's, so seed-to-seed noise is not in its interval){% endif %}</li>
 {% for n in r.notes %}<li>{{ n }}</li>
 {% endfor %}
 </ul>
