@@ -127,7 +127,7 @@ def test_eval_and_compare_give_the_same_target_nll_for_a_qlora_run(run_cli, tmp_
     """Both score the adapter on the NF4 base it was trained on (artifacts.load_tuned)."""
     from helpers import tiny_config, write_corpus
 
-    from adaptlab.compare.runner import evaluate_run, load_probes
+    from adaptlab.compare.evaluation import evaluate_run, load_probes
     from adaptlab.compare.spec import CompareSpec
     from adaptlab.train import train
 

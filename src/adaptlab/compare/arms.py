@@ -116,8 +116,6 @@ def study_arms(
     r = min(DEFAULT_RANK, min_linear_dim(model))
     arm = ArmSpec.model_validate
     if study in ("regime", "continual"):
-        from adaptlab.compare.studies import continual_arms, regime_arms
-
         make = regime_arms if study == "regime" else continual_arms
         return make(r, tokens, list(study_data or []))
     if study == "methods":
@@ -380,3 +378,66 @@ def _one_compile_decision(model: str, plans: list[RunPlan]) -> None:
     if any(compiling.workload_blockers(p.method_fields["method"], work(p.train_fields)) for p in plans):
         for plan in plans:
             plan.train_fields["compile"] = False
+
+
+BUDGETS = (("small", 0.25), ("large", 1.0))  # the regime study's two budgets, as fractions of --tokens
+COMBINED = "lora-a+b"  # the continual study's A and B adapters combined into one
+
+
+def _need(study: str, study_data: list[str]) -> None:
+    from adaptlab.errors import UserError
+
+    if not study_data:
+        what = "the target domain as instruction pairs" if study == "regime" else "domain B"
+        raise UserError(f"study {study} needs --study-data ({what})")
+
+
+def regime_arms(rank: int, tokens: int, study_data: list[str]) -> list[ArmSpec]:
+    """full and LoRA on raw text (cpt) and on instruction pairs (ift), each at two budgets."""
+    _need("regime", study_data)
+    arms = []
+    for budget, frac in BUDGETS:
+        for regime, data in (("cpt", None), ("ift", study_data)):
+            for method in ("full", "lora"):
+                fields: dict[str, Any] = {
+                    "name": f"{regime}-{method}-{budget}",
+                    "method": method,
+                    "tokens": max(1, int(tokens * frac)),
+                    "label": f"{regime} {budget}",
+                }
+                if method == "lora":
+                    fields["rank"] = rank
+                if data is not None:
+                    fields["data"] = data
+                arms.append(ArmSpec.model_validate(fields))
+    return arms
+
+
+def continual_arms(rank: int, tokens: int, study_data: list[str]) -> list[ArmSpec]:
+    """A then B for full and LoRA, and a separate B adapter (for combining and swapping)."""
+    _need("continual", study_data)
+    arm = ArmSpec.model_validate
+    return [
+        arm({"name": "full-a", "method": "full", "label": "A"}),
+        arm({"name": "lora-a", "method": "lora", "rank": rank, "label": "A"}),
+        arm(
+            {
+                "name": "full-a-then-b",
+                "method": "full",
+                "data": study_data,
+                "init_from": "full-a",
+                "label": "A, B",
+            }
+        ),
+        arm(
+            {
+                "name": "lora-a-then-b",
+                "method": "lora",
+                "rank": rank,
+                "data": study_data,
+                "init_from": "lora-a",
+                "label": "A, B",
+            }
+        ),
+        arm({"name": "lora-b", "method": "lora", "rank": rank, "data": study_data, "label": "B"}),
+    ]

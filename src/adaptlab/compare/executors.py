@@ -1,6 +1,6 @@
 """Where a comparison's training runs execute: here, one or K at a time, or as Ray tasks on a cluster.
 
-Every executor trains each run with the same `runner.train_run` (a child `adaptlab train` process
+Every executor trains each run with the same `child.train_run` (a child `adaptlab train` process
 writing OUT/runs/<run>/), so run directories, skips, resumes, results and reports do not depend on
 the executor. `local` runs one run at a time, or K at once with `parallel_runs` (one device each on a
 machine with K GPUs). `ray` submits each run as a Ray task with its resources (`gpus_per_run`,
@@ -16,46 +16,15 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from adaptlab.compare.child import Executor, Job, OnEvent, locked_events, train_run
 from adaptlab.errors import UserError
 
-OnEvent = Callable[[dict[str, Any]], None]
 EXECUTORS = ("local", "ray", "inline")
 PROBE_TIMEOUT_S = 5.0
-
-
-@dataclass
-class Job:
-    """One training run to execute: its plan, whether it is forced, and its place in the comparison."""
-
-    plan: Any  # compare.arms.RunPlan
-    force: bool
-    index: int
-    total: int
-    overwrite: bool = False
-
-
-class Executor(Protocol):
-    def train_runs(
-        self, jobs: list[Job], spec: Any, out: Path, on_event: OnEvent
-    ) -> dict[str, dict[str, Any]]:
-        """Train every job; return each run's status dict keyed by run name."""
-        ...
-
-
-def _locked(on_event: OnEvent) -> OnEvent:
-    lock = threading.Lock()
-
-    def emit(event: dict[str, Any]) -> None:
-        with lock:
-            on_event(event)
-
-    return emit
 
 
 class LocalExecutor:
@@ -69,7 +38,6 @@ class LocalExecutor:
     def train_runs(
         self, jobs: list[Job], spec: Any, out: Path, on_event: OnEvent
     ) -> dict[str, dict[str, Any]]:
-        from adaptlab.compare.runner import train_run
 
         if self.parallel_runs == 1 or len(jobs) <= 1:
             return {
@@ -78,7 +46,7 @@ class LocalExecutor:
                 )
                 for j in jobs
             }
-        emit = _locked(on_event)
+        emit = locked_events(on_event)
         slots = _device_slots(self.parallel_runs)
         free = list(range(self.parallel_runs))
         lock = threading.Lock()
@@ -124,7 +92,6 @@ def _device_slots(k: int) -> list[str]:
 
 def _train_task(job: Job, spec: Any, out: str, queue: Any) -> dict[str, Any]:
     """A run inside a Ray worker: the same train_run, its events put on the driver's queue."""
-    from adaptlab.compare.runner import train_run
 
     return train_run(
         job.plan, spec, Path(out), job.force, queue.put, job.index, job.total, overwrite=job.overwrite

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from adaptlab import outputs
-from adaptlab.compare.executors import Job, OnEvent
+from adaptlab.compare.child import Job, OnEvent
 from adaptlab.config import build_config
 from adaptlab.errors import UserError
 from adaptlab.rundir import RunDir

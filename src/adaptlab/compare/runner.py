@@ -12,18 +12,10 @@ run under a key of their settings, so a second invocation recomputes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,101 +30,20 @@ from adaptlab.compare.arms import (
     resolve_ranks,
     study_arms,
 )
+from adaptlab.compare.child import OnEvent, write_if_changed
+from adaptlab.compare.evaluation import Probes, analyze_run, evaluate_run, load_probes, write_json
 from adaptlab.compare.executors import Executor
 from adaptlab.compare.spec import ArmSpec, CompareSpec
-from adaptlab.config import build_config
 from adaptlab.errors import StudyRefused, UserError
-from adaptlab.rundir import RunDir, atomic_write
+from adaptlab.rundir import RunDir
 
-OnEvent = Callable[[dict[str, Any]], None]
 DEFAULT_EPOCHS = 2.0
 MAX_SWEEP_EXTENSIONS = 2
 """Extra LRs an LR sweep may try beyond its grid's edge when its best LR lies on that edge."""
 EXTENSION_NOTE = "beyond the sweep's grid"
 
 
-def _atomic_json(path: Path, data: Any) -> None:
-    atomic_write(path, json.dumps(data, indent=1, default=_json_default) + "\n")
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
-
-
 # ---------------------------------------------------------------------------------------------- data
-
-
-def _cut(docs: list[Any], max_docs: int, max_chars: int | None) -> list[Any]:
-    from adaptlab.data.sources import Document
-
-    out = []
-    for d in docs[:max_docs]:
-        if max_chars is not None and not d.is_chat and len(d.text) > max_chars:
-            d = Document(id=d.id, text=d.text[:max_chars])
-        out.append(d)
-    return out
-
-
-@dataclass
-class Probes:
-    """What every arm is measured on, loaded once per invocation."""
-
-    target: list[Any]
-    general: list[Any] | None
-    drift_docs: list[Any] | None
-    drift_prompts: list[str]
-    key: dict[str, Any]
-
-
-def load_probes(spec: CompareSpec) -> Probes:
-    from adaptlab.data.corpus import split_documents
-    from adaptlab.data.sources import load_documents
-    from adaptlab.evaluate.cache import hash_texts
-    from adaptlab.evaluate.prompts import GENERAL_PROMPTS
-
-    e = spec.eval
-    docs = load_documents(spec.data.train, spec.data.text_field)
-    test = split_documents(docs, "test", spec.data.val_frac, spec.data.test_frac)
-    if not test:
-        raise UserError(
-            "the target data has no held-out test documents: add documents or raise data.test_frac"
-        )
-    target = _cut(test, e.max_docs, e.max_chars)
-    general = _cut(load_documents(spec.general), e.max_docs, e.max_chars) if spec.general else None
-    drift_docs = (
-        _cut(load_documents(spec.drift_data), e.max_docs, e.max_chars)
-        if spec.drift and spec.drift_data
-        else None
-    )
-    prompts = list(GENERAL_PROMPTS)
-    if e.drift_prompts is not None and e.drift_prompts < len(prompts):
-        step = len(prompts) / e.drift_prompts  # evenly spread over the prompts' topics
-        prompts = [prompts[int(i * step)] for i in range(e.drift_prompts)]
-    key = {
-        "model": spec.model,
-        "target": hash_texts(target),
-        "general": hash_texts(general) if general else None,
-        "drift": spec.drift,
-        "drift_data": hash_texts(drift_docs) if drift_docs else None,
-        "drift_prompts": hash_texts(prompts) if spec.drift and not drift_docs else None,
-        "drift_tokens": e.drift_tokens,
-        "mc": [str(Path(f).resolve()) for f in spec.mc],
-        "mc_limit": e.mc_limit,
-        "seq_len": e.seq_len,
-        "per_doc": 1,  # per-document numbers and the target KL are kept (paired differences, predictor)
-    }
-    if not e.target_kl:
-        key["target_kl"] = False
-    return Probes(target, general, drift_docs, prompts, key)
 
 
 def data_subsets(
@@ -198,7 +109,7 @@ def data_subsets(
             else:
                 rec["text"] = doc.text
             lines.append(json.dumps(rec, ensure_ascii=False))
-        _write_if_changed(path, "\n".join(lines) + "\n")
+        write_if_changed(path, "\n".join(lines) + "\n")
         tokens = math.ceil((a.epochs or epochs) * blocks * spec.train.seq_len)
         result[a.name] = ([str(path.resolve())], tokens)
     return result, notes
@@ -224,260 +135,6 @@ def _check_distinct_subsets(spec: CompareSpec, sized: list[ArmSpec], pool: int) 
         f"data-size: at --tokens {spec.tokens:,} the pool is {pool} training document(s), so fractions "
         f"{listed} train on the same {n} document(s); raise --tokens or give fewer fractions"
     )
-
-
-# ------------------------------------------------------------------------------------------- training
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [x.strip() for x in path.read_text(errors="replace").splitlines() if x.strip()]
-    except OSError:
-        return "no log"
-    errors = [
-        x for x in lines if x.startswith(("error:", "Error", "RuntimeError", "MemoryError")) or "Error:" in x
-    ]
-    return (errors or lines or ["no output"])[-1][:300]
-
-
-def train_run(
-    plan: RunPlan,
-    spec: CompareSpec,
-    out: Path,
-    force: bool,
-    on_event: OnEvent,
-    index: int,
-    total: int,
-    python: str = sys.executable,
-    overwrite: bool = False,
-    env: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Train (or resume, or skip) one run in a child process; returns {"status", "run_dir", ...}."""
-    runs = out / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    run_dir = runs / plan.run
-    outputs.claim(run_dir, "run", overwrite=overwrite)
-    config = build_config(plan.run_config(spec, str(run_dir)))
-    text = config.to_yaml()
-    rd = RunDir(run_dir)
-    base_event = {"run": plan.run, "arm": plan.arm, "index": index, "total": total}
-    stale = rd.config.exists() and not rd.holds_config(text)
-    if force or stale or (not rd.config.exists() and _has_outputs(run_dir)):
-        reason = "forced" if force else ("its config changed" if stale else "it holds an incomplete run")
-        on_event({"event": "retrain", "reason": reason, **base_event})
-        outputs.clear(run_dir)  # adaptlab's own outputs only; other files in the run directory stay
-    cfg_path = runs / f"{plan.run}.yaml"
-    _write_if_changed(cfg_path, text)
-    if rd.is_finished():
-        on_event({"event": "train_skip", **base_event})
-        return {"status": "ok", "trained": False}
-    resume = rd.config.exists()
-    cmd = [python, "-m", "adaptlab", "train", "--quiet"]
-    cmd += ["--resume", str(run_dir)] if resume else ["--config", str(cfg_path), "--out", str(run_dir)]
-    log = runs / f"{plan.run}.log"
-    on_event(
-        {
-            "event": "train_start",
-            "resume": resume,
-            "steps": config.train.total_steps(),
-            "lr": plan.lr,
-            **base_event,
-        }
-    )
-    start = time.perf_counter()
-    offset = 0
-    with log.open("a") as err:
-        proc = start_child(cmd, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-        try:
-            while True:
-                done = proc.poll() is not None
-                offset = _stream_metrics(rd.metrics, offset, lambda row: on_event({**row, **base_event}))
-                if done:
-                    break
-                time.sleep(1.0)
-        except BaseException:
-            stop_child(proc)
-            raise
-    wall = time.perf_counter() - start
-    if proc.returncode != 0 or not rd.is_finished():
-        error = _last_line(log)
-        on_event({"event": "train_failed", "error": error, "log": str(log), **base_event})
-        return {"status": "failed", "error": error, "log": str(log), "trained": True}
-    on_event({"event": "train_done", "wall_s": wall, **base_event})
-    return {"status": "ok", "trained": True}
-
-
-def _has_outputs(run_dir: Path) -> bool:
-    return any(p for pattern in outputs.RUN_OUTPUTS for p in run_dir.glob(pattern))
-
-
-# A child must not outlive the comparison that started it: it runs in its own process group (so a
-# stop reaches everything it started) and the kernel kills it when its parent dies (PR_SET_PDEATHSIG),
-# even when the parent is killed with SIGKILL and runs no cleanup of its own.
-_PR_SET_PDEATHSIG = 1
-
-
-def _libc() -> Any:
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None, use_errno=True)  # the C library this process already runs on
-    except OSError:
-        return None
-
-
-def _child_setup(parent: int, libc: Any) -> Callable[[], None]:
-    """What the child runs between fork and exec (nothing here may allocate much or import)."""
-
-    def setup() -> None:
-        os.setpgid(0, 0)
-        if libc is not None:
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return setup
-
-
-def start_child(cmd: list[str], stderr: Any, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start a child process that stops when this process dies, in a process group of its own."""
-    libc = _libc() if sys.platform.startswith("linux") else None
-    return subprocess.Popen(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=stderr,
-        env=env,
-        preexec_fn=_child_setup(os.getpid(), libc),  # noqa: PLW1509 (the child needs both calls)
-    )
-
-
-def stop_child(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
-    """SIGTERM the child's process group, then SIGKILL it if it has not exited after grace_s."""
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=wait)
-            return
-
-
-def _stream_metrics(path: Path, offset: int, emit: Callable[[dict[str, Any]], None]) -> int:
-    """Emit rows appended to metrics.jsonl since `offset`; returns the new offset."""
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return offset
-    if size < offset:  # truncated by a resume
-        offset = 0
-    if size == offset:
-        return offset
-    with path.open() as fh:
-        fh.seek(offset)
-        chunk = fh.read()
-    complete = chunk[: chunk.rfind("\n") + 1]
-    for line in complete.splitlines():
-        if line.strip():
-            with contextlib.suppress(json.JSONDecodeError):
-                row = json.loads(line)
-                emit({"event": "val" if "val_loss" in row else "step", **row})
-    return offset + len(complete.encode())
-
-
-# ----------------------------------------------------------------------------- evaluation and analysis
-
-
-def evaluate_run(
-    spec: CompareSpec, run_dir: Path, probes: Probes, on_event: OnEvent, name: str = "eval.json"
-) -> dict[str, Any]:
-    """Learning and forgetting of one run (cached in RUN/<name> under the probes' key)."""
-    path = run_dir / name
-    summary_mtime = (run_dir / "summary.json").stat().st_mtime_ns
-    method = RunDir(run_dir).read_summary().get("method")
-    if path.exists():
-        with contextlib.suppress(json.JSONDecodeError, OSError):
-            cached = json.loads(path.read_text())
-            fresh = cached.get("key") == probes.key and cached.get("summary_mtime_ns") == summary_mtime
-            if fresh and ("quantized_base" in cached or method != "qlora"):
-                return cached
-    from adaptlab.artifacts import load_tuned
-    from adaptlab.evaluate import evaluate
-    from adaptlab.evaluate.cache import BaseCache, model_identity
-    from adaptlab.models import load_model
-
-    e = spec.eval
-    tuned, ref = load_tuned(run_dir, spec.model)
-    model, tokenizer = tuned.model, tuned.tokenizer
-    base = None
-    if ref.kind == "model" or method == "qlora":
-        # full fine-tuning, or an adapter on the 4-bit base: compare with the same full-precision base
-        # every arm is compared with (a LoRA adapter's base is the same model with adapters disabled)
-        base = load_model(spec.model)
-    kwargs: dict[str, Any] = {}
-    if base is not None:
-        kwargs.update(base_model=base.model, base_tokenizer=base.tokenizer)
-        kwargs["base_identity"] = model_identity(spec.model, base.path, base.model)
-    else:
-        kwargs["base_identity"] = model_identity(spec.model, tuned.path, tuned.model.get_base_model())
-    seen: dict[str, Any] = {"stage": None, "tokens": 0, "t": 0.0}
-
-    def progress(stage: str, n: int) -> None:
-        if stage != seen["stage"]:
-            seen.update(stage=stage, tokens=0)
-        seen["tokens"] += n
-        now = time.perf_counter()
-        if n == 0 or now - seen["t"] > 5:
-            seen["t"] = now
-            on_event(
-                {"event": "eval_progress", "run": run_dir.name, "stage": stage, "tokens": seen["tokens"]}
-            )
-
-    kwargs.update(
-        target_docs=probes.target,
-        general_docs=probes.general,
-        seq_len=e.seq_len,
-        batch_size=e.batch,
-        cache=BaseCache(),
-        progress=progress,
-    )
-    result = evaluate(
-        model,
-        tokenizer,
-        drift_kl=spec.drift,
-        drift_docs=probes.drift_docs,
-        drift_prompts=probes.drift_prompts,
-        drift_new_tokens=e.drift_tokens,
-        mc_files=spec.mc or None,
-        mc_limit=e.mc_limit,
-        per_doc=True,
-        target_kl=e.target_kl,
-        **kwargs,
-    )
-    if method == "qlora" and (probes.target or probes.general):
-        # the same NLL figures for the 4-bit base alone (adapter off): how much of the arm's learning
-        # and forgetting is the quantization of the base rather than the adapter
-        with model.disable_adapter():
-            result["quantized_base"] = evaluate(model, tokenizer, **kwargs)
-    result = {"key": probes.key, "summary_mtime_ns": summary_mtime, **result}
-    _atomic_json(path, result)
-    del model, tuned, base, kwargs
-    gc.collect()
-    return result
-
-
-def analyze_run(spec: CompareSpec, run_dir: Path) -> dict[str, Any]:
-    """The weight-update analysis of one run (cached: RUN/analysis.json with its heatmaps)."""
-    path = run_dir / "analysis.json"
-    k, eps = spec.analysis.k, spec.analysis.eps
-    if path.exists() and path.stat().st_mtime_ns >= (run_dir / "summary.json").stat().st_mtime_ns:
-        with contextlib.suppress(json.JSONDecodeError, OSError):
-            cached = json.loads(path.read_text())
-            if cached.get("k") == k and cached.get("eps") == eps:
-                return cached
-    from adaptlab.analysis import analyze
-
-    result = analyze(spec.model, run_dir, k=k, eps=eps, out_dir=run_dir)
-    gc.collect()
-    return result
 
 
 # ------------------------------------------------------------------------------------------ the driver
@@ -543,7 +200,7 @@ def _compare(
     load_documents(spec.data.train, spec.data.text_field)  # a malformed file: one line now, not one per arm
     spec_path = out / "compare.yaml"
     if not any(spec_path.resolve() == Path(p).resolve() for p in inputs):
-        _write_if_changed(spec_path, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+        write_if_changed(spec_path, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     arms, notes = resolve_ranks(spec)
     data_for, data_notes = data_subsets(spec, arms, out)
     notes += data_notes
@@ -631,12 +288,12 @@ def _compare(
 
     if (table := study_results(spec, out, results, emit)) is not None:
         results[spec.study or "study"] = table
-    _atomic_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     if report:
         from adaptlab.report.render import write_report
 
         results["report"] = {k: str(v) for k, v in write_report(results, out).items()}
-        _atomic_json(out / "results.json", results)
+        write_json(out / "results.json", results)
     return results
 
 

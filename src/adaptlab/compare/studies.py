@@ -30,70 +30,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from adaptlab.compare.spec import ArmSpec, CompareSpec
-
-BUDGETS = (("small", 0.25), ("large", 1.0))
-COMBINED = "lora-a+b"
-
-
-def _need(study: str, study_data: list[str]) -> None:
-    from adaptlab.errors import UserError
-
-    if not study_data:
-        what = "the target domain as instruction pairs" if study == "regime" else "domain B"
-        raise UserError(f"study {study} needs --study-data ({what})")
-
-
-def regime_arms(rank: int, tokens: int, study_data: list[str]) -> list[ArmSpec]:
-    """full and LoRA on raw text (cpt) and on instruction pairs (ift), each at two budgets."""
-    _need("regime", study_data)
-    arms = []
-    for budget, frac in BUDGETS:
-        for regime, data in (("cpt", None), ("ift", study_data)):
-            for method in ("full", "lora"):
-                fields: dict[str, Any] = {
-                    "name": f"{regime}-{method}-{budget}",
-                    "method": method,
-                    "tokens": max(1, int(tokens * frac)),
-                    "label": f"{regime} {budget}",
-                }
-                if method == "lora":
-                    fields["rank"] = rank
-                if data is not None:
-                    fields["data"] = data
-                arms.append(ArmSpec.model_validate(fields))
-    return arms
-
-
-def continual_arms(rank: int, tokens: int, study_data: list[str]) -> list[ArmSpec]:
-    """A then B for full and LoRA, and a separate B adapter (for combining and swapping)."""
-    _need("continual", study_data)
-    arm = ArmSpec.model_validate
-    return [
-        arm({"name": "full-a", "method": "full", "label": "A"}),
-        arm({"name": "lora-a", "method": "lora", "rank": rank, "label": "A"}),
-        arm(
-            {
-                "name": "full-a-then-b",
-                "method": "full",
-                "data": study_data,
-                "init_from": "full-a",
-                "label": "A, B",
-            }
-        ),
-        arm(
-            {
-                "name": "lora-a-then-b",
-                "method": "lora",
-                "rank": rank,
-                "data": study_data,
-                "init_from": "lora-a",
-                "label": "A, B",
-            }
-        ),
-        arm({"name": "lora-b", "method": "lora", "rank": rank, "data": study_data, "label": "B"}),
-    ]
-
+from adaptlab.compare.arms import BUDGETS, COMBINED
+from adaptlab.compare.spec import CompareSpec
 
 # ------------------------------------------------------------------------------------------ measuring
 
@@ -112,7 +50,7 @@ def own_spec(spec: CompareSpec, data: list[str]) -> CompareSpec:
 
 def evaluate_own(spec: CompareSpec, run_dir: Path, data: list[str], emit: Any) -> dict[str, Any]:
     """Learning of a run on its own data's held-out split (cached in RUN/eval-own.json)."""
-    from adaptlab.compare.runner import evaluate_run, load_probes
+    from adaptlab.compare.evaluation import evaluate_run, load_probes
 
     own = own_spec(spec, data)
     return evaluate_run(own, run_dir, load_probes(own), emit, name="eval-own.json")
@@ -257,8 +195,8 @@ def _combined(spec: CompareSpec, out: Path, results: dict[str, Any], emit: Any) 
 
 def _score(spec: CompareSpec, adapter: Path, data: list[str]) -> dict[str, Any]:
     from adaptlab.artifacts import load_tuned
+    from adaptlab.compare.evaluation import load_probes
     from adaptlab.compare.results import learning_of
-    from adaptlab.compare.runner import load_probes
     from adaptlab.evaluate import evaluate
     from adaptlab.evaluate.cache import BaseCache, model_identity
 
