@@ -7,7 +7,7 @@ are faster depends on the device and the model. On a CPU, inductor writes C++ an
 PATH.
 
 `train.compile` is true, false or `auto` (the default). `auto` compiles only where it was measured to
-pay back (README, `--compile`): a single-process full or LoRA SFT run in bf16 on a CPU with native bf16,
+pay back (docs/benchmarks.md, `--compile`): a single-process full or LoRA SFT run in bf16 on a CPU with native bf16,
 long enough to earn back the compilation (`AUTO_MIN_WORK`). Everywhere else (CUDA, fp32, DoRA and QLoRA,
 DPO and GRPO, several processes, activation checkpointing, short runs) it stays eager until measured.
 """
@@ -28,7 +28,7 @@ AUTO_MIN_WORK = 3.5e13
 trains on), about 256 steps of 4 x 256 on smollm2-135m. There, with an empty inductor cache, compiling
 cost 26-35 s over the eager loop's first step, and compiled bf16 steps ran 1.14-1.2x faster (0.4-0.6 s
 of ~3.4 s), so it paid back after 60-150 steps; in the slowest measured pair a 256-step run broke even
-(README, `--compile`)."""
+(docs/benchmarks.md, `--compile`)."""
 
 AUTO_METHODS = ("full", "lora")
 """The methods `auto` compiles (rsLoRA is a LoRA). On the same CPU a compiled DoRA step was no faster

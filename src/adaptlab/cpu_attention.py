@@ -2,7 +2,7 @@
 
 Under bf16 autocast on a CPU, torch's fused SDPA kernel (`_scaled_dot_product_flash_attention_for_cpu`)
 is quick forward but slow backward: on smollm2-135m at 4 x 256 tokens its backward takes 2-3x its
-forward and runs at about a third of the CPU's bf16 matmul rate (README). Here the forward is that
+forward and runs at about a third of the CPU's bf16 matmul rate (docs/benchmarks.md). Here the forward is that
 kernel, which keeps only its output and the rows' log-sum-exp, and the backward recomputes the
 probabilities from them with five batched matmuls and one elementwise pass compiled by torch.compile
 (so the passes over the (heads x seq x seq) blocks are fused):

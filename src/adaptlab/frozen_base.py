@@ -13,7 +13,7 @@ On a CPU the fp32 weights of a checkpoint stored in fp32 are pages of its memory
 map stays open while any tensor views it: converting the Linears alone would add their bf16 copies to
 resident memory and free nothing. So once any weight is converted, the model's other frozen tensors
 (the embeddings, norms, buffers) are copied into memory of their own and the map closes: on
-smollm2-135m, a LoRA step's peak RSS 2045 -> 1799 MB (bench/train_step.py, README).
+smollm2-135m, a LoRA step's peak RSS 2045 -> 1799 MB (bench/train_step.py, docs/benchmarks.md).
 
 LoRA at bf16 loads a checkpoint stored in bf16 as it is stored (`load_held`): the Linears keep the stored
 values (what loading in fp32 and holding them would give), everything else is widened to fp32 exactly,

@@ -41,7 +41,7 @@ PER_DOMAIN = ("methods", "lr", "targets", "batch", "rank", "data-size")
 STUDIES = (*PER_DOMAIN, "regime", "continual", "healed", "rl")
 RL_TASK = "arithmetic"
 # seconds per trained token on the 2-core CPU at 4 x 128, measured in reproduce's methods studies
-# (README): 7.6 s a full step and 5.6 s a LoRA step, the run's start and validation included
+# (docs/benchmarks.md): 7.6 s a full step and 5.6 s a LoRA step, the run's start and validation included
 SECONDS_PER_TOKEN = {"full": 7.6 / 512, "lora": 5.6 / 512}
 EVAL_SECONDS_PER_ARM = 135.0  # held-out target + general NLL, base and tuned, target KL, weight analysis
 EVAL_SECONDS_DOCS = 16  # ... measured at this many documents per probe; scoring time grows with them

@@ -95,7 +95,7 @@ def _print(result: dict[str, Any]) -> None:
     if compiled:
         console.print(
             f"compile: `auto` compiles {', '.join(compiled)} at this budget here; time/epoch is the eager "
-            "loop's, which whole bf16 runs here measured 1.14-1.2x slower (README, --compile)"
+            "loop's, which whole bf16 runs here measured 1.14-1.2x slower (docs/benchmarks.md, --compile)"
         )
     console.print(breakdown)
     cap = result["capacity"]

@@ -333,11 +333,11 @@ def load_spec_file(path: str | Path) -> dict[str, Any]:
 
 
 # `adaptlab demo`: sized (arms, one seed, steps, seq_len, eval docs, drift prompts) to finish in about 15
-# minutes on a 2-core CPU, so its report says its differences are unreplicated; bench numbers in the README
+# minutes on a 2-core CPU, so its report says its differences are unreplicated; bench numbers in docs/benchmarks.md
 # come from running it.
 DEMO_TOKENS = 6_144
 DEMO_FULL_LR = 1e-4
-"""The demo's LRs come from a sweep at its own budget (README, `make demo`): on python-stdlib at 6,144
+"""The demo's LRs come from a sweep at its own budget (docs/benchmarks.md, `make demo`): on python-stdlib at 6,144
 tokens the best of {2e-5, 1e-4, 3e-4} for full fine-tuning was 1e-4 and the best of {2e-4, 1e-3, 3e-3}
 for LoRA r=16 was 1e-3 (lowest validation loss, both inside their grids), so the LoRA family trains at
 10x (the default lora_lr_factor)."""
