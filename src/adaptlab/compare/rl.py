@@ -11,8 +11,9 @@ over text the base writes from the general prompts, as forgetting (evaluate/drif
 Learning rates (RL_LRS): full fine-tuning at FULL_RL_LR, every LoRA rank at 10x that, with alpha
 fixed at 32 so the update scale is alpha/r, the parametrisation under which Schulman et al. (2025,
 "LoRA Without Regret") found the best LR about the same for every rank and ~10x full fine-tuning's.
-The verdict "rank 1 matched full" holds when the paired 95% interval of their pass@1 difference
-contains 0 or lies above it.
+The verdict on "rank 1 suffices for RL" is findings.verdict's: non-inferiority of rank 1 to full
+within findings.claims.RL_PASS1_MARGIN, on the paired 95% interval of their pass@1 difference
+(agrees when it lies above -margin, disagrees when it lies wholly below, else cannot tell).
 
 A killed study picks up where it stopped: an arm whose run directory holds a finished run with the
 same config is reused, an unfinished one resumes from its newest checkpoint.
@@ -31,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from adaptlab.errors import UserError
+from adaptlab.findings import judge_reported, verdict
+from adaptlab.findings.claims import RANK1_RL
 
 FULL_RL_LR = 1e-5
 """GRPO peak LR of full fine-tuning; LoRA arms use LORA_RL_FACTOR x it."""
@@ -195,20 +198,26 @@ def arm_row(
     }
 
 
-def rank1_vs_full(scores: dict[str, Any]) -> dict[str, Any] | None:
-    """Paired bootstrap of pass@1(rank 1) - pass@1(full) over the same held-out prompts."""
+def rank1_vs_full(scores: dict[str, Any], seeds: int = 1) -> dict[str, Any] | None:
+    """Paired bootstrap of pass@1(rank 1) - pass@1(full) over the same held-out prompts, judged by
+    findings.verdict's rule for "rank 1 suffices for RL" (non-inferiority within RL_PASS1_MARGIN)."""
     from adaptlab.evaluate import stats
 
     if "lora-r1" not in scores or "full" not in scores:
         return None
     a, b = scores["lora-r1"].pass1, scores["full"].pass1
     ones = np.ones(len(a))
-    ci = stats.paired_delta_ci(a, ones, b, ones)
+    d = {"value": float(a.mean() - b.mean()), "ci95": stats.paired_delta_ci(a, ones, b, ones)}
+    v = judge_reported(RANK1_RL, d, ("lora-r1", "full"), len(a), seeds)
     return {
-        "delta_pass1": float(a.mean() - b.mean()),
-        "ci95": ci,
-        "matched": bool(ci[1] >= 0.0),
-        "rule": "rank 1 matched full when the 95% interval of pass@1(r1) - pass@1(full) reaches 0 or above",
+        "delta_pass1": d["value"],
+        "ci95": d["ci95"],
+        "verdict": v.verdict,
+        "verdict_text": v.text,
+        "margin": RANK1_RL.margin,
+        "matched": v.verdict == "agrees",
+        "rule": f"rank 1 matches full when the 95% interval of pass@1(r1) - pass@1(full) lies above "
+        f"-{RANK1_RL.margin:g} (non-inferiority); wholly below it, it does not; otherwise cannot tell",
     }
 
 
@@ -281,12 +290,13 @@ def render(results: dict[str, Any]) -> str:
             f"| {r['arm']} | {r['task']} | {r['lr']:.0e} | {r['pass1']:.3f} | {r['delta_pass1']:+.3f} "
             f"[{lo:+.3f}, {hi:+.3f}] | {r['drift_kl']:.4f} [{dlo:.4f}, {dhi:.4f}] | {r['train_s'] or 0:.0f} |"
         )
-    verdict = results.get("rank1_vs_full")
-    if verdict:
-        lo, hi = verdict["ci95"]
+    r = results.get("rank1_vs_full")
+    if r:
+        lo, hi = r["ci95"]
+        v = verdict(RANK1_RL, results)
         lines += [
             "",
-            f"rank 1 - full pass@1: {verdict['delta_pass1']:+.3f} [{lo:+.3f}, {hi:+.3f}]: "
-            + ("rank 1 matched full." if verdict["matched"] else "rank 1 did not match full."),
+            f"rank 1 - full pass@1: {r['delta_pass1']:+.3f} [{lo:+.3f}, {hi:+.3f}]; "
+            f'"{RANK1_RL.claim}" (non-inferiority within {RANK1_RL.margin:g}): {v.text}.',
         ]
     return "\n".join(lines) + "\n"
