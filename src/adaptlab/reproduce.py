@@ -1,18 +1,14 @@
 """`adaptlab reproduce`: run the studies that test the published findings, and write docs/findings.md.
 
-Each finding (FINDINGS) is a claim from the LoRA-vs-full literature, the study that tests it and a
-rule that turns that study's results.json into a verdict: agrees / disagrees / inconclusive (the 95%
-interval of the measured difference straddles zero) / not run. The studies run on the model (default
-smollm2-135m) with two target domains; the forgetting finding is repeated on the healed base
-(healed.py), so "full fine-tuning forgets less" can be told from "full fine-tuning repairs the
-quantized base". Every comparison lives in OUT/<domain>/<study>/ and is reused when finished
-(compare() itself skips finished runs and cached evaluations), so an interrupted reproduce resumes.
-OUT/findings.json holds every verdict with its numbers; write_findings() renders it as Markdown.
-
-Differences between arms of one comparison carry a 95% interval paired over the same held-out documents
-(report/paired.py, as the comparison's own report); results without per-document numbers fall back to
-the conservative rule there. The QLoRA finding (an adapter's gain over its own 4-bit base) and the
-regime and continual rows combine intervals of separate figures: their half-widths added in quadrature.
+Each finding (FINDINGS) is a published claim (findings/claims.py: its contrast, test and margin) and
+the studies whose results test it; findings.verdict judges it on each such comparison's results.json:
+agrees / disagrees / cannot tell / not run, the same function the comparison's own report uses. The
+studies run on the model (default smollm2-135m) with two target domains; the forgetting finding is
+repeated on the healed base (healed.py), so "full fine-tuning forgets less" can be told from "full
+fine-tuning repairs the quantized base". Every comparison lives in OUT/<domain>/<study>/ and is reused
+when finished (compare() itself skips finished runs and cached evaluations), so an interrupted
+reproduce resumes. OUT/findings.json holds every verdict with its numbers; write_findings() renders it
+as Markdown.
 
     adaptlab reproduce --data-root ../shared/data --out repro            # ~ hours on 2 CPU cores
     adaptlab reproduce --data-root ../shared/data --out repro --dry-run  # the plan and its estimate
@@ -23,14 +19,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adaptlab import outputs
-from adaptlab.compare.studies import _diff
 from adaptlab.config import COMPARE_SEEDS, EVAL_DOCS
 from adaptlab.errors import StudyRefused, UserError
+from adaptlab.findings import Claim, claims, verdict
 from adaptlab.healed import RECIPES
 
 # the shipped data layout (DATA.md): domain name -> file under the data root
@@ -302,281 +298,75 @@ def _run_rl(c: Comparison, out: Path, say: Callable[[dict[str, Any]], None]) -> 
 # ------------------------------------------------------------------------------------------ findings
 
 
-@dataclass
+@dataclass(frozen=True)
 class Finding:
-    id: str
-    claim: str
-    source: str
+    """A published claim (findings/claims.py) and the studies of the reproduction whose results test it."""
+
+    claim: Claim
     study: str  # which comparison's results it reads
-    rule: Callable[[dict[str, Any]], dict[str, Any]]
-    note: str = ""
     also: tuple[str, ...] = ()  # other studies whose results hold the arms it compares
-    domains: list[str] = field(default_factory=list)
 
-
-def _arms(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {a["name"]: a for a in results.get("arms", []) if a.get("status") == "ok"}
-
-
-def _verdict_of(diff: dict[str, Any] | None, detail: str) -> dict[str, Any]:
-    """agrees when the interval of the difference lies above 0, disagrees below, else inconclusive."""
-    if diff is None:
-        return {"verdict": "not run", "value": None, "ci95": None, "detail": detail + " (arms missing)"}
-    lo, hi = diff["ci95"]
-    verdict = "agrees" if lo > 0 else "disagrees" if hi < 0 else "inconclusive"
-    if diff.get("paired") is False:
-        detail += "; per-arm intervals, conservative: per-document numbers missing"
-    return {"verdict": verdict, "value": diff["value"], "ci95": [lo, hi], "detail": detail}
-
-
-def _fig(arm: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
-    return None if arm is None else arm.get(key)
-
-
-def _paired(r: dict[str, Any], terms: list[tuple[float, str]], metric: str) -> dict[str, Any] | None:
-    """sum of w x metric(arm) over the named arms, with its interval paired over the same held-out
-    documents (report/paired.py); None when an arm is missing."""
-    from adaptlab.report.paired import contrast
-
-    a = _arms(r)
-    if any(name not in a for _, name in terms):
-        return None
-    return contrast([(w, a[name]) for w, name in terms], metric, r.get("forgetting_metric", "drift_kl"))
-
-
-def lora_learns_less(r: dict[str, Any]) -> dict[str, Any]:
-    return _verdict_of(_paired(r, [(1, "full"), (-1, "lora")], "learning"), "learning full - LoRA")
-
-
-def lora_forgets_less(r: dict[str, Any]) -> dict[str, Any]:
-    d = _paired(r, [(1, "full"), (-1, "lora")], "forgetting")
-    return _verdict_of(d, f"forgetting ({r.get('forgetting_metric')}) full - LoRA")
-
-
-def lora_lr_10x(r: dict[str, Any]) -> dict[str, Any]:
-    a = _arms(r)
-    sweeps = {n: (a.get(n) or {}).get("lr_sweep") or {} for n in ("full", "lora")}
-    full, lora = sweeps["full"].get("best_lr"), sweeps["lora"].get("best_lr")
-    if not full or not lora:
-        return {"verdict": "not run", "value": None, "ci95": None, "detail": "best LR ratio LoRA / full"}
-    ratio = lora / full
-    edge = sweeps["full"].get("best_at_edge") or sweeps["lora"].get("best_at_edge")
-    verdict = "inconclusive" if edge else "agrees" if 3 <= ratio <= 30 else "disagrees"
-    detail = f"best LR ratio LoRA / full ({lora:.1e} / {full:.1e})" + (
-        "; a best LR at the sweep's edge" if edge else ""
-    )
-    return {"verdict": verdict, "value": ratio, "ci95": None, "detail": detail}
-
-
-def all_layers_beat_attention(r: dict[str, Any]) -> dict[str, Any]:
-    all_linear = "lora-all" if "lora-all" in _arms(r) else "lora"
-    d = _paired(r, [(1, all_linear), (-1, "lora-attn")], "learning")
-    return _verdict_of(d, "learning all-linear - attention-only LoRA at matched parameters")
-
-
-def lora_batch_sensitive(r: dict[str, Any]) -> dict[str, Any]:
-    # (LoRA default - LoRA large) - (full default - full large): what LoRA loses at 4x batch beyond full
-    terms = [(1, "lora-default"), (-1, "lora-large"), (-1, "full-default"), (1, "full-large")]
-    return _verdict_of(_paired(r, terms, "learning"), "learning lost at 4x batch: LoRA's loss - full's loss")
-
-
-def rank_helps(r: dict[str, Any]) -> dict[str, Any]:
-    ranks = sorted(int(n.removeprefix("lora-r")) for n in _arms(r) if n.startswith("lora-r"))
-    if len(ranks) < 2:
-        return _verdict_of(None, "learning highest - lowest rank")
-    low, high = ranks[0], ranks[-1]
-    d = _paired(r, [(1, f"lora-r{high}"), (-1, f"lora-r{low}")], "learning")
-    return _verdict_of(d, f"learning rank {high} - rank {low}")
-
-
-def lora_gap_grows_with_data(r: dict[str, Any]) -> dict[str, Any]:
-    a = _arms(r)
-    low = sorted(n for n in a if n.startswith("lora-r") and n.endswith("-1pct"))
-    if not low:
-        return _verdict_of(None, "full - LoRA learning gap at 100% minus at 1% of the data")
-    rank = low[0].split("-")[1]
-    # (full - LoRA) at 100% of the data minus (full - LoRA) at 1%
-    terms = [(1, "full-100pct"), (-1, f"lora-{rank}-100pct"), (-1, "full-1pct"), (1, f"lora-{rank}-1pct")]
-    return _verdict_of(
-        _paired(r, terms, "learning"), f"full - LoRA ({rank}) learning gap at 100% minus at 1%"
-    )
-
-
-def lora_has_intruders(r: dict[str, Any]) -> dict[str, Any]:
-    a = _arms(r)
-    per = {n: ((a.get(n) or {}).get("analysis") or {}).get("intruders_per_layer") for n in ("full", "lora")}
-    if per["full"] is None or per["lora"] is None:
-        return {
-            "verdict": "not run",
-            "value": None,
-            "ci95": None,
-            "detail": "intruders per layer LoRA - full",
-        }
-    value = per["lora"] - per["full"]
-    verdict = "agrees" if value > 0 else "disagrees" if value < 0 else "inconclusive"
-    detail = f"intruders per layer: LoRA {per['lora']:.2f}, full {per['full']:.2f} (counts, no interval)"
-    return {"verdict": verdict, "value": value, "ci95": None, "detail": detail}
-
-
-def qlora_matches_lora(r: dict[str, Any]) -> dict[str, Any]:
-    a = _arms(r)
-    qlora = _fig(a.get("qlora"), "learning")
-    base4 = ((a.get("qlora") or {}).get("quantized_base") or {}).get("learning")
-    if qlora is not None and base4 is not None:  # the adapter's own gain, over the 4-bit base it trained on
-        qlora = _diff(qlora, base4)
-    d = _diff(_fig(a.get("lora"), "learning"), qlora)
-    if d is None:
-        return _verdict_of(None, "learning LoRA - QLoRA (bitsandbytes needed)")
-    margin = 0.1 * abs(a["lora"]["learning"]["value"])
-    lo, hi = d["ci95"]
-    verdict = (
-        "agrees"
-        if -margin <= lo and hi <= margin
-        else "disagrees"
-        if lo > margin or hi < -margin
-        else "inconclusive"
-    )
-    over = " (QLoRA's over its 4-bit base)" if base4 is not None else ""
-    detail = f"learning LoRA - QLoRA{over}; agrees within +-{margin:.4f} (10% of LoRA's learning)"
-    return {"verdict": verdict, "value": d["value"], "ci95": [lo, hi], "detail": detail}
-
-
-def rank_1_suffices_in_rl(r: dict[str, Any]) -> dict[str, Any]:
-    v = r.get("rank1_vs_full")
-    d = None if not v else {"value": v["delta_pass1"], "ci95": v["ci95"]}
-    return _verdict_of(d, "held-out pass@1 after GRPO: LoRA rank 1 - full")
-
-
-def full_wins_cpt_lora_suits_ift(r: dict[str, Any]) -> dict[str, Any]:
-    rows = {(x["regime"], x["budget"]): x for x in (r.get("regime") or {}).get("rows", [])}
-    cpt, ift = rows.get(("cpt", "large"), {}), rows.get(("ift", "small"), {})
-    d = _diff(cpt.get("full_minus_lora"), ift.get("full_minus_lora"))
-    return _verdict_of(d, "full - LoRA learning gap: CPT at the large budget minus IFT at the small one")
-
-
-def lora_keeps_more_in_continual(r: dict[str, Any]) -> dict[str, Any]:
-    rows = {(x["method"], x["how"]): x for x in (r.get("continual") or {}).get("rows", [])}
-    how = "A then B (init_from)"
-    lora, full = rows.get(("lora", how), {}), rows.get(("full", how), {})
-    return _verdict_of(
-        _diff(lora.get("a_kept"), full.get("a_kept")), "change of learning on A after B: LoRA - full"
-    )
+    @property
+    def id(self) -> str:
+        return self.claim.id
 
 
 FINDINGS = [
-    Finding(
-        "lora-learns-less",
-        "LoRA learns less than full fine-tuning",
-        "Biderman et al. 2024",
-        "methods",
-        lora_learns_less,
-    ),
-    Finding(
-        "lora-forgets-less",
-        "LoRA forgets less than full fine-tuning",
-        "Biderman et al. 2024",
-        "methods",
-        lora_forgets_less,
-    ),
-    Finding(
-        "lora-forgets-less-healed",
-        "LoRA forgets less than full fine-tuning, on a healed (not 4-bit-rounded) base",
-        "Biderman et al. 2024; control for the Q4_1 origin of smollm2-135m",
-        "healed",
-        lora_forgets_less,
-    ),
-    Finding(
-        "lora-lr-10x",
-        "LoRA's best LR is about 10x full fine-tuning's",
-        "Thinking Machines 2025",
-        "lr",
-        lora_lr_10x,
-    ),
-    Finding(
-        "all-layers",
-        "LoRA on all linear layers beats attention-only at matched parameters",
-        "Thinking Machines 2025",
-        "targets",
-        all_layers_beat_attention,
-        also=("methods",),
-    ),
-    Finding(
-        "lora-batch",
-        "LoRA loses more than full fine-tuning at large batch sizes",
-        "Thinking Machines 2025",
-        "batch",
-        lora_batch_sensitive,
-    ),
-    Finding(
-        "rank", "a higher LoRA rank learns more", "Hu et al. 2021; Thinking Machines 2025", "rank", rank_helps
-    ),
-    Finding(
-        "data-size",
-        "LoRA falls further behind full fine-tuning as the data grows",
-        "Thinking Machines 2025",
-        "data-size",
-        lora_gap_grows_with_data,
-    ),
-    Finding(
-        "intruders",
-        "LoRA introduces intruder dimensions; full fine-tuning does not",
-        "Shuttleworth et al. 2024",
-        "methods",
-        lora_has_intruders,
-    ),
-    Finding(
-        "qlora", "QLoRA learns about as much as LoRA", "Dettmers et al. 2023", "methods", qlora_matches_lora
-    ),
-    Finding(
-        "cpt-vs-ift",
-        "full fine-tuning's edge is larger for continued pre-training on more data than for instruction tuning on little",
-        "Biderman et al. 2024",
-        "regime",
-        full_wins_cpt_lora_suits_ift,
-    ),
-    Finding(
-        "continual",
-        "LoRA keeps more of domain A than full fine-tuning after training on domain B",
-        "Biderman et al. 2024; Shuttleworth et al. 2024",
-        "continual",
-        lora_keeps_more_in_continual,
-    ),
-    Finding(
-        "rank-1-rl",
-        "rank 1 suffices for reinforcement learning",
-        "Thinking Machines 2025",
-        "rl",
-        rank_1_suffices_in_rl,
-        note="agrees when rank 1 is distinguishably better than full, disagrees when distinguishably worse",
-    ),
+    Finding(claims.LEARNS_LESS, "methods"),
+    Finding(claims.FORGETS_LESS, "methods"),
+    Finding(claims.FORGETS_LESS_HEALED, "healed"),
+    Finding(claims.LR_RATIO, "lr"),
+    Finding(claims.TARGETS, "targets", also=("methods",)),
+    Finding(claims.BATCH, "batch"),
+    Finding(claims.RANK, "rank"),
+    Finding(claims.DATA_SIZE, "data-size"),
+    Finding(claims.INTRUDERS, "methods"),
+    Finding(claims.QLORA, "methods"),
+    Finding(claims.REGIME, "regime"),
+    Finding(claims.CONTINUAL, "continual"),
+    Finding(claims.RANK1_RL, "rl"),
 ]
+ROW_KEYS = (
+    "verdict",
+    "verdict_text",
+    "value",
+    "ci95",
+    "margin",
+    "pairs",
+    "n_seeds",
+    "n_docs",
+    "unreplicated",
+    "detail",
+)
+
+
+def _overall(verdicts: set[str]) -> str:
+    """Across comparisons: the one verdict they share, "mixed" when they differ (not-run rows aside)."""
+    ran = verdicts - {"not run"}
+    if not ran:
+        return "not run"
+    return next(iter(ran)) if len(ran) == 1 else "mixed"
 
 
 def judge(comparisons: list[Comparison], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per finding: the verdict in each comparison that tests it, and overall."""
+    """One entry per finding: findings.verdict in each comparison that tests it, and overall."""
     out = []
     for f in FINDINGS:
         rows = []
         for c in comparisons:
             if (c.study == f.study or c.study in f.also) and c.key in results:
-                rows.append({"comparison": c.key, "domain": c.domain, **f.rule(results[c.key])})
-        verdicts = {r["verdict"] for r in rows}
-        overall = (
-            "not run"
-            if not rows or verdicts == {"not run"}
-            else next(iter(verdicts))
-            if len(verdicts) == 1
-            else "mixed"
-        )
+                v = verdict(f.claim, results[c.key]).to_dict()
+                rows.append({"comparison": c.key, "domain": c.domain, **{k: v[k] for k in ROW_KEYS}})
         out.append(
             {
                 "id": f.id,
-                "claim": f.claim,
-                "source": f.source,
+                "claim": f.claim.claim,
+                "source": f.claim.source,
                 "study": f.study,
-                "overall": overall,
+                "test": f.claim.test,
+                "overall": _overall({r["verdict"] for r in rows}),
                 "rows": rows,
-                "note": f.note,
+                "note": f"needs {f.claim.contrast.needs}",
             }
         )
     return out
@@ -635,8 +425,11 @@ def write_findings(data: dict[str, Any], path: str | Path, header: str = "") -> 
         FINDINGS_TITLE,
         "",
         header
-        or "Written by `adaptlab reproduce` from its findings.json. Verdicts: agrees / disagrees when the 95% "
-        "interval of the measured difference lies on one side of zero, inconclusive when it straddles it.",
+        or "Written by `adaptlab reproduce` from its findings.json. Each claim's contrast is pooled over arms "
+        "matched on every factor but the one under test, with its 95% interval paired over the same held-out "
+        "documents and seeds. Superiority agrees / disagrees when the interval lies wholly on the claimed / "
+        "the other side of zero; non-inferiority agrees when it stays above -margin; equivalence agrees only "
+        "when it lies inside +-margin; anything else cannot tell. One seed is unreplicated.",
         "",
         *_coverage(data.get("comparisons", [])),
         "| finding | claim | overall | comparison | measured | 95% CI | verdict |",
@@ -653,7 +446,7 @@ def write_findings(data: dict[str, Any], path: str | Path, header: str = "") -> 
                 f"| {' | '.join(head)} | {r['comparison']} | {_num(r.get('value'))}"
                 + (f" ({r['detail']})" if r.get("detail") else "")
                 + " "
-                f"| {ci} | {r['verdict']} |"
+                f"| {ci} | {r.get('verdict_text') or r['verdict']} |"
             )
     sources = sorted({s for f in data["findings"] for s in f["source"].split("; ")})
     lines += ["", "Sources: " + "; ".join(sources) + ".", ""]

@@ -73,23 +73,15 @@ def _figures_come_from_the_arms_evaluation(out: Path, arm: dict) -> None:
 
 
 def _expected_verdict(arms: list[dict], metric: str, forgetting_metric: str) -> str:
-    """The verdict of "LoRA learns less / forgets less", recomputed from the paired differences."""
-    from adaptlab.report.paired import difference, sign_of
+    """The verdict of "LoRA learns less / forgets less", recomputed from the one matched pair: full and
+    all-linear LoRA (attention-only LoRA has other targets, QLoRA another precision: never paired)."""
+    from adaptlab.findings import decide
+    from adaptlab.findings.paired import difference
 
-    full = next(a for a in arms if a["method"] == "full")
-    verdicts = set()
-    for a in arms:
-        if a is full:
-            continue
-        d = difference(full, a, metric, forgetting_metric)
-        assert d is not None and d["paired"]  # every arm keeps its per-document numbers
-        verdicts.add({"above": "agrees", "below": "disagrees", "overlap": "inconclusive"}[sign_of(d)])
-    if {"agrees", "disagrees"} <= verdicts:
-        return "mixed"
-    for side in ("agrees", "disagrees"):
-        if side in verdicts:
-            return side if len(verdicts) == 1 else f"partly {side}"
-    return "inconclusive"
+    by = {a["name"]: a for a in arms}
+    d = difference(by["full"], by["lora"], metric, forgetting_metric)
+    assert d is not None and d["paired"]  # every arm keeps its per-document numbers
+    return decide("superiority", d["ci95"])
 
 
 def _mtimes(out: Path) -> dict[str, int]:
@@ -145,7 +137,7 @@ def test_compare_end_to_end_then_idempotent(run_cli, tmp_path: Path) -> None:
         assert findings[fid]["verdict"] == _expected_verdict(ok, metric, results["forgetting_metric"]), (
             findings[fid]
         )
-        assert len(findings[fid]["evidence"]) == len(ok) - 1  # full against each LoRA-family arm
+        assert findings[fid]["pairs"] == [["full", "lora"]]
     assert rec["summary"].splitlines()[0] in stdout
 
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()

@@ -116,7 +116,7 @@ def test_a_verdict_row_per_finding_and_findings_md(reproduced: Any, tmp_path: Pa
     comparisons, data, out = reproduced
     by_id = {f["id"]: f for f in data["findings"]}
     assert set(by_id) == {f.id for f in rep.FINDINGS}
-    verdicts = {"agrees", "disagrees", "inconclusive", "not run", "mixed"}
+    verdicts = {"agrees", "disagrees", "cannot tell", "not run", "mixed"}
     for f in data["findings"]:
         assert f["overall"] in verdicts
         if f["study"] == "data-size":  # refused at this budget: no comparison to judge
@@ -125,18 +125,10 @@ def test_a_verdict_row_per_finding_and_findings_md(reproduced: Any, tmp_path: Pa
         assert f["rows"], f["id"]
         for row in f["rows"]:
             assert row["verdict"] in verdicts - {"mixed"}
-            if row["verdict"] in ("agrees", "disagrees", "inconclusive") and row["ci95"] is not None:
+            if row["verdict"] in ("agrees", "disagrees", "cannot tell") and row["ci95"] is not None:
                 lo, hi = row["ci95"]
                 assert lo <= row["value"] <= hi
-    for fid in (
-        "lora-learns-less",
-        "lora-forgets-less",
-        "all-layers",
-        "cpt-vs-ift",
-        "continual",
-        "rank",
-        "rank-1-rl",
-    ):
+    for fid in ("learns_less", "forgets_less", "targets", "regime", "continual", "rank", "rank1_rl"):
         assert by_id[fid]["rows"][0]["verdict"] != "not run", fid
     md = rep.write_findings(data, tmp_path / "findings.md").read_text()
     assert f"Comparisons judged ({len(comparisons) - 1})" in md and "Not run yet (1): `legal/data-size`" in md

@@ -11,8 +11,9 @@ over text the base writes from the general prompts, as forgetting (evaluate/drif
 Learning rates (RL_LRS): full fine-tuning at FULL_RL_LR, every LoRA rank at 10x that, with alpha
 fixed at 32 so the update scale is alpha/r, the parametrisation under which Schulman et al. (2025,
 "LoRA Without Regret") found the best LR about the same for every rank and ~10x full fine-tuning's.
-The verdict "rank 1 matched full" holds when the paired 95% interval of their pass@1 difference
-contains 0 or lies above it.
+The verdict on "rank 1 suffices for RL" is findings.verdict's: non-inferiority of rank 1 to full
+within findings.claims.RL_PASS1_MARGIN, on the paired 95% interval of their pass@1 difference
+(agrees when it lies above -margin, disagrees when it lies wholly below, else cannot tell).
 
 With seeds > 1 every arm trains once per seed (seed s of every arm samples with the same seed; runs
 RUN-s0, RUN-s1, ...); a row's figures are means over seeds and its intervals pair the seeds as well as
@@ -37,6 +38,8 @@ import numpy as np
 from adaptlab.compare.arms import check_seq_len_fits
 from adaptlab.config import COMPARE_SEEDS
 from adaptlab.errors import UserError
+from adaptlab.findings import judge_reported, verdict
+from adaptlab.findings.claims import RANK1_RL
 
 FULL_RL_LR = 1e-5
 """GRPO peak LR of full fine-tuning; LoRA arms use LORA_RL_FACTOR x it."""
@@ -240,19 +243,25 @@ def combine_seeds(per_seed: list[dict[str, Any]], scores: list[Any], base: Any) 
 
 def rank1_vs_full(scores: dict[str, Any]) -> dict[str, Any] | None:
     """pass@1(rank 1) - pass@1(full), paired over the same held-out prompts and seeds (scores: per arm,
-    one TaskScores per seed)."""
+    one TaskScores per seed), judged by findings.verdict's rule for "rank 1 suffices for RL"
+    (non-inferiority within RL_PASS1_MARGIN)."""
     from adaptlab.evaluate import stats
 
     if "lora-r1" not in scores or "full" not in scores:
         return None
     a = np.stack([s.pass1 for s in scores["lora-r1"]])  # (seeds, prompts)
     b = np.stack([s.pass1 for s in scores["full"]])
-    ci = stats.contrast_ci([(1.0, a, np.ones_like(a)), (-1.0, b, np.ones_like(b))])["ci95"]
+    d = stats.contrast_ci([(1.0, a, np.ones_like(a)), (-1.0, b, np.ones_like(b))])
+    v = judge_reported(RANK1_RL, d, ("lora-r1", "full"), a.shape[1], a.shape[0])
     return {
-        "delta_pass1": float(a.mean() - b.mean()),
-        "ci95": ci,
-        "matched": bool(ci[1] >= 0.0),
-        "rule": "rank 1 matched full when the 95% interval of pass@1(r1) - pass@1(full) reaches 0 or above",
+        "delta_pass1": d["value"],
+        "ci95": d["ci95"],
+        "verdict": v.verdict,
+        "verdict_text": v.text,
+        "margin": RANK1_RL.margin,
+        "matched": v.verdict == "agrees",
+        "rule": f"rank 1 matches full when the 95% interval of pass@1(r1) - pass@1(full) lies above "
+        f"-{RANK1_RL.margin:g} (non-inferiority); wholly below it, it does not; otherwise cannot tell",
     }
 
 
@@ -341,12 +350,13 @@ def render(results: dict[str, Any]) -> str:
             f"| {r['arm']} | {r['task']} | {r['lr']:.0e} | {r['pass1']:.3f} | {r['delta_pass1']:+.3f} "
             f"[{lo:+.3f}, {hi:+.3f}] | {r['drift_kl']:.4f} [{dlo:.4f}, {dhi:.4f}] | {r['train_s'] or 0:.0f} |"
         )
-    verdict = results.get("rank1_vs_full")
-    if verdict:
-        lo, hi = verdict["ci95"]
+    r = results.get("rank1_vs_full")
+    if r:
+        lo, hi = r["ci95"]
+        v = verdict(RANK1_RL, results)
         lines += [
             "",
-            f"rank 1 - full pass@1: {verdict['delta_pass1']:+.3f} [{lo:+.3f}, {hi:+.3f}]: "
-            + ("rank 1 matched full." if verdict["matched"] else "rank 1 did not match full."),
+            f"rank 1 - full pass@1: {r['delta_pass1']:+.3f} [{lo:+.3f}, {hi:+.3f}]; "
+            f'"{RANK1_RL.claim}" (non-inferiority within {RANK1_RL.margin:g}): {v.text}.',
         ]
     return "\n".join(lines) + "\n"

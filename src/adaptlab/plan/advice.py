@@ -204,10 +204,11 @@ def _measured_sentence(path: Path, results: dict[str, Any]) -> str:
         f"{a['name']} learning {a['learning']['value']:.4f} / forgetting {a['forgetting'].get('value', float('nan')):.4f}"
         for a in ok[:6]
     )
-    verdicts = {f["id"]: f["verdict"] for f in rec.get("findings", [])}
+    # findings.verdict's words, as the comparison's own report prints them (older results: the verdict alone)
+    verdicts = {f["id"]: f.get("verdict_text") or f["verdict"] for f in rec.get("findings", [])}
     target = ", ".join(results.get("data", {}).get("target") or [])
     return (
         f"measured on this base ({path.parent}, target {target}, {results.get('forgetting_metric')}): "
-        f"{arms}; pick {rec['pick']}; LoRA learns less: {verdicts.get('learns_less', 'not tested')}, "
-        f"LoRA forgets less: {verdicts.get('forgets_less', 'not tested')}"
+        f"{arms}; pick {rec['pick']}; LoRA learns less: {verdicts.get('learns_less', 'not run')}, "
+        f"LoRA forgets less: {verdicts.get('forgets_less', 'not run')}"
     )

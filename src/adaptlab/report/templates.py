@@ -86,7 +86,7 @@ Step times of {{ noisy | join(", ") }} varied far more than on a quiet machine (
 | finding | verdict | evidence | source |
 | --- | --- | --- | --- |
 {% for f in rec.findings %}
-| {{ f.claim }} | **{{ f.verdict }}** | {{ f.evidence | join("; ") }} | {{ f.source }} |
+| {{ f.claim }} | **{{ f.get("verdict_text") or f.verdict }}** | {{ f.evidence | join("; ") }} | {{ f.source }} |
 {% endfor %}
 {% if images.study %}
 
@@ -152,7 +152,7 @@ img.plot { max-width: 100%; height: auto; display: block; margin: 8px 0; }
 .heatmaps figure { margin: 0; flex: 0 1 360px; } .heatmaps img { width: 100%; height: auto; }
 .heatmaps figcaption { font-size: 0.85em; text-align: center; }
 .verdict-agrees { color: #1f7a1f; font-weight: 600; } .verdict-disagrees { color: #b02a2a; font-weight: 600; }
-.verdict-inconclusive, .verdict-mixed { color: #8a6d00; font-weight: 600; } .verdict-not { color: #777; }
+.verdict-cannot, .verdict-inconclusive, .verdict-mixed { color: #8a6d00; font-weight: 600; } .verdict-not { color: #777; }
 ul.setup li { margin: 2px 0; } .small { font-size: 0.85em; color: #555; }
 span.ci { font-size: 0.82em; color: #666; } .warn { color: #8a4b00; }
 table.main td.num { min-width: 8em; }
@@ -236,7 +236,7 @@ their wall time and tokens/s are the machine's, not the method's.</p>{% endif %}
 <table>
 <tr><th style="width:26%">finding</th><th>verdict</th><th>evidence</th><th style="width:18%">source</th></tr>
 {% for f in rec.findings %}
-<tr><td>{{ f.claim }}</td><td class="verdict-{{ f.verdict.split(' ')[0] }}">{{ f.verdict }}</td><td>{{ f.evidence | join("; ") }}</td><td class="small">{{ f.source }}</td></tr>
+<tr><td>{{ f.claim }}</td><td class="verdict-{{ f.verdict.split(' ')[0] }}">{{ f.get("verdict_text") or f.verdict }}</td><td>{{ f.evidence | join("; ") }}</td><td class="small">{{ f.source }}</td></tr>
 {% endfor %}
 </table>
 {% if images.study %}
