@@ -28,6 +28,7 @@ from adaptlab.config import COMPARE_SEEDS, EVAL_DOCS
 from adaptlab.errors import StudyRefused, UserError
 from adaptlab.findings import Claim, claims, verdict
 from adaptlab.healed import RECIPES
+from adaptlab.rundir import atomic_write
 
 # the shipped data layout (DATA.md): domain name -> file under the data root
 DOMAINS = {"legal": "legal/spdx_licenses.jsonl", "systems": "systems/man_pages.jsonl"}
@@ -211,6 +212,13 @@ def estimate_s(comparisons: list[Comparison]) -> float:
     return total
 
 
+EVIDENCE = "docs/findings"
+"""Where a reproduction keeps the evidence of its verdicts, beside docs/findings.md: per comparison its
+results.json and the settings it was measured with (spec.json), small JSON files to commit as they
+come. `--judge-only` judges what is there, so docs/findings.md is regenerated from it byte for byte,
+and a reproduction spanning several sittings reuses every comparison already kept with its settings."""
+
+
 def run(
     comparisons: list[Comparison],
     out: str | Path,
@@ -218,17 +226,20 @@ def run(
     executor: Any = None,
     judge_only: bool = False,
     overwrite: bool = False,
+    evidence: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run (or reuse) every comparison, then judge every finding; write OUT/findings.json.
 
     OUT is claimed and locked first (adaptlab.outputs), as a comparison's folder is: a folder holding
     files adaptlab did not write is refused unless `overwrite`, and even then none of them is replaced.
-    judge_only: run nothing; judge the comparisons whose OUT/<key>/results.json exists (the others'
-    findings read "not run"). A comparison whose study refuses its settings (StudyRefused) is not run:
-    its line is said and kept in findings.json, and the other comparisons go on."""
+    evidence (EVIDENCE): a comparison kept there with the same settings is reused, and each comparison
+    that finishes is kept there. judge_only: run nothing; judge what the evidence holds (whatever its
+    settings), else OUT/<key>/results.json (the others' findings read "not run"). A comparison whose
+    study refuses its settings (StudyRefused) is not run: its line is said and kept in findings.json,
+    and the other comparisons go on."""
     out = Path(out)
     with outputs.owned(out, "reproduction", overwrite=overwrite):
-        return _run(comparisons, out, on_event, executor, judge_only)
+        return _run(comparisons, out, on_event, executor, judge_only, Path(evidence) if evidence else None)
 
 
 def _run(
@@ -237,29 +248,34 @@ def _run(
     on_event: Callable[[dict[str, Any]], None] | None,
     executor: Any,
     judge_only: bool,
+    evidence: Path | None,
 ) -> dict[str, Any]:
     from adaptlab.compare import build_spec, compare
 
     results: dict[str, dict[str, Any]] = {}
     refused: dict[str, str] = {}
+    say = on_event or (lambda e: None)
     for c in comparisons:
+        if (kept := _kept(evidence, c, same_settings=not judge_only)) is not None:
+            results[c.key] = kept
+            continue
         if judge_only:
             path = out / c.key / "results.json"
             if path.exists():
                 results[c.key] = json.loads(path.read_text())
             continue
-        say = on_event or (lambda e: None)
         say({"event": "comparison", "key": c.key})
         if c.study == "rl":
             results[c.key] = _run_rl(c, out / c.key, say)
-            continue
-        spec = build_spec(c.spec, source=c.key)
-        try:
-            results[c.key] = compare(spec, out / c.key, on_event=on_event, report=True, executor=executor)
-        except StudyRefused as err:
-            refused[c.key] = str(err)
-            say({"event": "message", "text": f"{c.key}: not run: {err}"})
-    verdicts = judge(comparisons, results)
+        else:
+            spec = build_spec(c.spec, source=c.key)
+            try:
+                results[c.key] = compare(spec, out / c.key, on_event=on_event, report=True, executor=executor)
+            except StudyRefused as err:
+                refused[c.key] = str(err)
+                say({"event": "message", "text": f"{c.key}: not run: {err}"})
+        if c.key in results and evidence is not None:
+            _keep(evidence, c, results[c.key])
     data = {
         "comparisons": [
             {
@@ -269,14 +285,54 @@ def _run(
                 "model": c.spec["model"],
                 "tokens": c.spec.get("tokens"),
                 "finished": c.key in results,
+                **(_measured_with(results[c.key]) if c.key in results else {}),
                 **({"refused": refused[c.key]} if c.key in refused else {}),
             }
             for c in comparisons
         ]
     }
-    data["findings"] = verdicts
+    data["findings"] = judge(comparisons, results)
     (out / "findings.json").write_text(json.dumps(data, indent=1) + "\n")
     return data
+
+
+def _settings(c: Comparison) -> Any:
+    return json.loads(json.dumps(c.spec, sort_keys=True, default=str))
+
+
+def _kept(evidence: Path | None, c: Comparison, same_settings: bool) -> dict[str, Any] | None:
+    """Comparison c's results from the evidence folder (only when measured with c's settings, if asked)."""
+    if evidence is None:
+        return None
+    folder = evidence / c.key
+    try:
+        if same_settings and json.loads((folder / "spec.json").read_text()) != _settings(c):
+            return None
+        return json.loads((folder / "results.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _keep(evidence: Path, c: Comparison, results: dict[str, Any]) -> None:
+    """Comparison c's results and settings into the evidence folder, each file written whole."""
+    folder = evidence / c.key
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, value in (("spec.json", _settings(c)), ("results.json", results)):
+        atomic_write(folder / name, json.dumps(value, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def _measured_with(results: dict[str, Any]) -> dict[str, Any]:
+    """What a comparison's verdicts rest on, read from its results: seeds, held-out documents, each arm's
+    LR and where it came from (swept or a default)."""
+    arms = [a for a in results.get("arms", []) if isinstance(a, dict)]
+    docs = [a.get("learning", {}).get("docs") for a in arms if isinstance(a.get("learning"), dict)]
+    lrs = {
+        a["name"]: [a.get("config", {}).get("lr", a.get("lr")), a.get("config", {}).get("lr_source")]
+        for a in arms
+        if "name" in a
+    }
+    held_out = max((d for d in docs if isinstance(d, int)), default=None) or results.get("base", {}).get("n")
+    return {"seeds": results.get("seeds", 1), "held_out": held_out, "lrs": lrs}
 
 
 def _run_rl(c: Comparison, out: Path, say: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -394,9 +450,24 @@ def _coverage(comparisons: list[dict[str, Any]]) -> list[str]:
         else []
     )
     lines.append(f"Comparisons judged ({len(done)}): " + (", ".join(f"`{k}`" for k in done) or "none") + ".")
+
     if missing:
         lines.append(f"Not run yet ({len(missing)}): " + ", ".join(f"`{k}`" for k in missing) + ".")
-    return [" ".join(lines), ""]
+    measured = [f"- {_measured_line(c)}" for c in comparisons if c.get("finished", True) and "seeds" in c]
+    return [" ".join(lines), "", *([*measured, ""] if measured else [])]
+
+
+def _measured_line(c: dict[str, Any]) -> str:
+    seeds = c["seeds"]
+    lrs = ", ".join(
+        f"{arm} {lr:g}" + (f" ({source})" if source else "")
+        for arm, (lr, source) in sorted(c.get("lrs", {}).items())
+        if isinstance(lr, (int, float))
+    )
+    return (
+        f"`{c['key']}`: {seeds} seed{'s' if seeds != 1 else ' (unreplicated)'}, "
+        f"{c.get('held_out') or '?'} held-out documents or prompts" + (f"; LRs: {lrs}" if lrs else "") + "."
+    )
 
 
 FINDINGS_TITLE = "# Findings: what adaptlab measured of the published claims"
@@ -425,7 +496,9 @@ def write_findings(data: dict[str, Any], path: str | Path, header: str = "") -> 
         FINDINGS_TITLE,
         "",
         header
-        or "Written by `adaptlab reproduce` from its findings.json. Each claim's contrast is pooled over arms "
+        or "Written by `adaptlab reproduce` from the evidence it keeps in docs/findings/ (each comparison's "
+        "results.json and settings); `adaptlab reproduce --data-root ../shared/data --out DIR --judge-only` "
+        "writes this file again from that evidence, byte for byte. Each claim's contrast is pooled over arms "
         "matched on every factor but the one under test, with its 95% interval paired over the same held-out "
         "documents and seeds. Superiority agrees / disagrees when the interval lies wholly on the claimed / "
         "the other side of zero; non-inferiority agrees when it stays above -margin; equivalence agrees only "

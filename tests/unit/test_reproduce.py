@@ -76,8 +76,12 @@ def reproduced(
         for c in rep.plan(root, model="tiny-random", scale=TINY)
         if c.domain != "systems"  # one domain is enough here; continual uses both
     ]
-    data = rep.run(comparisons, out, executor=InlineExecutor())
+    data = rep.run(comparisons, out, executor=InlineExecutor(), evidence=_evidence_of(out))
     return comparisons, data, out
+
+
+def _evidence_of(out: Path) -> Path:
+    return out.parent / f"{out.name}-evidence"
 
 
 def test_every_study_runs_with_its_arms_and_results_fields(reproduced: Any) -> None:
@@ -151,6 +155,27 @@ def test_second_run_reuses_finished_comparisons(reproduced: Any) -> None:
     assert again["findings"] == data["findings"]
 
 
+def test_kept_evidence_regenerates_findings_md_byte_for_byte_and_a_run_resumes_from_it(
+    reproduced: Any, tmp_path: Path
+) -> None:
+    comparisons, data, out = reproduced
+    evidence = _evidence_of(out)
+    kept = sorted(str(p.parent.relative_to(evidence)) for p in evidence.rglob("results.json"))
+    assert kept == sorted(r["key"] for r in data["comparisons"] if r["finished"])
+    assert all((evidence / key / "spec.json").exists() for key in kept)
+    written = rep.write_findings(data, tmp_path / "a.md").read_bytes()
+    judged = rep.run(comparisons, tmp_path / "fresh", judge_only=True, evidence=evidence)
+    assert rep.write_findings(judged, tmp_path / "b.md").read_bytes() == written
+    assert "1 seed (unreplicated)" in written.decode() and "held-out documents" in written.decode()
+    events: list[dict[str, Any]] = []
+    rep.run(
+        comparisons, tmp_path / "again", on_event=events.append, executor=InlineExecutor(), evidence=evidence
+    )
+    ran = [e["key"] for e in events if e["event"] == "comparison"]
+    assert ran == [r["key"] for r in data["comparisons"] if not r["finished"]]  # only the refused one
+    assert not [e for e in events if e["event"] == "train_start"]
+
+
 def test_plan_and_estimate(root: Path, run_cli: Any) -> None:
     # the root holds 24 documents per domain: too few to hold out the default 64
     comparisons = rep.plan(root, model="tiny-random", scale=rep.Scale(eval_docs=4))
@@ -200,6 +225,7 @@ def test_findings_never_replace_a_users_file(root: Path, run_cli: Any, tmp_path:
 def _judge_only(root: Path, out: Path, findings: Path) -> tuple[str, ...]:
     return (
         *("reproduce", "--data-root", str(root), "--out", str(out), "--judge-only"),
+        *("--evidence", str(findings.parent / "evidence")),
         *(
             "--findings",
             str(findings),
@@ -248,6 +274,7 @@ def test_reproduce_refuses_a_users_folder_as_compare_and_train_do(
     code, _, err = run_cli(
         "reproduce", "--data-root", root, "--out", out, "--model", "tiny-random", "--studies", "rank",
         "--domains", "legal", "--tokens", "64", "--findings", tmp_path / "findings.md",
+        "--evidence", tmp_path / "evidence",
     )  # fmt: skip
     assert code == 2 and "did not write" in _line(err) and "--overwrite" in _line(err)
     assert [p.name for p in out.iterdir()] == ["NOTES.txt"]  # nothing trained, no marker left

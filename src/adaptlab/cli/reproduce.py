@@ -53,7 +53,19 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 @click.option(
     "--findings", type=click.Path(), default="docs/findings.md", show_default=True, help="Markdown to write."
 )
-@click.option("--judge-only", is_flag=True, help="Train nothing: judge the comparisons OUT already holds.")
+@click.option(
+    "--evidence",
+    type=click.Path(file_okay=False),
+    default="docs/findings",
+    show_default=True,
+    help="Each comparison's results.json and settings, kept as it finishes (commit them); a comparison kept "
+    "with the same settings is reused, and --judge-only judges what is kept.",
+)
+@click.option(
+    "--judge-only",
+    is_flag=True,
+    help="Train nothing: judge what --evidence (else OUT) holds, write --findings.",
+)
 @overwrite_option
 @click.option(
     "--dry-run",
@@ -70,6 +82,7 @@ def reproduce_command(
     seeds: int,
     eval_docs: int,
     findings: str,
+    evidence: str,
     judge_only: bool,
     overwrite: bool,
     dry_run: bool,
@@ -104,7 +117,9 @@ def reproduce_command(
         printer(e)
 
     with stop_on_sigterm():
-        data = rep.run(comparisons, out, on_event=on_event, judge_only=judge_only, overwrite=overwrite)
+        data = rep.run(
+            comparisons, out, on_event=on_event, judge_only=judge_only, overwrite=overwrite, evidence=evidence
+        )
     path = rep.write_findings(data, findings)
     counts: dict[str, int] = {}
     for f in data["findings"]:

@@ -29,8 +29,8 @@ HEURISTIC = (
 )
 FORGETTING_PRIOR = (
     "prior, not a measurement of your data: Biderman et al. 2024 found LoRA learns less and forgets less; "
-    "the evidence is mixed (adaptlab's own comparisons on two domains measured LoRA forgetting more than full "
-    "fine-tuning), so which one forgets less here is for the compare command to measure"
+    "the published evidence is mixed (docs/findings.md holds what adaptlab has measured, with its evidence), "
+    "so which one forgets less here is for the compare command to measure"
 )
 MAX_MEASURED = 3
 """Comparisons quoted at most (the most recent first)."""
