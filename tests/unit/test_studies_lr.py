@@ -79,3 +79,16 @@ def test_lr_study_writes_the_ratio_of_fitted_optima(tmp_path: Path) -> None:
         assert {r["run"] for r in by[name]["runs"]} == {
             pt["run"] for s in sweep["per_seed"] for pt in s["points"] if pt["lr"] == sweep["best_lr"]
         }
+
+
+def test_cli_lr_grid_reaches_the_spec_and_bad_values_exit_2(run_cli, tmp_path: Path) -> None:
+    from adaptlab.cli.compare import _lr_grid
+
+    assert _lr_grid("0.1,1,10") == [0.1, 1.0, 10.0]
+    data = write_corpus(tmp_path / "data", n_docs=4)
+    args = ["compare", "--data", data, "--tokens", "1000", "--out", tmp_path / "o"]
+    code, _, err = run_cli(*args, "--study", "lr", "--lr-grid", "0.1,x")
+    assert code == 2 and "--lr-grid" in err
+    code, _, err = run_cli(*args, "--study", "methods", "--lr-grid", "0.1,1,10")
+    # the spec refuses it: the flag reached the spec
+    assert code == 2 and "lr_grid is the grid of the lr study" in err and "Traceback" not in err
