@@ -75,6 +75,8 @@ def test_lr_study_writes_the_ratio_of_fitted_optima(tmp_path: Path) -> None:
     for name in ("full", "lora"):
         sweep = by[name]["lr_sweep"]
         assert [s["seed_index"] for s in sweep["per_seed"]] == [0, 1]
+        for s in sweep["per_seed"]:  # an LR beyond the grid's edge is tried at every seed
+            assert {pt["lr"] for pt in s["points"]} == {pt["lr"] for pt in sweep["points"]}
         assert by[name]["seeds"] == 2  # the best LR's run at each seed stands for the arm
         assert {r["run"] for r in by[name]["runs"]} == {
             pt["run"] for s in sweep["per_seed"] for pt in s["points"] if pt["lr"] == sweep["best_lr"]
