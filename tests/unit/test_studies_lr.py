@@ -14,9 +14,8 @@ import pytest
 from helpers import write_corpus
 
 from adaptlab.compare import build_spec, compare
-from adaptlab.compare.arms import LR_GRID, expand, study_arms
+from adaptlab.compare.arms import LR_EVAL_BLOCKS, LR_GRID, expand, study_arms
 from adaptlab.compare.inline import InlineExecutor
-from adaptlab.compare.lr_fit import LR_EVAL_BLOCKS
 from adaptlab.errors import UserError
 
 BASE: dict[str, Any] = {"model": "tiny-random", "data": {"train": ["x"]}, "tokens": 1000, "study": "lr"}

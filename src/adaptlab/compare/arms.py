@@ -16,7 +16,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from adaptlab.compare.lr_fit import LR_EVAL_BLOCKS
 from adaptlab.compare.spec import ArmSpec, CompareSpec
 from adaptlab.config import FULL_LR, StepSpec, check_rank, check_seq_len
 from adaptlab.errors import UserError
@@ -25,6 +24,8 @@ RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LR_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
 """The LR study's grid for full and LoRA alike, as multiples of the base LR: half-decade steps from 0.3x
 to 300x, so LoRA's best LR can land below, at or above 10x full's and the claim can fail."""
+LR_EVAL_BLOCKS = 16
+"""Validation blocks (at least) behind each validation loss of a sweep at every seed (the LR study)."""
 DEFAULT_RANK = 16
 
 

@@ -18,8 +18,6 @@ from typing import Any
 import numpy as np
 
 BOOTSTRAPS = 2000
-LR_EVAL_BLOCKS = 16
-"""Validation blocks (at least) behind each validation loss of an LR study's sweep."""
 
 
 @dataclass(frozen=True)
