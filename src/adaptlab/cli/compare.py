@@ -32,7 +32,7 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
     for key in ("general", "mc", "study_data"):
         if flags[key]:
             out[key] = list(flags[key])
-    for key in ("tokens", "seeds", "study", "target_tokens", "rank_scaling"):
+    for key in ("tokens", "seeds", "study", "target_tokens", "rank_scaling", "lr_grid"):
         if flags[key] is not None:
             out[key] = flags[key]
     if flags["drift"] is not None:
@@ -49,6 +49,15 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
     if limits:
         out["limits"] = limits
     return out
+
+
+def _lr_grid(value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(x) for x in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give numbers separated by commas, e.g. 0.3,1,3,10") from None
 
 
 @contextlib.contextmanager
@@ -172,6 +181,12 @@ def _finish(results: dict[str, Any], out: str) -> None:
     type=click.Choice(RANK_SCALINGS),
     help="Rank study: rslora (default) scales every rank's update by alpha/sqrt(r) with one alpha, so the "
     "update scale stays fixed across ranks; alpha-2r uses alpha = 2 x rank.",
+)
+@click.option(
+    "--lr-grid",
+    callback=lambda ctx, param, value: _lr_grid(value),
+    help="LR study: the LRs full and LoRA both sweep, as multiples of the base LR, comma-separated "
+    "(default 0.3,1,3,10,30,100,300).",
 )
 @click.option("--tokens", type=int, help="Budget: tokens every arm sees.")
 @click.option(

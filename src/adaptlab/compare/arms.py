@@ -21,6 +21,11 @@ from adaptlab.config import FULL_LR, StepSpec, check_rank, check_seq_len
 from adaptlab.errors import UserError
 
 RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+LR_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
+"""The LR study's grid for full and LoRA alike, as multiples of the base LR: half-decade steps from 0.3x
+to 300x, so LoRA's best LR can land below, at or above 10x full's and the claim can fail."""
+LR_EVAL_BLOCKS = 16
+"""Validation blocks (at least) behind each validation loss of a sweep at every seed (the LR study)."""
 DEFAULT_RANK = 16
 
 
@@ -111,6 +116,7 @@ def study_arms(
     base_lr: float = FULL_LR,
     study_data: list[str] | None = None,
     rank_scaling: str = "rslora",
+    lr_grid: list[float] | None = None,
 ) -> list[ArmSpec]:
     """The ready-made arm list of a study (sized to the model and, for rank, to the budget)."""
     r = min(DEFAULT_RANK, min_linear_dim(model))
@@ -140,11 +146,11 @@ def study_arms(
             for x in ranks
         ]
     if study == "lr":
-        full_grid = [base_lr * f for f in (0.3, 1, 3, 10)]
-        lora_grid = [base_lr * f for f in (3, 10, 30, 100)]
+        grid = [base_lr * f for f in (lr_grid or LR_GRID)]  # one grid: the ratio of optima can be anything
+        every = {"lr_sweep": grid, "sweep_every_seed": True}
         return [
-            arm({"name": "full", "method": "full", "lr_sweep": full_grid}),
-            arm({"name": "lora", "method": "lora", "rank": r, "lr_sweep": lora_grid}),
+            arm({"name": "full", "method": "full", **every}),
+            arm({"name": "lora", "method": "lora", "rank": r, **every}),
         ]
     if study == "batch":
         out = []
@@ -267,7 +273,7 @@ class RunPlan:
     data_sources: list[str]
     lr: float | None  # None: the arm's LR sweep decides (filled in once the sweep has run)
     lr_source: str  # explicit | rule | sweep
-    sweep: bool = False  # one point of an LR sweep (seed 0)
+    sweep: bool = False  # one point of an LR sweep (seed 0, or every seed with sweep_every_seed)
     init_from: str | None = None  # the run (same seed, same comparison) whose weights this run starts from
     notes: list[str] = field(default_factory=list)
 
@@ -309,6 +315,8 @@ def train_fields(spec: CompareSpec, arm: ArmSpec, tokens: int) -> dict[str, Any]
     step = t.model_dump(include=set(StepSpec.model_fields) - {"seed"})
     step["batch"] = arm.batch or t.batch
     step["grad_accum"] = arm.grad_accum or t.grad_accum
+    if arm.sweep_every_seed:  # the best LR is picked on validation loss: not on a handful of blocks
+        step["eval_examples"] = max(step["eval_examples"], LR_EVAL_BLOCKS)
     steps = steps_for(tokens, step["batch"] * step["grad_accum"] * t.seq_len)
     save_every = steps // (t.checkpoints + 1) if t.checkpoints else 0
     return {
@@ -347,7 +355,7 @@ def expand(
             if a.lr_sweep is None:
                 lr, source = (a.lr, "explicit") if a.lr is not None else (default_lr(spec, a), "rule")
                 plans.append(RunPlan(run=a.name + suffix, lr=lr, lr_source=source, **common))
-            elif s == 0:
+            elif s == 0 or a.sweep_every_seed:
                 for lr in a.lr_sweep:
                     plans.append(
                         RunPlan(

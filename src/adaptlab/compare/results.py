@@ -25,11 +25,15 @@ Schema (nats per token throughout; ci95 = [lo, hi]):
                "analysis": {"layers", "intruders", "layers_with_intruders", "intruders_per_layer",
                             "rel_update_norm", "mean_effective_rank", "mean_stable_rank",
                             "by_module_type", "heatmaps": [paths relative to OUT]} | null,
-               "lr_sweep": {"points": [{"lr", "run", "final_val_loss", "chosen"}], "best_lr"} | null}],
+               "lr_sweep": {"points": [{"lr", "run", "final_val_loss", "chosen"}], "best_lr",
+                            "per_seed"?: [{"seed_index", "points"}] (swept at every seed)} | null,
+               "lr_optimum"?: {"per_seed", "per_seed_edge", "fitted", "edge"} (lr study)}],
      "kl_predictor": {see adaptlab.report.predictor}, "extrapolation": {see adaptlab.report.extrapolate} | null,
      "recommendation": {see adaptlab.report.recommend},
      "regime"? | "continual"?: {"rows": [...]} (see adaptlab.compare.studies),
-     "rank_scaling"?: {"rule": "rslora" | "alpha-2r" | "per-arm", "alpha", "text"} (rank study)}
+     "rank_scaling"?: {"rule": "rslora" | "alpha-2r" | "per-arm", "alpha", "text"} (rank study),
+     "lr_ratio"?: {"arms": [full, lora], "estimate", "interval": [lo, hi] | null, "seeds", "per_seed",
+                   "edge", "note"} (lr study: LoRA's fitted best LR / full's; see compare.lr_fit)}
 
 Differences between arms are paired over the documents (and seeds): adaptlab.report.paired, from "per_doc".
 
@@ -245,7 +249,7 @@ def assemble(
     budgets = set()
     for a in arms:
         arm_plans = [p for p in plans if p.arm == a.name]
-        reps = [p for p in arm_plans if (not p.sweep or p.run == sweeps.get(a.name, {}).get("best_run"))]
+        reps = [p for p in arm_plans if (not p.sweep or p.lr == sweeps.get(a.name, {}).get("best_lr"))]
         reps.sort(key=lambda p: p.seed_index)  # seed s of every arm saw the same data order: pairs
         p0 = reps[0] if reps else arm_plans[0]
         config = {

@@ -73,6 +73,10 @@ class ArmSpec(MethodSpec):
     """Peak LR. Default: the comparison's base LR for full, lora_lr_factor x it for the LoRA family."""
     lr_sweep: list[float] | None = None
     """Train at each LR and keep the best by validation loss (the sweep is reported)."""
+    sweep_every_seed: bool = False
+    """Sweep the LR at every seed (the LR study), not only the first: the best LR is picked on the
+    seeds' mean validation loss and each seed's optimum is fitted; off, the other seeds train at the
+    first seed's best LR."""
     batch: int | None = optional(TrainSpec, "batch")
     """Differs from the comparison's only in a batch study."""
     grad_accum: int | None = optional(TrainSpec, "grad_accum")
@@ -135,6 +139,8 @@ class ArmSpec(MethodSpec):
     def _one_lr(self) -> ArmSpec:
         if self.lr is not None and self.lr_sweep is not None:
             raise ValueError("can't provide both lr and lr_sweep: choose one")
+        if self.sweep_every_seed and self.lr_sweep is None:
+            raise ValueError(f"arm {self.name}: sweep_every_seed needs lr_sweep (the LRs to sweep)")
         if self.epochs is not None and self.data_fraction is None:
             raise ValueError("epochs needs data_fraction (epochs over a subset of the data)")
         if self.data is not None and self.data_fraction is not None:
@@ -230,6 +236,9 @@ class CompareSpec(_Spec):
     """Extrapolate arms measured at several budgets (e.g. the data-size study) to this many tokens."""
     study: str | None = None
     rank_scaling: str = "rslora"
+    lr_grid: list[float] | None = None
+    """The LR study's grid as multiples of the base LR (train.lr), the same for full and LoRA; default
+    arms.LR_GRID. A best LR on the grid's edge still extends the sweep."""
     """The rank study's update scaling (RANK_SCALINGS): rslora keeps it fixed across ranks; alpha-2r is the
     LoRA default alpha = 2 x rank."""
     train: TrainSettings = Field(default_factory=TrainSettings)
@@ -245,6 +254,13 @@ class CompareSpec(_Spec):
     @classmethod
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("lr_grid")
+    @classmethod
+    def _lr_grid(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) < 3 or any(x <= 0 for x in v) or len(set(v)) != len(v)):
+            raise ValueError("lr_grid needs at least three distinct positive multiples of the base LR")
+        return v
 
     @field_validator("rank_scaling")
     @classmethod
@@ -292,6 +308,10 @@ class CompareSpec(_Spec):
             )
         if not self.arms and self.study is None:
             raise ValueError("give a list of arms or a study")
+        if self.lr_grid is not None and (self.study != "lr" or self.arms):
+            raise ValueError(
+                "lr_grid is the grid of the lr study's own arms (study: lr, no arms): drop lr_grid"
+            )
         if self.rank_scaling != "rslora" and self.study != "rank":
             raise ValueError("rank_scaling (--rank-scaling) applies to the rank study only")
         if not (self.general or self.drift or self.mc):
