@@ -328,3 +328,19 @@ def test_seeds_replicate_and_lift_the_unreplicated_flag() -> None:
     r = results(arm("full", "full", 0.5, seeds=3), arm("lora", "lora", 0.3, seeds=3))
     v = verdict(C.LEARNS_LESS, r)
     assert v.n_seeds == 3 and not v.unreplicated and v.text == "agrees"
+
+
+def test_the_lr_claim_reads_the_fitted_ratio_and_its_interval_over_seeds() -> None:
+    """The LR study's fitted optima decide the claim: inside 10x's margin agrees, far outside disagrees,
+    one seed (no interval) or an optimum on the grid's edge (a bound) cannot tell."""
+
+    def ratio(estimate: float, interval: list[float] | None, seeds: int = 3, edge: bool = False) -> Any:
+        fitted = {"arms": ["full", "lora"], "estimate": estimate, "interval": interval, "seeds": seeds}
+        return verdict(C.LR_RATIO, {"arms": [], "lr_ratio": {**fitted, "edge": edge, "note": ""}})
+
+    assert ratio(9.0, [6.0, 14.0]).verdict == "agrees"
+    assert ratio(1.2, [0.8, 1.9]).verdict == "disagrees"  # the same LR for both: not 10x
+    assert ratio(9.0, [1.5, 60.0]).verdict == "cannot tell"
+    one = ratio(9.0, None, seeds=1)
+    assert one.verdict == "cannot tell" and one.text == "cannot tell (unreplicated: one seed)"
+    assert ratio(9.0, [6.0, 14.0], edge=True).verdict == "cannot tell"

@@ -289,6 +289,36 @@ def _optimum_range(sweep: dict[str, Any]) -> tuple[float, float]:
     return lo, hi
 
 
+def _fitted_lr_ratio(claim: Claim, fitted: dict[str, Any]) -> Verdict:
+    """The ratio of the two arms' fitted optima (compare/lr_fit.py: a parabola in log LR around each
+    seed's best point; the interval a bootstrap over seeds), judged on a log scale around the claimed
+    ratio. One seed gives no interval, and an optimum on its grid's edge is only a bound: cannot tell."""
+    estimate, interval, seeds = fitted["estimate"], fitted.get("interval"), int(fitted.get("seeds") or 1)
+    null, tol = math.log(claim.null), math.log(claim.margin)
+    if interval is None or fitted.get("edge") or min(interval) <= 0:
+        outcome: Outcome = "cannot tell"
+    else:
+        outcome = decide("equivalence", (math.log(interval[0]) - null, math.log(interval[1]) - null), tol)
+    full, lora = fitted["arms"]
+    return Verdict(
+        claim,
+        outcome,
+        float(estimate),
+        (float(interval[0]), float(interval[1])) if interval else None,
+        claim.margin,
+        ((lora, full),),
+        seeds,
+        None,
+        None,
+        "fitted optimal LR ratio LoRA / full (by validation loss, every seed swept)",
+        (
+            f"claimed {claim.null:g}x, agrees within a factor {claim.margin:g} either way "
+            f"[{claim.null / claim.margin:.3g}, {claim.null * claim.margin:.3g}]",
+            *([fitted["note"]] if fitted.get("note") else []),
+        ),
+    )
+
+
 def _lr_ratio(claim: Claim, arms: list[Arm]) -> Verdict:
     """LoRA's best LR over full fine-tuning's, judged on a log scale around the claimed ratio."""
     c = claim.contrast
@@ -377,6 +407,9 @@ def verdict(claim: Claim, results: dict[str, Any]) -> Verdict:
         return _reported(claim, results)
     arms, fm = _ok(results), results.get("forgetting_metric", "drift_kl")
     if shape == "lr_ratio":
+        fitted = results.get("lr_ratio")  # the LR study's fitted optima; older results: the best grid LRs
+        if fitted and fitted.get("estimate") is not None:
+            return _fitted_lr_ratio(claim, fitted)
         return _lr_ratio(claim, arms)
     if shape == "interaction":
         return _interaction(claim, arms, fm)
