@@ -225,7 +225,7 @@ def test_findings_never_replace_a_users_file(root: Path, run_cli: Any, tmp_path:
 def _judge_only(root: Path, out: Path, findings: Path) -> tuple[str, ...]:
     return (
         *("reproduce", "--data-root", str(root), "--out", str(out), "--judge-only"),
-        *("--evidence", str(findings.parent / "evidence")),
+        *("--evidence", str(findings.parent / "evidence"), "--eval-docs", "4"),
         *(
             "--findings",
             str(findings),
@@ -274,7 +274,7 @@ def test_reproduce_refuses_a_users_folder_as_compare_and_train_do(
     code, _, err = run_cli(
         "reproduce", "--data-root", root, "--out", out, "--model", "tiny-random", "--studies", "rank",
         "--domains", "legal", "--tokens", "64", "--findings", tmp_path / "findings.md",
-        "--evidence", tmp_path / "evidence",
+        "--evidence", tmp_path / "evidence", "--eval-docs", "4",
     )  # fmt: skip
     assert code == 2 and "did not write" in _line(err) and "--overwrite" in _line(err)
     assert [p.name for p in out.iterdir()] == ["NOTES.txt"]  # nothing trained, no marker left
@@ -285,5 +285,5 @@ def test_reproduce_refuses_a_users_folder_as_compare_and_train_do(
 
 
 def test_every_folder_a_reproduction_writes_is_declared(root: Path) -> None:
-    tops = {c.key.split("/")[0] for c in rep.plan(root, model="tiny-random")}
+    tops = {c.key.split("/")[0] for c in rep.plan(root, model="tiny-random", scale=rep.Scale(eval_docs=4))}
     assert [t for t in sorted(tops) if not any(fnmatch.fnmatch(t, w) for w in WRITES["reproduction"])] == []
