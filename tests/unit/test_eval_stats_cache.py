@@ -39,7 +39,7 @@ def test_item_deltas_name_each_figure_and_pair_the_items():
     base = (rng.random(40) < 0.5).astype(float)
     tuned = base.copy()
     tuned[np.flatnonzero(base == 0)[:10]] = 1.0  # ten items turn right, none turn wrong
-    d = item_deltas([("acc", "ci95", tuned, base), ("acc_norm", "acc_norm_ci95", base, base)], 200)
+    d = item_deltas([("acc", "ci95", tuned, base), ("acc_norm", "acc_norm_ci95", base, base)])
     assert list(d) == ["acc", "ci95", "acc_norm", "acc_norm_ci95"]
     assert d["acc"] == pytest.approx(0.25) and 0 < d["ci95"][0] < 0.25 < d["ci95"][1]
     assert d["acc_norm"] == 0.0 and d["acc_norm_ci95"] == [0.0, 0.0]

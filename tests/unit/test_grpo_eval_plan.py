@@ -37,7 +37,7 @@ def test_eval_task_bad_reward_is_one_line(run_cli) -> None:
 def test_task_section_pairs_tuned_with_base() -> None:
     tuned = TaskScores(np.array([1.0, 1.0, 0.0, 1.0]), np.array([0.5, 1.0, 0.0, 0.75]), 4)
     base = TaskScores(np.array([0.0, 1.0, 0.0, 0.0]), np.array([0.25, 0.5, 0.0, 0.0]), 4)
-    s = task_section(tuned, base, n_resamples=200)
+    s = task_section(tuned, base)
     assert s["pass1"] == 0.75 and s["base"]["pass1"] == 0.25
     assert s["delta"]["pass1"] == 0.5 and s["delta"]["pass1_ci95"][0] <= 0.5 <= s["delta"]["pass1_ci95"][1]
     assert s["delta"]["mean_reward_k"] == pytest.approx(0.375)

@@ -2,7 +2,7 @@
 
 perplexity.py (NLL per token, perplexity, bits per byte), drift.py (KL(base || tuned)),
 choice.py (multiple choice, lm-eval's log-likelihood scoring), harness.py (lm-eval tasks),
-stats.py (paired bootstrap CIs), cache.py (base figures on disk), prompts.py (general prompts),
+stats.py (paired CIs), cache.py (base figures on disk), prompts.py (general prompts),
 run.py (`evaluate()`, the entry the CLI and the comparison tool call; its docstring holds the
 JSON schema).
 

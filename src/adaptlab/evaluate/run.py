@@ -6,8 +6,9 @@ a full fine-tuned model gets its base passed as `base_model`. Base figures are c
 (cache.py) when `base_identity` is given.
 
 Returned JSON (each section present only when asked for; "base" and "delta" only when a base is
-compared; nll in nats per token, bpb in bits per UTF-8 byte, ci95 = paired bootstrap 95% interval
-over documents/items, N_RESAMPLES resamples, seed 0):
+compared; nll in nats per token, bpb in bits per UTF-8 byte; ci95 = a 95% interval over
+documents/items: of a difference from the base, the paired jackknife t interval of
+stats.paired_delta_ci; of one figure, a bootstrap of N_RESAMPLES resamples, seed 0):
 
     {
       "target":  {"nll": f, "ppl": f, "bpb": f, "tokens": n, "docs": n,
@@ -66,12 +67,12 @@ def _check_same_vocab(model: Any, base: Any, tokenizer: Any, base_tokenizer: Any
 
 
 def _nll_section(
-    tuned: perplexity.DocScores, base: perplexity.DocScores | None, n_resamples: int, per_doc: bool = False
+    tuned: perplexity.DocScores, base: perplexity.DocScores | None, per_doc: bool = False
 ) -> dict[str, Any]:
     section: dict[str, Any] = perplexity.summarize(tuned)
     if base is not None:
         section["base"] = perplexity.summarize(base)
-        ci = stats.paired_delta_ci(tuned.nll, tuned.tokens, base.nll, base.tokens, n_resamples)
+        ci = stats.paired_delta_ci(tuned.nll, tuned.tokens, base.nll, base.tokens)
         section["delta"] = {"nll": section["nll"] - section["base"]["nll"], "ci95": ci}
     if per_doc:
         section["per_doc"] = {"nll": tuned.nll.tolist(), "tokens": tuned.tokens.tolist()}
@@ -81,7 +82,7 @@ def _nll_section(
 
 
 def _mc_section(
-    tuned: choice.ChoiceScores, base: choice.ChoiceScores | None, n_resamples: int, per_doc: bool = False
+    tuned: choice.ChoiceScores, base: choice.ChoiceScores | None, per_doc: bool = False
 ) -> dict[str, Any]:
     section: dict[str, Any] = choice.summarize(tuned)
     if per_doc:
@@ -94,8 +95,7 @@ def _mc_section(
             [
                 ("acc", "ci95", tuned.acc, base.acc),
                 ("acc_norm", "acc_norm_ci95", tuned.acc_norm, base.acc_norm),
-            ],
-            n_resamples,
+            ]
         )
     return section
 
@@ -186,7 +186,7 @@ def _nll_step(s: _Scoring, name: str, docs_in: Sequence[str | Document]) -> dict
 
     parse = perplexity.DocScores.from_json
     tuned, base = s.tuned_and_base(name, "nll", data_hash, key_settings, score, parse)
-    return _nll_section(tuned, base, s.n_resamples, s.per_doc)
+    return _nll_section(tuned, base, s.per_doc)
 
 
 def _drift_texts(
@@ -281,7 +281,7 @@ def _mc_step(s: _Scoring, stem: str, path: str | Path, limit: int | None) -> dic
 
     parse = choice.ChoiceScores.from_json
     tuned, base = s.tuned_and_base(f"mc {stem}", "mc", data_hash, key_settings, score, parse)
-    return _mc_section(tuned, base, s.n_resamples, s.per_doc)
+    return _mc_section(tuned, base, s.per_doc)
 
 
 def _harness_step(
@@ -342,7 +342,7 @@ def _task_step(s: _Scoring, spec: TaskEval, seed: int) -> dict[str, Any]:
     tuned, base = s.tuned_and_base(
         f"task {spec.source}", "task", hash_texts(items), key_settings, score, parse
     )
-    section = task.task_section(tuned, base, s.n_resamples)
+    section = task.task_section(tuned, base)
     return {"name": spec.source, "reward": spec.reward, **section}
 
 

@@ -5,7 +5,7 @@ of prompt/answer rows), rendered with the chat template; completions are scored 
 (data/rewards.py, default `exact`). pass@1 is the mean reward of the greedy completion (the share
 answered right, for a 0/1 reward); mean@k is the mean reward over k completions sampled at
 temperature 1 with a fixed seed. Both are per-item figures, so a tuned model and its base get a
-paired bootstrap interval of their difference (stats.py), as every other section of `evaluate`.
+paired interval of their difference (stats.item_deltas), as every other section of `evaluate`.
 
 Section of evaluate()'s JSON (base and delta when a base is compared):
 
@@ -95,9 +95,7 @@ def score_task(
     return TaskScores(greedy, sampled.mean(axis=1), k)
 
 
-def task_section(
-    tuned: TaskScores, base: TaskScores | None, n_resamples: int = stats.N_RESAMPLES
-) -> dict[str, Any]:
+def task_section(tuned: TaskScores, base: TaskScores | None) -> dict[str, Any]:
     """evaluate()'s "task" figures (without name and reward): summary, base and paired deltas."""
     section: dict[str, Any] = {"n": len(tuned.pass1), "k": tuned.k, **tuned.summary()}
     if base is not None:
@@ -106,7 +104,6 @@ def task_section(
             [
                 ("pass1", "pass1_ci95", tuned.pass1, base.pass1),
                 ("mean_reward_k", "mean_reward_k_ci95", tuned.mean_k, base.mean_k),
-            ],
-            n_resamples,
+            ]
         )
     return section
