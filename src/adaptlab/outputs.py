@@ -71,6 +71,7 @@ WRITES: dict[str, tuple[str, ...]] = {
         "mlruns",
     ),
     "compare": ("results.json", "report.md", "runs", "sft-answers.jsonl"),
+    "decision": ("decide.yaml", "design.json", "decision.json", "decision.md", "compare"),
     "export": ("*.gguf", "export.json", "Modelfile"),
     "analysis": ("analysis.json", "intruders.png", "rel_update_norm.png"),
     "mitigated adapter": ("adapter_config.json", "adapter_model.safetensors", "mitigation.json", "README.md"),

@@ -49,7 +49,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("measuring", ("evaluate", "analysis", "adapters")),
     ("deciding", ("plan", "compare", "report", "findings")),
-    ("studies", ("reproduce", "healed", "mitigate", "mitigate_sweep")),
+    ("studies", ("reproduce", "healed", "mitigate", "mitigate_sweep", "decide")),
     ("integrations", ("tracking", "runs_index", "export", "publish", "serve")),
     ("cli", ("cli", "__main__")),
 ]

@@ -35,6 +35,7 @@ COMMANDS = {
     "serve": "serve",
     "compare": "compare",
     "demo": "compare",
+    "decide": "decide",
     "runs": "runs",
     "export": "export",
     "reproduce": "reproduce",
