@@ -1,9 +1,10 @@
 """How close `adaptlab decide --dry-run` comes to the decision's real wall time, and whether the
 decision ends within --time.
 
-Runs `adaptlab decide ... --dry-run` (the estimate, from the planner's time model and whatever
-calibration earlier decisions left in the plan cache), then the same decision for real in a fresh
---out, timing the whole command. Goal: the estimate within +-20% of the measured wall time, and the
+Runs `adaptlab decide ... --dry-run` (the estimate: from the planner's time model alone with
+--no-calibration, the first estimate a fresh machine gives; without it, with whatever calibration
+earlier decisions left in the plan cache), then the same decision for real in a fresh --out, timing
+the whole command. Goal: the estimate within +-20% of the measured wall time, and the
 wall time within 110% of --time. Prints a table and writes JSON.
 
     python bench/decide_estimate.py --model smollm2-135m --data python-stdlib --time 20m \
@@ -40,12 +41,13 @@ def main() -> None:
     ap.add_argument("--data", default="python-stdlib")
     ap.add_argument("--time", default="20m")
     ap.add_argument("--executor", default="local")
+    ap.add_argument("--no-calibration", action="store_true", help="the time model alone (a fresh machine)")
     ap.add_argument("--keep", help="keep the decision's directory here (default: a temp dir, removed)")
     ap.add_argument("--out", default="bench/results/decide_estimate.json")
     a = ap.parse_args()
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="decide-bench-")) / "decision"
     args = ["decide", "--model", a.model, "--data", a.data, "--time", a.time, "--executor", a.executor]
-    args += ["--out", str(work)]
+    args += ["--out", str(work)] + (["--no-calibration"] if a.no_calibration else [])
     dry = subprocess.run(ADAPTLAB + args + ["--dry-run"], capture_output=True, text=True, check=True)
     estimate = _estimate_s(dry.stdout)
     t0 = time.perf_counter()
@@ -58,6 +60,7 @@ def main() -> None:
         "data": a.data,
         "time": a.time,
         "executor": a.executor,
+        "calibrated": not a.no_calibration,
         "dry_run": dry.stdout,
         "estimate_s": estimate,
         "wall_s": wall,

@@ -170,7 +170,7 @@ def _decide(corpus: Path, out: Path, **kw) -> subprocess.Popen:
         "--out",
         str(out),
     ]
-    args += ["--lr-candidates", "2", "--seeds", "2", "--budgets", "2"]
+    args += ["--lr-candidates", "2", "--seeds", "2", "--budgets", "2", "--no-calibration"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
 
@@ -213,3 +213,14 @@ def test_a_killed_decision_resumes_without_retraining(tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in finished} == finished  # none trained again
     assert "finished earlier, skipped" in stderr
     assert json.loads((out / "decision.json").read_text())["pick"] in ("full", "lora")
+
+
+def test_a_slow_search_buys_fewer_seeds_never_fewer_than_two() -> None:
+    from adaptlab.decide.design import seeds_within
+
+    d = size(_spec(time_s=4 * 3600.0), ["full", "lora"], _costs())
+    assert d.seeds == 3
+    rest = d.breakdown["replicate"] + d.breakdown["evaluation"] + d.breakdown["report"]
+    assert seeds_within(d, rest * 1.01, 1.0) == 3
+    assert seeds_within(d, rest * 1.01, 1.5) == 2
+    assert seeds_within(d, 1.0, 3.0) == 2

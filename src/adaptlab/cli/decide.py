@@ -122,6 +122,11 @@ class DecisionPrinter:
     "--out", default="adaptlab-decision", show_default=True, type=click.Path(), help="Output directory."
 )
 @click.option(
+    "--no-calibration",
+    is_flag=True,
+    help="Estimate from the planner's time model alone, and record nothing for later estimates.",
+)
+@click.option(
     "--dry-run", is_flag=True, help="Print the experiment and its estimated wall time; train nothing."
 )
 @overwrite_option
@@ -143,6 +148,7 @@ def decide_command(
     target_tokens: str | None,
     out: str,
     dry_run: bool,
+    no_calibration: bool,
     overwrite: bool,
     executor: str,
     parallel_runs: int,
@@ -173,7 +179,7 @@ def decide_command(
         raise UserError(f"{where}: {e['msg']}") from None
     quiet_transformers()
     if dry_run:
-        target, design, costs = prepare(spec, Path(out), executor, parallel_runs)
+        target, design, costs = prepare(spec, Path(out), executor, parallel_runs, not no_calibration)
         _print_design(design.as_dict(), target.as_dict(), costs)
         return
     runner = make_executor(executor, parallel_runs, ray_address, gpus_per_run, cpus_per_run)
@@ -189,6 +195,7 @@ def decide_command(
             overwrite=overwrite,
             executor_kind=executor,
             parallel=parallel_runs,
+            calibrate=not no_calibration,
         )
     click.echo((Path(out) / "decision.md").read_text())
     click.echo(f"decision: {out}/decision.json, {out}/decision.md; every run: {out}/compare/")

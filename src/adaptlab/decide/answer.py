@@ -221,8 +221,9 @@ def render(d: dict[str, Any]) -> str:
     unit = {"general_nll": "general NLL increase", "drift_kl": "drift KL", "mc_acc_drop": "MC accuracy drop"}
     lines += [
         f"| method | LR | learning (nats/token) | forgetting ({unit.get(d['forgetting_metric'], '')}) | "
-        "vs full: learning | vs full: forgetting | fits target | peak memory there | time there |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "vs full: learning | vs full: forgetting | fits target | peak memory there | time there | "
+        "pilot tokens/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m, o in d["options"].items():
         p = o["pilot"] or {}
@@ -231,9 +232,10 @@ def render(d: dict[str, Any]) -> str:
             f"| {m} | {o['lr']:.2g} | {_fmt_ci(p.get('learning'))} | {_fmt_ci(p.get('forgetting'))} | "
             f"{_fmt_ci(vs.get('learning'))} | {_fmt_ci(vs.get('forgetting'))} | "
             f"{'yes' if o['fits_target'] else 'no'} | {_gib(o['target_peak_mem_bytes'])} | "
-            f"{fmt_s(o['target_time_s']) if o['target_time_s'] else 'n/a'} |"
-            if o["lr"] is not None
-            else f"| {m} | n/a | | | | | {'yes' if o['fits_target'] else 'no'} | | |"
+            f"{fmt_s(o['target_time_s']) if o['target_time_s'] else 'n/a'} | "
+            f"{p['tokens_per_s']:.0f} |"
+            if o["lr"] is not None and p
+            else f"| {m} | n/a | | | | | {'yes' if o['fits_target'] else 'no'} | | | |"
         )
     basis = "the target budget (extrapolated)" if d["basis"] == "target" else "the largest pilot budget"
     lines += [

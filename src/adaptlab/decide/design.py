@@ -229,6 +229,7 @@ def local_costs(
     setup_s: float,
     executor: str,
     parallel: int,
+    calibrate: bool = True,
 ) -> Costs:
     """Costs on this machine from its plan (plan.planner.plan at the pilot's batch and seq_len)."""
     per_step = spec.batch * spec.seq_len
@@ -247,7 +248,7 @@ def local_costs(
     generate = (
         0.0 if spec.general else DRIFT_TOKENS * DRIFT_PROMPTS * fwd_token_s * 8.0
     )  # one token a row at a time
-    cal = calibration(spec.model)
+    cal = calibration(spec.model) if calibrate else {}
     return Costs(
         step_s=step_s,
         start_s=start_s,
@@ -306,3 +307,19 @@ def record_calibration(model: str, measured: dict[str, float], estimated: dict[s
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=1))
     tmp.replace(path)
+
+
+def seeds_within(design: Design, time_left_s: float, pace: float) -> int:
+    """Seeds the replication can afford in time_left_s, with the rest of the design's estimate scaled by
+    `pace` (measured / estimated so far): design.seeds, or fewer down to 2 (from 2 seeds on, the
+    search's runs are the first seed's, so reducing keeps them)."""
+    b = design.breakdown
+    if design.seeds <= 2:
+        return design.seeds
+    for s in range(design.seeds, 2, -1):
+        rest = (
+            b["replicate"] * (s - 1) / (design.seeds - 1) + b["evaluation"] * s / design.seeds + b["report"]
+        )
+        if rest * pace <= time_left_s:
+            return s
+    return 2

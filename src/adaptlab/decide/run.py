@@ -12,6 +12,7 @@ started again replays the search from the runs' validation losses and trains onl
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,11 @@ def compare_data(spec: DecideSpec, design: Design, seeds: int, arms: list[dict[s
 
 
 def prepare(
-    spec: DecideSpec, out: Path | None, executor_kind: str = "local", parallel: int = 1
+    spec: DecideSpec,
+    out: Path | None,
+    executor_kind: str = "local",
+    parallel: int = 1,
+    calibrate: bool = True,
 ) -> tuple[Target, Design, Costs | None]:
     """What fits the target, and the design: the one stored in OUT when its settings are these, else
     sized now from this machine's time model."""
@@ -112,7 +117,9 @@ def prepare(
     stored = _stored_design(spec, out)
     if stored is not None:
         return target, stored, None
-    costs = sizing.local_costs(spec, local, methods, time.monotonic() - t0, executor_kind, parallel)
+    costs = sizing.local_costs(
+        spec, local, methods, time.monotonic() - t0, executor_kind, parallel, calibrate
+    )
     return target, sizing.size(spec, methods, costs), costs
 
 
@@ -140,6 +147,7 @@ def decide(
     overwrite: bool = False,
     executor_kind: str = "local",
     parallel: int = 1,
+    calibrate: bool = True,
 ) -> dict[str, Any]:
     """Run the decision into OUT and return decision.json's content (see the module docstring)."""
     from adaptlab.compare.executors import LocalExecutor
@@ -147,7 +155,8 @@ def decide(
     out = Path(out)
     outputs.check_out(out, "decision", overwrite=overwrite)
     t0 = time.monotonic()
-    target, design, costs = prepare(spec, out, executor_kind, parallel)
+    target, design, costs = prepare(spec, out, executor_kind, parallel, calibrate)
+    costs = costs if calibrate else None  # None: record no calibration
     emit = on_event or (lambda e: None)
     with outputs.owned(out, "decision", overwrite=overwrite):
         write_if_changed(out / "decide.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
@@ -157,6 +166,52 @@ def decide(
         progress = Progress(design, emit, t0)
         emit({"event": "design", "design": design.as_dict(), "target": target.as_dict()})
         return _run(spec, out, design, target, executor or LocalExecutor(), progress, overwrite, costs, t0)
+
+
+def _search(
+    spec: DecideSpec, design: Design, cmp_out: Path, executor: Executor, progress: Progress, overwrite: bool
+) -> dict[str, Search]:
+    """Each method's LR search: every rung's runs trained through the executor as seed 0 of the
+    comparison the replication completes (the same run names and configs, so they are reused)."""
+    from adaptlab.compare import build_spec
+    from adaptlab.compare.arms import expand
+    from adaptlab.rundir import RunDir
+
+    def train_rung(method: str) -> Any:
+        def run(alive: list[float], rung: int) -> dict[float, float | None]:
+            arms = [arm_entry(spec, design, method, lr, rung) for lr in alive]
+            cspec = build_spec(compare_data(spec, design, design.seeds, arms), source="decide")
+            plans = {p.lr: p for p in expand(cspec, list(cspec.arms)) if p.seed_index == 0}
+            jobs = [Job(p, False, i + 1, len(plans), overwrite) for i, p in enumerate(plans.values())]
+            status = executor.train_runs(jobs, cspec, cmp_out, progress)
+            losses: dict[float, float | None] = {}
+            for lr in alive:
+                name = plans[lr].run
+                ok = status.get(name, {}).get("status") == "ok"
+                losses[lr] = (RunDir(cmp_out / "runs" / name).read_summary() if ok else {}).get(
+                    "final_val_loss"
+                )
+            return losses
+
+        return run
+
+    searches = {}
+    for m in design.methods:
+        progress.phase(f"LR search, {m}: {len(design.lrs[m])} candidates over {len(design.budgets)} budgets")
+        searches[m] = successive_halving(
+            design.lrs[m], len(design.budgets), train_rung(m), design.reduction_factor
+        )
+    return searches
+
+
+def _fit_seeds(spec: DecideSpec, design: Design, search_s: float, t0: float) -> Design:
+    """The design with fewer seeds when the search ran slower than estimated (never below 2)."""
+    pace = min(3.0, max(0.5, search_s / max(design.breakdown["search"], 1e-9)))
+    seeds = sizing.seeds_within(design, spec.time_s - (time.monotonic() - t0), pace)
+    if seeds >= design.seeds:
+        return design
+    note = f"the search ran {pace:.1f}x its estimate: {seeds} seeds instead of {design.seeds}, to end within --time"
+    return dataclasses.replace(design, seeds=seeds, notes=[*design.notes, note])
 
 
 def _run(
@@ -171,52 +226,26 @@ def _run(
     t0: float,
 ) -> dict[str, Any]:
     from adaptlab.compare import build_spec, compare
-    from adaptlab.compare.arms import expand
     from adaptlab.compare.evaluation import write_json
     from adaptlab.decide.answer import answer, render
-    from adaptlab.rundir import RunDir
 
     cmp_out = out / "compare"
     outputs.claim(cmp_out, "comparison", overwrite=overwrite)
-    seeds = design.seeds
-
-    def train_rung(method: str) -> Any:
-        def run(alive: list[float], rung: int) -> dict[float, float | None]:
-            arms = [arm_entry(spec, design, method, lr, rung) for lr in alive]
-            cspec = build_spec(compare_data(spec, design, seeds, arms), source="decide")
-            plans = [p for p in expand(cspec, list(cspec.arms)) if p.seed_index == 0]
-            by_lr = {p.lr: p for p in plans}
-            jobs = [Job(p, False, i + 1, len(plans), overwrite) for i, p in enumerate(plans)]
-            status = executor.train_runs(jobs, cspec, cmp_out, progress)
-            losses: dict[float, float | None] = {}
-            for lr in alive:
-                run_name = by_lr[lr].run
-                ok = status.get(run_name, {}).get("status") == "ok"
-                summary = RunDir(cmp_out / "runs" / run_name).read_summary() if ok else {}
-                losses[lr] = summary.get("final_val_loss")
-            return losses
-
-        return run
-
     t_search = time.monotonic()
-    searches: dict[str, Search] = {}
-    for m in design.methods:
-        progress.phase(f"LR search, {m}: {len(design.lrs[m])} candidates over {len(design.budgets)} budgets")
-        searches[m] = successive_halving(
-            design.lrs[m], len(design.budgets), train_rung(m), design.reduction_factor
-        )
+    searches = _search(spec, design, cmp_out, executor, progress, overwrite)
     search_s = time.monotonic() - t_search
     winners = {m: s.best for m, s in searches.items() if s.best is not None}
     if not winners:
         raise UserError("every run of the LR search failed: see the logs under " + str(cmp_out / "runs"))
-    arms = [
-        arm_entry(spec, design, m, lr, k) for m, lr in winners.items() for k in range(len(design.budgets))
-    ]
+    budgets = range(len(design.budgets))
+    arms = [arm_entry(spec, design, m, lr, k) for m, lr in winners.items() for k in budgets]
+    if not progress.reused:  # a search slower than estimated: fewer seeds rather than past --time
+        design = _fit_seeds(spec, design, search_s, t0)
     progress.phase(
-        f"replicating the winners over {seeds} seed(s) at {len(design.budgets)} budgets, then evaluating"
+        f"replicating the winners over {design.seeds} seed(s) at {len(budgets)} budgets, then evaluating"
     )
     t_cmp = time.monotonic()
-    cspec = build_spec(compare_data(spec, design, seeds, arms), source="decide")
+    cspec = build_spec(compare_data(spec, design, design.seeds, arms), source="decide")
     results = compare(cspec, cmp_out, on_event=progress, overwrite=overwrite, executor=executor)
     compare_s = time.monotonic() - t_cmp
     decision = answer(spec, design, target, searches, results)
@@ -226,11 +255,10 @@ def _run(
     (out / "decision.md").write_text(render(decision))
     if costs is not None and not progress.reused:  # a whole decision measured from scratch: calibrate
         b = design.breakdown
-        train_est = b["search"] + b["replicate"]
         measured_eval = max(0.0, compare_s - b["replicate"] * search_s / max(b["search"], 1e-9))
         sizing.record_calibration(
             spec.model,
             {"train": search_s, "eval": measured_eval},
-            {"train": b["search"], "eval": b["evaluation"]} if train_est > 0 else {},
+            {"train": b["search"], "eval": b["evaluation"]},
         )
     return decision
