@@ -224,3 +224,21 @@ def test_a_slow_search_buys_fewer_seeds_never_fewer_than_two() -> None:
     assert seeds_within(d, rest * 1.01, 1.0) == 3
     assert seeds_within(d, rest * 1.01, 1.5) == 2
     assert seeds_within(d, 1.0, 3.0) == 2
+
+
+def test_a_method_that_does_not_fit_the_target_is_left_out(tmp_path: Path) -> None:
+    from adaptlab.decide import prepare
+    from adaptlab.plan import plan
+
+    corpus = write_corpus(tmp_path / "data", n_docs=40)
+    p = plan("tiny-random", [str(corpus)], seq_len=128, batch=4, ranks=[16])
+    full, lora = p["methods"]["full"]["peak_mem_bytes"], p["methods"]["lora"]["peak_mem_bytes"]
+    assert lora < full
+    between = f"{(full + lora) / 2 / 2**30:.4f}GiB"
+    spec = DecideSpec(model="tiny-random", data=[str(corpus)], time_s=3600.0, memory=between)
+    target, design, _ = prepare(spec, None, "inline", 1, calibrate=False)
+    assert not target.fits("full") and target.fits("lora")
+    assert design.methods == ["lora"] and any("full does not fit" in n for n in target.notes)
+    tiny = DecideSpec(model="tiny-random", data=[str(corpus)], time_s=3600.0, memory="0.01GiB")
+    with pytest.raises(UserError, match="no method fits"):
+        prepare(tiny, None, "inline", 1, calibrate=False)
