@@ -15,6 +15,7 @@ from adaptlab.config import RunConfig
 from adaptlab.methods import ParamReport
 from adaptlab.objectives import Objective
 from adaptlab.rundir import RunDir
+from adaptlab.transforms import Transforms
 
 
 @dataclass
@@ -40,3 +41,5 @@ class Setup:
     """ddp | fsdp when several processes train this run, else None."""
     compiled: bool = False
     """Whether its decoder layers run under torch.compile (train.compile, compiling.resolve)."""
+    transforms: Transforms | None = None
+    """What its model got before the first step (adaptlab.transforms; train.prepare sets it)."""

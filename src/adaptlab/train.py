@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from adaptlab import compiling, outputs
 from adaptlab import distributed as dist
-from adaptlab import outputs
 from adaptlab.autocast_linear import fuse_autocast_linears
 from adaptlab.checkpoint import LogFn, RankWriter, RunWriter, restore
 from adaptlab.config import LrChange, RunConfig, TrainSpec, build_config, load_config
@@ -68,6 +68,7 @@ from adaptlab.objectives import objective_for, to_device
 from adaptlab.optim_backward import BackwardUpdates, check_one_process
 from adaptlab.run_setup import Setup
 from adaptlab.rundir import RunDir, dir_bytes, versions, write_dir
+from adaptlab.transforms import Transforms, loads_held, transforms_for
 
 log = logging.getLogger(__name__)
 
@@ -107,45 +108,18 @@ def prepare(
     objective = objective_for(config)
     fits = fits_one_device(config, device) if fits_one_device and world.distributed else None
     strategy = dist.resolve_parallel(parallel, config.method.method, world, fits)
-    # FSDP2 loads on the CPU and moves only each rank's shards to its device
-    # QLoRA quantizes from the checkpoint's own dtype, and LoRA at bf16 keeps a bf16 checkpoint's
-    # Linears as stored (frozen_base.py): neither holds the base whole in fp32
-    held = precision == "bf16" and strategy != "fsdp" and config.method.method == "lora"
-    if held:
-        loaded = load_held(config.model.name, device)
-    else:
-        dtype = STORED if config.method.method == "qlora" else torch.float32
-        loaded = load_model(config.model.name, dtype=dtype, device="cpu" if strategy == "fsdp" else device)
+    loaded = load_base(config, device, precision, strategy)
     check_against_model(config, loaded.model)
-    compiled = _compiles(config, device, precision, world, sum(p.numel() for p in loaded.model.parameters()))
+    transforms = transforms_for(
+        config, device, precision, strategy, sum(p.numel() for p in loaded.model.parameters())
+    )
+    # auto turning it on is said: the first step then takes tens of seconds longer while it compiles
+    (log.warning if transforms.compile and config.train.compile == "auto" else log.debug)(
+        transforms.why["compile"]
+    )
     tokenizer = loaded.tokenizer
     train_examples, val_examples = objective.build_data(config, tokenizer)
-    with adapters_in_fp32() if held else nullcontext():
-        model = apply_method(loaded.model, config.method, base_name=config.model.name, seed=config.train.seed)
-    if config.model.init_from:  # another run's weights (init_from.py)
-        from adaptlab import init_from
-
-        model = init_from.load_into(model, config)
-    # bit-identical to the plain MLP, two (tokens x intermediate) tensors less per block
-    fuse_mlps(model, recompute_product=not (config.train.grad_checkpointing or compiled))
-    if not compiled:  # LoRA's adapter passes folded into accumulating matmuls
-        fuse_loras(model)
-    if not (compiled or strategy == "fsdp"):
-        fuse_autocast_linears(model)  # under autocast, trained Linears keep fp32 tensors, not bf16 casts
-    if not (config.train.grad_checkpointing or compiled or strategy == "fsdp"):
-        fuse_norms(model)  # a block's norms keep their input only; their outputs are rebuilt in backward
-    if config.train.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if precision == "bf16" and device.type == "cpu":
-        use_cpu_attention(model)  # torch's flash forward, a faster backward of fused matmuls
-    if precision == "bf16" and strategy != "fsdp":
-        hold_frozen_linears(model)  # the bf16 values autocast would cast them to at every call
-    if strategy != "fsdp":
-        model.to(device)
-    if compiled:
-        from adaptlab.compiling import compile_layers
-
-        compile_layers(model, device)
+    model = build_model(loaded.model, config, transforms, device, strategy)
     model.train()
     report = param_report(model)
     model = dist.wrap(model, strategy, device, precision)
@@ -163,32 +137,55 @@ def prepare(
         total_steps=config.train.total_steps(),
         world=world,
         parallel=strategy,
-        compiled=compiled,
+        compiled=transforms.compile,
         objective=objective,
+        transforms=transforms,
     )
 
 
-def _compiles(
-    config: RunConfig, device: torch.device, precision: str, world: dist.World, n_params: int
-) -> bool:
-    """train.compile resolved for this run (`auto`: compiling.auto_blockers) on a base of `n_params`."""
-    from adaptlab import compiling
+def load_base(config: RunConfig, device: torch.device, precision: str, strategy: str | None) -> Any:
+    """The run's base (models.LoadedModel), loaded as its transforms need it.
 
-    t = config.train
-    blockers = compiling.auto_blockers(
-        method=config.method.method,
-        device=device,
-        precision=precision,
-        world_size=world.world_size,
-        task=config.objective.task,
-        grad_checkpointing=t.grad_checkpointing,
-        optimizer_in_backward=t.optimizer_in_backward,
-        work=float(n_params) * t.total_steps() * t.tokens_per_step,
-    )
-    compiled, why = compiling.resolve(t.compile, blockers)
-    # auto turning it on is said: the first step then takes tens of seconds longer while it compiles
-    (log.warning if compiled and t.compile == "auto" else log.debug)(why)
-    return compiled
+    FSDP2 loads on the CPU and moves only each rank's shards to its device. QLoRA quantizes from the
+    checkpoint's own dtype, and LoRA at bf16 keeps a bf16 checkpoint's Linears as stored (frozen_base.py):
+    neither holds the base whole in fp32.
+    """
+    if loads_held(config.method.method, precision, strategy):
+        return load_held(config.model.name, device)
+    dtype = STORED if config.method.method == "qlora" else torch.float32
+    return load_model(config.model.name, dtype=dtype, device="cpu" if strategy == "fsdp" else device)
+
+
+def build_model(
+    base: Any, config: RunConfig, transforms: Transforms, device: torch.device, strategy: str | None
+) -> Any:
+    """The method applied to `base`, then each of `transforms` (adaptlab.transforms), on `device` unless
+    FSDP2 shards it there (distributed.wrap)."""
+    with adapters_in_fp32() if transforms.load_held else nullcontext():
+        model = apply_method(base, config.method, base_name=config.model.name, seed=config.train.seed)
+    if config.model.init_from:  # another run's weights (init_from.py)
+        from adaptlab import init_from
+
+        model = init_from.load_into(model, config)
+    # bit-identical to the plain MLP, two (tokens x intermediate) tensors less per block
+    fuse_mlps(model, recompute_product=transforms.recompute_mlp_product)
+    if transforms.fuse_lora:  # LoRA's adapter passes folded into accumulating matmuls
+        fuse_loras(model)
+    if transforms.fuse_linears:
+        fuse_autocast_linears(model)  # under autocast, trained Linears keep fp32 tensors, not bf16 casts
+    if transforms.fuse_norms:
+        fuse_norms(model)  # a block's norms keep their input only; their outputs are rebuilt in backward
+    if config.train.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if transforms.cpu_attention:
+        use_cpu_attention(model)  # torch's flash forward, a faster backward of fused matmuls
+    if transforms.hold_base_bf16:
+        hold_frozen_linears(model)  # the bf16 values autocast would cast them to at every call
+    if strategy != "fsdp":
+        model.to(device)
+    if transforms.compile:
+        compiling.compile_layers(model, device)
+    return model
 
 
 def _check_out(run: RunDir, overwrite: bool) -> None:

@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "optim_backward",
             "compiling",
             "sampling",
+            "transforms",
         ),
     ),
     (

@@ -127,7 +127,9 @@ def test_frozen_linears_held_in_bf16_at_bf16(monkeypatch):
     held = memory_breakdown(arch, lora, gpu_bf16, 0)
     assert held["weights"] == 4 * 1624 - 2 * 576  # every block Linear; the tied head stays fp32
     assert held["weight_copies"] == 2 * 1024  # the loss casts the head; no block weight is cast
-    unheld = memory_breakdown(arch, lora, gpu_bf16, 0, held_bf16=False)
+    unheld = memory_breakdown(
+        arch, lora, gpu_bf16, 0, transforms=replace(estimate.eager(lora, gpu_bf16), hold_base_bf16=False)
+    )
     assert unheld["weights"] == 4 * 1624 and unheld["weight_copies"] == 2 * (576 + 1024)
     assert memory_breakdown(arch, lora, replace(gpu_bf16, precision="fp32"), 0)["weights"] == 4 * 1624
     dora = memory_breakdown(arch, Arm("dora", 2, ("q_proj", "v_proj")), gpu_bf16, 0)

@@ -94,9 +94,11 @@ def _print(result: dict[str, Any]) -> None:
     compiled = [key for key, m in result["methods"].items() if m["compile"]["on"]]
     if compiled:
         console.print(
-            f"compile: `auto` compiles {', '.join(compiled)} at this budget here; time/epoch is the eager "
+            f"compile: {', '.join(compiled)} would run compiled; time/epoch is the eager "
             "loop's, which whole bf16 runs here measured 1.14-1.2x slower (docs/benchmarks.md, --compile)"
         )
+    for key, m in result["methods"].items():  # what train applies, and what the estimates model
+        console.print(f"[dim]{key}: {'; '.join(m['transforms']['why'].values())}[/dim]")
     console.print(breakdown)
     cap = result["capacity"]
     for w in cap["warnings"]:
@@ -145,6 +147,12 @@ def _print(result: dict[str, Any]) -> None:
 )
 @click.option("--grad-checkpointing", is_flag=True, help="Plan with gradient checkpointing on.")
 @click.option(
+    "--compile/--no-compile",
+    "compile_",
+    default=None,
+    help="As `adaptlab train --compile`: plan the paths a compiled (or eager) run takes. Default auto.",
+)
+@click.option(
     "--optimizer-in-backward", is_flag=True, help="Plan with each gradient applied and freed in backward."
 )
 @click.option(
@@ -183,6 +191,7 @@ def plan_command(
     as_json: bool,
     gpus: int | None,
     parallel: str | None,
+    compile_: bool | None,
     **flags: Any,
 ) -> None:
     """Estimate memory, time and LoRA capacity for full, LoRA, DoRA and QLoRA, and recommend one."""
@@ -198,6 +207,7 @@ def plan_command(
     from adaptlab.plan import parse_memory, plan
 
     memory = parse_memory(flags.pop("memory")) if flags.get("memory") else flags.pop("memory")
+    flags["compile"] = "auto" if compile_ is None else compile_
     world_args = None
     if gpus is not None or parallel is not None:
         from adaptlab.plan.world import world_args_from

@@ -21,11 +21,12 @@ not been checked on a GPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from adaptlab.config import is_lora
+from adaptlab.config import RunConfig, build_config, is_lora
 from adaptlab.plan.arch import ATTN_IN, MLP_IN, Arch
+from adaptlab.transforms import Transforms, decide
 
 # --- calibration (bench/plan_accuracy.py: measured peak RSS / step time on a 2-core EPYC CPU) -------
 # Fraction of the micro-benchmark's matmul rate (an nn.Linear's, measure.device_throughput) a real
@@ -137,6 +138,55 @@ class Shape:
         return self.batch * self.seq_len * self.rows_per_example
 
 
+def eager(arm: Arm, shape: Shape, strategy: str | None = None) -> Transforms:
+    """What an eager (not compiled) run of `arm` at `shape` gets under `strategy` (transforms.decide): the
+    paths the estimates model when no Transforms is given."""
+    return decide(
+        method=arm.method,
+        device_type=shape.device_type,
+        precision=shape.precision,
+        strategy=strategy,
+        compile=False,
+        grad_checkpointing=shape.grad_checkpointing,
+    )
+
+
+def run_config(
+    model: str, arm: Arm, shape: Shape, task: str | None, compile: bool | str, tokens: int | None
+) -> RunConfig:
+    """The config `adaptlab train` would run for this arm at `shape` over `tokens` (None: the default
+    steps): what adaptlab.transforms reads from it. `task`: the plan's (cpt and ift train as sft)."""
+    method: dict[str, Any] = {"method": arm.method}
+    if arm.is_lora:
+        method.update(rank=arm.rank, targets=list(arm.targets), dropout=arm.dropout)
+    train = {
+        "precision": shape.precision,
+        "compile": compile,
+        "grad_checkpointing": shape.grad_checkpointing,
+        "optimizer_in_backward": shape.optimizer_in_backward,
+        "batch": shape.batch,
+        "grad_accum": shape.grad_accum,
+        "seq_len": shape.seq_len,
+        **({"tokens": max(tokens, 1)} if tokens is not None else {}),
+    }
+    objective = {"task": "sft" if task in (None, "cpt", "ift") else task}
+    return build_config({"model": {"name": model}, "method": method, "train": train, "objective": objective})
+
+
+def transforms_report(arch: Arch, arm: Arm, shape: Shape, t: Transforms) -> dict[str, Any]:
+    """What the plan reports of a method's transforms: each decision, why, and the weights held in bf16."""
+    held = held_params(arch, arm, shape) if t.hold_base_bf16 else 0
+    decisions = {k: v for k, v in asdict(t).items() if k != "why"}
+    return {**decisions, "lora_forward": _lora_forward(arm, t), "held_bf16_params": held, "why": t.why}
+
+
+def _lora_forward(arm: Arm, t: Transforms) -> str | None:
+    """Which LoRA forward training steps take: adaptlab's fused one or PEFT's (None for full)."""
+    if not arm.is_lora:
+        return None
+    return "fused" if t.fuse_lora and not arm.peft_forward else "peft"
+
+
 def trainable_params(arch: Arch, arm: Arm) -> int:
     if arm.method == "full":
         return arch.total_params
@@ -171,6 +221,7 @@ def layer_activation_bytes(
     fused: bool | None = None,
     norms_fused: bool | None = None,
     linears_fused: bool | None = None,
+    lora_fused: bool | None = None,
 ) -> int:
     """Bytes autograd saves per token in one Llama-style block (counted from the saved tensors).
 
@@ -184,7 +235,8 @@ def layer_activation_bytes(
     training fuses this architecture's norms. Under bf16 autocast the Linears of full fine-tuning and
     of LoRA (adaptlab.autocast_linear, fused_lora) keep their uncast input, not a bf16 cast each;
     `linears_fused` defaults to whether training does that here (where it fuses norms, and also under
-    activation checkpointing).
+    activation checkpointing). `lora_fused`: whether training takes the fused LoRA Linear (default: unless
+    `arm.peft_forward`).
     """
     fused = arch.fused_mlp if fused is None else fused
     norms_fused = arch.fused_norms if norms_fused is None else norms_fused
@@ -220,17 +272,18 @@ def layer_activation_bytes(
     if arm.method == "dora":  # the magnitude rescaling keeps each target's unscaled output (fused_lora)
         total += b * sum((arch.per_layer(n) or (h, h))[1] for n in arm.targets)
     if arm.is_lora and arm.dropout > 0:
-        total += _dropout_bytes(arch, arm, precision)
+        fused_lora = not arm.peft_forward if lora_fused is None else lora_fused
+        total += _dropout_bytes(arch, arm, precision, fused_lora)
     return total
 
 
-def _dropout_bytes(arch: Arch, arm: Arm, precision: str) -> int:
+def _dropout_bytes(arch: Arch, arm: Arm, precision: str, fused: bool) -> int:
     """What LoRA dropout keeps per token in one block: the fused LoRA Linear keeps each target's mask as
     bool and rebuilds dropout(x) in backward (adaptlab.fused_lora); PEFT's forward (DoRA with dropout)
     keeps dropout(x) in x's dtype (fp32: the residual stream's norms) and torch's bool mask, and under
     bf16 autocast A's bf16 cast of it."""
     n_in = sum((arch.per_layer(n) or (arch.hidden, arch.hidden))[0] for n in arm.targets)
-    if not arm.peft_forward:
+    if fused:
         return n_in
     return n_in * (FP32 + 1 + (2 if precision == "bf16" else 0))
 
@@ -254,15 +307,16 @@ def memory_breakdown(
     runtime_bytes: int,
     data_bytes: int = 0,
     reference_model: bool = False,
-    held_bf16: bool = True,
+    transforms: Transforms | None = None,
 ) -> dict[str, int]:
-    """Peak training memory by component, and the peak itself (bytes). `held_bf16`: whether training
-    holds frozen Linears in bf16 under bf16 autocast (adaptlab.frozen_base; not under FSDP2)."""
+    """Peak training memory by component, and the peak itself (bytes). `transforms`: what training
+    applies (adaptlab.transforms: fused kernels, frozen Linears held in bf16); default an eager run's."""
+    t = transforms or eager(arm, shape)
     tokens = shape.tokens_per_micro
     b = shape.act_bytes
     n_train = trainable_params(arch, arm)
-    held = held_params(arch, arm, shape) if held_bf16 else 0
-    held_block = held_block_params(arch, arm, shape) if held_bf16 else 0
+    held = held_params(arch, arm, shape) if t.hold_base_bf16 else 0
+    held_block = held_block_params(arch, arm, shape) if t.hold_base_bf16 else 0
     if arm.method == "qlora":
         weights = round(arch.linear_params * NF4_BYTES_PER_PARAM) + FP32 * (
             arch.total_params - arch.linear_params
@@ -272,9 +326,12 @@ def memory_breakdown(
     weights -= (FP32 - 2) * held
     if reference_model and arm.method == "full":  # a frozen copy of the base scores the reference policy
         weights += reference_copy_bytes(arch, shape.precision)
-    # training leaves the norms alone under activation checkpointing (its own recomputation)
-    norms_fused = arch.fused_norms and not shape.grad_checkpointing
-    per_layer = layer_activation_bytes(arch, arm, shape.precision, norms_fused=norms_fused)
+    norms_fused = arch.fused_norms and t.fuse_norms
+    linears_fused = arch.fused_norms and t.fuse_linears
+    lora_fused = t.fuse_lora and not arm.peft_forward
+    per_layer = layer_activation_bytes(
+        arch, arm, shape.precision, None, norms_fused, linears_fused, lora_fused
+    )
     # final norm: its input; with full fine-tuning also its normalised output and the head's input
     head_in = (FP32 if b == 4 else 2) * arch.hidden
     edge = (FP32 * arch.hidden + ((FP32 * arch.hidden + head_in) if arm.method == "full" else 0)) * tokens
@@ -283,7 +340,7 @@ def memory_breakdown(
     activations = acts_ckpt if shape.grad_checkpointing else acts_full
     # The heap's slack follows the blocks a step allocates and frees, which fusing the MLP leaves as
     # they were (it still computes the SiLU output and the product; it keeps fewer of them).
-    unfused = layer_activation_bytes(arch, arm, shape.precision, fused=False, norms_fused=False)
+    unfused = layer_activation_bytes(arch, arm, shape.precision, False, False, linears_fused, lora_fused)
     unfused_extra = unfused - per_layer
     churn = activations + unfused_extra * tokens * (1 if shape.grad_checkpointing else arch.n_layers)
     logits = loss_bytes(arch, shape)
@@ -294,7 +351,7 @@ def memory_breakdown(
         if (
             arm.method == "qlora"
             or shape.grad_checkpointing
-            or (arm.method in UNCAST_SAVERS and arch.fused_norms)
+            or (arm.method in UNCAST_SAVERS and linears_fused)
         ):  # one block's bf16 weights at a time (none of those held in bf16)
             weight_copies = 2 * (layer_linear - held_block // max(arch.n_layers, 1) + copied_head)
         else:  # every Linear's bf16 copy, saved for backward; the loss casts the head per call
@@ -326,7 +383,7 @@ def memory_breakdown(
     # on a CPU, while a checkpoint stored narrower is converted, its mapped pages too (read whole by
     # then). LoRA at bf16 loads a bf16 checkpoint's Linears as stored (frozen_base.load_held): its
     # weights, and on a CPU the pages of the tensors widened to fp32.
-    as_stored = arch.stored_bf16 and arm.method == "lora" and held_block > 0
+    as_stored = arch.stored_bf16 and t.load_held
     converted = cpu and arm.method != "qlora" and arch.stored_bytes != FP32
     if as_stored:
         load_peak = runtime + (data_bytes if cpu else 0) + weights
@@ -391,11 +448,14 @@ def step_time_s(
     mem_bytes_per_s: float,
     attention_flops_per_s: float | None = None,
     dropout_draws_per_s: float | None = None,
+    transforms: Transforms | None = None,
 ) -> dict[str, float]:
     """Seconds per optimizer step, split into the Linears' matmuls, attention, elementwise and optimizer
     time (and LoRA dropout's random draws). Attention takes its own measured rate when given
     (`measure.attention_throughput`: a CPU's fused attention kernel runs far below its matmuls in bf16),
-    else the Linears'; the draws theirs (`measure.dropout_throughput`), else NOMINAL_DROPOUT_DRAWS_PER_S."""
+    else the Linears'; the draws theirs (`measure.dropout_throughput`), else NOMINAL_DROPOUT_DRAWS_PER_S.
+    `transforms`: what training applies (adaptlab.transforms); default an eager run's."""
+    t = transforms or eager(arm, shape)
     tokens = shape.tokens_per_micro * shape.grad_accum
     linear = (
         linear_flops_per_token(arch, arm, shape.grad_checkpointing)
@@ -408,7 +468,14 @@ def step_time_s(
         / (attention_flops_per_s or MATMUL_EFFICIENCY * matmul_flops_per_s)
     )
     # passes over the activations: rebuilt norm outputs and recast inputs are written and read like saved ones
-    per_layer = layer_activation_bytes(arch, arm, shape.precision, norms_fused=False, linears_fused=False)
+    per_layer = layer_activation_bytes(
+        arch,
+        arm,
+        shape.precision,
+        norms_fused=False,
+        linears_fused=False,
+        lora_fused=t.fuse_lora and not arm.peft_forward,
+    )
     act_bytes = per_layer * arch.n_layers * tokens
     logit_bytes = FP32 * arch.vocab * tokens
     traffic = ACTIVATION_PASSES * act_bytes + LOGIT_PASSES * logit_bytes
@@ -417,15 +484,19 @@ def step_time_s(
         # bytes, write 2; full fine-tuning's bf16 weight gradients come back to fp32 the same way.
         # Frozen weights held in bf16 (frozen_base.py) are not cast at all.
         held, held_block = held_params(arch, arm, shape), held_block_params(arch, arm, shape)
+        if not t.hold_base_bf16:
+            held = held_block = 0
         traffic += shape.grad_accum * 6 * (arch.matmul_params - held) * (2 if arm.method == "full" else 1)
-        if arm.method in UNCAST_SAVERS and arch.fused_norms:  # each block weight cast again in backward
+        if (
+            arm.method in UNCAST_SAVERS and arch.fused_norms and t.fuse_linears
+        ):  # each block weight cast again in backward
             traffic += shape.grad_accum * 6 * (arch.linear_params - held_block)
     if arm.method == "qlora":  # dequantize every 4-bit weight to the matmul dtype, forward and backward
         traffic += 2 * shape.grad_accum * arch.linear_params * (NF4_BYTES_PER_PARAM + shape.act_bytes)
     draws = 0.0
     if arm.is_lora:
         widths = [(i, o) for p, (i, o) in arch.linear_shapes.items() if p.rsplit(".", 1)[-1] in arm.targets]
-        fused = not arm.peft_forward  # adaptlab.fused_lora
+        fused = t.fuse_lora and not arm.peft_forward  # adaptlab.fused_lora
         out_passes = FUSED_LORA_OUT_PASSES if fused else LORA_OUT_PASSES
         in_passes = FUSED_LORA_IN_PASSES if fused else LORA_IN_PASSES
         per_token = sum(out_passes * o + in_passes * i for i, o in widths)
@@ -456,7 +527,9 @@ def step_time_s(
     }
 
 
-def step_time_at(arch: Arch, arm: Arm, shape: Shape, rate: dict[str, Any]) -> dict[str, float]:
+def step_time_at(
+    arch: Arch, arm: Arm, shape: Shape, rate: dict[str, Any], transforms: Transforms | None = None
+) -> dict[str, float]:
     """`step_time_s` at the rates of a device measurement (measure.device_throughput and the others)."""
     return step_time_s(
         arch,
@@ -466,6 +539,7 @@ def step_time_at(arch: Arch, arm: Arm, shape: Shape, rate: dict[str, Any]) -> di
         rate["mem_bytes_per_s"],
         rate.get("attention_flops_per_s"),
         rate.get("dropout_draws_per_s"),
+        transforms,
     )
 
 

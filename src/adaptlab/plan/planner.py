@@ -31,8 +31,10 @@ from adaptlab.plan.estimate import (
     artifact_bytes,
     dpo_reference,
     memory_breakdown,
+    run_config,
     step_time_at,
     trainable_params,
+    transforms_report,
 )
 from adaptlab.plan.measure import (
     CUDA_CONTEXT_BYTES,
@@ -41,6 +43,7 @@ from adaptlab.plan.measure import (
     dropout_throughput,
     runtime_baseline_bytes,
 )
+from adaptlab.transforms import Transforms, transforms_for
 
 TASKS = ("cpt", "ift", "dpo", "grpo")
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -146,13 +149,17 @@ def _method_entry(
     mem_limit: int | None,
     size: DataSize,
     steps_per_epoch: int,
+    transforms: Transforms,
     kl_beta: float = 0.0,
 ) -> dict[str, Any]:
-    """One method's estimates; cost holds runtime, data and tokenizer bytes and the measured rates."""
+    """One method's estimates; cost holds runtime, data and tokenizer bytes and the measured rates.
+    `transforms`: what `adaptlab train` applies to this method's run, which the estimates model."""
     n_train = trainable_params(arch, arm)
     kl = task == "grpo" and kl_beta > 0.0
-    mem = memory_breakdown(arch, arm, shape, cost["runtime"], cost["data_bytes"], reference_model=kl)
-    timing = step_time_at(arch, arm, shape, cost["rate"])
+    mem = memory_breakdown(
+        arch, arm, shape, cost["runtime"], cost["data_bytes"], reference_model=kl, transforms=transforms
+    )
+    timing = step_time_at(arch, arm, shape, cost["rate"], transforms)
     reference = (
         dpo_reference(arm, timing) if task == "dpo" else grpo_plan.reference(arm, timing) if kl else None
     )
@@ -173,6 +180,8 @@ def _method_entry(
         "time_breakdown_s": {k: v for k, v in timing.items() if k != "step_s"},
         "artifact_bytes": artifact_bytes(arch, arm, cost["tokenizer_bytes"]),
         "lr": default_lr(arm.method),
+        "compile": {"on": transforms.compile, "why": transforms.why["compile"]},
+        "transforms": transforms_report(arch, arm, shape, transforms),
     }
     if reference is not None:
         entry["reference"] = reference["reference"]
@@ -224,25 +233,6 @@ def _architecture(arch: Arch) -> dict[str, Any]:
         "total_params": arch.total_params,
         "tied_embeddings": arch.tied,
     }
-
-
-def _auto_compile(method: str, dev: Any, prec: str, task: str, shape: Shape, work: float) -> dict[str, Any]:
-    """What `train.compile: auto` decides for this method's run (`on`) and why; the plan's time is still
-    the eager loop's estimate."""
-    from adaptlab import compiling
-
-    blockers = compiling.auto_blockers(
-        method=method,
-        device=dev,
-        precision=prec,
-        world_size=1,
-        task="sft" if task in ("cpt", "ift") else task,
-        grad_checkpointing=shape.grad_checkpointing,
-        optimizer_in_backward=shape.optimizer_in_backward,
-        work=work,
-    )
-    on, why = compiling.resolve("auto", blockers)
-    return {"on": on, "why": why}
 
 
 def _notes(task: str, kl_beta: float = 0.0, sampling: grpo_plan.Sampling | None = None) -> list[str]:
@@ -297,6 +287,7 @@ def plan(
     dropout: float = 0.0,
     group_size: int | None = None,
     max_new_tokens: int | None = None,
+    compile: bool | str = "auto",
 ) -> dict[str, Any]:
     """Estimates for full, LoRA (each rank), DoRA and QLoRA, and a recommendation (see the module docstring).
 
@@ -306,6 +297,8 @@ def plan(
     kl_beta: GRPO's KL penalty (`train --kl-beta`); above 0 each step adds the reference's forward pass
     and full fine-tuning a frozen copy of the base. dropout: the LoRA family's (`train --dropout`).
     group_size, max_new_tokens: GRPO's sampling (`train --group-size`, `--max-new-tokens`; default 8, 32).
+    compile: `train --compile` (true, false or auto); each method's entry says what training decides
+    (adaptlab.transforms) and models those paths.
     """
     from adaptlab.hardware import choose_precision, pick_device
     from adaptlab.models import load_tokenizer
@@ -346,6 +339,7 @@ def plan(
         rows_per_example=rows,
         optimizer_in_backward=optimizer_in_backward,
     )
+    run_shape = shape  # the run's own settings (its config), before GRPO's rows
     if task == "grpo":  # trains on rows of prompt + completion, shorter than seq_len
         shape = grpo_plan.train_shape(shape, prompt_len, sampling)
 
@@ -371,15 +365,22 @@ def plan(
     steps_per_epoch = max(1, -(-size.tokens_per_epoch // (batch * grad_accum * seq_len * rows)))
     if task == "grpo":
         steps_per_epoch = max(1, -(-size.train_documents // (batch * grad_accum)))
+    arms = _arms(ranks, target_names, dropout)
+    transforms = {
+        key: transforms_for(
+            run_config(model, arm, run_shape, task, compile, budget), dev, prec, None, arch.total_params
+        )
+        for key, arm in arms.items()
+    }
     methods = {
-        key: _method_entry(arch, arm, shape, task, cost, mem_limit, size, steps_per_epoch, kl_beta)
-        for key, arm in _arms(ranks, target_names, dropout).items()
+        key: _method_entry(
+            arch, arm, shape, task, cost, mem_limit, size, steps_per_epoch, transforms[key], kl_beta
+        )
+        for key, arm in arms.items()
     }
     if task == "grpo":
         for entry in methods.values():
             grpo_plan.add_sampling(entry, arch, batch * grad_accum, prompt_len, sampling, prec, rate)
-    for entry in methods.values():  # what `train.compile: auto` would decide for this run
-        entry["compile"] = _auto_compile(entry["method"], dev, prec, task, shape, arch.total_params * budget)
     limit_used = _device_limit(methods, dev, mem_limit)
     suggested = advice.suggest_rank(lambda r: arch.lora_params(r, list(target_names)), size.tokens_per_epoch)
     command = _compare_command(model, sources, min(budget, max(size.tokens_per_epoch, 1)), task)

@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
 from adaptlab.errors import UserError
 from adaptlab.plan import grpo as grpo_plan
 from adaptlab.plan.arch import Arch, load_arch, targets_for
@@ -31,12 +33,16 @@ from adaptlab.plan.estimate import (
     FP32,
     Arm,
     Shape,
+    eager,
     generation_memory_bytes,
     memory_breakdown,
     reference_copy_bytes,
+    run_config,
     trainable_params,
+    transforms_report,
 )
-from adaptlab.plan.measure import CUDA_CONTEXT_BYTES
+from adaptlab.plan.measure import CUDA_CONTEXT_BYTES, runtime_baseline_bytes
+from adaptlab.transforms import Transforms, transforms_for
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -69,17 +75,29 @@ def _param_bytes(shape: Shape) -> int:
     return 2 if shape.precision == "bf16" and shape.device_type == "cuda" else FP32
 
 
-def ddp_bytes(arch: Arch, arm: Arm, shape: Shape, runtime: int) -> dict[str, int]:
-    """One device's memory under DDP: a single device's plus the gradient buckets."""
-    mem = memory_breakdown(arch, arm, shape, runtime)
+def ddp_bytes(
+    arch: Arch, arm: Arm, shape: Shape, runtime: int, transforms: Transforms | None = None
+) -> dict[str, int]:
+    """One device's memory under DDP: a single device's plus the gradient buckets. `transforms`: what
+    training applies (adaptlab.transforms; default an eager run's)."""
+    mem = memory_breakdown(arch, arm, shape, runtime, transforms=transforms or eager(arm, shape, "ddp"))
     buckets = FP32 * trainable_params(arch, arm)
     return {**mem, "buckets": buckets, "peak": mem["peak"] + buckets}
 
 
-def fsdp_bytes(arch: Arch, arm: Arm, shape: Shape, runtime: int, world_size: int) -> dict[str, int]:
-    """One device's memory under FSDP2: sharded weights, gradients and optimizer, gathered units."""
-    # training under FSDP2 fuses no norms and holds no frozen weight in bf16
-    mem = memory_breakdown(replace(arch, fused_norms=False), arm, shape, runtime, held_bf16=False)
+def fsdp_bytes(
+    arch: Arch,
+    arm: Arm,
+    shape: Shape,
+    runtime: int,
+    world_size: int,
+    transforms: Transforms | None = None,
+) -> dict[str, int]:
+    """One device's memory under FSDP2: sharded weights, gradients and optimizer, gathered units.
+    Training under FSDP2 fuses no norms or Linears and holds no frozen weight in bf16 (adaptlab.transforms;
+    `transforms` defaults to an eager run's)."""
+    t = transforms or eager(arm, shape, "fsdp")
+    mem = memory_breakdown(arch, arm, shape, runtime, transforms=t)
     n = world_size
     block = (arch.total_params - arch.embedding_params * (1 if arch.tied else 2)) // max(arch.n_layers, 1)
     root = arch.embedding_params * (1 if arch.tied else 2)
@@ -120,6 +138,18 @@ def choose(fits: dict[str, bool | None]) -> str | None:
     return None
 
 
+def _per_device(
+    arch: Arch, arm: Arm, shape: Shape, strategy: str, t: Transforms, runtime: int, world_size: int
+) -> dict[str, Any]:
+    """One device's memory under `strategy` with the transforms `t` training applies there, and those."""
+    mem = (
+        ddp_bytes(arch, arm, shape, runtime, t)
+        if strategy == "ddp"
+        else fsdp_bytes(arch, arm, shape, runtime, world_size, t)
+    )
+    return {"memory": mem, "transforms": transforms_report(arch, arm, shape, t)}
+
+
 def plan_world(
     model: str,
     gpus: int,
@@ -135,11 +165,15 @@ def plan_world(
     task: str | None = None,
     dropout: float = 0.0,
     grpo: GrpoSteps | None = None,
+    compile: bool | str = "auto",
+    device: str = "cuda",
 ) -> dict[str, Any]:
     """Per-device peak memory of every method at `gpus` devices, whether it fits, and the strategy to use.
 
     task dpo: a preference pair is two rows; grpo: `grpo` says what a step samples (see the module
-    docstring); without it the figures are a training step's of `batch` rows of `seq_len` tokens."""
+    docstring); without it the figures are a training step's of `batch` rows of `seq_len` tokens.
+    compile: `train --compile`; each strategy's entry says what training applies under it (transforms).
+    device: cuda, or cpu (processes on one machine's CPU, gloo)."""
     if gpus < 1:
         raise UserError(f"--gpus must be at least 1 (got {gpus})")
     if parallel is not None and parallel not in STRATEGIES:
@@ -147,8 +181,10 @@ def plan_world(
     arch = load_arch(model)
     micro = device_micro_batch(batch, grad_accum, gpus)
     shape = Shape(
-        micro, seq_len, 1, precision, grad_checkpointing, "cuda", rows_per_example=2 if task == "dpo" else 1
+        micro, seq_len, 1, precision, grad_checkpointing, device, rows_per_example=2 if task == "dpo" else 1
     )
+    run_shape = replace(shape, batch=batch, grad_accum=grad_accum, rows_per_example=1)  # the run's config
+    runtime = CUDA_CONTEXT_BYTES if device == "cuda" else runtime_baseline_bytes()
     grpo = grpo if task == "grpo" else None
     if grpo is not None:  # micro-batches of `batch` rows of prompt + completion; the rank's prompts' groups
         shape = grpo_plan.train_shape(replace(shape, batch=batch), grpo.prompt_len, grpo.sampling)
@@ -164,15 +200,14 @@ def plan_world(
                 entry["fsdp"] = None  # bitsandbytes' 4-bit base cannot be sharded
                 fits["fsdp"] = None
                 continue
-            mem = (
-                ddp_bytes(arch, arm, shape, CUDA_CONTEXT_BYTES)
-                if strategy == "ddp"
-                else fsdp_bytes(arch, arm, shape, CUDA_CONTEXT_BYTES, gpus)
-            )
+            config = run_config(model, arm, run_shape, task, compile, None)
+            t = transforms_for(config, torch.device(device), precision, strategy, arch.total_params)
+            device_entry = _per_device(arch, arm, shape, strategy, t, runtime, gpus)
+            mem = device_entry["memory"]
             if grpo is not None:
                 add_grpo(mem, arch, arm, shape, rows, grpo)
             fits[strategy] = mem["peak"] <= memory_per_device
-            entry[strategy] = {"peak_mem_bytes": mem["peak"], "fits": fits[strategy], "memory": mem}
+            entry[strategy] = {"peak_mem_bytes": mem["peak"], "fits": fits[strategy], **device_entry}
         entry["strategy"] = choose(fits)
         methods[key] = entry
     return {
@@ -250,4 +285,5 @@ def world_args_from(
         "grad_checkpointing": bool(flags.get("grad_checkpointing")),
         "task": flags.get("task"),
         "dropout": flags.get("dropout") or 0.0,
+        "compile": flags.get("compile", "auto"),
     }
