@@ -24,8 +24,8 @@ def ray_shutdown():
 def test_decide_on_ray(run_cli, tmp_path: Path, ray_shutdown) -> None:
     corpus = write_corpus(tmp_path / "data", n_docs=30)
     out = tmp_path / "decision"
-    args = ["decide", "--model", "tiny-random", "--data", corpus, "--time", "150s", "--seq-len", "32"]
-    args += ["--eval-docs", "4", "--lr-candidates", "2", "--seeds", "2", "--budgets", "2", "--out", out]
+    args = ["decide", "--model", "tiny-random", "--data", corpus, "--time", "100s", "--seq-len", "32"]
+    args += ["--eval-docs", "4", "--lr-candidates", "2", "--seeds", "1", "--budgets", "1", "--out", out]
     args += ["--executor", "ray", "--cpus-per-run", "1", "--no-calibration"]
     code, text, err = run_cli(*args)
     assert code == 0, err
