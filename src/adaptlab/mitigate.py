@@ -147,8 +147,6 @@ def mitigate(
     report: per layer the intruders found (positions, max |cos|, singular values), the rank written and
     the relative change of dW; in keep mode also the truncation error.
     """
-    from safetensors.torch import save_file
-
     _check_lambda(lam)
     if rank_mode not in RANK_MODES:
         raise UserError(f"rank mode {rank_mode!r}: choose one of {', '.join(RANK_MODES)}")
@@ -166,16 +164,7 @@ def mitigate(
         rank = a.shape[0]
         alpha, scaling = _scaling(cfg, layer.name, rank)
         found = find_intruders(layer.w0, layer.dw, k, eps)
-        row: dict[str, Any] = {
-            "name": layer.name,
-            "intruders": len(found.index),
-            "index": found.index,
-            "singular_values": [float(x) for x in found.s],
-            "max_cos": found.max_cos,
-            "rank": rank,
-            "rank_written": rank,
-            "rel_change": 0.0,
-        }
+        row = _layer_row(layer.name, found, rank)
         if found.index and lam < 1.0:
             dw_new = mitigated_update(layer.dw, found, lam)
             norm = float(torch.linalg.matrix_norm(layer.dw.double()))
@@ -196,9 +185,7 @@ def mitigate(
         for name in ("adapter_config.json", ADAPTER_WEIGHTS):
             shutil.copyfile(adapter_dir / name, out / name)
     else:
-        cfg2 = {**cfg, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
-        save_file(new, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (out / "adapter_config.json").write_text(json.dumps(cfg2, indent=2, sort_keys=True) + "\n")
+        _write_adapter(out, {**cfg, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}, new)
     report = {
         "lambda": lam,
         "k": k,
@@ -213,6 +200,29 @@ def mitigate(
     }
     (out / REPORT).write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _layer_row(name: str, found: Intruders, rank: int) -> dict[str, Any]:
+    """A layer's report row before any change: the intruders found (positions, singular values, max |cos|)
+    and its rank, written unchanged."""
+    return {
+        "name": name,
+        "intruders": len(found.index),
+        "index": found.index,
+        "singular_values": [float(x) for x in found.s],
+        "max_cos": found.max_cos,
+        "rank": rank,
+        "rank_written": rank,
+        "rel_change": 0.0,
+    }
+
+
+def _write_adapter(out: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """OUT's adapter_config.json and adapter weights (safetensors) from the mitigated config and tensors."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _totals(rows: list[dict[str, Any]], rank_mode: str) -> dict[str, Any]:
