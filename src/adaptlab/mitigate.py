@@ -2,7 +2,7 @@
 
 Shuttleworth et al. 2024 (arXiv 2410.21228): the intruder dimensions of W = W0 + dW (top-k left
 singular vectors of W whose largest |cos| with every left singular vector of W0 is below eps, as in
-analysis.py) carry much of what a LoRA forgets; scaling them down by lambda (~0.7 in the paper) cuts
+adaptlab.analysis) carry much of what a LoRA forgets; scaling them down by lambda (~0.7 in the paper) cuts
 forgetting at a small cost in learning. Per adapted layer, with u_i, s_i, v_i the intruder triplets
 of the SVD of W (float64):
 
@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from adaptlab.analysis import DEFAULT_EPS, DEFAULT_K, _pattern_value, _torch_threads, layer_updates
+from adaptlab.analysis.spectra import DEFAULT_EPS, DEFAULT_K, torch_threads
+from adaptlab.analysis.updates import layer_updates, pattern_value
 from adaptlab.artifacts import ADAPTER_WEIGHTS, resolve
 from adaptlab.errors import UserError
 
@@ -57,9 +58,9 @@ class Intruders:
 def find_intruders(
     w0: torch.Tensor, dw: torch.Tensor, k: int = DEFAULT_K, eps: float = DEFAULT_EPS
 ) -> Intruders:
-    """Intruder triplets of w0 + dw, both (out, in); the definition analysis.py counts."""
+    """Intruder triplets of w0 + dw, both (out, in); the definition adaptlab.analysis counts."""
     base = w0.double()
-    with _torch_threads(1 if max(w0.shape) < 256 else torch.get_num_threads()):
+    with torch_threads(1 if max(w0.shape) < 256 else torch.get_num_threads()):
         return _find(base, dw, k, eps)
 
 
@@ -80,7 +81,7 @@ def mitigated_update(dw: torch.Tensor, found: Intruders, lam: float) -> torch.Te
 
 def _scaling(cfg: dict[str, Any], name: str, rank: int) -> tuple[float, float]:
     """(alpha, scaling) of one layer as peft computes them."""
-    alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8)))
+    alpha = float(pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8)))
     return alpha, alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
 
 
