@@ -354,24 +354,7 @@ def combine_adapters(
     when as many files as adapters are given; `general` is the general probe. Every model (base,
     each adapter, the combination) is scored on every text set.
     """
-    if len(adapters) < 2:
-        raise UserError("combine needs at least two --adapter values")
-    if how not in COMBINATIONS:
-        raise UserError(f"--how {how!r}: choose one of {', '.join(COMBINATIONS)}")
-    weights = list(weights) if weights is not None else [1.0 / len(adapters)] * len(adapters)
-    if len(weights) != len(adapters):
-        raise UserError(
-            f"--weights has {len(weights)} values for {len(adapters)} adapters: give one per adapter"
-        )
-    if not all(math.isfinite(w) for w in weights):
-        given = ",".join(f"{w:g}" for w in weights)
-        raise UserError(f"--weights {given}: every weight must be a finite number (no nan or inf)")
-    if density is not None and how != "ties":
-        raise UserError("--density applies to --how ties only")
-    if how == "ties":
-        density = DEFAULT_TIES_DENSITY if density is None else density
-        if not 0.0 < density <= 1.0:
-            raise UserError(f"--density {density}: must be in (0, 1]")
+    weights, density = _check_combination(len(adapters), how, weights, density)
     refs = [resolve_adapter(a, "it has nothing to combine; use it directly with --model") for a in adapters]
     spec = base_spec(refs, base)
     datasets = {Path(p).stem: read_texts(p, max_texts) for p in data}
@@ -383,39 +366,9 @@ def combine_adapters(
     with _claimed(out) as tmp:
         loaded = load_model(spec, dtype=torch.float32)
         names = _adapter_names(refs)
-        model: Any = loaded.model
-        for name, ref in zip(names, refs, strict=True):
-            model = attach_adapter(model, ref, spec, name)
-            if getattr(model.peft_config[name], "use_dora", False):
-                raise UserError(
-                    f"{ref.path} is a DoRA adapter: combine takes LoRA adapters (peft cannot combine DoRA)"
-                )
-        try:
-            model.add_weighted_adapter(
-                adapters=names,
-                weights=weights,
-                adapter_name="combined",
-                combination_type=how,
-                density=density,
-            )
-        except ValueError as err:
-            raise UserError(f"peft cannot combine these adapters with --how {how}: {err}") from err
-        _fix_combined_scaling(model, "combined")
-        model.eval()
+        model = _combined_model(loaded.model, names, refs, spec, weights, how, density)
         with writing(out):  # into the temp dir beside `out`, which a failure removes
-            with warnings.catch_warnings():  # peft looks for the base's config under the embedded name
-                warnings.filterwarnings("ignore", message="Could not find a config file")
-                warnings.filterwarnings("ignore", message="Unable to fetch remote file")  # offline: the same
-                model.save_pretrained(tmp, selected_adapters=["combined"], safe_serialization=True)
-            # peft writes a non-default adapter into a subfolder named after it; the output is the adapter
-            for item in (tmp / "combined").iterdir():
-                os.replace(item, tmp / item.name)
-            (tmp / "combined").rmdir()
-            config_path = tmp / "adapter_config.json"
-            config = json.loads(config_path.read_text())
-            config["base_model_name_or_path"] = spec
-            config_path.write_text(json.dumps(config, indent=2) + "\n")
-
+            _save_combined(model, tmp, spec)
         report = CombineReport(
             out=str(out),
             base=spec,
@@ -428,15 +381,103 @@ def combine_adapters(
         if len(data) == len(refs):
             report.domain_of = {n: Path(p).stem for n, p in zip(names, data, strict=True)}
         if datasets:
-            tok = loaded.tokenizer
-            with model.disable_adapter():
-                report.nll["base"] = {
-                    ds: mean_nll(model, tok, t, batch_size, max_length) for ds, t in datasets.items()
-                }
-            for name in [*names, "combined"]:
-                model.set_adapter(name)
-                report.nll[name] = {
-                    ds: mean_nll(model, tok, t, batch_size, max_length) for ds, t in datasets.items()
-                }
+            report.nll = _nll_table(model, loaded.tokenizer, names, datasets, batch_size, max_length)
         _publish(tmp, out, "adaptlab_combine.json", report)
     return report
+
+
+def _check_combination(
+    n: int, how: str, weights: Sequence[float] | None, density: float | None
+) -> tuple[list[float], float | None]:
+    """The weights (1/n each by default) and the ties density (DEFAULT_TIES_DENSITY by default) of a
+    combination of n adapters, checked: at least two adapters, a known --how, one finite weight per
+    adapter, --density for ties only and in (0, 1]."""
+    if n < 2:
+        raise UserError("combine needs at least two --adapter values")
+    if how not in COMBINATIONS:
+        raise UserError(f"--how {how!r}: choose one of {', '.join(COMBINATIONS)}")
+    weights = list(weights) if weights is not None else [1.0 / n] * n
+    if len(weights) != n:
+        raise UserError(f"--weights has {len(weights)} values for {n} adapters: give one per adapter")
+    if not all(math.isfinite(w) for w in weights):
+        given = ",".join(f"{w:g}" for w in weights)
+        raise UserError(f"--weights {given}: every weight must be a finite number (no nan or inf)")
+    if density is not None and how != "ties":
+        raise UserError("--density applies to --how ties only")
+    if how == "ties":
+        density = DEFAULT_TIES_DENSITY if density is None else density
+        if not 0.0 < density <= 1.0:
+            raise UserError(f"--density {density}: must be in (0, 1]")
+    return weights, density
+
+
+def _combined_model(
+    base: Any,
+    names: list[str],
+    refs: Sequence[Artifact],
+    spec: str,
+    weights: list[float],
+    how: str,
+    density: float | None,
+) -> Any:
+    """The base with every source adapter attached under its name and their combination added as
+    "combined" (scaling 1), in eval mode. A DoRA adapter, or adapters peft cannot combine this way,
+    are refused."""
+    model = base
+    for name, ref in zip(names, refs, strict=True):
+        model = attach_adapter(model, ref, spec, name)
+        if getattr(model.peft_config[name], "use_dora", False):
+            raise UserError(
+                f"{ref.path} is a DoRA adapter: combine takes LoRA adapters (peft cannot combine DoRA)"
+            )
+    try:
+        model.add_weighted_adapter(
+            adapters=names,
+            weights=weights,
+            adapter_name="combined",
+            combination_type=how,
+            density=density,
+        )
+    except ValueError as err:
+        raise UserError(f"peft cannot combine these adapters with --how {how}: {err}") from err
+    _fix_combined_scaling(model, "combined")
+    model.eval()
+    return model
+
+
+def _save_combined(model: Any, tmp: Path, spec: str) -> None:
+    """Write the "combined" adapter alone into `tmp` as a PEFT adapter directory whose config names `spec`
+    as its base."""
+    with warnings.catch_warnings():  # peft looks for the base's config under the embedded name
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        warnings.filterwarnings("ignore", message="Unable to fetch remote file")  # offline: the same
+        model.save_pretrained(tmp, selected_adapters=["combined"], safe_serialization=True)
+    # peft writes a non-default adapter into a subfolder named after it; the output is the adapter
+    for item in (tmp / "combined").iterdir():
+        os.replace(item, tmp / item.name)
+    (tmp / "combined").rmdir()
+    config_path = tmp / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = spec
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _nll_table(
+    model: Any,
+    tokenizer: Any,
+    names: list[str],
+    datasets: dict[str, list[str]],
+    batch_size: int,
+    max_length: int,
+) -> dict[str, dict[str, float]]:
+    """NLL per token of the base (adapters off), each source adapter and the combination on every text set:
+    model -> dataset -> NLL."""
+    nll: dict[str, dict[str, float]] = {}
+    with model.disable_adapter():
+        nll["base"] = {
+            ds: mean_nll(model, tokenizer, t, batch_size, max_length) for ds, t in datasets.items()
+        }
+    for name in [*names, "combined"]:
+        model.set_adapter(name)
+        nll[name] = {ds: mean_nll(model, tokenizer, t, batch_size, max_length) for ds, t in datasets.items()}
+    return nll

@@ -2,7 +2,7 @@
 
 Shuttleworth et al. 2024 (arXiv 2410.21228): the intruder dimensions of W = W0 + dW (top-k left
 singular vectors of W whose largest |cos| with every left singular vector of W0 is below eps, as in
-analysis.py) carry much of what a LoRA forgets; scaling them down by lambda (~0.7 in the paper) cuts
+adaptlab.analysis) carry much of what a LoRA forgets; scaling them down by lambda (~0.7 in the paper) cuts
 forgetting at a small cost in learning. Per adapted layer, with u_i, s_i, v_i the intruder triplets
 of the SVD of W (float64):
 
@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from adaptlab.analysis import DEFAULT_EPS, DEFAULT_K, _pattern_value, _torch_threads, layer_updates
+from adaptlab.analysis.spectra import DEFAULT_EPS, DEFAULT_K, torch_threads
+from adaptlab.analysis.updates import layer_updates, pattern_value
 from adaptlab.artifacts import ADAPTER_WEIGHTS, resolve
 from adaptlab.errors import UserError
 
@@ -57,9 +58,9 @@ class Intruders:
 def find_intruders(
     w0: torch.Tensor, dw: torch.Tensor, k: int = DEFAULT_K, eps: float = DEFAULT_EPS
 ) -> Intruders:
-    """Intruder triplets of w0 + dw, both (out, in); the definition analysis.py counts."""
+    """Intruder triplets of w0 + dw, both (out, in); the definition adaptlab.analysis counts."""
     base = w0.double()
-    with _torch_threads(1 if max(w0.shape) < 256 else torch.get_num_threads()):
+    with torch_threads(1 if max(w0.shape) < 256 else torch.get_num_threads()):
         return _find(base, dw, k, eps)
 
 
@@ -80,7 +81,7 @@ def mitigated_update(dw: torch.Tensor, found: Intruders, lam: float) -> torch.Te
 
 def _scaling(cfg: dict[str, Any], name: str, rank: int) -> tuple[float, float]:
     """(alpha, scaling) of one layer as peft computes them."""
-    alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8)))
+    alpha = float(pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8)))
     return alpha, alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
 
 
@@ -147,8 +148,6 @@ def mitigate(
     report: per layer the intruders found (positions, max |cos|, singular values), the rank written and
     the relative change of dW; in keep mode also the truncation error.
     """
-    from safetensors.torch import save_file
-
     _check_lambda(lam)
     if rank_mode not in RANK_MODES:
         raise UserError(f"rank mode {rank_mode!r}: choose one of {', '.join(RANK_MODES)}")
@@ -166,16 +165,7 @@ def mitigate(
         rank = a.shape[0]
         alpha, scaling = _scaling(cfg, layer.name, rank)
         found = find_intruders(layer.w0, layer.dw, k, eps)
-        row: dict[str, Any] = {
-            "name": layer.name,
-            "intruders": len(found.index),
-            "index": found.index,
-            "singular_values": [float(x) for x in found.s],
-            "max_cos": found.max_cos,
-            "rank": rank,
-            "rank_written": rank,
-            "rel_change": 0.0,
-        }
+        row = _layer_row(layer.name, found, rank)
         if found.index and lam < 1.0:
             dw_new = mitigated_update(layer.dw, found, lam)
             norm = float(torch.linalg.matrix_norm(layer.dw.double()))
@@ -196,9 +186,7 @@ def mitigate(
         for name in ("adapter_config.json", ADAPTER_WEIGHTS):
             shutil.copyfile(adapter_dir / name, out / name)
     else:
-        cfg2 = {**cfg, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
-        save_file(new, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (out / "adapter_config.json").write_text(json.dumps(cfg2, indent=2, sort_keys=True) + "\n")
+        _write_adapter(out, {**cfg, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}, new)
     report = {
         "lambda": lam,
         "k": k,
@@ -213,6 +201,29 @@ def mitigate(
     }
     (out / REPORT).write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _layer_row(name: str, found: Intruders, rank: int) -> dict[str, Any]:
+    """A layer's report row before any change: the intruders found (positions, singular values, max |cos|)
+    and its rank, written unchanged."""
+    return {
+        "name": name,
+        "intruders": len(found.index),
+        "index": found.index,
+        "singular_values": [float(x) for x in found.s],
+        "max_cos": found.max_cos,
+        "rank": rank,
+        "rank_written": rank,
+        "rel_change": 0.0,
+    }
+
+
+def _write_adapter(out: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """OUT's adapter_config.json and adapter weights (safetensors) from the mitigated config and tensors."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _totals(rows: list[dict[str, Any]], rank_mode: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from helpers import write_corpus
 
-from adaptlab.compare.runner import MAX_SWEEP_EXTENSIONS
+from adaptlab.compare.sweeps import MAX_SWEEP_EXTENSIONS
 from adaptlab.report.extrapolate import extrapolate
 
 GENERAL = [

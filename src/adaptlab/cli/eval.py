@@ -11,6 +11,7 @@ and "tuned" ({"kind", "path", "description"}) when a tuned artifact is given.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -224,39 +225,20 @@ def eval_command(
     overwrite: bool,
 ) -> None:
     """Perplexity, bits per byte, drift, multiple choice and task accuracy of a model, tuned against its base."""
-    import json
-
     from rich.console import Console
 
     from adaptlab.data.sources import check_names
 
     check_names(model_spec, [*data, *general])  # before torch is imported: a wrong name fails at once
-    from adaptlab.artifacts import resolve
-    from adaptlab.data.corpus import split_documents
-    from adaptlab.data.sources import load_documents
     from adaptlab.errors import UserError
     from adaptlab.evaluate import evaluate
     from adaptlab.evaluate.cache import BaseCache
 
-    if adapter and tuned:
-        raise UserError(
-            "Can't provide both --adapter and --tuned. Choose one (both accept any tuned artifact)."
-        )
-    _check_dependent_flags(click.get_current_context())
+    _check_flag_combinations(adapter, tuned)
     tasks = [t.strip() for t in harness_tasks.split(",") if t.strip()] if harness_tasks else []
     if not (data or general or drift_data is not None or mc or tasks or task_source):
         raise UserError("nothing to evaluate: pass --data, --general, --drift, --mc, --harness or --task")
-    task_eval = None
-    if task_source:
-        from adaptlab.data.rewards import load_reward
-        from adaptlab.data.tasks import load_task
-        from adaptlab.evaluate.run import TaskEval
-
-        load_task(task_source)  # a bad task or reward fails before the model loads
-        load_reward(task_reward)
-        if task_k < 1:
-            raise UserError(f"--task-k must be at least 1 (got {task_k})")
-        task_eval = TaskEval(task_source, task_reward, task_k, limit=max_docs)
+    task_eval = _task_eval(task_source, task_reward, task_k, max_docs) if task_source else None
     if out:
         from adaptlab.outputs import check_file_out
 
@@ -264,43 +246,16 @@ def eval_command(
     if max_docs is not None and max_docs < 1:
         raise UserError(f"--max-docs must be at least 1 (got {max_docs})")
     err = Console(stderr=True)
-    ref = resolve(adapter or tuned) if (adapter or tuned) else None
-    spec = model_spec or (ref.base_model if ref else None)
-    if not spec:
-        raise UserError("pass --model (the base model; the tuned artifact does not record one)")
-    if ref:
-        err.print(f"tuned: {ref.describe()}; base: {spec}")
-
-    def first(docs: list[Any]) -> list[Any]:
-        return docs[:max_docs] if max_docs else docs
-
-    target_docs = None
-    if data:
-        target_docs = first(split_documents(load_documents(list(data), text_field), split))  # type: ignore[arg-type]
-        if not target_docs:
-            raise UserError(f"the {split} split of --data is empty: add documents or pass --split all")
-    general_docs = first(load_documents(list(general), text_field)) if general else None
-    drift_docs = first(load_documents(drift_data, text_field)) if drift_data else None
+    ref, spec = _tuned_and_base(model_spec, adapter or tuned, err)
+    target_docs, general_docs, drift_docs = _documents(data, split, general, drift_data, text_field, max_docs)
 
     with err.status(f"loading {ref.path if ref else spec}"):
         model, tokenizer, kwargs = _models(spec, ref)
-    from adaptlab.config import check_seq_len
-
-    check_seq_len(seq_len, getattr(getattr(model, "config", None), "max_position_embeddings", None), spec)
+    _check_window(model, seq_len, spec)
     if no_cache:
         kwargs.pop("base_identity", None)
         kwargs.pop("model_identity", None)
-
-    status = err.status("evaluating")
-    seen = {"stage": "", "tokens": 0}
-
-    def progress(stage: str, n: int) -> None:
-        if stage != seen["stage"]:
-            seen.update(stage=stage, tokens=0)
-        seen["tokens"] += n
-        status.update(f"{stage}: {seen['tokens']:,} tokens")
-
-    with status:
+    with err.status("evaluating") as status:
         result = evaluate(
             model,
             tokenizer,
@@ -319,9 +274,104 @@ def eval_command(
             batch_size=batch,
             stride=stride,
             cache=BaseCache(),
-            progress=progress,
+            progress=_progress(status),
             **kwargs,
         )
+    _emit(result, spec, ref, out, as_json, err)
+
+
+def _check_flag_combinations(adapter: str | None, tuned: str | None) -> None:
+    """Refuse --adapter with --tuned, and a flag that shapes another flag's evaluation without that flag."""
+    from adaptlab.errors import UserError
+
+    if adapter and tuned:
+        raise UserError(
+            "Can't provide both --adapter and --tuned. Choose one (both accept any tuned artifact)."
+        )
+    _check_dependent_flags(click.get_current_context())
+
+
+def _tuned_and_base(model_spec: str | None, artifact: str | None, err: Any) -> tuple[Any, str]:
+    """The tuned artifact resolved (None without one) and the base model's spec: --model, else the
+    base the artifact records."""
+    from adaptlab.artifacts import resolve
+    from adaptlab.errors import UserError
+
+    ref = resolve(artifact) if artifact else None
+    spec = model_spec or (ref.base_model if ref else None)
+    if not spec:
+        raise UserError("pass --model (the base model; the tuned artifact does not record one)")
+    if ref:
+        err.print(f"tuned: {ref.describe()}; base: {spec}")
+    return ref, spec
+
+
+def _check_window(model: Any, seq_len: int, spec: str) -> None:
+    """Refuse a --seq-len longer than the model's position table (max_position_embeddings)."""
+    from adaptlab.config import check_seq_len
+
+    check_seq_len(seq_len, getattr(getattr(model, "config", None), "max_position_embeddings", None), spec)
+
+
+def _task_eval(task_source: str, task_reward: str, task_k: int, max_docs: int | None) -> Any:
+    """The --task evaluation (an evaluate.run.TaskEval); a bad task, reward or --task-k fails here,
+    before the model loads."""
+    from adaptlab.data.rewards import load_reward
+    from adaptlab.data.tasks import load_task
+    from adaptlab.errors import UserError
+    from adaptlab.evaluate.run import TaskEval
+
+    load_task(task_source)
+    load_reward(task_reward)
+    if task_k < 1:
+        raise UserError(f"--task-k must be at least 1 (got {task_k})")
+    return TaskEval(task_source, task_reward, task_k, limit=max_docs)
+
+
+def _documents(
+    data: tuple[str, ...],
+    split: str,
+    general: tuple[str, ...],
+    drift_data: str | None,
+    text_field: str,
+    max_docs: int | None,
+) -> tuple[list[Any] | None, list[Any] | None, list[Any] | None]:
+    """The target (its --split), general and drift documents, each cut to --max-docs; None where not asked."""
+    from adaptlab.data.corpus import split_documents
+    from adaptlab.data.sources import load_documents
+    from adaptlab.errors import UserError
+
+    def first(docs: list[Any]) -> list[Any]:
+        return docs[:max_docs] if max_docs else docs
+
+    target_docs = None
+    if data:
+        target_docs = first(split_documents(load_documents(list(data), text_field), split))  # type: ignore[arg-type]
+        if not target_docs:
+            raise UserError(f"the {split} split of --data is empty: add documents or pass --split all")
+    general_docs = first(load_documents(list(general), text_field)) if general else None
+    drift_docs = first(load_documents(drift_data, text_field)) if drift_data else None
+    return target_docs, general_docs, drift_docs
+
+
+def _progress(status: Any) -> Callable[[str, int], None]:
+    """A progress callback for evaluate() that shows the tokens scored so far in the current stage."""
+    seen = {"stage": "", "tokens": 0}
+
+    def progress(stage: str, n: int) -> None:
+        if stage != seen["stage"]:
+            seen.update(stage=stage, tokens=0)
+        seen["tokens"] += n
+        status.update(f"{stage}: {seen['tokens']:,} tokens")
+
+    return progress
+
+
+def _emit(result: dict[str, Any], spec: str, ref: Any, out: str | None, as_json: bool, err: Any) -> None:
+    """The figures with the base spec ("model") and the tuned artifact ("tuned"), as JSON to --out and/or
+    stdout (--json), or as a table when --json is not given."""
+    import json
+
     result = {"model": spec, **result}
     if ref:
         result["tuned"] = {"kind": ref.kind, "path": str(ref.path), "description": ref.describe()}

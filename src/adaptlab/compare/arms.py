@@ -120,94 +120,130 @@ def study_arms(
 ) -> list[ArmSpec]:
     """The ready-made arm list of a study (sized to the model and, for rank, to the budget)."""
     r = min(DEFAULT_RANK, min_linear_dim(model))
-    arm = ArmSpec.model_validate
     if study in ("regime", "continual"):
         make = regime_arms if study == "regime" else continual_arms
         return make(r, tokens, list(study_data or []))
     if study == "methods":
-        arms = [
-            arm({"name": "full", "method": "full"}),
-            arm({"name": "lora", "method": "lora", "rank": r}),
-            arm({"name": "lora-attn", "method": "lora", "targets": "attention", "match_params": "lora"}),
-            arm({"name": "rslora", "method": "lora", "rank": r, "rslora": True}),
-            arm({"name": "dora", "method": "dora", "rank": r}),
-        ]
-        if qlora_available():
-            arms.append(arm({"name": "qlora", "method": "qlora", "rank": r}))
-        return arms
+        return methods_arms(r)
     if study == "rank":
-        cap = min_linear_dim(model)
-        ranks = [x for x in RANKS if x <= cap]
-        if tokens < 1_000_000:  # small budgets: every other rank, always keeping 1 and the largest
-            ranks = sorted({*ranks[::2], ranks[-1]})
-        scaling = {"rslora": True, "alpha": rank_alpha(model)} if rank_scaling == "rslora" else {}
-        return [arm({"name": "full", "method": "full"})] + [
-            arm({"name": f"lora-r{x}", "method": "lora", "rank": x, "label": str(x), **scaling})
-            for x in ranks
-        ]
+        return rank_arms(model, tokens, rank_scaling)
     if study == "lr":
-        grid = [base_lr * f for f in (lr_grid or LR_GRID)]  # one grid: the ratio of optima can be anything
-        every = {"lr_sweep": grid, "sweep_every_seed": True}
-        return [
-            arm({"name": "full", "method": "full", **every}),
-            arm({"name": "lora", "method": "lora", "rank": r, **every}),
-        ]
+        return lr_arms(r, base_lr, lr_grid)
     if study == "batch":
-        out = []
-        for method in ("full", "lora"):
-            for b, accum, label in ((1, 1, "small"), (None, None, "default"), (None, 4, "large")):
-                fields: dict[str, Any] = {"name": f"{method}-{label}", "method": method, "label": label}
-                if method == "lora":
-                    fields["rank"] = r
-                if b is not None:
-                    fields["batch"] = b
-                if accum is not None:
-                    fields["grad_accum"] = accum
-                out.append(arm(fields))
-        return out
+        return batch_arms(r)
     if study == "targets":
-        return [
-            arm({"name": "lora-all", "method": "lora", "rank": r, "label": "all-linear"}),
-            arm(
-                {
-                    "name": "lora-attn",
-                    "method": "lora",
-                    "targets": "attention",
-                    "match_params": "lora-all",
-                    "label": "attention",
-                }
-            ),
-            arm(
-                {
-                    "name": "lora-mlp",
-                    "method": "lora",
-                    "targets": "mlp",
-                    "match_params": "lora-all",
-                    "label": "mlp",
-                }
-            ),
-        ]
+        return targets_arms(r)
     if study == "data-size":
-        low, high = min(4, min_linear_dim(model)), min(64, min_linear_dim(model))
-        out = []
-        for frac in (0.01, 0.1, 1.0):
-            pct = f"{100 * frac:g}pct"
-            label = f"{100 * frac:g}%"
-            out.append(arm({"name": f"full-{pct}", "method": "full", "data_fraction": frac, "label": label}))
-            for rank in sorted({low, high}):
-                out.append(
-                    arm(
-                        {
-                            "name": f"lora-r{rank}-{pct}",
-                            "method": "lora",
-                            "rank": rank,
-                            "data_fraction": frac,
-                            "label": label,
-                        }
-                    )
-                )
-        return out
+        return data_size_arms(model)
     raise UserError(f"unknown study {study!r}")
+
+
+def methods_arms(rank: int) -> list[ArmSpec]:
+    """The methods study: full, LoRA (all linear and attention only at matched parameters), rsLoRA, DoRA,
+    and QLoRA where bitsandbytes is installed."""
+    arm = ArmSpec.model_validate
+    arms = [
+        arm({"name": "full", "method": "full"}),
+        arm({"name": "lora", "method": "lora", "rank": rank}),
+        arm({"name": "lora-attn", "method": "lora", "targets": "attention", "match_params": "lora"}),
+        arm({"name": "rslora", "method": "lora", "rank": rank, "rslora": True}),
+        arm({"name": "dora", "method": "dora", "rank": rank}),
+    ]
+    if qlora_available():
+        arms.append(arm({"name": "qlora", "method": "qlora", "rank": rank}))
+    return arms
+
+
+def rank_arms(model: str, tokens: int, rank_scaling: str) -> list[ArmSpec]:
+    """The rank study: full and a LoRA at each rank of RANKS the model allows (every other one below a
+    million tokens, always keeping 1 and the largest), scaled by rsLoRA's one alpha or by alpha = 2 x rank."""
+    arm = ArmSpec.model_validate
+    cap = min_linear_dim(model)
+    ranks = [x for x in RANKS if x <= cap]
+    if tokens < 1_000_000:  # small budgets: every other rank, always keeping 1 and the largest
+        ranks = sorted({*ranks[::2], ranks[-1]})
+    scaling = {"rslora": True, "alpha": rank_alpha(model)} if rank_scaling == "rslora" else {}
+    return [arm({"name": "full", "method": "full"})] + [
+        arm({"name": f"lora-r{x}", "method": "lora", "rank": x, "label": str(x), **scaling}) for x in ranks
+    ]
+
+
+def lr_arms(rank: int, base_lr: float, lr_grid: list[float] | None) -> list[ArmSpec]:
+    """The LR study: full and LoRA swept at every seed over one grid (lr_grid, else LR_GRID, times base_lr)."""
+    arm = ArmSpec.model_validate
+    grid = [base_lr * f for f in (lr_grid or LR_GRID)]  # one grid: the ratio of optima can be anything
+    every = {"lr_sweep": grid, "sweep_every_seed": True}
+    return [
+        arm({"name": "full", "method": "full", **every}),
+        arm({"name": "lora", "method": "lora", "rank": rank, **every}),
+    ]
+
+
+def batch_arms(rank: int) -> list[ArmSpec]:
+    """The batch study: full and LoRA each at batch 1, at the default batch, and at 4x accumulation."""
+    out = []
+    for method in ("full", "lora"):
+        for b, accum, label in ((1, 1, "small"), (None, None, "default"), (None, 4, "large")):
+            fields: dict[str, Any] = {"name": f"{method}-{label}", "method": method, "label": label}
+            if method == "lora":
+                fields["rank"] = rank
+            if b is not None:
+                fields["batch"] = b
+            if accum is not None:
+                fields["grad_accum"] = accum
+            out.append(ArmSpec.model_validate(fields))
+    return out
+
+
+def targets_arms(rank: int) -> list[ArmSpec]:
+    """The targets study: LoRA on every linear layer, and on attention or the MLP alone at the same
+    trainable parameters."""
+    arm = ArmSpec.model_validate
+    return [
+        arm({"name": "lora-all", "method": "lora", "rank": rank, "label": "all-linear"}),
+        arm(
+            {
+                "name": "lora-attn",
+                "method": "lora",
+                "targets": "attention",
+                "match_params": "lora-all",
+                "label": "attention",
+            }
+        ),
+        arm(
+            {
+                "name": "lora-mlp",
+                "method": "lora",
+                "targets": "mlp",
+                "match_params": "lora-all",
+                "label": "mlp",
+            }
+        ),
+    ]
+
+
+def data_size_arms(model: str) -> list[ArmSpec]:
+    """The data-size study: full and LoRA at a low and a high rank, each on 1%, 10% and all of the data."""
+    arm = ArmSpec.model_validate
+    low, high = min(4, min_linear_dim(model)), min(64, min_linear_dim(model))
+    out = []
+    for frac in (0.01, 0.1, 1.0):
+        pct = f"{100 * frac:g}pct"
+        label = f"{100 * frac:g}%"
+        out.append(arm({"name": f"full-{pct}", "method": "full", "data_fraction": frac, "label": label}))
+        for rank in sorted({low, high}):
+            out.append(
+                arm(
+                    {
+                        "name": f"lora-r{rank}-{pct}",
+                        "method": "lora",
+                        "rank": rank,
+                        "data_fraction": frac,
+                        "label": label,
+                    }
+                )
+            )
+    return out
 
 
 def resolve_ranks(spec: CompareSpec) -> tuple[list[ArmSpec], list[str]]:

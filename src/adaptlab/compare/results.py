@@ -229,6 +229,138 @@ def _cost(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _replicates(arm: ArmSpec, plans: list[RunPlan], sweeps: dict[str, dict[str, Any]]) -> list[RunPlan]:
+    """The runs that stand for the arm (its swept runs at the chosen LR only), in seed order."""
+    reps = [
+        p
+        for p in plans
+        if p.arm == arm.name and (not p.sweep or p.lr == sweeps.get(arm.name, {}).get("best_lr"))
+    ]
+    reps.sort(key=lambda p: p.seed_index)  # seed s of every arm saw the same data order: pairs
+    return reps
+
+
+def _arm_config(arm: ArmSpec, plan: RunPlan, sweeps: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The arm's "config" entry: method fields, LR and where it came from, batch, steps, token budget, data."""
+    train = plan.train_fields
+    return {
+        **plan.method_fields,
+        "lr": plan.lr if plan.lr is not None else sweeps.get(arm.name, {}).get("best_lr"),
+        "lr_source": plan.lr_source,
+        "batch": train["batch"],
+        "grad_accum": train["grad_accum"],
+        "seq_len": train["seq_len"],
+        "steps": train["steps"],
+        "tokens": train["steps"] * train["batch"] * train["grad_accum"] * train["seq_len"],
+        "data_fraction": arm.data_fraction,
+        "data": arm.data,
+        "init_from": arm.init_from,
+    }
+
+
+def _failure(
+    arm: ArmSpec,
+    reps: list[RunPlan],
+    status: dict[str, dict[str, Any]],
+    measured: dict[str, dict[str, Any]],
+) -> str | None:
+    """Why the arm has no figures ("run: error" of its first failed run), or None when every run was measured."""
+    failed = [p.run for p in reps if status.get(p.run, {}).get("status") != "ok" or p.run not in measured]
+    if reps and not failed:
+        return None
+    errors = [status.get(r, {}).get("error", "not run") for r in failed] or ["no run"]
+    return f"{failed[0] if failed else arm.name}: {errors[0]}"
+
+
+def _measured_fields(
+    reps: list[RunPlan], measured: dict[str, dict[str, Any]], metric: str, out: Path
+) -> dict[str, Any]:
+    """An arm's figures, combined over its seeds: learning, forgetting, cost, losses, analysis, per-doc
+    numbers, and where they exist its learning on its own data, its 4-bit base alone and its per-seed rows."""
+    evs = [measured[p.run]["eval"] for p in reps]
+    summaries = [RunDir(out / "runs" / p.run).read_summary() for p in reps]
+    fields: dict[str, Any] = {
+        "status": "ok",
+        "learning": _combine([learning_of(e) for e in evs]),
+        "forgetting": _combine([forgetting_of(e, metric) for e in evs]),
+        "cost": _cost(summaries),
+        "final_train_loss": statistics.fmean(s["final_train_loss"] for s in summaries),
+        "final_val_loss": (
+            statistics.fmean(s["final_val_loss"] for s in summaries)
+            if all(s.get("final_val_loss") is not None for s in summaries)
+            else None
+        ),
+        "analysis": _analysis_summary(measured[reps[0].run]["analysis"], out / "runs" / reps[0].run, out),
+        "per_doc": per_doc_of(evs),
+        "target_kl": _target_kl(evs),
+    }
+    own = [measured[p.run].get("own") for p in reps]
+    if all(o is not None for o in own):  # an arm on data of its own: learning on that data's held-out split
+        fields["own_learning"] = _combine([learning_of(o) for o in own])  # type: ignore[arg-type]
+    quantized = [e["quantized_base"] for e in evs if "quantized_base" in e]
+    if quantized and len(quantized) == len(evs):
+        fields["quantized_base"] = _quantized_base(quantized)
+    if len(reps) > 1:
+        fields["per_seed"] = [
+            {
+                "run": p.run,
+                "seed": p.seed,
+                "learning": learning_of(e)["value"],
+                "forgetting": forgetting_of(e, metric).get("value"),
+            }
+            for p, e in zip(reps, evs, strict=True)
+        ]
+    return fields
+
+
+def _arm_record(
+    arm: ArmSpec,
+    plans: list[RunPlan],
+    status: dict[str, dict[str, Any]],
+    sweeps: dict[str, dict[str, Any]],
+    measured: dict[str, dict[str, Any]],
+    metric: str,
+    out: Path,
+) -> dict[str, Any]:
+    """One entry of results.json "arms": its config and runs, then its figures or why it failed."""
+    reps = _replicates(arm, plans, sweeps)
+    config = _arm_config(arm, reps[0] if reps else [p for p in plans if p.arm == arm.name][0], sweeps)
+    record: dict[str, Any] = {
+        "name": arm.name,
+        "method": arm.method + ("+rslora" if arm.rslora and arm.is_lora else ""),
+        "label": arm.label,
+        "config": config,
+        "runs": [{"run": p.run, "dir": f"runs/{p.run}", "seed": p.seed} for p in reps],
+        "seeds": len(reps),
+        "lr_sweep": sweeps.get(arm.name),
+    }
+    error = _failure(arm, reps, status, measured)
+    if error is not None:
+        record.update(status="failed", error=error)
+    else:
+        record.update(_measured_fields(reps, measured, metric, out))
+    return record
+
+
+def _budget_note(spec: CompareSpec, records: list[dict[str, Any]]) -> str:
+    """One line on the token budgets: equal across arms, or different by the study's design."""
+    budgets = {r["config"]["tokens"] for r in records}
+    if len(budgets) <= 1:
+        return f"every arm saw the same {next(iter(budgets)):,} tokens in the same order"
+    return f"budgets differ by design in this {spec.study or 'comparison'} study: " + ", ".join(
+        f"{r['name']} {r['config']['tokens']:,}" for r in records
+    )
+
+
+def _lr_rule(spec: CompareSpec) -> str:
+    """The rule that gave an LR to the arms that set none."""
+    return (
+        f"arms without an explicit LR: full fine-tuning at the base LR {spec.train.lr:g}, the LoRA family at "
+        f"{spec.train.lora_lr_factor:g}x it ({spec.train.default_lr('lora'):g}), the rule of "
+        '"LoRA Without Regret" (Thinking Machines 2025)'
+    )
+
+
 def assemble(
     spec: CompareSpec,
     arms: list[ArmSpec],
@@ -239,100 +371,14 @@ def assemble(
     out: Path,
     notes: list[str],
 ) -> dict[str, Any]:
+    """results.json (the schema above) from the comparison's arms, runs, sweeps and measurements."""
     from adaptlab.report.extrapolate import extrapolate
     from adaptlab.report.predictor import kl_predictor
     from adaptlab.report.recommend import recommend
 
     metric = forgetting_metric(spec)
-    notes = list(notes)
-    records = []
-    budgets = set()
-    for a in arms:
-        arm_plans = [p for p in plans if p.arm == a.name]
-        reps = [p for p in arm_plans if (not p.sweep or p.lr == sweeps.get(a.name, {}).get("best_lr"))]
-        reps.sort(key=lambda p: p.seed_index)  # seed s of every arm saw the same data order: pairs
-        p0 = reps[0] if reps else arm_plans[0]
-        config = {
-            **p0.method_fields,
-            "lr": p0.lr if p0.lr is not None else sweeps.get(a.name, {}).get("best_lr"),
-            "lr_source": p0.lr_source,
-            "batch": p0.train_fields["batch"],
-            "grad_accum": p0.train_fields["grad_accum"],
-            "seq_len": p0.train_fields["seq_len"],
-            "steps": p0.train_fields["steps"],
-            "tokens": p0.train_fields["steps"]
-            * p0.train_fields["batch"]
-            * p0.train_fields["grad_accum"]
-            * p0.train_fields["seq_len"],
-            "data_fraction": a.data_fraction,
-            "data": a.data,
-            "init_from": a.init_from,
-        }
-        budgets.add(config["tokens"])
-        rec: dict[str, Any] = {
-            "name": a.name,
-            "method": a.method + ("+rslora" if a.rslora and a.is_lora else ""),
-            "label": a.label,
-            "config": config,
-            "runs": [{"run": p.run, "dir": f"runs/{p.run}", "seed": p.seed} for p in reps],
-            "seeds": len(reps),
-            "lr_sweep": sweeps.get(a.name),
-        }
-        failed = [p.run for p in reps if status.get(p.run, {}).get("status") != "ok" or p.run not in measured]
-        if not reps or failed:
-            errors = [status.get(r, {}).get("error", "not run") for r in failed] or ["no run"]
-            rec.update(status="failed", error=f"{failed[0] if failed else a.name}: {errors[0]}")
-            records.append(rec)
-            continue
-        evs = [measured[p.run]["eval"] for p in reps]
-        summaries = [RunDir(out / "runs" / p.run).read_summary() for p in reps]
-        rec.update(
-            status="ok",
-            learning=_combine([learning_of(e) for e in evs]),
-            forgetting=_combine([forgetting_of(e, metric) for e in evs]),
-            cost=_cost(summaries),
-            final_train_loss=statistics.fmean(s["final_train_loss"] for s in summaries),
-            final_val_loss=(
-                statistics.fmean(s["final_val_loss"] for s in summaries)
-                if all(s.get("final_val_loss") is not None for s in summaries)
-                else None
-            ),
-            analysis=_analysis_summary(measured[reps[0].run]["analysis"], out / "runs" / reps[0].run, out),
-            per_doc=per_doc_of(evs),
-            target_kl=_target_kl(evs),
-        )
-        own = [measured[p.run].get("own") for p in reps]
-        if all(
-            o is not None for o in own
-        ):  # an arm on data of its own: learning on that data's held-out split
-            rec["own_learning"] = _combine([learning_of(o) for o in own])  # type: ignore[arg-type]
-        quantized = [e["quantized_base"] for e in evs if "quantized_base" in e]
-        if quantized and len(quantized) == len(evs):
-            rec["quantized_base"] = _quantized_base(quantized)
-            notes.append(_quantization_note(a.name, rec))
-        if len(reps) > 1:
-            rec["per_seed"] = [
-                {
-                    "run": p.run,
-                    "seed": p.seed,
-                    "learning": learning_of(e)["value"],
-                    "forgetting": forgetting_of(e, metric).get("value"),
-                }
-                for p, e in zip(reps, evs, strict=True)
-            ]
-        records.append(rec)
-    equal = len(budgets) <= 1
-    budget_note = (
-        f"every arm saw the same {next(iter(budgets)):,} tokens in the same order"
-        if equal
-        else f"budgets differ by design in this {spec.study or 'comparison'} study: "
-        + ", ".join(f"{r['name']} {r['config']['tokens']:,}" for r in records)
-    )
-    lr_rule = (
-        f"arms without an explicit LR: full fine-tuning at the base LR {spec.train.lr:g}, the LoRA family at "
-        f"{spec.train.lora_lr_factor:g}x it ({spec.train.default_lr('lora'):g}), the rule of "
-        '"LoRA Without Regret" (Thinking Machines 2025)'
-    )
+    records = [_arm_record(a, plans, status, sweeps, measured, metric, out) for a in arms]
+    notes = list(notes) + [_quantization_note(r["name"], r) for r in records if "quantized_base" in r]
     results: dict[str, Any] = {
         "version": 1,
         "study": spec.study,
@@ -346,9 +392,9 @@ def assemble(
             "eval_max_chars": spec.eval.max_chars,
         },
         "budget_tokens": spec.tokens,
-        "budget_equal": equal,
-        "budget_note": budget_note,
-        "lr_rule": lr_rule,
+        "budget_equal": len({r["config"]["tokens"] for r in records}) <= 1,
+        "budget_note": _budget_note(spec, records),
+        "lr_rule": _lr_rule(spec),
         "seeds": spec.seeds,
         "target_tokens": spec.target_tokens,
         "forgetting_metric": metric,

@@ -12,7 +12,6 @@ run under a key of their settings, so a second invocation recomputes nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -26,21 +25,17 @@ from adaptlab.compare.arms import (
     RunPlan,
     check_seq_len_fits,
     expand,
-    lr_text,
     resolve_ranks,
     study_arms,
 )
-from adaptlab.compare.child import OnEvent, write_if_changed
+from adaptlab.compare.child import Job, OnEvent, write_if_changed
 from adaptlab.compare.evaluation import Probes, analyze_run, evaluate_run, load_probes, write_json
 from adaptlab.compare.executors import Executor
 from adaptlab.compare.spec import ArmSpec, CompareSpec
+from adaptlab.compare.sweeps import add_lr_ratio, extend_sweeps, sweep_results
 from adaptlab.errors import StudyRefused, UserError
-from adaptlab.rundir import RunDir
 
 DEFAULT_EPOCHS = 2.0
-MAX_SWEEP_EXTENSIONS = 2
-"""Extra LRs an LR sweep may try beyond its grid's edge when its best LR lies on that edge."""
-EXTENSION_NOTE = "beyond the sweep's grid"
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -193,11 +188,37 @@ def _compare(
     inputs: Sequence[str | Path],
     executor: Executor,
 ) -> dict[str, Any]:
-    from adaptlab.compare.executors import Job
+    """compare() inside OUT's claim: plan every run, train, measure, then write results.json and the report."""
     from adaptlab.compare.results import assemble
-    from adaptlab.data.sources import load_documents
+    from adaptlab.compare.studies import study_results
 
     spec = resolve_spec(spec)
+    arms, plans, notes = _plan(spec, out, force, overwrite, inputs)
+    emit({"event": "plan", "runs": [p.run for p in plans], "arms": [a.name for a in arms], "notes": notes})
+    status, sweeps = _train(spec, plans, force, out, emit, overwrite, executor)
+    measured = _measure(spec, arms, plans, sweeps, status, out, emit)
+    results = assemble(spec, arms, plans, status, sweeps, measured, out, notes)
+    if spec.study == "lr":
+        add_lr_ratio(results, arms, sweeps)
+    if (table := study_results(spec, out, results, emit)) is not None:
+        results[spec.study or "study"] = table
+    write_json(out / "results.json", results)
+    if report:
+        from adaptlab.report.render import write_report
+
+        results["report"] = {k: str(v) for k, v in write_report(results, out).items()}
+        write_json(out / "results.json", results)
+    return results
+
+
+def _plan(
+    spec: CompareSpec, out: Path, force: Sequence[str], overwrite: bool, inputs: Sequence[str | Path]
+) -> tuple[list[ArmSpec], list[RunPlan], list[str]]:
+    """The arms, every run they need and the notes on how they were sized, after the checks that must
+    fail before any training: sequence length, the data file, --force names, each run's folder.
+    Writes OUT/compare.yaml (the resolved spec) unless it is one of the comparison's inputs."""
+    from adaptlab.data.sources import load_documents
+
     check_seq_len_fits(spec.model, spec.train.seq_len)
     load_documents(spec.data.train, spec.data.text_field)  # a malformed file: one line now, not one per arm
     spec_path = out / "compare.yaml"
@@ -211,29 +232,76 @@ def _compare(
     unknown = [f for f in force if f not in known]
     if unknown:
         raise UserError(f"--force {', '.join(unknown)}: no such arm; arms: {', '.join(a.name for a in arms)}")
-    forced = {p.run for p in plans if p.run in force or p.arm in force}
     for p in plans:  # refuse before training anything, not after the first arms
         outputs.check_out(out / "runs" / p.run, "run", overwrite=overwrite)
+    return arms, plans, notes
 
-    status: dict[str, dict[str, Any]] = {}
+
+def _train(
+    spec: CompareSpec,
+    plans: list[RunPlan],
+    force: Sequence[str],
+    out: Path,
+    emit: OnEvent,
+    overwrite: bool,
+    executor: Executor,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Train every run, in order: the runs with an LR of their own (LR sweeps included, extended past
+    their grid's edge as needed: the extensions are added to `plans`), then the runs that take their
+    sweep's best LR, then the runs that start from another run. Returns each run's status and the sweeps."""
+    forced = {p.run for p in plans if p.run in force or p.arm in force}
     first = [p for p in plans if p.lr is not None and p.init_from is None]
     later = [p for p in plans if p.lr is None]
     chained = [p for p in plans if p.lr is not None and p.init_from is not None]  # after their sources
-    total = len(plans)
-    emit({"event": "plan", "runs": [p.run for p in plans], "arms": [a.name for a in arms], "notes": notes})
-    jobs = [Job(p, p.run in forced, i + 1, total, overwrite) for i, p in enumerate(first)]
+    status: dict[str, dict[str, Any]] = {}
+    jobs = [Job(p, p.run in forced, i + 1, len(plans), overwrite) for i, p in enumerate(first)]
     status.update(executor.train_runs(jobs, spec, out, emit))
-    sweeps = _sweep_results(plans, status, out)
+    sweeps = _train_sweep_extensions(spec, plans, status, force, out, emit, overwrite, executor)
+    total = len(plans)
+    jobs = _best_lr_jobs(later, sweeps, status, forced, total - len(later), total, overwrite)
+    status.update(executor.train_runs(jobs, spec, out, emit))
+    jobs = _chained_jobs(chained, status, forced, len(first) + len(later), total, out, overwrite)
+    status.update(executor.train_runs(jobs, spec, out, emit))
+    return status, sweeps
+
+
+def _train_sweep_extensions(
+    spec: CompareSpec,
+    plans: list[RunPlan],
+    status: dict[str, dict[str, Any]],
+    force: Sequence[str],
+    out: Path,
+    emit: OnEvent,
+    overwrite: bool,
+    executor: Executor,
+) -> dict[str, dict[str, Any]]:
+    """Train one more LR past the edge of each sweep whose best LR lies on it, until none does (or each
+    has had MAX_SWEEP_EXTENSIONS); the new runs are added to `plans`, their status to `status`.
+    Returns the sweeps as they stand after the last extension."""
+    sweeps = sweep_results(plans, status, out)
     extended: dict[str, int] = {}
-    while extra := _extend_sweeps(spec, plans, sweeps, extended):
-        plans += extra
-        total += len(extra)
+    while extra := extend_sweeps(spec, plans, sweeps, extended):
+        plans.extend(extra)
+        total = len(plans)
         jobs = [
             Job(p, p.arm in force, total - len(extra) + i + 1, total, overwrite) for i, p in enumerate(extra)
         ]
         status.update(executor.train_runs(jobs, spec, out, emit))
-        sweeps = _sweep_results(plans, status, out)
-    done = total - len(later)
+        sweeps = sweep_results(plans, status, out)
+    return sweeps
+
+
+def _best_lr_jobs(
+    later: list[RunPlan],
+    sweeps: dict[str, dict[str, Any]],
+    status: dict[str, dict[str, Any]],
+    forced: set[str],
+    done: int,
+    total: int,
+    overwrite: bool,
+) -> list[Job]:
+    """Jobs for the runs that take their arm's swept best LR (set on each plan here); a run whose sweep
+    has no finished run is marked failed in `status` instead."""
     jobs = []
     for i, p in enumerate(later):
         best = sweeps.get(p.arm, {}).get("best_lr")
@@ -246,7 +314,20 @@ def _compare(
             continue
         p.lr = best
         jobs.append(Job(p, p.run in forced, done + i + 1, total, overwrite))
-    status.update(executor.train_runs(jobs, spec, out, emit))
+    return jobs
+
+
+def _chained_jobs(
+    chained: list[RunPlan],
+    status: dict[str, dict[str, Any]],
+    forced: set[str],
+    done: int,
+    total: int,
+    out: Path,
+    overwrite: bool,
+) -> list[Job]:
+    """Jobs for the runs that start from another run, retrained when their start was retrained since;
+    a run whose start failed is marked failed in `status` instead."""
     jobs = []
     for i, p in enumerate(chained):
         if status.get(p.init_from or "", {}).get("status") != "ok":
@@ -257,48 +338,55 @@ def _compare(
             }
             continue
         again = p.run in forced or _start_is_newer(out, p)  # its start retrained since: train it again
-        jobs.append(Job(p, again, len(first) + len(later) + i + 1, total, overwrite))
-    status.update(executor.train_runs(jobs, spec, out, emit))
+        jobs.append(Job(p, again, done + i + 1, total, overwrite))
+    return jobs
 
+
+def _measure(
+    spec: CompareSpec,
+    arms: list[ArmSpec],
+    plans: list[RunPlan],
+    sweeps: dict[str, dict[str, Any]],
+    status: dict[str, dict[str, Any]],
+    out: Path,
+    emit: OnEvent,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate and analyse the trained run of each seed that stands for each arm: run -> {"eval",
+    "analysis", "own"?}. A run whose evaluation is refused (UserError) is marked failed in `status`."""
     probes: Probes | None = None
     measured: dict[str, dict[str, Any]] = {}
     for a in arms:
         for run in _representative_runs(a.name, plans, sweeps):
             if status.get(run, {}).get("status") != "ok":
                 continue
-            run_dir = out / "runs" / run
             try:
                 emit({"event": "eval_start", "run": run})
                 if probes is None:
                     probes = load_probes(spec)
-                ev = evaluate_run(spec, run_dir, probes, emit)
-                an = None
-                if spec.analysis.enabled:
-                    emit({"event": "analysis_start", "run": run})
-                    an = analyze_run(spec, run_dir)
-                measured[run] = {"eval": ev, "analysis": an}
-                if a.data is not None:  # an arm on data of its own is measured on it too
-                    from adaptlab.compare.studies import evaluate_own
-
-                    measured[run]["own"] = evaluate_own(spec, run_dir, a.data, emit)
+                measured[run] = _measure_run(spec, a, out / "runs" / run, probes, emit)
                 emit({"event": "eval_done", "run": run})
             except UserError as err:
                 status[run] = {"status": "failed", "error": f"evaluation: {err}", "trained": False}
                 emit({"event": "eval_failed", "run": run, "error": str(err)})
-    results = assemble(spec, arms, plans, status, sweeps, measured, out, notes)
-    if spec.study == "lr":
-        _lr_ratio(results, arms, sweeps)
-    from adaptlab.compare.studies import study_results
+    return measured
 
-    if (table := study_results(spec, out, results, emit)) is not None:
-        results[spec.study or "study"] = table
-    write_json(out / "results.json", results)
-    if report:
-        from adaptlab.report.render import write_report
 
-        results["report"] = {k: str(v) for k, v in write_report(results, out).items()}
-        write_json(out / "results.json", results)
-    return results
+def _measure_run(
+    spec: CompareSpec, arm: ArmSpec, run_dir: Path, probes: Probes, emit: OnEvent
+) -> dict[str, Any]:
+    """One run's evaluation, its weight analysis (when enabled) and, for an arm on data of its own,
+    its evaluation on that data."""
+    ev = evaluate_run(spec, run_dir, probes, emit)
+    an = None
+    if spec.analysis.enabled:
+        emit({"event": "analysis_start", "run": run_dir.name})
+        an = analyze_run(spec, run_dir)
+    measured: dict[str, Any] = {"eval": ev, "analysis": an}
+    if arm.data is not None:  # an arm on data of its own is measured on it too
+        from adaptlab.compare.studies import evaluate_own
+
+        measured["own"] = evaluate_own(spec, run_dir, arm.data, emit)
+    return measured
 
 
 def _start_is_newer(out: Path, plan: RunPlan) -> bool:
@@ -320,137 +408,3 @@ def _representative_runs(arm: str, plans: list[RunPlan], sweeps: dict[str, dict[
         else:
             out.append(p.run)
     return out
-
-
-def _extend_sweeps(
-    spec: CompareSpec, plans: list[RunPlan], sweeps: dict[str, dict[str, Any]], extended: dict[str, int]
-) -> list[RunPlan]:
-    """One more LR beyond the edge of each sweep whose best LR lies on that edge (at most
-    MAX_SWEEP_EXTENSIONS per arm), a grid step further (the ratio of the two LRs nearest that edge)."""
-    new = []
-    for arm, entry in sweeps.items():
-        if not entry.get("best_at_edge") or extended.get(arm, 0) >= MAX_SWEEP_EXTENSIONS:
-            continue
-        lrs = sorted(pt["lr"] for pt in entry["points"])
-        lr = lrs[-1] ** 2 / lrs[-2] if entry["best_lr"] == lrs[-1] else lrs[0] ** 2 / lrs[1]
-        templates = {p.seed_index: p for p in plans if p.arm == arm and p.sweep}  # one per sweeping seed
-        for s, template in sorted(templates.items()):
-            suffix = f"-s{s}" if spec.seeds > 1 else ""
-            new.append(
-                dataclasses.replace(
-                    template, run=f"{arm}-lr{lr_text(lr)}{suffix}", lr=lr, notes=[EXTENSION_NOTE]
-                )
-            )
-        extended[arm] = extended.get(arm, 0) + 1
-    return new
-
-
-def _sweep_results(
-    plans: list[RunPlan], status: dict[str, dict[str, Any]], out: Path
-) -> dict[str, dict[str, Any]]:
-    """Per swept arm: each LR's final validation loss (the mean over the seeds that swept it) and the best
-    LR (lowest); an arm swept at several seeds also keeps each seed's own points ("per_seed")."""
-    raw: dict[str, list[dict[str, Any]]] = {}
-    for p in plans:
-        if not p.sweep:
-            continue
-        val = None
-        if status.get(p.run, {}).get("status") == "ok":
-            val = RunDir(out / "runs" / p.run).read_summary().get("final_val_loss")
-        raw.setdefault(p.arm, []).append(
-            {
-                "lr": p.lr,
-                "run": p.run,
-                "seed_index": p.seed_index,
-                "final_val_loss": val,
-                "status": status[p.run]["status"],
-                "beyond_grid": EXTENSION_NOTE in p.notes,
-            }
-        )
-    return {arm: _sweep_entry(points) for arm, points in raw.items()}
-
-
-def _sweep_entry(raw: list[dict[str, Any]]) -> dict[str, Any]:
-    """One arm's sweep from its runs' points (one per LR and seed)."""
-    entry: dict[str, Any] = {"points": [], "best_lr": None, "best_run": None, "grid_extensions": 0}
-    for lr in dict.fromkeys(pt["lr"] for pt in raw):
-        at = sorted((pt for pt in raw if pt["lr"] == lr), key=lambda pt: pt["seed_index"])
-        vals = [pt["final_val_loss"] for pt in at]
-        failed = next((pt["status"] for pt in at if pt["status"] != "ok"), None)
-        entry["grid_extensions"] += at[0]["beyond_grid"]
-        entry["points"].append(
-            {
-                "lr": lr,
-                "run": at[0]["run"],
-                "final_val_loss": sum(vals) / len(vals) if None not in vals else None,
-                "status": failed or "ok",
-                "beyond_grid": at[0]["beyond_grid"],
-            }
-        )
-    seeds = sorted({pt["seed_index"] for pt in raw})
-    if len(seeds) > 1:
-        keep = ("lr", "run", "final_val_loss", "status")
-        entry["per_seed"] = [
-            {"seed_index": s, "points": [{k: pt[k] for k in keep} for pt in raw if pt["seed_index"] == s]}
-            for s in seeds
-        ]
-    ok = [
-        pt
-        for pt in entry["points"]
-        if pt["final_val_loss"] is not None and math.isfinite(pt["final_val_loss"])
-    ]
-    if ok:
-        best = min(ok, key=lambda pt: pt["final_val_loss"])
-        entry["best_lr"], entry["best_run"] = best["lr"], best["run"]
-        lrs = sorted(pt["lr"] for pt in entry["points"])
-        entry["best_at_edge"] = best["lr"] in (lrs[0], lrs[-1])
-    for pt in entry["points"]:
-        pt["chosen"] = pt["run"] == entry["best_run"]
-    return entry
-
-
-def _lr_ratio(results: dict[str, Any], arms: list[ArmSpec], sweeps: dict[str, dict[str, Any]]) -> None:
-    """The LR study's `lr_ratio` (LoRA's fitted best LR / full's) and each swept arm's `lr_optimum`."""
-    from adaptlab.compare.lr_fit import lr_ratio
-
-    every = [a for a in arms if a.sweep_every_seed]
-    full = next((a.name for a in every if not a.is_lora), None)
-    lora = next((a.name for a in every if a.is_lora), None)
-    if full is None or lora is None:
-        return
-    curves = {name: _seed_curves(sweeps.get(name, {})) for name in (full, lora)}
-    if any(c is None for c in curves.values()):
-        results["lr_ratio"] = {
-            "arms": [full, lora],
-            "estimate": None,
-            "interval": None,
-            "seeds": 0,
-            "per_seed": [],
-            "edge": False,
-            "note": "fewer than three LRs finished at every seed in an arm's sweep: no optimum to fit",
-        }
-        return
-    record, opt_full, opt_lora = lr_ratio((full, lora), curves[full], curves[lora])  # type: ignore[arg-type]
-    results["lr_ratio"] = record
-    for rec in results["arms"]:
-        if rec["name"] in (full, lora):
-            rec["lr_optimum"] = opt_full if rec["name"] == full else opt_lora
-
-
-def _seed_curves(entry: dict[str, Any]) -> tuple[list[float], Any] | None:
-    """(LRs, validation loss per seed and LR) of a sweep: the LRs that finished at every seed (a diverged
-    run's loss is inf); None below three such LRs."""
-    import numpy as np
-
-    per_seed = entry.get("per_seed") or [{"points": entry.get("points", [])}]
-    lrs = sorted(pt["lr"] for pt in entry.get("points", []))
-    table = np.full((len(per_seed), len(lrs)), np.nan)
-    for i, seed in enumerate(per_seed):
-        for pt in seed["points"]:
-            if pt["status"] == "ok" and pt["final_val_loss"] is not None:
-                v = pt["final_val_loss"]
-                table[i, lrs.index(pt["lr"])] = v if math.isfinite(v) else np.inf
-    keep = ~np.isnan(table).any(axis=0)
-    if keep.sum() < 3:
-        return None
-    return [lr for lr, k in zip(lrs, keep, strict=True) if k], table[:, keep]

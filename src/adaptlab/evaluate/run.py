@@ -387,6 +387,63 @@ def evaluate(
     task: a verifiable task (TaskEval) scored on its held-out prompts, pass@1 and mean reward@k.
     per_doc: keep the per-document numbers in each section; target_kl: KL both ways on target_docs.
     """
+    s = _scoring(
+        model,
+        tokenizer,
+        base_model,
+        base_tokenizer,
+        compare=compare,
+        drift_kl=drift_kl,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        stride=stride,
+        n_resamples=n_resamples,
+        cache=cache,
+        base_identity=base_identity,
+        model_identity=model_identity,
+        progress=progress,
+        per_doc=per_doc,
+    )
+    result: dict[str, Any] = {}
+    if target_docs is not None:
+        result["target"] = _nll_step(s, "target", target_docs)
+    if general_docs is not None:
+        result["general"] = _nll_step(s, "general", general_docs)
+    if target_kl and target_docs is not None and s.has_base:
+        result["target_kl"] = _target_kl_step(s, target_docs)
+    if drift_kl:
+        result["drift"] = _drift_step(s, *_drift_texts(s, drift_docs, drift_prompts, drift_new_tokens, seed))
+    if mc_files:
+        result["mc"] = _mc_section(s, mc_files, mc_limit)
+    if harness_tasks:
+        result["harness"] = _harness_step(s, list(harness_tasks), harness_include, harness_limit)
+    if task is not None:
+        result["task"] = _task_step(s, task, seed)
+    result["settings"] = _settings(seq_len, stride, batch_size, drift_new_tokens, seed, n_resamples)
+    return result
+
+
+def _scoring(
+    model: Any,
+    tokenizer: Any,
+    base_model: Any | None,
+    base_tokenizer: Any | None,
+    *,
+    compare: bool,
+    drift_kl: bool,
+    seq_len: int,
+    batch_size: int,
+    stride: int | None,
+    n_resamples: int,
+    cache: BaseCache | None,
+    base_identity: str | None,
+    model_identity: str | None,
+    progress: Progress | None,
+    per_doc: bool,
+) -> _Scoring:
+    """evaluate()'s scoring state: which base the model is compared with (a separate base_model, the
+    PeftModel itself with its adapter off, or none) and the cache, after the checks that refuse bad
+    window settings, a base with another vocabulary, and drift without a base."""
     if batch_size < 1 or seq_len < 8:
         raise UserError(f"need --batch >= 1 and --seq-len >= 8 (got {batch_size}, {seq_len})")
     if stride is not None and not 1 <= stride <= seq_len:
@@ -400,7 +457,7 @@ def evaluate(
         raise UserError("--drift compares a tuned model with its base: pass --adapter or --tuned")
     if cache is None and (base_identity or model_identity):
         cache = BaseCache()
-    s = _Scoring(
+    return _Scoring(
         model=model,
         tokenizer=tokenizer,
         base_model=base_model,
@@ -417,25 +474,20 @@ def evaluate(
         say=progress or (lambda stage, n: None),
         per_doc=per_doc,
     )
-    result: dict[str, Any] = {}
-    if target_docs is not None:
-        result["target"] = _nll_step(s, "target", target_docs)
-    if general_docs is not None:
-        result["general"] = _nll_step(s, "general", general_docs)
-    if target_kl and target_docs is not None and has_base:
-        result["target_kl"] = _target_kl_step(s, target_docs)
-    if drift_kl:
-        result["drift"] = _drift_step(s, *_drift_texts(s, drift_docs, drift_prompts, drift_new_tokens, seed))
-    if mc_files:
-        result["mc"] = {
-            stem: _mc_step(s, stem, path, mc_limit)
-            for stem, path in zip(_stems(mc_files), mc_files, strict=True)
-        }
-    if harness_tasks:
-        result["harness"] = _harness_step(s, list(harness_tasks), harness_include, harness_limit)
-    if task is not None:
-        result["task"] = _task_step(s, task, seed)
-    result["settings"] = {
+
+
+def _mc_section(s: _Scoring, mc_files: Sequence[str | Path], limit: int | None) -> dict[str, Any]:
+    """The "mc" section: each multiple-choice file's figures under its stem."""
+    return {
+        stem: _mc_step(s, stem, path, limit) for stem, path in zip(_stems(mc_files), mc_files, strict=True)
+    }
+
+
+def _settings(
+    seq_len: int, stride: int | None, batch_size: int, drift_new_tokens: int, seed: int, n_resamples: int
+) -> dict[str, Any]:
+    """The "settings" section: the scoring settings every figure was computed with."""
+    return {
         "seq_len": seq_len,
         "stride": stride or seq_len,
         "batch_size": batch_size,
@@ -443,4 +495,3 @@ def evaluate(
         "seed": seed,
         "n_resamples": n_resamples,
     }
-    return result

@@ -3,7 +3,7 @@
 claims.py declares each claim once (its contrast, test, margin and metric); pairs.py says which arms
 may be paired (matched on every factor but the one under test); paired.py computes contrasts paired
 over the same held-out documents and seeds; verdict.py turns a contrast's interval into agrees /
-disagrees / cannot tell / not run. report/, reproduce.py, compare/rl.py and plan/ read verdicts from
+disagrees / cannot tell / not run. report/, reproduce/, compare/rl.py and plan/ read verdicts from
 here, so the same results give the same verdict everywhere.
 
     python -c "from adaptlab.findings import CLAIMS; print([c.id for c in CLAIMS])"

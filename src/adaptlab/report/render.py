@@ -110,133 +110,132 @@ def _noisy(c: dict[str, Any]) -> str:
     return "" if c.get("noisy_machine") is None else "steady"
 
 
+def _comparison_row(
+    a: dict[str, Any], rec: dict[str, Any], vs_pick: dict[str, Any], others: list[tuple[str, str]]
+) -> dict[str, Any]:
+    """The arm's line in the main table: learning, forgetting, its difference from the pick."""
+    f = a["forgetting"]
+    d = vs_pick.get(a["name"], {})
+    is_pick = a["name"] == rec.get("pick")
+    return {
+        "name": a["name"],
+        "d_learning": "pick" if is_pick else fmt_diff(d.get("learning")),
+        "d_forgetting": "pick" if is_pick else fmt_diff(d.get("forgetting")),
+        "learning": fmt_ci(a["learning"]),
+        "forgetting": fmt_ci(f),
+        "others": [fmt_ci(_other(f, m)) for m, _ in others],
+        "frontier": "yes" if a["name"] in set(rec.get("frontier", [])) else "",
+        "pick": is_pick,
+    }
+
+
+def _arm_row(a: dict[str, Any]) -> dict[str, Any]:
+    """The arm's settings, final validation loss, target KL and seed spread."""
+    tkl = a.get("target_kl") or {}
+    return {
+        "name": a["name"],
+        "desc": _describe_arm(a),
+        "val_loss": f"{a['final_val_loss']:.4f}" if a.get("final_val_loss") is not None else "n/a",
+        "target_kl": (
+            f"{tkl['base_tuned']:.4f} / {tkl['tuned_base']:.4f}"
+            if tkl.get("base_tuned") is not None
+            else "n/a"
+        ),
+        "seeds": (
+            f"{a['learning']['spread']['n']} seeds, sd {a['learning']['spread']['std']:.4f}"
+            if a["learning"].get("spread")
+            else "1"
+        ),
+    }
+
+
+def _cost_row(a: dict[str, Any]) -> dict[str, Any]:
+    """What the arm cost: parameters, memory, time, throughput, artifact size."""
+    c = a["cost"]
+    return {
+        "name": a["name"],
+        "trainable": fmt_params(c["trainable_params"]),
+        "fraction": f"{100 * c['trainable_params'] / c['total_params']:.2f}%"
+        if c.get("total_params")
+        else "n/a",
+        "peak_mem": fmt_bytes(c["peak_mem_bytes"]),
+        "wall": fmt_s(c["wall_s"]),
+        "tps": f"{c['tokens_per_s']:,.0f}",
+        "artifact": fmt_bytes(c["artifact_bytes"]),
+        "tokens": f"{c['tokens_seen']:,}",
+        "machine": _noisy(c),
+    }
+
+
+def _intruder_row(name: str, an: dict[str, Any]) -> dict[str, Any]:
+    """The arm's weight-update analysis: intruder dimensions, update norm, effective rank."""
+    return {
+        "name": name,
+        "layers": an["layers"],
+        "intruders": an["intruders"],
+        "with": an["layers_with_intruders"],
+        "per_layer": f"{an['intruders_per_layer']:.2f}"
+        if an.get("intruders_per_layer") is not None
+        else "n/a",
+        "rel": f"{an['rel_update_norm']:.4f}" if an.get("rel_update_norm") is not None else "n/a",
+        "erank": f"{an['mean_effective_rank']:.1f}" if an.get("mean_effective_rank") is not None else "n/a",
+        "by_type": ", ".join(f"{k} {v['intruders']}" for k, v in (an.get("by_module_type") or {}).items()),
+    }
+
+
+def _heatmap_rows(name: str, an: dict[str, Any], images: dict[str, str]) -> list[dict[str, Any]]:
+    """The arm's heatmaps that have an image to show."""
+    return [
+        {"arm": name, "path": h, "src": images[f"heatmap:{h}"], "kind": Path(h).stem.replace("_", " ")}
+        for h in an.get("heatmaps", [])
+        if f"heatmap:{h}" in images
+    ]
+
+
+def _sweep_rows(a: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per learning rate the arm's LR sweep tried."""
+    if not a.get("lr_sweep"):
+        return []
+    return [
+        {
+            "arm": a["name"],
+            "lr": f"{p['lr']:.2g}",
+            "val": f"{p['final_val_loss']:.4f}" if p.get("final_val_loss") is not None else p.get("status"),
+            "chosen": ", ".join(
+                x for x, on in (("best", p.get("chosen")), ("beyond the grid", p.get("beyond_grid"))) if on
+            ),
+        }
+        for p in a["lr_sweep"]["points"]
+    ]
+
+
 def context(results: dict[str, Any], images: dict[str, str]) -> dict[str, Any]:
     """Everything the templates show, formatted."""
     rec = results.get("recommendation") or {}
-    frontier = set(rec.get("frontier", []))
     ok = [a for a in results["arms"] if a.get("status") == "ok"]
     others = _columns(results, ok)
     vs_pick = {row["arm"]: row for row in rec.get("vs_pick", [])}
-    rows, arms, cost, intr, failed, heatmaps, sweeps = [], [], [], [], [], [], []
-    for a in results["arms"]:
-        if a.get("status") != "ok":
-            failed.append({"name": a["name"], "error": a.get("error", "")})
-            continue
-        f = a["forgetting"]
-        d = vs_pick.get(a["name"], {})
-        is_pick = a["name"] == rec.get("pick")
-        rows.append(
-            {
-                "name": a["name"],
-                "d_learning": "pick" if is_pick else fmt_diff(d.get("learning")),
-                "d_forgetting": "pick" if is_pick else fmt_diff(d.get("forgetting")),
-                "learning": fmt_ci(a["learning"]),
-                "forgetting": fmt_ci(f),
-                "others": [fmt_ci(_other(f, m)) for m, _ in others],
-                "frontier": "yes" if a["name"] in frontier else "",
-                "pick": is_pick,
-            }
-        )
-        tkl = a.get("target_kl") or {}
-        arms.append(
-            {
-                "name": a["name"],
-                "desc": _describe_arm(a),
-                "val_loss": f"{a['final_val_loss']:.4f}" if a.get("final_val_loss") is not None else "n/a",
-                "target_kl": (
-                    f"{tkl['base_tuned']:.4f} / {tkl['tuned_base']:.4f}"
-                    if tkl.get("base_tuned") is not None
-                    else "n/a"
-                ),
-                "seeds": (
-                    f"{a['learning']['spread']['n']} seeds, sd {a['learning']['spread']['std']:.4f}"
-                    if a["learning"].get("spread")
-                    else "1"
-                ),
-            }
-        )
-        c = a["cost"]
-        cost.append(
-            {
-                "name": a["name"],
-                "trainable": fmt_params(c["trainable_params"]),
-                "fraction": f"{100 * c['trainable_params'] / c['total_params']:.2f}%"
-                if c.get("total_params")
-                else "n/a",
-                "peak_mem": fmt_bytes(c["peak_mem_bytes"]),
-                "wall": fmt_s(c["wall_s"]),
-                "tps": f"{c['tokens_per_s']:,.0f}",
-                "artifact": fmt_bytes(c["artifact_bytes"]),
-                "tokens": f"{c['tokens_seen']:,}",
-                "machine": _noisy(c),
-            }
-        )
-        an = a.get("analysis")
-        if an:
-            intr.append(
-                {
-                    "name": a["name"],
-                    "layers": an["layers"],
-                    "intruders": an["intruders"],
-                    "with": an["layers_with_intruders"],
-                    "per_layer": f"{an['intruders_per_layer']:.2f}"
-                    if an.get("intruders_per_layer") is not None
-                    else "n/a",
-                    "rel": f"{an['rel_update_norm']:.4f}" if an.get("rel_update_norm") is not None else "n/a",
-                    "erank": f"{an['mean_effective_rank']:.1f}"
-                    if an.get("mean_effective_rank") is not None
-                    else "n/a",
-                    "by_type": ", ".join(
-                        f"{k} {v['intruders']}" for k, v in (an.get("by_module_type") or {}).items()
-                    ),
-                }
-            )
-            for h in an.get("heatmaps", []):
-                key = f"heatmap:{h}"
-                if key in images:
-                    heatmaps.append(
-                        {
-                            "arm": a["name"],
-                            "path": h,
-                            "src": images[key],
-                            "kind": Path(h).stem.replace("_", " "),
-                        }
-                    )
-        if a.get("lr_sweep"):
-            for p in a["lr_sweep"]["points"]:
-                sweeps.append(
-                    {
-                        "arm": a["name"],
-                        "lr": f"{p['lr']:.2g}",
-                        "val": f"{p['final_val_loss']:.4f}"
-                        if p.get("final_val_loss") is not None
-                        else p.get("status"),
-                        "chosen": ", ".join(
-                            x
-                            for x, on in (
-                                ("best", p.get("chosen")),
-                                ("beyond the grid", p.get("beyond_grid")),
-                            )
-                            if on
-                        ),
-                    }
-                )
+    failed = [
+        {"name": a["name"], "error": a.get("error", "")} for a in results["arms"] if a.get("status") != "ok"
+    ]
+    analysed = [(a["name"], a["analysis"]) for a in ok if a.get("analysis")]
+    cost = [_cost_row(a) for a in ok]
     first_an = next((a["analysis"] for a in results["arms"] if a.get("analysis")), None)
     return {
         "r": results,
         "rec": rec,
-        "rows": rows,
+        "rows": [_comparison_row(a, rec, vs_pick, others) for a in ok],
         "others": [label for _, label in others],
-        "arms": arms,
+        "arms": [_arm_row(a) for a in ok],
         "any_paired": any((row.get("learning") or {}).get("paired") for row in rec.get("vs_pick", [])),
         "noisy": [x["name"] for x in cost if x["machine"].startswith("noisy")],
         "predictor": results.get("kl_predictor"),
         "extrapolation": results.get("extrapolation"),
         "cost": cost,
-        "intr": intr,
+        "intr": [_intruder_row(name, an) for name, an in analysed],
         "failed": failed,
-        "heatmaps": heatmaps,
-        "sweeps": sweeps,
+        "heatmaps": [h for name, an in analysed for h in _heatmap_rows(name, an, images)],
+        "sweeps": [s for a in ok for s in _sweep_rows(a)],
         "images": {"study": None, **images},
         "metric_label": METRIC_LABEL.get(results.get("forgetting_metric", ""), "forgetting"),
         "k": first_an.get("k") if first_an else None,
