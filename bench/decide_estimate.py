@@ -25,14 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from adaptlab.decide.spec import parse_duration
+
 ADAPTLAB = [sys.executable, "-m", "adaptlab"]
 
 
 def _estimate_s(text: str) -> float:
-    m = re.search(r"estimated ([\d.]+) (s|min|h)", text)
+    m = re.search(r"estimated .*?\((\d+) s\)", text)
     if not m:
         raise SystemExit(f"no estimate in the dry run's output:\n{text}")
-    return float(m.group(1)) * {"s": 1, "min": 60, "h": 3600}[m.group(2)]
+    return float(m.group(1))
 
 
 def main() -> None:
@@ -54,7 +56,7 @@ def main() -> None:
     real = subprocess.run(ADAPTLAB + args, capture_output=True, text=True, env=os.environ)
     wall = time.perf_counter() - t0
     decision = json.loads((work / "decision.json").read_text()) if real.returncode == 0 else None
-    limit = _estimate_s(f"estimated {a.time.rstrip('m')} min") if a.time.endswith("m") else None
+    limit = parse_duration(a.time)
     row = {
         "model": a.model,
         "data": a.data,
@@ -66,7 +68,7 @@ def main() -> None:
         "wall_s": wall,
         "estimate_over_wall": estimate / wall,
         "within_20pct": abs(estimate / wall - 1) <= 0.20,
-        "wall_over_time": wall / limit if limit else None,
+        "wall_over_time": wall / limit,
         "exit_code": real.returncode,
         "pick": decision["pick"] if decision else None,
         "reason": decision["reason"] if decision else real.stderr[-2000:],

@@ -98,10 +98,40 @@ def _d(lo: float, hi: float) -> dict:
 def test_the_answer_reads_intervals_not_point_estimates() -> None:
     margin = 0.01
     assert _judge(_d(-0.005, 0.02), _d(-0.01, 0.01), margin) == "about as good"
-    assert _judge(_d(-0.005, 0.02), _d(0.001, 0.01), margin) != "about as good"  # shown to forget more
-    assert _judge(_d(-0.05, -0.02), _d(-0.01, 0.01), margin) == "worse"
+    assert _judge(_d(-0.005, 0.02), _d(0.001, 0.01), margin) == "forgets more"
+    assert _judge(_d(-0.05, 0.02), _d(0.001, 0.01), margin) == "forgets more"  # learning unclear
+    assert _judge(_d(-0.05, -0.02), _d(-0.01, 0.01), margin) == "learns less"
     assert _judge(_d(-0.05, 0.02), _d(-0.01, 0.01), margin) == "cannot tell"  # interval spans the margin
     assert _judge(None, None, margin) == "cannot tell"
+
+
+def test_the_pick_follows_the_verdicts() -> None:
+    from adaptlab.decide.answer import _pick
+
+    spec = _spec()
+
+    def options(learn: dict, forget: dict) -> dict:
+        pilot = {"learning": {"value": 0.1}, "forgetting": {"value": 0.01}}
+        return {
+            "full": {"fits_target": True, "pilot": pilot, "target_peak_mem_bytes": 3e9},
+            "lora": {
+                "fits_target": True,
+                "pilot": {**pilot, "learning": {"value": 0.09}},
+                "target_peak_mem_bytes": 1e9,
+                "vs_full": {"learning": learn, "forgetting": forget},
+            },
+        }
+
+    full = {"learning": {"value": 0.1}}
+    assert _pick(spec, options(_d(-0.005, 0.02), _d(-0.01, 0.01)), full, {})[0] == "lora"
+    pick, why, _ = _pick(spec, options(_d(-0.05, 0.02), _d(0.01, 0.03)), full, {})
+    assert pick == "full" and "shown to forget more" in why and "+0.0200 [+0.0100, +0.0300]" in why
+    pick, why, _ = _pick(spec, options(_d(-0.05, 0.02), _d(-0.01, 0.01)), full, {})
+    assert pick == "full" and why.startswith("not established")  # full learned more by point estimate
+    no_full = options(_d(-0.005, 0.02), _d(-0.01, 0.01))
+    no_full["full"]["fits_target"] = False
+    pick, why, _ = _pick(spec, no_full, full, {})
+    assert pick == "lora" and "does not fit" in why
 
 
 def test_bad_flags_are_one_line(run_cli) -> None:

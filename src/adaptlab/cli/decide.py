@@ -42,7 +42,8 @@ def _print_design(d: dict[str, Any], target: dict[str, Any], costs: Any) -> None
     parts = ", ".join(f"{k} {_duration(v)}" for k, v in d["breakdown"].items())
     source = f" ({costs.source})" if costs is not None else " (the stored design of this --out)"
     click.echo(
-        f"{d['runs']} training runs, {d['evaluations']} evaluations; estimated {_duration(d['estimate_s'])}"
+        f"{d['runs']} training runs, {d['evaluations']} evaluations; estimated {_duration(d['estimate_s'])} "
+        f"({d['estimate_s']:.0f} s)"
         f"{source}: {parts}"
     )
     for n in d["notes"]:

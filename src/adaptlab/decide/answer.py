@@ -49,14 +49,19 @@ def _extrapolated(results: dict[str, Any], method: str) -> dict[str, Any] | None
 
 
 def _judge(learn: dict[str, Any] | None, forget: dict[str, Any] | None, margin: float) -> str:
+    """A LoRA-family method against full: "about as good" (non-inferior in learning within the margin
+    and not shown to forget more), "learns less" (full shown to learn more), "forgets more" (shown to
+    forget more, learning non-inferior or unclear), or "cannot tell"."""
     lci, fci = _ci(learn), _ci(forget)
     if lci is None:
         return "cannot tell"
-    worse_forgetting = fci is not None and fci[0] > 0
-    if lci[0] > -margin and not worse_forgetting:
+    forgets_more = fci is not None and fci[0] > 0
+    if lci[0] > -margin and not forgets_more:
         return "about as good"
-    if lci[1] < 0:  # full shown to learn more, by more than the margin allows
-        return "worse"
+    if lci[1] < 0:  # full shown to learn more (and not within the margin: the first test failed)
+        return "learns less"
+    if forgets_more:
+        return "forgets more"
     return "cannot tell"
 
 
@@ -167,15 +172,32 @@ def _pick(
             f"{100 * ABOUT_AS_MUCH:g}% of full's learning) and is not shown to forget more, for less memory",
             basis,
         )
-    if verdicts and all(v == "worse" for v in verdicts.values()):
-        return "full", f"full fine-tuning is shown to learn more than {', '.join(verdicts)} {where}", basis
+    shown = {m: v for m, v in verdicts.items() if v in ("learns less", "forgets more")}
+    if verdicts and len(shown) == len(verdicts):
+        why = "; ".join(f"{m} {_shown(v, options[m], basis, where)}" for m, v in shown.items())
+        return "full", why, basis
     best = max(fitting, key=lambda m: options[m]["pilot"]["learning"]["value"])
+    unclear = [m for m, v in verdicts.items() if v == "cannot tell"]
     return (
         best,
-        f"Not established: the pilot cannot tell whether {', '.join(m for m, v in verdicts.items() if v == 'cannot tell')} "
-        f"learns about as much as full fine-tuning {where}; {best} learned more by point estimate. "
-        "More --time (longer budgets, more seeds) narrows the intervals",
+        f"not established: the pilot cannot tell whether {', '.join(unclear)} learns about as much as full "
+        f"fine-tuning {where}; {best} learned more by point estimate. More --time (longer budgets, more "
+        "seeds) narrows the intervals",
         basis,
+    )
+
+
+def _shown(verdict: str, option: dict[str, Any], basis: str, where: str) -> str:
+    """'is shown to learn less than full fine-tuning ... (difference [interval])' and the like."""
+    vs = option.get("vs_full_at_target") if basis == "target" else None
+    vs = vs or option.get("vs_full") or {}
+    if verdict == "learns less":
+        return (
+            f"is shown to learn less than full fine-tuning {where} (difference {_fmt_ci(vs.get('learning'))})"
+        )
+    return (
+        f"is shown to forget more than full fine-tuning {where} (difference {_fmt_ci(vs.get('forgetting'))}; "
+        f"in learning {_fmt_ci(vs.get('learning'))}, not shown to be less)"
     )
 
 
@@ -212,9 +234,7 @@ def render(d: dict[str, Any]) -> str:
     opt = d["options"].get(pick) if pick else None
     if opt:
         shape = "" if pick == "full" else f" (rank {opt['rank']}, targets {opt['targets']})"
-        lines.append(
-            f"**Use {pick}{shape} at LR {opt['lr']:.2g}.** {d['reason'][0].upper()}{d['reason'][1:]}."
-        )
+        lines.append(f"**Use {pick}{shape} at LR {opt['lr']:.2g}.** Why: {d['reason']}.")
     else:
         lines.append(f"**No answer.** {d['reason']}.")
     lines += ["", f"Target: {d['target']['where']}.", ""]
