@@ -414,7 +414,7 @@ def evaluate(
     if drift_kl:
         result["drift"] = _drift_step(s, *_drift_texts(s, drift_docs, drift_prompts, drift_new_tokens, seed))
     if mc_files:
-        result["mc"] = _mc_section(s, mc_files, mc_limit)
+        result["mc"] = _mc_sections(s, mc_files, mc_limit)
     if harness_tasks:
         result["harness"] = _harness_step(s, list(harness_tasks), harness_include, harness_limit)
     if task is not None:
@@ -476,7 +476,7 @@ def _scoring(
     )
 
 
-def _mc_section(s: _Scoring, mc_files: Sequence[str | Path], limit: int | None) -> dict[str, Any]:
+def _mc_sections(s: _Scoring, mc_files: Sequence[str | Path], limit: int | None) -> dict[str, Any]:
     """The "mc" section: each multiple-choice file's figures under its stem."""
     return {
         stem: _mc_step(s, stem, path, limit) for stem, path in zip(_stems(mc_files), mc_files, strict=True)
