@@ -20,16 +20,8 @@ from adaptlab.frozen_base import adapters_in_fp32, hold_frozen_linears, load_hel
 from adaptlab.fused import fuse_mlps
 from adaptlab.fused_lora import fuse_loras
 from adaptlab.fused_norm import fuse_norms
-from adaptlab.hardware import (
-    choose_precision,
-    pick_device,
-)
-from adaptlab.methods import (
-    apply_method,
-    check_against_model,
-    param_report,
-    trainable_parameters,
-)
+from adaptlab.hardware import choose_precision, pick_device
+from adaptlab.methods import apply_method, check_against_model, param_report, trainable_parameters
 from adaptlab.models import STORED, load_model
 from adaptlab.objectives import objective_for
 from adaptlab.run_setup import Setup

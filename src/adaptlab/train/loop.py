@@ -14,10 +14,7 @@ import torch
 from adaptlab import distributed as dist
 from adaptlab.checkpoint import LogFn, RankWriter, RunWriter, restore
 from adaptlab.errors import UserError
-from adaptlab.hardware import (
-    mem_bytes,
-    reset_peak,
-)
+from adaptlab.hardware import mem_bytes, reset_peak
 from adaptlab.health import Health, advice
 from adaptlab.optim_backward import BackwardUpdates
 from adaptlab.run_setup import Setup

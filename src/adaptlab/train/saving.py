@@ -6,10 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptlab import distributed as dist
-from adaptlab.hardware import (
-    peak_mem_bytes,
-    step_time_spread,
-)
+from adaptlab.hardware import peak_mem_bytes, step_time_spread
 from adaptlab.run_setup import Setup
 from adaptlab.rundir import RunDir, dir_bytes, versions, write_dir
 from adaptlab.train.step import Progress

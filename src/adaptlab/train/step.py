@@ -11,9 +11,7 @@ from typing import Any
 import torch
 
 from adaptlab import distributed as dist
-from adaptlab.hardware import (
-    autocast,
-)
+from adaptlab.hardware import autocast
 from adaptlab.objectives import to_device
 from adaptlab.optim_backward import BackwardUpdates
 from adaptlab.run_setup import Setup
