@@ -131,6 +131,25 @@ def step_time_s(
     act_bytes = per_layer * arch.n_layers * tokens
     logit_bytes = FP32 * arch.vocab * tokens
     traffic = ACTIVATION_PASSES * act_bytes + LOGIT_PASSES * logit_bytes
+    traffic = _add_weight_traffic(traffic, arch, arm, shape, t)
+    traffic, draws = _add_adapter_traffic(traffic, arch, arm, shape, t, tokens, dropout_draws_per_s)
+    elementwise = traffic / mem_bytes_per_s
+    # AdamW + clipping: read param, grad, two moments; write param and moments
+    optimizer = 28.0 * trainable_params(arch, arm) / mem_bytes_per_s
+    overhead = MICRO_BATCH_OVERHEAD_S * shape.grad_accum
+    return {
+        "matmul_s": linear,
+        "attention_s": attention,
+        "elementwise_s": elementwise,
+        "optimizer_s": optimizer,
+        "overhead_s": overhead,
+        **({"dropout_draws_s": draws} if draws else {}),
+        "step_s": linear + attention + elementwise + optimizer + overhead + draws,
+    }
+
+
+def _add_weight_traffic(traffic: float, arch: Arch, arm: Arm, shape: Shape, t: Transforms) -> float:
+    """`traffic` plus a step's passes over the weights: autocast's bf16 casts, QLoRA's dequantizing."""
     if shape.act_bytes == 2 and arm.method != "qlora":
         # autocast casts each fp32 weight (and the head, in the loss) to bf16 in every forward: read 4
         # bytes, write 2; full fine-tuning's bf16 weight gradients come back to fp32 the same way.
@@ -145,6 +164,20 @@ def step_time_s(
             traffic += shape.grad_accum * 6 * (arch.linear_params - held_block)
     if arm.method == "qlora":  # dequantize every 4-bit weight to the matmul dtype, forward and backward
         traffic += 2 * shape.grad_accum * arch.linear_params * (NF4_BYTES_PER_PARAM + shape.act_bytes)
+    return traffic
+
+
+def _add_adapter_traffic(
+    traffic: float,
+    arch: Arch,
+    arm: Arm,
+    shape: Shape,
+    t: Transforms,
+    tokens: int,
+    dropout_draws_per_s: float | None,
+) -> tuple[float, float]:
+    """`traffic` plus the LoRA family's elementwise work (adapter passes, dropout masks, DoRA's norms),
+    and the seconds LoRA dropout spends drawing its masks."""
     draws = 0.0
     if arm.is_lora:
         widths = [(i, o) for p, (i, o) in arch.linear_shapes.items() if p.rsplit(".", 1)[-1] in arm.targets]
@@ -164,19 +197,7 @@ def step_time_s(
             * FP32
             * sum(i * o for p, (i, o) in arch.linear_shapes.items() if p.rsplit(".", 1)[-1] in arm.targets)
         )
-    elementwise = traffic / mem_bytes_per_s
-    # AdamW + clipping: read param, grad, two moments; write param and moments
-    optimizer = 28.0 * trainable_params(arch, arm) / mem_bytes_per_s
-    overhead = MICRO_BATCH_OVERHEAD_S * shape.grad_accum
-    return {
-        "matmul_s": linear,
-        "attention_s": attention,
-        "elementwise_s": elementwise,
-        "optimizer_s": optimizer,
-        "overhead_s": overhead,
-        **({"dropout_draws_s": draws} if draws else {}),
-        "step_s": linear + attention + elementwise + optimizer + overhead + draws,
-    }
+    return traffic, draws
 
 
 def step_time_at(
