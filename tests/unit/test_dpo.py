@@ -60,10 +60,10 @@ def test_every_method_starts_at_its_reference_and_moves_away(pairs, tmp_path, me
 def test_lora_at_bf16_with_its_base_held_in_bf16_takes_the_fp32_bases_steps(pairs, tmp_path, monkeypatch):
     """The reference pass (adapter disabled: PEFT's forward over the held bf16 base) and the policy's
     log-probs are the ones an fp32 base gives under bf16 autocast (adaptlab.frozen_base)."""
-    import adaptlab.train as train_module
+    import adaptlab.train.build as train_build
 
     train(dpo_config(pairs, tmp_path / "held", steps=2, lr=1e-2, precision="bf16"))
-    monkeypatch.setattr(train_module, "hold_frozen_linears", lambda model: 0)
+    monkeypatch.setattr(train_build, "hold_frozen_linears", lambda model: 0)
     train(dpo_config(pairs, tmp_path / "fp32", steps=2, lr=1e-2, precision="bf16"))
     held, fp32 = _rows(tmp_path / "held"), _rows(tmp_path / "fp32")
     drop = ("tokens_per_s", "mem_bytes", "elapsed_s")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-import adaptlab.train as train_module
+import adaptlab.train.build as train_build
 from adaptlab import fused_lora
 from adaptlab.config import MethodSpec
 from adaptlab.frozen_base import adapters_in_fp32, hold_frozen_linears, load_held
@@ -190,7 +190,7 @@ def test_a_bf16_lora_run_holds_its_base_and_trains_as_the_fp32_base_would(
     adapter = load_adapter_tensors(tmp_path / "held")
     assert adapter and {t.dtype for t in adapter.values()} == {torch.float32}
 
-    monkeypatch.setattr(train_module, "hold_frozen_linears", lambda model: 0)
+    monkeypatch.setattr(train_build, "hold_frozen_linears", lambda model: 0)
     train(tiny_config(corpus, tmp_path / "fp32base", precision="bf16", save_every=2))
     assert _losses(tmp_path / "held") == _losses(tmp_path / "fp32base") != []
     reference = load_adapter_tensors(tmp_path / "fp32base")
@@ -293,7 +293,7 @@ def test_a_bf16_lora_run_on_a_bf16_checkpoint_trains_as_the_fp32_load_would(
         on_start=lambda s: dtypes.append(s.model.model.model.layers[0].mlp.up_proj.weight.dtype),
     )
     assert dtypes == [torch.bfloat16]
-    monkeypatch.setattr(train_module, "load_held", lambda spec, device: load_model(spec, device=device))
+    monkeypatch.setattr(train_build, "load_held", lambda spec, device: load_model(spec, device=device))
     train(config("widened"))
     assert _losses(tmp_path / "stored") == _losses(tmp_path / "widened") != []
     a, b = load_adapter_tensors(tmp_path / "stored"), load_adapter_tensors(tmp_path / "widened")

@@ -310,10 +310,10 @@ def test_lora_at_bf16_samples_and_steps_over_its_held_base_as_over_the_fp32_one(
 ) -> None:
     """Rollouts, the adapter-disabled reference and the policy's steps over LoRA's base held in bf16
     (adaptlab.frozen_base) log what the fp32 base logs under bf16 autocast."""
-    import adaptlab.train as train_module
+    import adaptlab.train.build as train_build
 
     train(grpo_config(tmp_path / "held", reward_module, "lora", steps=2, precision="bf16"))
-    monkeypatch.setattr(train_module, "hold_frozen_linears", lambda model: 0)
+    monkeypatch.setattr(train_build, "hold_frozen_linears", lambda model: 0)
     train(grpo_config(tmp_path / "fp32", reward_module, "lora", steps=2, precision="bf16"))
     held, fp32 = _rows(RunDir(tmp_path / "held")), _rows(RunDir(tmp_path / "fp32"))
     assert held == fp32 and any(r.get("kl", 0) > 0 for r in held)

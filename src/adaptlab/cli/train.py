@@ -177,17 +177,10 @@ def train_command(
 ) -> None:
     """Train full fine-tuning or a LoRA-family adapter and write a run directory."""
     from adaptlab.errors import UserError
-    from adaptlab.publish import check_push
-    from adaptlab.tracking import RunReporter, check_targets, parse_report_to
 
     if nproc is not None and nproc < 1:
         raise UserError(f"--nproc {nproc}: the number of processes must be at least 1")
-    targets = parse_report_to(report_to)
-    if os.environ.get("RANK", "0") == "0":  # only rank 0 reports or uploads
-        check_targets(targets)
-        check_push(push_to_hub)
-    else:
-        targets, push_to_hub = [], None
+    targets, push_to_hub = _reporting(report_to, push_to_hub)
     config = None
     if not resume:
         try:
@@ -198,17 +191,10 @@ def train_command(
             raise
     from adaptlab import distributed as dist
     from adaptlab.optim_backward import check_one_process
-    from adaptlab.train import resume_run, train
 
     world = dist.world_from_env()
     try:
-        if resume and overwrite:
-            raise UserError("Can't provide both --resume and --overwrite. Choose one.")
-        if resume:
-            given = {k: v for k, v in flags.items() if v not in (None, ()) and k not in RESUME_FLAGS}
-            if given or config_path:
-                names = ", ".join(f"--{k.rstrip('_').replace('_', '-')}" for k in given) or "--config"
-                raise UserError(f"--resume takes the run's own config; only --lr may change: drop {names}")
+        _check_resume(resume, overwrite, config_path, flags)
         if nproc is not None:
             if config is not None:
                 check_one_process(config.train.optimizer_in_backward, nproc)
@@ -216,37 +202,11 @@ def train_command(
             return
         if config is not None and not world.distributed and not no_memory_check:
             _check_memory(config)
-        progress = _Progress(quiet or not world.is_main)
         run_dir = resume if config is None else config.out
-        reporter = RunReporter(targets if world.is_main else [], run_dir)
-        try:
-            if config is None:
-                lr = flags["lr"]
-                summary = progress.run(
-                    lambda start, log: resume_run(
-                        resume,
-                        on_start=start,
-                        on_log=reporter.wrap(log),
-                        lr=lr,
-                        parallel=parallel,
-                        fits_one_device=fits_one_gpu,
-                    )
-                )
-            else:
-                summary = progress.run(
-                    lambda start, log: train(
-                        config,
-                        on_start=start,
-                        on_log=reporter.wrap(log),
-                        overwrite=overwrite,
-                        parallel=parallel,
-                        fits_one_device=fits_one_gpu,
-                    )
-                )
-        except BaseException:
-            reporter.abort()
-            raise
-        reporter.finish(summary)
+        reporter_targets = targets if world.is_main else []
+        summary = _run(
+            config, resume, flags.get("lr"), quiet or not world.is_main, reporter_targets, overwrite, parallel
+        )
     except UserError as err:
         # every rank meets the same error, so rank 0 says it once; under --nproc the launcher names a
         # lost rank itself
@@ -261,6 +221,81 @@ def train_command(
             from adaptlab.publish import push_run
 
             click.echo(f"pushed to {push_to_hub}: {push_run(run_dir, push_to_hub)}", err=True)
+
+
+def _reporting(report_to: tuple[str, ...], push_to_hub: str | None) -> tuple[list[Any], str | None]:
+    """The trackers to report to and the Hub repo to push to, both checked; none on ranks other than 0."""
+    from adaptlab.publish import check_push
+    from adaptlab.tracking import check_targets, parse_report_to
+
+    targets = parse_report_to(report_to)
+    if os.environ.get("RANK", "0") != "0":  # only rank 0 reports or uploads
+        return [], None
+    check_targets(targets)
+    check_push(push_to_hub)
+    return targets, push_to_hub
+
+
+def _check_resume(
+    resume: str | None, overwrite: bool, config_path: str | None, flags: dict[str, Any]
+) -> None:
+    """--resume runs the run's own config: it takes neither --overwrite, --config nor run flags but --lr."""
+    from adaptlab.errors import UserError
+
+    if resume and overwrite:
+        raise UserError("Can't provide both --resume and --overwrite. Choose one.")
+    if resume:
+        given = {k: v for k, v in flags.items() if v not in (None, ()) and k not in RESUME_FLAGS}
+        if given or config_path:
+            names = ", ".join(f"--{k.rstrip('_').replace('_', '-')}" for k in given) or "--config"
+            raise UserError(f"--resume takes the run's own config; only --lr may change: drop {names}")
+
+
+def _run(
+    config: Any,
+    resume: str | None,
+    lr: float | None,
+    quiet: bool,
+    targets: list[Any],
+    overwrite: bool,
+    parallel: str | None,
+) -> dict[str, Any]:
+    """Train `config` (or resume the run at `resume`) in this process, showing progress unless quiet and
+    reporting to `targets`; the run's summary."""
+    from adaptlab.tracking import RunReporter
+    from adaptlab.train import resume_run, train
+
+    progress = _Progress(quiet)
+    run_dir = resume if config is None else config.out
+    reporter = RunReporter(targets, run_dir)
+    try:
+        if config is None:
+            summary = progress.run(
+                lambda start, log: resume_run(
+                    resume,
+                    on_start=start,
+                    on_log=reporter.wrap(log),
+                    lr=lr,
+                    parallel=parallel,
+                    fits_one_device=fits_one_gpu,
+                )
+            )
+        else:
+            summary = progress.run(
+                lambda start, log: train(
+                    config,
+                    on_start=start,
+                    on_log=reporter.wrap(log),
+                    overwrite=overwrite,
+                    parallel=parallel,
+                    fits_one_device=fits_one_gpu,
+                )
+            )
+    except BaseException:
+        reporter.abort()
+        raise
+    reporter.finish(summary)
+    return summary
 
 
 def _new_run_config(config_path: str | None, flags: dict[str, Any]) -> Any:

@@ -3,7 +3,7 @@
 An arm is a method plus hyperparameters; a run is one training of one arm at one LR and one seed
 (one run directory). Every run of a comparison shares the data, the seed of its replicate, the
 sequence length and, unless the study is about batch size, the global batch, so every arm sees
-the same tokens in the same order (train.py's example order is a function of seed and position).
+the same tokens in the same order (adaptlab.train's example order is a function of seed and position).
 
     python -c "from adaptlab.compare.arms import study_arms; print(study_arms('methods', 'tiny-random'))"
 """

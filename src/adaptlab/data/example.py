@@ -1,6 +1,6 @@
 """The training row every data path produces: token ids, labels (IGNORE_INDEX where no loss is taken), collation.
 
-corpus.py (packed text blocks) and instruct.py (chat rows) both build Examples; train.py batches them.
+corpus.py (packed text blocks) and instruct.py (chat rows) both build Examples; adaptlab.train batches them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What a training step minimises: sft (next-token), dpo (preference pairs), grpo (sampled rewards).
 
-train.py's loop is the same for every objective; it asks the run's Objective for the data and the
+adaptlab.train's loop is the same for every objective; it asks the run's Objective for the data and the
 loss of each step and does the rest (accumulation, clipping, the update, checkpoints, logging):
 
     objective = objective_for(config)

@@ -102,6 +102,36 @@ def recommend(
     there are none, the published forgetting finding is stated as a prior with its mixed evidence.
     """
     measured = measured or []
+    full, lora = methods["full"], methods[default_lora]
+    method, reasons = _choose(methods, default_lora, task, unique_tokens, memory)
+    reasons += measured or [FORGETTING_PRIOR]
+    if method != "full":
+        reasons.append(
+            f"one base serves many domains: each adapter is {lora['artifact_bytes'] / 2**20:.1f} MiB on disk vs "
+            f"{full['artifact_bytes'] / 2**20:.0f} MiB for a fully fine-tuned copy"
+        )
+    reasons.append(
+        "these are estimates and heuristics: "
+        + (
+            "the two DPO runs below (LoRA, full) and the drift of each measure it on your data"
+            if task == "dpo"
+            else "the compare command below measures it on your data"
+        )
+    )
+    return {
+        "method": method,
+        "reasons": reasons,
+        "priors": [FORGETTING_PRIOR],
+        "measured": measured,
+        "command": command,
+    }
+
+
+def _choose(
+    methods: dict[str, dict[str, Any]], default_lora: str, task: str, unique_tokens: int, memory: int | None
+) -> tuple[str, list[str]]:
+    """The method `recommend` picks and the reasons that come from memory and capacity: QLoRA when only
+    it can fit, LoRA when full does not fit, full when the data exceeds every planned rank, else LoRA."""
     full, lora, qlora = methods["full"], methods[default_lora], methods["qlora"]
     reasons: list[str] = []
     lora_keys = [k for k in methods if k.startswith("lora")]
@@ -141,45 +171,30 @@ def recommend(
         reasons.append("full fine-tuning fits in memory")
     else:
         method = "lora"
-        if task == "dpo":
-            reasons.append(
-                "preference / RL-style training carries little information per example; LoRA matched full "
-                "fine-tuning there even at low rank (Schulman et al. 2025)"
-            )
-        else:
-            reasons.append(
-                f"{unique_tokens:,} unique training tokens fit within LoRA's capacity at the planned rank "
-                f"({lora['capacity']['capacity_tokens']:,} tokens; {HEURISTIC})"
-            )
-        if task == "ift":
-            reasons.append(
-                "instruction tuning mostly teaches format and style, which a low-rank update captures"
-            )
+        reasons += _lora_reasons(full, lora, task, unique_tokens)
+    return method, reasons
+
+
+def _lora_reasons(full: dict[str, Any], lora: dict[str, Any], task: str, unique_tokens: int) -> list[str]:
+    """Why LoRA, when full fine-tuning fits too: the task's information per example, and its cost."""
+    reasons: list[str] = []
+    if task == "dpo":
         reasons.append(
-            f"LoRA needs {_gib(lora['peak_mem_bytes'])} vs {_gib(full['peak_mem_bytes'])} for full fine-tuning "
-            f"and runs ~{full['time_per_epoch_s'] / max(lora['time_per_epoch_s'], 1e-9):.1f}x faster per epoch"
+            "preference / RL-style training carries little information per example; LoRA matched full "
+            "fine-tuning there even at low rank (Schulman et al. 2025)"
         )
-    reasons += measured or [FORGETTING_PRIOR]
-    if method != "full":
+    else:
         reasons.append(
-            f"one base serves many domains: each adapter is {lora['artifact_bytes'] / 2**20:.1f} MiB on disk vs "
-            f"{full['artifact_bytes'] / 2**20:.0f} MiB for a fully fine-tuned copy"
+            f"{unique_tokens:,} unique training tokens fit within LoRA's capacity at the planned rank "
+            f"({lora['capacity']['capacity_tokens']:,} tokens; {HEURISTIC})"
         )
+    if task == "ift":
+        reasons.append("instruction tuning mostly teaches format and style, which a low-rank update captures")
     reasons.append(
-        "these are estimates and heuristics: "
-        + (
-            "the two DPO runs below (LoRA, full) and the drift of each measure it on your data"
-            if task == "dpo"
-            else "the compare command below measures it on your data"
-        )
+        f"LoRA needs {_gib(lora['peak_mem_bytes'])} vs {_gib(full['peak_mem_bytes'])} for full fine-tuning "
+        f"and runs ~{full['time_per_epoch_s'] / max(lora['time_per_epoch_s'], 1e-9):.1f}x faster per epoch"
     )
-    return {
-        "method": method,
-        "reasons": reasons,
-        "priors": [FORGETTING_PRIOR],
-        "measured": measured,
-        "command": command,
-    }
+    return reasons
 
 
 def measured_comparisons(model: str, root: str | Path | None) -> list[str]:

@@ -140,6 +140,96 @@ def _arms(ranks: Sequence[int], target_names: tuple[str, ...], dropout: float = 
     return arms
 
 
+def _measure(
+    model: str,
+    sources: list[str],
+    task: str | None,
+    seq_len: int,
+    text_field: str,
+    sampling: grpo_plan.Sampling,
+) -> tuple[str, DataSize, int]:
+    """The task (inferred from the data when not given), the data's size in the model's tokens and,
+    for GRPO, the task's longest prompt in tokens (0 otherwise)."""
+    from adaptlab.models import load_tokenizer
+
+    prompt_len = 0
+    if task == "grpo":  # a task of prompts (arithmetic or prompt/answer JSONL), sampled then trained on
+        if len(sources) != 1:
+            raise UserError("--task grpo takes one --data: arithmetic or a JSONL of prompt/answer rows")
+        size, prompt_len = grpo_plan.task_data_size(sources[0], load_tokenizer(model), sampling)
+    else:
+        size = measure_data(
+            sources, load_tokenizer(model), seq_len, task=task or "cpt", text_field=text_field
+        )
+    task = task or ("ift" if size.kind == "chat" else "cpt")
+    if task == "ift" and size.kind == "text":
+        raise UserError(
+            "--task ift needs instruction records (prompt/response or messages); this data is plain text"
+        )
+    return task, size, prompt_len
+
+
+def _rates(
+    arch: Arch, shape: Shape, dev: Any, prec: str, dropout: float, benchmark: bool, refresh: bool
+) -> dict[str, Any]:
+    """The device's measured rates at the micro-batch training runs (a matmul's rate depends on its
+    rows), or a nominal throughput that says so when no micro-benchmark is wanted."""
+    if not benchmark:
+        return {**NOMINAL_THROUGHPUT, "device": "nominal (no micro-benchmark)", "precision": prec}
+    return {
+        **device_throughput(
+            str(dev), prec, shape.batch * shape.seq_len, arch.hidden, arch.intermediate, refresh=refresh
+        ),
+        **attention_throughput(
+            str(dev), prec, shape.batch, shape.seq_len, arch.n_heads, arch.head_dim, refresh=refresh
+        ),
+        **(dropout_throughput(str(dev), refresh=refresh) if dropout > 0 else {}),
+    }
+
+
+def _cost(
+    model: str, size: DataSize, budget: int, device_type: str, rate: dict[str, Any], refresh: bool
+) -> dict[str, Any]:
+    """What every method's estimate shares: runtime, data and tokenizer bytes and the measured rates."""
+    held_tokens = min(budget, size.tokens_per_epoch)  # training keeps the examples it will use
+    return {
+        "runtime": runtime_baseline_bytes(refresh) if device_type == "cpu" else CUDA_CONTEXT_BYTES,
+        "data_bytes": size.characters + PY_BYTES_PER_TOKEN * held_tokens,
+        "tokenizer_bytes": _tokenizer_bytes(model),
+        "rate": rate,
+    }
+
+
+def _steps_per_epoch(size: DataSize, shape: Shape, task: str) -> int:
+    """Optimizer steps per pass over the data: its tokens over a step's, or for GRPO its prompts over a step's."""
+    per_step = shape.batch * shape.grad_accum
+    if task == "grpo":
+        return max(1, -(-size.train_documents // per_step))
+    return max(1, -(-size.tokens_per_epoch // (per_step * shape.seq_len * shape.rows_per_example)))
+
+
+def _advice(
+    arch: Arch,
+    target_names: tuple[str, ...],
+    methods: dict[str, dict[str, Any]],
+    shape: Shape,
+    unique_tokens: int,
+) -> dict[str, Any]:
+    """The plan's "capacity" (a suggested rank and its warnings) and "suggested" (lr and batch) parts."""
+    suggested = advice.suggest_rank(lambda r: arch.lora_params(r, list(target_names)), unique_tokens)
+    return {
+        "capacity": {
+            "heuristic": advice.HEURISTIC,
+            "suggested_rank": suggested,
+            "warnings": _capacity_warnings(methods, unique_tokens, suggested),
+        },
+        "suggested": {
+            "lr": advice.suggested_lrs(),
+            "batch": advice.suggested_batch(shape.batch, shape.grad_accum, shape.seq_len),
+        },
+    }
+
+
 def _method_entry(
     arch: Arch,
     arm: Arm,
@@ -219,6 +309,20 @@ def _capacity_warnings(
                 + " (heuristic)"
             )
     return warnings
+
+
+def _setup(shape: Shape, device: str, epochs: float) -> dict[str, Any]:
+    """The run's settings as the plan reports them (the rest of "setup" is added by `plan`)."""
+    return {
+        "device": device,
+        "precision": shape.precision,
+        "batch": shape.batch,
+        "grad_accum": shape.grad_accum,
+        "seq_len": shape.seq_len,
+        "grad_checkpointing": shape.grad_checkpointing,
+        "optimizer_in_backward": shape.optimizer_in_backward,
+        "epochs": epochs,
+    }
 
 
 def _architecture(arch: Arch) -> dict[str, Any]:
@@ -301,7 +405,6 @@ def plan(
     (adaptlab.transforms) and models those paths.
     """
     from adaptlab.hardware import choose_precision, pick_device
-    from adaptlab.models import load_tokenizer
 
     sources = [data] if isinstance(data, str) else list(data)
     grpo_flags = group_size is not None or max_new_tokens is not None
@@ -314,113 +417,48 @@ def plan(
     arch = load_arch(model)
     target_names = tuple(targets_for(arch, targets))
     _check_against_arch(arch, target_names, seq_len, ranks)
-    if task == "grpo":  # a task of prompts (arithmetic or prompt/answer JSONL), sampled then trained on
-        if len(sources) != 1:
-            raise UserError("--task grpo takes one --data: arithmetic or a JSONL of prompt/answer rows")
-        size, prompt_len = grpo_plan.task_data_size(sources[0], load_tokenizer(model), sampling)
-    else:
-        size = measure_data(
-            sources, load_tokenizer(model), seq_len, task=task or "cpt", text_field=text_field
-        )
-    task = task or ("ift" if size.kind == "chat" else "cpt")
-    if task == "ift" and size.kind == "text":
-        raise UserError(
-            "--task ift needs instruction records (prompt/response or messages); this data is plain text"
-        )
+    task, size, prompt_len = _measure(model, sources, task, seq_len, text_field, sampling)
     budget = tokens if tokens is not None else round(size.tokens_per_epoch * epochs)
     rows = 2 if task == "dpo" else 1
-    shape = Shape(
-        batch,
-        seq_len,
-        grad_accum,
-        prec,
-        grad_checkpointing,
-        dev.type,
-        rows_per_example=rows,
-        optimizer_in_backward=optimizer_in_backward,
-    )
+    shape = Shape(batch, seq_len, grad_accum, prec, grad_checkpointing, dev.type, rows, optimizer_in_backward)
     run_shape = shape  # the run's own settings (its config), before GRPO's rows
     if task == "grpo":  # trains on rows of prompt + completion, shorter than seq_len
         shape = grpo_plan.train_shape(shape, prompt_len, sampling)
 
-    if benchmark:  # at the micro-batch training runs: a matmul's rate depends on its rows
-        rate = {
-            **device_throughput(
-                str(dev), prec, shape.batch * shape.seq_len, arch.hidden, arch.intermediate, refresh=refresh
-            ),
-            **attention_throughput(
-                str(dev), prec, shape.batch, shape.seq_len, arch.n_heads, arch.head_dim, refresh=refresh
-            ),
-            **(dropout_throughput(str(dev), refresh=refresh) if dropout > 0 else {}),
-        }
-    else:
-        rate = {**NOMINAL_THROUGHPUT, "device": "nominal (no micro-benchmark)", "precision": prec}
-    held_tokens = min(budget, size.tokens_per_epoch)  # training keeps the examples it will use
-    cost = {
-        "runtime": runtime_baseline_bytes(refresh) if dev.type == "cpu" else CUDA_CONTEXT_BYTES,
-        "data_bytes": size.characters + PY_BYTES_PER_TOKEN * held_tokens,
-        "tokenizer_bytes": _tokenizer_bytes(model),
-        "rate": rate,
-    }
-    steps_per_epoch = max(1, -(-size.tokens_per_epoch // (batch * grad_accum * seq_len * rows)))
-    if task == "grpo":
-        steps_per_epoch = max(1, -(-size.train_documents // (batch * grad_accum)))
-    arms = _arms(ranks, target_names, dropout)
-    transforms = {
-        key: transforms_for(
-            run_config(model, arm, run_shape, task, compile, budget), dev, prec, None, arch.total_params
+    rate = _rates(arch, shape, dev, prec, dropout, benchmark, refresh)
+    cost = _cost(model, size, budget, dev.type, rate, refresh)
+    steps_per_epoch = _steps_per_epoch(size, run_shape, task)
+    methods = {}
+    for key, arm in _arms(ranks, target_names, dropout).items():
+        config = run_config(model, arm, run_shape, task, compile, budget)
+        transforms = transforms_for(config, dev, prec, None, arch.total_params)
+        methods[key] = _method_entry(
+            arch, arm, shape, task, cost, mem_limit, size, steps_per_epoch, transforms, kl_beta
         )
-        for key, arm in arms.items()
-    }
-    methods = {
-        key: _method_entry(
-            arch, arm, shape, task, cost, mem_limit, size, steps_per_epoch, transforms[key], kl_beta
-        )
-        for key, arm in arms.items()
-    }
-    if task == "grpo":
-        for entry in methods.values():
-            grpo_plan.add_sampling(entry, arch, batch * grad_accum, prompt_len, sampling, prec, rate)
+        if task == "grpo":
+            grpo_plan.add_sampling(methods[key], arch, batch * grad_accum, prompt_len, sampling, prec, rate)
     limit_used = _device_limit(methods, dev, mem_limit)
-    suggested = advice.suggest_rank(lambda r: arch.lora_params(r, list(target_names)), size.tokens_per_epoch)
     command = _compare_command(model, sources, min(budget, max(size.tokens_per_epoch, 1)), task)
+    setup = _setup(run_shape, str(dev), epochs if tokens is None else tokens / max(size.tokens_per_epoch, 1))
+    setup.update(
+        token_budget=budget,
+        steps_per_epoch=steps_per_epoch,
+        memory_limit_bytes=limit_used,
+        targets=list(target_names),
+        dropout=dropout,
+        kl_beta=kl_beta,
+    )
+    if task == "grpo":  # the task's longest prompt
+        setup["sampling"] = {**asdict(sampling), "prompt_len": prompt_len}
     return {
         "model": model,
         "data": {**size.as_dict(), "sources": sources},
         "task": task,
         "architecture": _architecture(arch),
-        "setup": {
-            "device": str(dev),
-            "precision": prec,
-            "batch": batch,
-            "grad_accum": grad_accum,
-            "seq_len": seq_len,
-            "grad_checkpointing": grad_checkpointing,
-            "optimizer_in_backward": optimizer_in_backward,
-            "epochs": epochs if tokens is None else tokens / max(size.tokens_per_epoch, 1),
-            "token_budget": budget,
-            "steps_per_epoch": steps_per_epoch,
-            "memory_limit_bytes": limit_used,
-            "targets": list(target_names),
-            "dropout": dropout,
-            "kl_beta": kl_beta,
-            **(
-                {"sampling": {**asdict(sampling), "prompt_len": prompt_len}}  # the task's longest prompt
-                if task == "grpo"
-                else {}
-            ),
-        },
+        "setup": setup,
         "throughput": rate,
         "methods": methods,
-        "capacity": {
-            "heuristic": advice.HEURISTIC,
-            "suggested_rank": suggested,
-            "warnings": _capacity_warnings(methods, size.tokens_per_epoch, suggested),
-        },
-        "suggested": {
-            "lr": advice.suggested_lrs(),
-            "batch": advice.suggested_batch(batch, grad_accum, seq_len),
-        },
+        **_advice(arch, target_names, methods, run_shape, size.tokens_per_epoch),
         "recommendation": advice.recommend(
             methods,
             "lora",
