@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from adaptlab.cli.options import overwrite_option, push_to_hub_option, report_to_option
+from adaptlab.cli.options import executor_options, overwrite_option, push_to_hub_option, report_to_option
 from adaptlab.config import COMPARE_SEEDS, EVAL_DOCS, RANK_SCALINGS
 from adaptlab.errors import UserError
 
@@ -207,22 +207,7 @@ def _finish(results: dict[str, Any], out: str) -> None:
 @click.option("--memory-limit-gb", type=float, help="Largest acceptable peak training memory (GB).")
 @click.option("--force", multiple=True, help="Retrain this arm (or run) even if finished; repeatable.")
 @overwrite_option
-@click.option(
-    "--executor",
-    type=click.Choice(["local", "ray", "inline"]),
-    default="local",
-    show_default=True,
-    help="Where training runs execute: child processes on this machine, Ray tasks on a cluster, or "
-    "inline (this process, one after another: for tiny models and smoke runs; memory figures are not per run).",
-)
-@click.option(
-    "--parallel-runs", type=int, default=1, show_default=True, help="Local: runs at once (one GPU each)."
-)
-@click.option(
-    "--ray-address", help="Ray: cluster address (HOST:PORT, ray://HOST:PORT, auto); default: start one."
-)
-@click.option("--gpus-per-run", type=float, default=0, show_default=True, help="Ray: GPUs per training run.")
-@click.option("--cpus-per-run", type=float, default=1, show_default=True, help="Ray: CPUs per training run.")
+@executor_options
 @report_to_option("every run and the report")
 @push_to_hub_option("the recommended arm's artifact")
 def compare_command(

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from adaptlab.cli.options import overwrite_option
+from adaptlab.cli.options import executor_options, overwrite_option
 from adaptlab.errors import UserError
 
 
@@ -131,19 +131,7 @@ class DecisionPrinter:
     "--dry-run", is_flag=True, help="Print the experiment and its estimated wall time; train nothing."
 )
 @overwrite_option
-@click.option(
-    "--executor",
-    type=click.Choice(["local", "ray", "inline"]),
-    default="local",
-    show_default=True,
-    help="Where training runs execute: child processes here, Ray tasks on a cluster, or inline (tiny models).",
-)
-@click.option("--parallel-runs", type=int, default=1, show_default=True, help="Local: runs at once.")
-@click.option(
-    "--ray-address", help="Ray: cluster address (HOST:PORT, ray://HOST:PORT, auto); default: start one."
-)
-@click.option("--gpus-per-run", type=float, default=0, show_default=True, help="Ray: GPUs per training run.")
-@click.option("--cpus-per-run", type=float, default=1, show_default=True, help="Ray: CPUs per training run.")
+@executor_options
 def decide_command(
     time_text: str,
     target_tokens: str | None,

@@ -45,3 +45,39 @@ def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> f
     if value is not None and not math.isfinite(value):
         raise click.BadParameter("must be a finite number", ctx=ctx, param=param)
     return value
+
+
+def executor_options(f: F) -> F:
+    """`--executor`, `--parallel-runs`, `--ray-address`, `--gpus-per-run`, `--cpus-per-run`: where the
+    training runs of a comparison (or a decision) execute (compare.executors.make_executor)."""
+    options = [
+        click.option(
+            "--executor",
+            type=click.Choice(["local", "ray", "inline"]),
+            default="local",
+            show_default=True,
+            help="Where training runs execute: child processes on this machine, Ray tasks on a cluster, or "
+            "inline (this process, one after another: for tiny models and smoke runs; memory figures are not "
+            "per run).",
+        ),
+        click.option(
+            "--parallel-runs",
+            type=int,
+            default=1,
+            show_default=True,
+            help="Local: runs at once (one GPU each).",
+        ),
+        click.option(
+            "--ray-address",
+            help="Ray: cluster address (HOST:PORT, ray://HOST:PORT, auto); default: start one.",
+        ),
+        click.option(
+            "--gpus-per-run", type=float, default=0, show_default=True, help="Ray: GPUs per training run."
+        ),
+        click.option(
+            "--cpus-per-run", type=float, default=1, show_default=True, help="Ray: CPUs per training run."
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
