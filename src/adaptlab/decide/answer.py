@@ -52,13 +52,15 @@ def _judge(learn: dict[str, Any] | None, forget: dict[str, Any] | None, margin: 
     """A LoRA-family method against full: "about as good" (non-inferior in learning within the margin
     and not shown to forget more), "learns less" (full shown to learn more), "forgets more" (shown to
     forget more, learning non-inferior or unclear), or "cannot tell"."""
+    from adaptlab.findings import decide
+
     lci, fci = _ci(learn), _ci(forget)
     if lci is None:
         return "cannot tell"
-    forgets_more = fci is not None and fci[0] > 0
-    if lci[0] > -margin and not forgets_more:
+    forgets_more = fci is not None and decide("superiority", fci) == "agrees"
+    if decide("non-inferiority", lci, margin) == "agrees" and not forgets_more:
         return "about as good"
-    if lci[1] < 0:  # full shown to learn more (and not within the margin: the first test failed)
+    if decide("superiority", (-lci[1], -lci[0])) == "agrees":  # full - LoRA > 0: full shown to learn more
         return "learns less"
     if forgets_more:
         return "forgets more"
